@@ -1,0 +1,28 @@
+# Two commands for a newcomer: `make demo` and `make test`. Each creates .venv when missing,
+# installs torch==2.13.0 (CPU build) first and then SegXAILib with its test extra; the stamp
+# file makes a second run skip the installs unless pyproject.toml changed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.segxai-installed
+DEMO_OUT ?= demo-output
+
+.PHONY: demo test install clean benchmark
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/segxai demo --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest Testing -q
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -1,0 +1,153 @@
+"""The ``segxai`` command.
+
+Exit codes: 0 success, 2 bad input (a clear message names the file or parameter), 130
+interrupted, 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from .image import SegXAIInputError
+from .progress import Cancelled, ProgressCallback
+
+EXIT_BAD_INPUT = 2
+
+
+@contextmanager
+def progress_bar(description: str, enabled: bool = True) -> Iterator[ProgressCallback]:
+    """A tqdm bar driven by a SegXAI progress callback (fractions 0..1)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=1000, desc=description, disable=not enabled, bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+
+    def update(fraction: float, message: str = "") -> None:
+        target = int(round(fraction * 1000))
+        if target > bar.n:
+            bar.update(target - bar.n)
+        if message:
+            bar.set_postfix_str(message, refresh=False)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from .io import check_writable_dir
+    from .models import load_model
+    from .pipeline import resolve_model_card, segment_case, write_segmentation
+
+    check_writable_dir(args.out)
+    model = load_model(resolve_model_card(args.model), device=args.device, trust=args.trust_bundle)
+    with progress_bar("segment", not args.quiet) as progress:
+        _, segmentation = segment_case(args.images, model, progress=progress)
+    written = write_segmentation(segmentation, args.out, suffix=args.suffix)
+    for role, path in written.items():
+        print(f"{role}: {path}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .models import load_model
+    from .pipeline import resolve_model_card
+
+    card = resolve_model_card(args.model)
+    print(card.summary())
+    if args.load:
+        model = load_model(card, device="cpu", trust=args.trust_bundle)
+        parameters = sum(p.numel() for p in model.network.parameters())
+        print(f"  parameters   : {parameters:,}")
+    print(f"  checksum     : {card.checksum()}")
+    print(f"  card         : {card.path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .pipeline import run_demo
+
+    with progress_bar("demo", not args.quiet) as progress:
+        result = run_demo(args.out, seed=args.seed, device=args.device, progress=progress)
+    print(f"Dice against the inserted lesions: {result.dice:.3f}")
+    print(f"Report: {result.report.resolve()}")
+    return 0
+
+
+def _cmd_train_demo(args: argparse.Namespace) -> int:
+    from .training import train_demo_models
+
+    with progress_bar("train-demo", not args.quiet) as progress:
+        cards = train_demo_models(args.out, args.models, args.iterations, progress=progress)
+    for name, card in cards.items():
+        print(f"{name}: held-out Dice {card.metrics.get('dice_heldout_mean')} -> {card.path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .sample_data import BUNDLED_MODELS, resources_dir
+
+    parser = argparse.ArgumentParser(
+        prog="segxai",
+        description="Explainability and quality assurance for 3D medical segmentation models.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    model_help = f"a model card file or folder, or a bundled model: {', '.join(BUNDLED_MODELS)}"
+
+    def device_option(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+
+    segment = commands.add_parser("segment", help="segment an image (one file or DICOM folder per input channel)")
+    segment.add_argument("images", nargs="+", metavar="IMAGE", help="one image per model input channel, in the card's order")
+    segment.add_argument("--model", required=True, help=model_help)
+    segment.add_argument("--out", required=True, type=Path, help="output folder")
+    segment.add_argument("--suffix", default=".nii.gz", choices=[".nii.gz", ".nii", ".nrrd", ".mha"], help="output format")
+    segment.add_argument("--trust-bundle", action="store_true", help="allow MONAI bundles (their configs can run code)")
+    device_option(segment)
+    segment.set_defaults(run=_cmd_segment)
+
+    info = commands.add_parser("info", help="describe a model from its card")
+    info.add_argument("model", metavar="MODEL", help=model_help)
+    info.add_argument("--load", action="store_true", help="also build the network and count its parameters")
+    info.add_argument("--trust-bundle", action="store_true", help="allow MONAI bundles (their configs can run code)")
+    info.set_defaults(run=_cmd_info)
+
+    demo = commands.add_parser("demo", help="segment the bundled sample with inserted lesions and write a report")
+    demo.add_argument("--out", required=True, type=Path, help="output folder")
+    demo.add_argument("--seed", type=int, default=2026, help="seed of the inserted lesions")
+    device_option(demo)
+    demo.set_defaults(run=_cmd_demo)
+
+    train = commands.add_parser("train-demo", help="train the bundled demo models from phantoms (CPU, minutes)")
+    train.add_argument("--out", type=Path, default=None, help="models folder (default: Resources/Models)")
+    train.add_argument("--models", nargs="+", default=None, help="which: lesions parotid-S2 parotid-S4 parotid-S6")
+    train.add_argument("--iterations", type=int, default=None, help="training iterations per model (default per model)")
+    train.set_defaults(run=_cmd_train_demo, default_models_dir=lambda: resources_dir() / "Models")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    if getattr(args, "out", "unset") is None and hasattr(args, "default_models_dir"):
+        args.out = args.default_models_dir()
+    try:
+        return int(args.run(args))
+    except SegXAIInputError as error:
+        print(f"segxai {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (KeyboardInterrupt, Cancelled):
+        print(f"segxai {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Reading and writing images with SimpleITK: NIfTI, NRRD, MetaImage and DICOM series.
+
+Every reader returns an :class:`~SegXAILib.image.Image` with its geometry; every writer is
+atomic (a temporary file in the destination folder, then a rename), so a failed or
+interrupted write never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .image import Image, SegXAIInputError
+
+__all__ = [
+    "read_image",
+    "read_channels",
+    "write_image",
+    "write_dicom_series",
+    "resample_to",
+    "atomic_path",
+    "check_writable_dir",
+    "IMAGE_SUFFIXES",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return path.suffix.lower()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffix); rename it onto ``path`` on success.
+
+    On any exception the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise SegXAIInputError(f"output {path}: folder {parent} does not exist")
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_suffix(path) or ".tmp", dir=parent)
+    os.close(handle)
+    # mkstemp makes owner-only files; give the result the permissions a plain open() would
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
+    temporary_path = Path(temporary)
+    try:
+        yield temporary_path
+        os.replace(temporary_path, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary_path.unlink()
+        raise
+
+
+def check_writable_dir(path: str | os.PathLike, create: bool = True) -> Path:
+    """Make sure ``path`` is (or can be made) a writable folder; a clear error otherwise."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SegXAIInputError(f"output folder {path} exists and is not a folder")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise SegXAIInputError(f"output folder {path} cannot be created: {error.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise SegXAIInputError(f"output folder {path} is not writable")
+    return path
+
+
+def _check_voxels(image: Image, source: str) -> None:
+    if not np.issubdtype(image.array.dtype, np.number):
+        raise SegXAIInputError(f"{source}: voxel type {image.array.dtype} is not numeric")
+    if np.issubdtype(image.array.dtype, np.floating) and not np.all(np.isfinite(image.array)):
+        bad = int(np.count_nonzero(~np.isfinite(image.array)))
+        raise SegXAIInputError(f"{source}: {bad} voxels are NaN or Inf; expected finite intensities")
+
+
+def read_image(path: str | os.PathLike, channel_name: str | None = None) -> Image:
+    """Read a 3D image file or a DICOM series folder.
+
+    Parameters
+    ----------
+    path : path-like
+        A NIfTI / NRRD / MetaImage file, or a folder holding one DICOM series.
+    channel_name : str, optional
+        Name of the (single) channel; defaults to the file name without suffix.
+
+    Raises
+    ------
+    SegXAIInputError
+        Missing or unreadable file, not an image, not 3D (2D, or 4D with more than one
+        volume), non-numeric or non-finite voxels.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.exists():
+        raise SegXAIInputError(f"image {path}: no such file or folder")
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(path))
+            if not series:
+                raise SegXAIInputError(f"image {path}: folder holds no DICOM series")
+            if len(series) > 1:
+                raise SegXAIInputError(
+                    f"image {path}: folder holds {len(series)} DICOM series; point to a folder with one"
+                )
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+            image = reader.Execute()
+        else:
+            image = sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"
+        raise SegXAIInputError(f"image {path}: cannot be read as an image ({first_line})") from None
+
+    dimension = image.GetDimension()
+    if dimension == 4:
+        size = image.GetSize()
+        if size[3] != 1:
+            raise SegXAIInputError(
+                f"image {path}: 4D with {size[3]} volumes; expected one 3D volume "
+                "(give each channel as its own 3D file)"
+            )
+        image = image[:, :, :, 0]
+        dimension = 3
+    if dimension != 3:
+        raise SegXAIInputError(f"image {path}: {dimension}D; expected a 3D volume")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise SegXAIInputError(
+            f"image {path}: {image.GetNumberOfComponentsPerPixel()} components per voxel; "
+            "expected a scalar volume (give each channel as its own file)"
+        )
+    if min(image.GetSize()) < 2:
+        raise SegXAIInputError(f"image {path}: size {image.GetSize()} is a 2D slice; expected a 3D volume")
+    name = channel_name or _stem(path)
+    result = Image.from_sitk(image, (name,))
+    _check_voxels(result, f"image {path}")
+    return result
+
+
+def _stem(path: Path) -> str:
+    suffix = _suffix(path)
+    return path.name[: -len(suffix)] if suffix and path.name.lower().endswith(suffix) else path.name
+
+
+def resample_to(
+    image: Image,
+    reference: Image,
+    interpolation: str = "linear",
+    default: float = 0.0,
+    extrapolate: bool = False,
+) -> Image:
+    """Resample every channel of ``image`` onto the grid of ``reference`` (physical space).
+
+    ``interpolation`` is ``"linear"``, ``"nearest"`` or ``"bspline"``. Voxels of the reference
+    grid outside ``image`` get ``default``, or with ``extrapolate`` the nearest voxel's value.
+    """
+    import SimpleITK as sitk
+
+    modes = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
+    if interpolation not in modes:
+        raise SegXAIInputError(f"interpolation must be one of {sorted(modes)}, got {interpolation!r}")
+    target = reference.to_sitk(0)
+    channels = []
+    for channel in range(image.num_channels):
+        moving = image.to_sitk(channel)
+        if interpolation != "nearest":
+            moving = sitk.Cast(moving, sitk.sitkFloat32)
+        resampled = sitk.Resample(
+            moving, target, sitk.Transform(), modes[interpolation], float(default), moving.GetPixelID(), extrapolate
+        )
+        channels.append(sitk.GetArrayFromImage(resampled).transpose(2, 1, 0))
+    return reference.with_array(np.stack(channels), image.channel_names)
+
+
+def _physical_overlap(image: Image, reference: Image) -> float:
+    """Share of the reference grid's voxel centres that fall inside ``image``'s grid."""
+    shape = np.array(reference.spatial_shape)
+    axes = [np.linspace(0, s - 1, min(s, 12)) for s in shape]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    inside = image.ras_to_ijk_points(reference.ijk_to_ras_points(grid))
+    limit = np.array(image.spatial_shape) - 0.5
+    return float(np.mean(np.all((inside >= -0.5) & (inside <= limit), axis=1)))
+
+
+def read_channels(
+    paths: Sequence[str | os.PathLike],
+    channel_names: Sequence[str] | None = None,
+    resample: bool = True,
+    min_overlap: float = 0.5,
+) -> Image:
+    """Read one file per channel (e.g. FLAIR and T1) into one multi-channel image.
+
+    All channels must share the grid of the first. When one does not and ``resample`` is
+    true, it is resampled (linear) onto the first channel's grid and a message says so; when
+    it covers less than ``min_overlap`` of that grid, or ``resample`` is false, it is an error.
+    """
+    if not paths:
+        raise SegXAIInputError("no input images given")
+    if channel_names is not None and len(channel_names) != len(paths):
+        raise SegXAIInputError(f"{len(paths)} images but {len(channel_names)} channel names")
+    names = list(channel_names) if channel_names is not None else [None] * len(paths)
+    images = [read_image(path, name) for path, name in zip(paths, names)]
+    reference = images[0]
+    aligned = [reference]
+    for path, image in zip(paths[1:], images[1:]):
+        if image.same_grid(reference):
+            aligned.append(image)
+            continue
+        overlap = _physical_overlap(image, reference)
+        if not resample or overlap < min_overlap:
+            reason = "resampling is off" if not resample else f"it covers only {overlap:.0%} of it"
+            raise SegXAIInputError(
+                f"image {path} is not on the grid of {paths[0]} and cannot be resampled onto it: {reason}"
+            )
+        log.warning("image %s is not on the grid of %s: resampled onto it (linear)", path, paths[0])
+        aligned.append(resample_to(image, reference))
+    if len(aligned) > 1:
+        dtype = np.result_type(*[image.array.dtype for image in aligned], np.float32)
+        aligned = [image.with_array(image.array.astype(dtype)) for image in aligned]
+    return Image.stack(aligned)
+
+
+def write_image(image: Image, path: str | os.PathLike, channel: int | None = None, compress: bool = True) -> Path:
+    """Write one channel (or, with ``channel=None`` and several channels, a vector image).
+
+    The format follows the suffix (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``). The write is
+    atomic. Returns the path.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if _suffix(path) not in IMAGE_SUFFIXES:
+        raise SegXAIInputError(f"output {path}: unknown image suffix; use one of {IMAGE_SUFFIXES}")
+    array = image.array
+    if array.dtype == np.bool_:
+        image = image.with_array(array.astype(np.uint8))
+    elif array.dtype == np.float16:
+        image = image.with_array(array.astype(np.float32))
+    with atomic_path(path) as temporary:
+        try:
+            sitk.WriteImage(image.to_sitk(channel), str(temporary), compress)
+        except RuntimeError as error:
+            raise SegXAIInputError(f"output {path}: cannot be written ({str(error).strip().splitlines()[-1]})") from None
+    return path
+
+
+def write_dicom_series(image: Image, folder: str | os.PathLike, series_description: str = "SegXAI") -> Path:
+    """Write a single-channel image as a DICOM series (one file per k-slice) into ``folder``.
+
+    Geometry is written in the DICOM tags (Image Position / Orientation (Patient), Pixel
+    Spacing, Slice Thickness), so reading the folder back gives the same grid. Voxels are
+    stored as 16-bit integers (rounded); the folder is filled in a temporary folder first
+    and renamed into place.
+    """
+    import SimpleITK as sitk
+
+    if image.num_channels != 1:
+        raise SegXAIInputError("write_dicom_series: expected a single-channel image")
+    folder = Path(folder)
+    if folder.exists():
+        raise SegXAIInputError(f"output {folder}: already exists; DICOM series are written to a new folder")
+    check_writable_dir(folder.parent)
+    volume = image.to_sitk(0)
+    volume = sitk.Cast(sitk.Round(sitk.Cast(volume, sitk.sitkFloat64)), sitk.sitkInt16)
+    direction = volume.GetDirection()
+    orientation = "\\".join(f"{v:.10g}" for v in (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7]))
+    series_uid = "1.2.826.0.1.3680043.2.1125." + str(np.random.default_rng().integers(10**12, 10**13))
+    temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        for k in range(volume.GetDepth()):
+            slice_image = volume[:, :, k]
+            position = volume.TransformIndexToPhysicalPoint((0, 0, k))
+            tags = {
+                "0008|0060": "MR",
+                "0008|103e": series_description,
+                "0020|000e": series_uid,
+                "0020|000d": series_uid + ".1",
+                "0020|0013": str(k + 1),
+                "0020|0032": "\\".join(f"{p:.10g}" for p in position),
+                "0020|0037": orientation,
+                "0018|0050": f"{volume.GetSpacing()[2]:.10g}",
+                "0028|0030": f"{volume.GetSpacing()[1]:.10g}\\{volume.GetSpacing()[0]:.10g}",
+                "0008|0018": f"{series_uid}.{k + 1}",
+            }
+            for tag, value in tags.items():
+                slice_image.SetMetaData(tag, value)
+            writer.SetFileName(str(temporary / f"slice_{k:04d}.dcm"))
+            writer.Execute(slice_image)
+        os.replace(temporary, folder)
+    except BaseException:
+        for child in temporary.glob("*"):
+            child.unlink()
+        temporary.rmdir()
+        raise
+    return folder

@@ -1,0 +1,170 @@
+"""Segmenting an image with a loaded model: preprocessing, sliding-window inference, mapping back.
+
+The label map and the class probabilities are returned on the input image's grid, with its
+geometry untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..image import Image
+from ..progress import CancelToken, ProgressCallback, report, sub_progress
+from .card import ModelCard
+from .loaders import LoadedModel
+from .preprocessing import preprocess, to_input_grid
+
+__all__ = ["Segmentation", "segment", "sliding_window_logits", "count_windows", "activate", "labels_from_probabilities"]
+
+
+@dataclass
+class Segmentation:
+    """A prediction on the input grid.
+
+    Attributes
+    ----------
+    labels : Image
+        ``(1, I, J, K)`` uint8 class indices (0 = background), on the input grid.
+    probabilities : Image
+        ``(K, I, J, K)`` float32, one channel per class of the card (for sigmoid models the
+        background channel is ``1 - max`` of the foreground channels).
+    card : ModelCard
+    device : str
+    timings : dict
+        Seconds spent in ``preprocess``, ``inference`` and ``postprocess``.
+    """
+
+    labels: Image
+    probabilities: Image
+    card: ModelCard
+    device: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def mask(self, class_index: int = 1) -> np.ndarray:
+        """Boolean ``(I, J, K)`` mask of one class."""
+        return self.labels.array[0] == class_index
+
+
+def count_windows(image_size: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
+    """Number of windows ``monai.inferers.sliding_window_inference`` runs for one image."""
+    total = 1
+    for size, roi in zip(image_size, roi_size):
+        roi = min(roi, size)
+        interval = max(1, int(roi * (1 - overlap))) if roi < size else roi
+        total *= 1 if size <= roi else math.ceil((size - roi) / interval) + 1
+    return total
+
+
+def sliding_window_logits(
+    x: torch.Tensor,
+    network: Callable[[torch.Tensor], torch.Tensor],
+    card: ModelCard,
+    amp: bool = False,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> torch.Tensor:
+    """Run ``network`` over ``x`` ``(B, C, D, H, W)`` in the card's sliding windows.
+
+    Returns the blended network output ``(B, K, D, H, W)`` as float32 on ``x``'s device.
+    Progress is reported per window; ``cancel`` is checked before each window batch.
+    """
+    from monai.inferers import sliding_window_inference
+
+    settings = card.inference
+    roi = card.patch_size
+    sw_batch_size = int(settings.get("sw_batch_size", 1))
+    total = max(1, math.ceil(count_windows(x.shape[2:], roi, settings["overlap"]) / sw_batch_size)) * x.shape[0]
+    done = [0]
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        autocast = torch.autocast("cuda", dtype=torch.float16) if amp and window.is_cuda else contextlib.nullcontext()
+        with autocast:
+            output = network(window)
+        done[0] += 1
+        report(progress, done[0] / total, "sliding-window inference")
+        return output.float()
+
+    return sliding_window_inference(
+        x,
+        roi_size=roi,
+        sw_batch_size=sw_batch_size,
+        predictor=predictor,
+        overlap=settings["overlap"],
+        mode=settings.get("blend", "gaussian"),
+        padding_mode="replicate",
+    )
+
+
+def activate(output: torch.Tensor, card: ModelCard) -> torch.Tensor:
+    """Network output ``(B, K', ...)`` -> class probabilities ``(B, K, ...)`` per the card."""
+    if card.output_activation == "softmax":
+        return torch.softmax(output, dim=1)
+    if card.output_activation == "sigmoid":
+        foreground = torch.sigmoid(output)
+        background = 1 - foreground.max(dim=1, keepdim=True).values
+        return torch.cat([background, foreground], dim=1)
+    return output
+
+
+def labels_from_probabilities(probabilities: np.ndarray) -> np.ndarray:
+    """``(K, ...)`` probabilities -> ``(1, ...)`` uint8 labels by argmax."""
+    return np.argmax(probabilities, axis=0)[None].astype(np.uint8)
+
+
+def segment(
+    image: Image,
+    model: LoadedModel,
+    amp: Optional[bool] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> Segmentation:
+    """Segment ``image`` (channels in the card's order) and map the result onto its grid.
+
+    Parameters
+    ----------
+    image : Image
+        ``(C, I, J, K)`` with C = the card's input channels.
+    model : LoadedModel
+    amp : bool, optional
+        Mixed precision; defaults to on for CUDA, off elsewhere.
+    progress, cancel
+        Progress callback and cancel token (see :mod:`SegXAILib.progress`).
+    """
+    card, device = model.card, model.device
+    amp = device.type == "cuda" if amp is None else amp
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    report(progress, 0.0, "preprocessing")
+    x = preprocess(image, card)
+    model_affine = np.asarray(x.affine, dtype=float)
+    batch = torch.as_tensor(x.as_tensor() if hasattr(x, "as_tensor") else x).unsqueeze(0).to(device)
+    timings["preprocess"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        output = sliding_window_logits(batch, model.network, card, amp, sub_progress(progress, 0.05, 0.9), cancel)
+        probabilities = activate(output, card)[0].float().cpu().numpy()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timings["inference"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    report(progress, 0.9, "mapping back to the input grid")
+    if cancel is not None:
+        cancel.raise_if_cancelled()
+    names = tuple(card.class_names)
+    probability_image = to_input_grid(probabilities, model_affine, image, names)
+    labels = image.with_array(labels_from_probabilities(probability_image.array), ("labels",))
+    timings["postprocess"] = time.perf_counter() - start
+    report(progress, 1.0, "done")
+    return Segmentation(labels, probability_image, card, str(device), timings)

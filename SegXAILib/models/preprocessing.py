@@ -1,0 +1,179 @@
+"""From an input image to the model's grid and intensities, and from the model's grid back.
+
+Forward, with MONAI transforms: ``Orientation`` (axis codes of the card), ``Spacing`` (target
+spacing of the card), then the card's intensity steps. The result is a ``MetaTensor`` whose
+affine is the model grid's IJK-to-RAS matrix. Backward, :func:`to_input_grid` maps any
+per-voxel output (probabilities, maps) onto the input grid: exactly (a permutation / flip /
+crop of the array) when the two grids differ only by orientation, otherwise by linear
+resampling in physical space (SimpleITK).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..image import Image, SegXAIInputError
+from .card import ModelCard
+
+__all__ = ["preprocess", "preprocess_labels", "intensity_transform", "to_input_grid"]
+
+
+def _intensity_step(step: dict):
+    from monai.transforms import Lambda, NormalizeIntensity, ScaleIntensityRange, ScaleIntensityRangePercentiles
+
+    kind = step["kind"]
+    if kind == "zscore":
+        return NormalizeIntensity(nonzero=bool(step.get("nonzero", False)), channel_wise=True)
+    if kind == "percentile":
+        return ScaleIntensityRangePercentiles(
+            lower=float(step["lower"]),
+            upper=float(step["upper"]),
+            b_min=float(step.get("b_min", 0.0)),
+            b_max=float(step.get("b_max", 1.0)),
+            clip=bool(step.get("clip", True)),
+            channel_wise=True,
+        )
+    if kind == "ct_window":
+        low = float(step["center"]) - float(step["width"]) / 2
+        return ScaleIntensityRange(
+            a_min=low,
+            a_max=low + float(step["width"]),
+            b_min=float(step.get("b_min", 0.0)),
+            b_max=float(step.get("b_max", 1.0)),
+            clip=True,
+        )
+    scale, offset = float(step["scale"]), float(step["offset"])
+    return Lambda(lambda x: x * scale + offset)
+
+
+def intensity_transform(card: ModelCard):
+    """A callable ``(C, D, H, W) tensor -> tensor`` applying the card's intensity steps in order.
+
+    A step with ``"channels": [indices]`` touches only those channels.
+    """
+    steps = [(step, _intensity_step(step)) for step in card.preprocessing.get("intensity", [])]
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        for step, transform in steps:
+            channels = step.get("channels")
+            if channels is None:
+                x = transform(x)
+            else:
+                parts = [transform(x[c : c + 1]) if c in channels else x[c : c + 1] for c in range(x.shape[0])]
+                x = torch.cat([torch.as_tensor(p) for p in parts])
+        return x
+
+    return apply
+
+
+def preprocess(image: Image, card: ModelCard):
+    """The image on the model's grid with the model's intensities, shape ``(C, D, H, W)``.
+
+    Returns a ``monai.data.MetaTensor`` (float32) whose ``affine`` is the model grid's
+    IJK-to-RAS matrix.
+    """
+    from monai.data import MetaTensor
+
+    expected = len(card.input_channels)
+    if image.num_channels != expected:
+        raise SegXAIInputError(
+            f"model {card.name!r} takes {expected} channel(s) ({', '.join(card.input_channels)}), "
+            f"got {image.num_channels} ({', '.join(image.channel_names)})"
+        )
+    x = _to_model_grid(image, card, "bilinear")
+    x = intensity_transform(card)(x)
+    if not isinstance(x, MetaTensor):
+        raise RuntimeError("preprocessing lost the image geometry")
+    return x
+
+
+def preprocess_labels(labels: Image, card: ModelCard):
+    """A label map ``(1, I, J, K)`` on the model's grid (same orientation and spacing as
+    :func:`preprocess`, nearest-neighbour), for training and evaluation on that grid."""
+    return _to_model_grid(labels, card, "nearest")
+
+
+def _to_model_grid(image: Image, card: ModelCard, mode: str):
+    """MONAI ``Orientation`` then ``Spacing`` as the card says; a float32 ``MetaTensor``."""
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, Spacing
+
+    x = MetaTensor(torch.as_tensor(image.array.astype(np.float32)), affine=torch.as_tensor(image.ijk_to_ras))
+    if card.orientation:
+        x = Orientation(axcodes=card.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))(x)
+    if card.target_spacing:
+        x = Spacing(pixdim=card.target_spacing, mode=mode, padding_mode="border")(x)
+    return x
+
+
+def _signed_permutation(matrix: np.ndarray, atol: float = 1e-4):
+    """(order, signs) if ``matrix`` (3, 3) is a signed permutation, else None."""
+    rounded = np.round(matrix)
+    if not np.allclose(matrix, rounded, atol=atol):
+        return None
+    if not (np.all(np.abs(rounded).sum(0) == 1) and np.all(np.abs(rounded).sum(1) == 1)):
+        return None
+    order = np.argmax(np.abs(rounded), axis=1)  # output axis a reads input axis order[a]
+    signs = rounded[np.arange(3), order]
+    return order, signs
+
+
+def to_input_grid(
+    values: np.ndarray,
+    model_affine: np.ndarray,
+    reference: Image,
+    channel_names: tuple[str, ...] = (),
+    interpolation: str = "linear",
+) -> Image:
+    """Map per-voxel ``values`` ``(C, D, H, W)`` on the model grid onto ``reference``'s grid.
+
+    Exact (no interpolation) when the model grid is the reference grid up to an axis
+    permutation, flips and a whole-voxel shift, which is the case whenever the card changes
+    orientation but not spacing. Otherwise resampled in physical space (``interpolation``
+    ``"linear"`` or ``"nearest"``), extrapolating the nearest value at the border.
+    """
+    values = np.asarray(values)
+    model_affine = np.asarray(model_affine, dtype=float)
+    # model voxel index -> reference voxel index
+    model_to_reference = np.linalg.inv(reference.ijk_to_ras) @ model_affine
+    permutation = _signed_permutation(model_to_reference[:3, :3])
+    offset = model_to_reference[:3, 3]
+    if permutation is not None and np.allclose(offset, np.round(offset), atol=1e-3):
+        return _exact_map(values, model_to_reference, permutation, reference, channel_names)
+    return _resample_map(values, model_affine, reference, channel_names, interpolation)
+
+
+def _exact_map(values, model_to_reference, permutation, reference, channel_names) -> Image:
+    order, signs = permutation
+    # reference axis a is model axis order[a] (scaled by signs[a])
+    array = values.transpose(0, *(int(o) + 1 for o in order))
+    offset = np.round(model_to_reference[:3, 3]).astype(int)
+    starts = []
+    for axis in range(3):
+        size = array.shape[axis + 1]
+        if signs[axis] < 0:
+            array = np.flip(array, axis=axis + 1)
+            # model index m -> reference index offset - m; after the flip m' = size-1-m
+            starts.append(offset[axis] - (size - 1))
+        else:
+            starts.append(offset[axis])
+    output = np.zeros((values.shape[0], *reference.spatial_shape), dtype=values.dtype)
+    source, target = [slice(None)], [slice(None)]
+    for axis in range(3):
+        begin = max(0, starts[axis])
+        end = min(reference.spatial_shape[axis], starts[axis] + array.shape[axis + 1])
+        if end <= begin:
+            raise SegXAIInputError("model grid and input grid do not overlap")
+        target.append(slice(begin, end))
+        source.append(slice(begin - starts[axis], end - starts[axis]))
+    output[tuple(target)] = array[tuple(source)]
+    return reference.with_array(output, channel_names)
+
+
+def _resample_map(values, model_affine, reference, channel_names, interpolation) -> Image:
+    from ..io import resample_to
+
+    on_model_grid = Image(values.astype(np.float32, copy=False), model_affine, channel_names)
+    resampled = resample_to(on_model_grid, reference, interpolation, extrapolate=True)
+    return resampled.with_array(resampled.array.astype(values.dtype, copy=False), channel_names)

@@ -1,0 +1,95 @@
+"""Shared fixtures: grids with oblique, flipped and anisotropic geometry, tiny model cards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from SegXAILib.image import Image, geometry_matrix
+
+#: name -> (spacing, origin, direction) covering the geometry users send us
+GRIDS = {
+    "identity": ((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3)),
+    "anisotropic": ((0.5, 0.9, 3.0), (-12.5, 40.0, 7.25), np.eye(3)),
+    "lps_flipped": ((1.2, 1.2, 2.5), (100.0, 120.0, -30.0), np.diag([-1.0, -1.0, 1.0])),
+    "coronal": ((2.0, 2.0, 3.0), (0.0, -254.0, 0.0), np.array([[-1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0]])),
+    "oblique": ((0.8, 1.1, 2.2), (5.0, -7.0, 11.0), Rotation.from_euler("xyz", [17, -28, 41], degrees=True).as_matrix()),
+    "oblique_left_handed": (
+        (1.3, 0.7, 1.9),
+        (-3.0, 2.0, 1.0),
+        Rotation.from_euler("zyx", [-33, 12, 64], degrees=True).as_matrix() @ np.diag([1.0, -1.0, 1.0]),
+    ),
+}
+
+
+def grid_matrix(name: str) -> np.ndarray:
+    spacing, origin, direction = GRIDS[name]
+    return geometry_matrix(spacing, origin, direction)
+
+
+@pytest.fixture(params=sorted(GRIDS))
+def grid_name(request) -> str:
+    return request.param
+
+
+def random_image(name: str, shape=(9, 7, 5), channels: int = 1, seed: int = 0, integer: bool = False) -> Image:
+    rng = np.random.default_rng(seed)
+    array = rng.normal(0, 100, size=(channels, *shape)).astype(np.float32)
+    if integer:
+        array = np.round(array)
+    return Image(array, grid_matrix(name))
+
+
+def write_voxelwise_card(folder: Path, orientation: str | None = "RAS", spacing=None, threshold: float = 0.0,
+                         patch=(16, 16, 16), in_channels: int = 1, overlap: float = 0.25) -> Path:
+    """A TorchScript 1x1x1 convolution whose class-1 logit is ``x - threshold`` (class 0: 0).
+
+    A per-voxel model: the exact prediction is known on any grid (label = input > threshold),
+    which makes it the oracle of the geometry tests.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    conv = torch.nn.Conv3d(in_channels, 2, kernel_size=1)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.zero_()
+        conv.weight[1, 0] = 1.0
+        conv.bias[1] = -threshold
+    torch.jit.script(conv).save(str(folder / "voxelwise.ts"))
+    card = {
+        "name": "voxelwise-threshold",
+        "architecture": {"format": "torchscript", "file": "voxelwise.ts"},
+        "input_channels": [f"ch{c}" for c in range(in_channels)],
+        "classes": [{"name": "background", "color": [0, 0, 0]}, {"name": "bright", "color": [255, 0, 0]}],
+        "preprocessing": {"orientation": orientation, "spacing": spacing, "intensity": []},
+        "inference": {"patch_size": list(patch), "overlap": overlap, "blend": "constant"},
+        "output_activation": "softmax",
+    }
+    (folder / "model_card.json").write_text(json.dumps(card))
+    return folder / "model_card.json"
+
+
+def write_unet_card(folder: Path, in_channels: int = 1, seed: int = 0) -> Path:
+    """A small MONAI UNet with random weights saved as a state dict, and its card."""
+    from monai.networks.nets import UNet
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    kwargs = {"spatial_dims": 3, "in_channels": in_channels, "out_channels": 2, "channels": [4, 8], "strides": [2]}
+    network = UNet(**kwargs)
+    torch.save(network.state_dict(), folder / "model.pt")
+    card = {
+        "name": "tiny-unet",
+        "architecture": {"format": "monai", "name": "UNet", "kwargs": kwargs, "weights": "model.pt"},
+        "input_channels": [f"ch{c}" for c in range(in_channels)],
+        "classes": [{"name": "background", "color": [0, 0, 0]}, {"name": "thing", "color": [0, 255, 0]}],
+        "preprocessing": {"orientation": "RAS", "spacing": None, "intensity": [{"kind": "zscore"}]},
+        "inference": {"patch_size": [16, 16, 16], "overlap": 0.25},
+        "output_activation": "softmax",
+    }
+    (folder / "model_card.json").write_text(json.dumps(card))
+    return folder / "model_card.json"

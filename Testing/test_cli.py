@@ -1,0 +1,213 @@
+"""The ``segxai`` command: outputs, and bad input -> a clear message, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SegXAILib.cli import main
+from SegXAILib.image import Image
+from SegXAILib.io import read_image, write_image
+
+from conftest import grid_matrix, write_unet_card, write_voxelwise_card
+
+
+@pytest.fixture()
+def voxelwise(tmp_path) -> Path:
+    return write_voxelwise_card(tmp_path / "model", threshold=1.0, patch=(8, 8, 8))
+
+
+@pytest.fixture()
+def two_channel(tmp_path) -> Path:
+    return write_voxelwise_card(tmp_path / "model2", threshold=1.0, patch=(8, 8, 8), in_channels=2)
+
+
+@pytest.fixture()
+def volume(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    image = Image(rng.normal(0, 2, (12, 10, 9)).astype(np.float32), grid_matrix("oblique"))
+    return write_image(image, tmp_path / "scan.nii.gz")
+
+
+def files_under(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.exists() else []
+
+
+def test_segment_writes_outputs_on_the_input_grid(tmp_path, voxelwise, volume, capsys):
+    out = tmp_path / "out"
+    assert main(["-q", "segment", str(volume), "--model", str(voxelwise), "--out", str(out)]) == 0
+    image = read_image(volume)
+    labels = read_image(out / "labels.nii.gz")
+    np.testing.assert_allclose(labels.ijk_to_ras, image.ijk_to_ras, atol=1e-4)
+    np.testing.assert_array_equal(labels.array[0], image.array[0] > 1.0)
+    probability = read_image(out / "probability_bright.nii.gz")
+    np.testing.assert_allclose(probability.array[0], 1 / (1 + np.exp(-(image.array[0] - 1.0))), atol=1e-5)
+    summary = json.loads((out / "segmentation.json").read_text())
+    assert summary["classes"][1]["voxels"] == int((image.array[0] > 1.0).sum())
+    assert summary["classes"][1]["volume_mm3"] == pytest.approx(summary["classes"][1]["voxels"] * image.voxel_volume)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_segment_dicom_series_input(tmp_path, voxelwise):
+    from SegXAILib.io import write_dicom_series
+
+    image = Image(np.round(np.random.default_rng(1).normal(0, 3, (10, 9, 6))).astype(np.float32), grid_matrix("lps_flipped"))
+    folder = write_dicom_series(image, tmp_path / "dicom")
+    out = tmp_path / "out"
+    assert main(["-q", "segment", str(folder), "--model", str(voxelwise), "--out", str(out), "--suffix", ".nrrd"]) == 0
+    labels = read_image(out / "labels.nrrd")
+    np.testing.assert_allclose(labels.ijk_to_ras, image.ijk_to_ras, atol=1e-4)
+    np.testing.assert_array_equal(labels.array[0], image.array[0] > 1.0)
+
+
+def test_info_describes_a_model(voxelwise, capsys):
+    assert main(["info", str(voxelwise), "--load"]) == 0
+    text = capsys.readouterr().out
+    assert "voxelwise-threshold" in text and "parameters   : 4" in text and "checksum" in text
+
+
+def test_console_script_entry_point(tmp_path, voxelwise):
+    """``python -m SegXAILib.cli`` (what the ``segxai`` script calls) exits 2 on bad input."""
+    result = subprocess.run(
+        [sys.executable, "-m", "SegXAILib.cli", "segment", str(tmp_path / "nope.nii.gz"), "--model", str(voxelwise),
+         "--out", str(tmp_path / "o")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert "nope.nii.gz" in result.stderr and "no such file" in result.stderr
+
+
+# ---- bad inputs: one test each ---------------------------------------------------------------------
+
+def run_bad(args: list[str], capsys, expected: str, out: Path) -> None:
+    code = main(["-q", *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert expected in err, err
+    assert files_under(out) == [], "nothing may be written on bad input"
+
+
+def test_missing_file(tmp_path, voxelwise, capsys):
+    out = tmp_path / "out"
+    run_bad(["segment", str(tmp_path / "missing.nii.gz"), "--model", str(voxelwise), "--out", str(out)], capsys,
+            "missing.nii.gz: no such file", out)
+
+
+def test_non_image_file(tmp_path, voxelwise, capsys):
+    bogus = tmp_path / "notes.nii.gz"
+    bogus.write_text("this is not an image")
+    out = tmp_path / "out"
+    run_bad(["segment", str(bogus), "--model", str(voxelwise), "--out", str(out)], capsys,
+            "cannot be read as an image", out)
+
+
+def test_folder_without_dicom(tmp_path, voxelwise, capsys):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    run_bad(["segment", str(tmp_path / "empty"), "--model", str(voxelwise), "--out", str(out)], capsys,
+            "holds no DICOM series", out)
+
+
+def test_2d_image(tmp_path, voxelwise, capsys):
+    sitk.WriteImage(sitk.Image(16, 16, sitk.sitkFloat32), str(tmp_path / "slice.nii.gz"))
+    out = tmp_path / "out"
+    run_bad(["segment", str(tmp_path / "slice.nii.gz"), "--model", str(voxelwise), "--out", str(out)], capsys,
+            "2D; expected a 3D volume", out)
+
+
+def test_4d_image(tmp_path, voxelwise, capsys):
+    sitk.WriteImage(sitk.Image([8, 8, 8, 3], sitk.sitkFloat32), str(tmp_path / "series.nii.gz"))
+    out = tmp_path / "out"
+    run_bad(["segment", str(tmp_path / "series.nii.gz"), "--model", str(voxelwise), "--out", str(out)], capsys,
+            "4D with 3 volumes", out)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_voxels(tmp_path, voxelwise, capsys, bad):
+    array = np.zeros((8, 8, 8), np.float32)
+    array[3, 4, 5] = bad
+    write_image(Image(array), tmp_path / "bad.nrrd")
+    out = tmp_path / "out"
+    run_bad(["segment", str(tmp_path / "bad.nrrd"), "--model", str(voxelwise), "--out", str(out)], capsys,
+            "1 voxels are NaN or Inf", out)
+
+
+def test_wrong_channel_count(tmp_path, two_channel, volume, capsys):
+    out = tmp_path / "out"
+    run_bad(["segment", str(volume), "--model", str(two_channel), "--out", str(out)], capsys,
+            "takes 2 image(s) (ch0, ch1), got 1", out)
+
+
+def test_channels_that_cannot_be_resampled(tmp_path, two_channel, volume, capsys):
+    far = read_image(volume)
+    shifted = far.ijk_to_ras.copy()
+    shifted[:3, 3] += 1000.0
+    write_image(Image(far.array, shifted), tmp_path / "far.nii.gz")
+    out = tmp_path / "out"
+    run_bad(["segment", str(volume), str(tmp_path / "far.nii.gz"), "--model", str(two_channel), "--out", str(out)],
+            capsys, "cannot be resampled onto it", out)
+
+
+def test_missing_weights(tmp_path, volume, capsys):
+    card = write_unet_card(tmp_path / "unet")
+    (tmp_path / "unet" / "model.pt").unlink()
+    out = tmp_path / "out"
+    run_bad(["segment", str(volume), "--model", str(card), "--out", str(out)], capsys, "model.pt: no such file", out)
+
+
+def test_mismatched_weights(tmp_path, volume, capsys):
+    card = write_unet_card(tmp_path / "unet")
+    data = json.loads(card.read_text())
+    data["architecture"]["kwargs"]["channels"] = [6, 12]
+    card.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    run_bad(["segment", str(volume), "--model", str(card), "--out", str(out)], capsys, "do not match UNet", out)
+
+
+def test_missing_model_card(tmp_path, volume, capsys):
+    out = tmp_path / "out"
+    run_bad(["segment", str(volume), "--model", str(tmp_path / "none.json"), "--out", str(out)], capsys,
+            "none.json: no such file", out)
+
+
+def test_output_that_cannot_be_written(tmp_path, voxelwise, volume, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    code = main(["-q", "segment", str(volume), "--model", str(voxelwise), "--out", str(blocker / "out")])
+    assert code == 2
+    assert "cannot be created" in capsys.readouterr().err
+    code = main(["-q", "segment", str(volume), "--model", str(voxelwise), "--out", str(blocker)])
+    assert code == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert blocker.read_text() == "x"
+
+
+def test_unknown_device(tmp_path, voxelwise, volume, capsys):
+    out = tmp_path / "out"
+    run_bad(["segment", str(volume), "--model", str(voxelwise), "--out", str(out), "--device", "tpu"], capsys,
+            "--device 'tpu'", out)
+
+
+def test_failed_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
+    """Atomic writes: a failure while writing leaves neither a partial file nor a temp file."""
+    import SegXAILib.io as io_module
+
+    target = tmp_path / "labels.nii.gz"
+    write_image(Image(np.ones((4, 4, 4), np.float32)), target)
+    before = target.read_bytes()
+
+    def broken(*args, **kwargs):
+        Path(args[1]).write_bytes(b"partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(io_module.sitk if hasattr(io_module, "sitk") else sitk, "WriteImage", broken)
+    with pytest.raises(Exception):
+        write_image(Image(np.zeros((4, 4, 4), np.float32)), target)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["labels.nii.gz"]
