@@ -80,17 +80,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_demo(args: argparse.Namespace) -> int:
+    from .sample_data import resources_dir
     from .training import train_demo_models
 
+    out = args.out if args.out is not None else resources_dir() / "Models"
     with progress_bar("train-demo", not args.quiet) as progress:
-        cards = train_demo_models(args.out, args.models, args.iterations, progress=progress)
+        cards = train_demo_models(out, args.models, args.iterations, progress=progress)
     for name, card in cards.items():
         print(f"{name}: held-out Dice {card.metrics.get('dice_heldout_mean')} -> {card.path}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .sample_data import BUNDLED_MODELS, resources_dir
+    from .sample_data import BUNDLED_MODELS
 
     parser = argparse.ArgumentParser(
         prog="segxai",
@@ -129,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, default=None, help="models folder (default: Resources/Models)")
     train.add_argument("--models", nargs="+", default=None, help="which: lesions parotid-S2 parotid-S4 parotid-S6")
     train.add_argument("--iterations", type=int, default=None, help="training iterations per model (default per model)")
-    train.set_defaults(run=_cmd_train_demo, default_models_dir=lambda: resources_dir() / "Models")
+    train.set_defaults(run=_cmd_train_demo)
     return parser
 
 
@@ -137,8 +139,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
-    if getattr(args, "out", "unset") is None and hasattr(args, "default_models_dir"):
-        args.out = args.default_models_dir()
     try:
         return int(args.run(args))
     except SegXAIInputError as error:

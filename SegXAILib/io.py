@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -52,13 +53,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise SegXAIInputError(f"output {path}: folder {parent} does not exist")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_suffix(path) or ".tmp", dir=parent)
-    os.close(handle)
-    # mkstemp makes owner-only files; give the result the permissions a plain open() would
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)
-    temporary_path = Path(temporary)
+    # O_EXCL on a random name, with mode 0666: the process umask applies as for a plain
+    # open() (mkstemp would make an owner-only file), and no umask juggling across threads
+    while True:
+        temporary_path = parent / f".{path.name}.{uuid.uuid4().hex[:12]}{_suffix(path) or '.tmp'}"
+        try:
+            os.close(os.open(temporary_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise SegXAIInputError(f"output {path}: cannot be written ({error.strerror})") from None
     try:
         yield temporary_path
         os.replace(temporary_path, path)

@@ -19,6 +19,7 @@ import torch
 
 from .image import Image, SegXAIInputError
 from .io import atomic_path, check_writable_dir, read_channels, write_image
+from .metrics import dice_score
 from .models import LoadedModel, Segmentation, load_model, load_model_card, segment
 from .models.card import ModelCard
 from .progress import CancelToken, ProgressCallback, report, sub_progress
@@ -95,7 +96,7 @@ def write_segmentation(segmentation: Segmentation, out_dir: str | Path, suffix: 
         "files": {role: path.name for role, path in written.items()},
     }
     with atomic_path(out_dir / "segmentation.json") as temporary:
-        temporary.write_text(json.dumps(summary, indent=2) + "\n")
+        temporary.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     written["summary"] = out_dir / "segmentation.json"
     return written
 
@@ -110,7 +111,7 @@ class DemoResult:
 
 def _lesion_rows(truth_labels: np.ndarray, prediction: np.ndarray, image: Image) -> list[dict]:
     """One row per inserted lesion: volume, centroid (RAS), whether it was found, its Dice."""
-    from .training import dice_score
+    from scipy.ndimage import binary_dilation
 
     rows = []
     for lesion in range(1, int(truth_labels.max()) + 1):
@@ -118,9 +119,7 @@ def _lesion_rows(truth_labels: np.ndarray, prediction: np.ndarray, image: Image)
         if not mask.any():
             continue
         centroid = image.ijk_to_ras_points(np.argwhere(mask).mean(axis=0))[0]
-        # the predicted voxels connected to this lesion's neighbourhood
-        from scipy.ndimage import binary_dilation
-
+        # Dice of the predicted voxels within two voxels of this lesion
         near = binary_dilation(mask, iterations=2)
         rows.append(
             {
@@ -150,7 +149,6 @@ def run_demo(
     from .phantoms import make_lesion_phantom
     from .report import HtmlReport, overlay_figure
     from .sample_data import load_sample_head
-    from .training import dice_score
 
     out_dir = check_writable_dir(out_dir)
     timings: dict[str, float] = {}
@@ -189,7 +187,8 @@ def run_demo(
     html.add_paragraph(
         "The bundled head T1 MRI (ITK example data) with synthetic white-matter lesions inserted "
         f"(seed {seed}), as a two-channel FLAIR-like + T1 case, segmented by the bundled demo lesion "
-        "model. Outlines: red = model, green = inserted truth. The model is trained on phantoms; "
+        "model. Outlines: red = the model's lesions, green = inserted lesion voxels the model missed. "
+        "The model is trained on phantoms; "
         "this is a demonstration, not a clinical result."
     )
     html.add_key_values(

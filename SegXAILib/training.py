@@ -19,13 +19,14 @@ import torch
 
 from .image import Image, SegXAIInputError
 from .io import atomic_path, check_writable_dir
+from .metrics import dice_score
 from .models.card import ModelCard, model_card_from_dict, sha256_of
 from .models.inference import segment
 from .models.loaders import LoadedModel, load_model
 from .models.preprocessing import preprocess, preprocess_labels
 from .progress import CancelToken, ProgressCallback, report, sub_progress
 
-__all__ = ["TrainingCase", "TrainingConfig", "train_model", "dice_score", "DEMO_MODELS", "train_demo_models"]
+__all__ = ["TrainingCase", "TrainingConfig", "train_model", "DEMO_MODELS", "train_demo_models"]
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,6 @@ class TrainingConfig:
     learning_rate: float = 2e-3
     foreground_fraction: float = 0.6
     seed: int = 0
-
-
-def dice_score(prediction: np.ndarray, reference: np.ndarray) -> float:
-    """Dice of two boolean masks; 1.0 when both are empty."""
-    prediction, reference = np.asarray(prediction, bool), np.asarray(reference, bool)
-    total = prediction.sum() + reference.sum()
-    return 1.0 if total == 0 else float(2.0 * np.logical_and(prediction, reference).sum() / total)
 
 
 def _sample_patch(
@@ -275,15 +269,15 @@ def _parotid_card(variant: str) -> dict[str, Any]:
 
 #: name -> (folder under Resources/Models, card, case factory, training seeds, held-out seeds, config)
 DEMO_MODELS: dict[str, tuple[str, Callable[[], dict], Callable[[Sequence[int]], list], range, range, TrainingConfig]] = {
-    "lesions": ("lesions", _lesion_card, _lesion_cases, range(0, 24), range(1000, 1004), TrainingConfig(iterations=350, seed=0)),
+    "lesions": ("lesions", _lesion_card, _lesion_cases, range(0, 48), range(1000, 1004), TrainingConfig(iterations=800, seed=0)),
     **{
         f"parotid-{v}": (
             f"parotid_{v}",
             (lambda v=v: _parotid_card(v)),
             (lambda seeds, v=v: _parotid_cases(v, seeds)),
-            range(0, 32),
+            range(0, 400),
             range(1000, 1008),
-            TrainingConfig(iterations=200, batch_size=2, foreground_fraction=0.0, seed=0),
+            TrainingConfig(iterations=1500, batch_size=2, foreground_fraction=0.0, seed=0),
         )
         for v in ("S2", "S4", "S6")
     },

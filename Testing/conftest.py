@@ -69,7 +69,7 @@ def write_voxelwise_card(folder: Path, orientation: str | None = "RAS", spacing=
         "inference": {"patch_size": list(patch), "overlap": overlap, "blend": "constant"},
         "output_activation": "softmax",
     }
-    (folder / "model_card.json").write_text(json.dumps(card))
+    (folder / "model_card.json").write_text(json.dumps(card), encoding="utf-8")
     return folder / "model_card.json"
 
 
@@ -91,5 +91,5 @@ def write_unet_card(folder: Path, in_channels: int = 1, seed: int = 0) -> Path:
         "inference": {"patch_size": [16, 16, 16], "overlap": 0.25},
         "output_activation": "softmax",
     }
-    (folder / "model_card.json").write_text(json.dumps(card))
+    (folder / "model_card.json").write_text(json.dumps(card), encoding="utf-8")
     return folder / "model_card.json"

@@ -10,7 +10,8 @@ from SegXAILib.models import load_model, segment
 from SegXAILib.models.card import sha256_of
 from SegXAILib.pipeline import resolve_model_card
 from SegXAILib.sample_data import BUNDLED_MODELS
-from SegXAILib.training import DEMO_MODELS, dice_score
+from SegXAILib.metrics import dice_score
+from SegXAILib.training import DEMO_MODELS
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLED_MODELS))

@@ -48,7 +48,7 @@ def test_segment_writes_outputs_on_the_input_grid(tmp_path, voxelwise, volume, c
     np.testing.assert_array_equal(labels.array[0], image.array[0] > 1.0)
     probability = read_image(out / "probability_bright.nii.gz")
     np.testing.assert_allclose(probability.array[0], 1 / (1 + np.exp(-(image.array[0] - 1.0))), atol=1e-5)
-    summary = json.loads((out / "segmentation.json").read_text())
+    summary = json.loads((out / "segmentation.json").read_text(encoding="utf-8"))
     assert summary["classes"][1]["voxels"] == int((image.array[0] > 1.0).sum())
     assert summary["classes"][1]["volume_mm3"] == pytest.approx(summary["classes"][1]["voxels"] * image.voxel_volume)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
@@ -85,7 +85,7 @@ def test_console_script_entry_point(tmp_path, voxelwise):
 
 # ---- bad inputs: one test each ---------------------------------------------------------------------
 
-def run_bad(args: list[str], capsys, expected: str, out: Path) -> None:
+def assert_bad_input(args: list[str], capsys, expected: str, out: Path) -> None:
     code = main(["-q", *args])
     err = capsys.readouterr().err
     assert code == 2, err
@@ -95,36 +95,36 @@ def run_bad(args: list[str], capsys, expected: str, out: Path) -> None:
 
 def test_missing_file(tmp_path, voxelwise, capsys):
     out = tmp_path / "out"
-    run_bad(["segment", str(tmp_path / "missing.nii.gz"), "--model", str(voxelwise), "--out", str(out)], capsys,
+    assert_bad_input(["segment", str(tmp_path / "missing.nii.gz"), "--model", str(voxelwise), "--out", str(out)], capsys,
             "missing.nii.gz: no such file", out)
 
 
 def test_non_image_file(tmp_path, voxelwise, capsys):
     bogus = tmp_path / "notes.nii.gz"
-    bogus.write_text("this is not an image")
+    bogus.write_text("this is not an image", encoding="utf-8")
     out = tmp_path / "out"
-    run_bad(["segment", str(bogus), "--model", str(voxelwise), "--out", str(out)], capsys,
+    assert_bad_input(["segment", str(bogus), "--model", str(voxelwise), "--out", str(out)], capsys,
             "cannot be read as an image", out)
 
 
 def test_folder_without_dicom(tmp_path, voxelwise, capsys):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"
-    run_bad(["segment", str(tmp_path / "empty"), "--model", str(voxelwise), "--out", str(out)], capsys,
+    assert_bad_input(["segment", str(tmp_path / "empty"), "--model", str(voxelwise), "--out", str(out)], capsys,
             "holds no DICOM series", out)
 
 
 def test_2d_image(tmp_path, voxelwise, capsys):
     sitk.WriteImage(sitk.Image(16, 16, sitk.sitkFloat32), str(tmp_path / "slice.nii.gz"))
     out = tmp_path / "out"
-    run_bad(["segment", str(tmp_path / "slice.nii.gz"), "--model", str(voxelwise), "--out", str(out)], capsys,
+    assert_bad_input(["segment", str(tmp_path / "slice.nii.gz"), "--model", str(voxelwise), "--out", str(out)], capsys,
             "2D; expected a 3D volume", out)
 
 
 def test_4d_image(tmp_path, voxelwise, capsys):
     sitk.WriteImage(sitk.Image([8, 8, 8, 3], sitk.sitkFloat32), str(tmp_path / "series.nii.gz"))
     out = tmp_path / "out"
-    run_bad(["segment", str(tmp_path / "series.nii.gz"), "--model", str(voxelwise), "--out", str(out)], capsys,
+    assert_bad_input(["segment", str(tmp_path / "series.nii.gz"), "--model", str(voxelwise), "--out", str(out)], capsys,
             "4D with 3 volumes", out)
 
 
@@ -134,13 +134,13 @@ def test_non_finite_voxels(tmp_path, voxelwise, capsys, bad):
     array[3, 4, 5] = bad
     write_image(Image(array), tmp_path / "bad.nrrd")
     out = tmp_path / "out"
-    run_bad(["segment", str(tmp_path / "bad.nrrd"), "--model", str(voxelwise), "--out", str(out)], capsys,
+    assert_bad_input(["segment", str(tmp_path / "bad.nrrd"), "--model", str(voxelwise), "--out", str(out)], capsys,
             "1 voxels are NaN or Inf", out)
 
 
 def test_wrong_channel_count(tmp_path, two_channel, volume, capsys):
     out = tmp_path / "out"
-    run_bad(["segment", str(volume), "--model", str(two_channel), "--out", str(out)], capsys,
+    assert_bad_input(["segment", str(volume), "--model", str(two_channel), "--out", str(out)], capsys,
             "takes 2 image(s) (ch0, ch1), got 1", out)
 
 
@@ -150,7 +150,7 @@ def test_channels_that_cannot_be_resampled(tmp_path, two_channel, volume, capsys
     shifted[:3, 3] += 1000.0
     write_image(Image(far.array, shifted), tmp_path / "far.nii.gz")
     out = tmp_path / "out"
-    run_bad(["segment", str(volume), str(tmp_path / "far.nii.gz"), "--model", str(two_channel), "--out", str(out)],
+    assert_bad_input(["segment", str(volume), str(tmp_path / "far.nii.gz"), "--model", str(two_channel), "--out", str(out)],
             capsys, "cannot be resampled onto it", out)
 
 
@@ -158,39 +158,39 @@ def test_missing_weights(tmp_path, volume, capsys):
     card = write_unet_card(tmp_path / "unet")
     (tmp_path / "unet" / "model.pt").unlink()
     out = tmp_path / "out"
-    run_bad(["segment", str(volume), "--model", str(card), "--out", str(out)], capsys, "model.pt: no such file", out)
+    assert_bad_input(["segment", str(volume), "--model", str(card), "--out", str(out)], capsys, "model.pt: no such file", out)
 
 
 def test_mismatched_weights(tmp_path, volume, capsys):
     card = write_unet_card(tmp_path / "unet")
-    data = json.loads(card.read_text())
+    data = json.loads(card.read_text(encoding="utf-8"))
     data["architecture"]["kwargs"]["channels"] = [6, 12]
-    card.write_text(json.dumps(data))
+    card.write_text(json.dumps(data), encoding="utf-8")
     out = tmp_path / "out"
-    run_bad(["segment", str(volume), "--model", str(card), "--out", str(out)], capsys, "do not match UNet", out)
+    assert_bad_input(["segment", str(volume), "--model", str(card), "--out", str(out)], capsys, "do not match UNet", out)
 
 
 def test_missing_model_card(tmp_path, volume, capsys):
     out = tmp_path / "out"
-    run_bad(["segment", str(volume), "--model", str(tmp_path / "none.json"), "--out", str(out)], capsys,
+    assert_bad_input(["segment", str(volume), "--model", str(tmp_path / "none.json"), "--out", str(out)], capsys,
             "none.json: no such file", out)
 
 
 def test_output_that_cannot_be_written(tmp_path, voxelwise, volume, capsys):
     blocker = tmp_path / "a_file"
-    blocker.write_text("x")
+    blocker.write_text("x", encoding="utf-8")
     code = main(["-q", "segment", str(volume), "--model", str(voxelwise), "--out", str(blocker / "out")])
     assert code == 2
     assert "cannot be created" in capsys.readouterr().err
     code = main(["-q", "segment", str(volume), "--model", str(voxelwise), "--out", str(blocker)])
     assert code == 2
     assert "is not a folder" in capsys.readouterr().err
-    assert blocker.read_text() == "x"
+    assert blocker.read_text(encoding="utf-8") == "x"
 
 
 def test_unknown_device(tmp_path, voxelwise, volume, capsys):
     out = tmp_path / "out"
-    run_bad(["segment", str(volume), "--model", str(voxelwise), "--out", str(out), "--device", "tpu"], capsys,
+    assert_bad_input(["segment", str(volume), "--model", str(voxelwise), "--out", str(out), "--device", "tpu"], capsys,
             "--device 'tpu'", out)
 
 
@@ -211,3 +211,14 @@ def test_failed_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
         write_image(Image(np.zeros((4, 4, 4), np.float32)), target)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["labels.nii.gz"]
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        path = write_image(Image(np.ones((4, 4, 4), np.float32)), tmp_path / "a.nii.gz")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -11,7 +11,7 @@ deepbet = pytest.importorskip("deepbet", reason="deepbet is not installed (it is
 from SegXAILib.models import load_model, segment  # noqa: E402
 from SegXAILib.models.third_party import deepbet_model_card  # noqa: E402
 from SegXAILib.sample_data import load_sample_head  # noqa: E402
-from SegXAILib.training import dice_score  # noqa: E402
+from SegXAILib.metrics import dice_score  # noqa: E402
 
 
 @pytest.fixture(scope="module")

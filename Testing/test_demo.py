@@ -21,7 +21,7 @@ def demo_dir(tmp_path_factory) -> Path:
 
 
 def test_report_references_only_existing_files(demo_dir):
-    html = (demo_dir / "report.html").read_text()
+    html = (demo_dir / "report.html").read_text(encoding="utf-8")
     sources = re.findall(r'src="([^"]+)"', html)
     assert len(sources) >= 6  # three planes per lesion and channel, at least a few lesions
     for source in sources:
@@ -39,10 +39,10 @@ def test_outputs_are_on_the_sample_grid(demo_dir):
 
 
 def test_demo_finds_the_inserted_lesions(demo_dir):
-    from SegXAILib.training import dice_score
+    from SegXAILib.metrics import dice_score
 
     truth = read_image(demo_dir / "truth_lesions.nii.gz").array[0] > 0
     labels = read_image(demo_dir / "labels.nii.gz").array[0] == 1
     assert dice_score(labels, truth) > 0.4
-    html = (demo_dir / "report.html").read_text()
+    html = (demo_dir / "report.html").read_text(encoding="utf-8")
     assert f"{dice_score(labels, truth):.3f}"[:4] in html

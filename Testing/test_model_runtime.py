@@ -51,16 +51,16 @@ def test_card_round_trip(tmp_path):
 )
 def test_bad_cards_name_the_field(tmp_path, change, message):
     path = write_unet_card(tmp_path / "m")
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     change(data)
-    path.write_text(json.dumps(data))
+    path.write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(SegXAIInputError, match=message):
         load_model_card(path)
 
 
 def test_card_that_is_not_json(tmp_path):
     path = tmp_path / "model_card.json"
-    path.write_text("{not json")
+    path.write_text("{not json", encoding="utf-8")
     with pytest.raises(SegXAIInputError, match="not valid JSON"):
         load_model_card(path)
 
@@ -81,18 +81,18 @@ def test_monai_state_dict_loads_and_predicts_like_the_original(tmp_path):
 
 def test_weights_checksum_mismatch_is_refused(tmp_path):
     path = write_unet_card(tmp_path / "m")
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     data["architecture"]["sha256"] = "0" * 64
-    path.write_text(json.dumps(data))
+    path.write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(SegXAIInputError, match="SHA-256"):
         load_model(path, device="cpu")
 
 
 def test_weights_of_another_architecture_are_refused(tmp_path):
     path = write_unet_card(tmp_path / "m")
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     data["architecture"]["kwargs"]["channels"] = [8, 16]
-    path.write_text(json.dumps(data))
+    path.write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(SegXAIInputError, match="do not match|cannot be read"):
         load_model(path, device="cpu")
 
@@ -131,8 +131,7 @@ def _write_bundle(folder: Path) -> Path:
     (folder / "models").mkdir()
     kwargs = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": [2]}
     (folder / "configs" / "inference.json").write_text(
-        json.dumps({"network_def": {"_target_": "monai.networks.nets.UNet", **kwargs}})
-    )
+        json.dumps({"network_def": {"_target_": "monai.networks.nets.UNet", **kwargs}}), encoding="utf-8")
     torch.manual_seed(5)
     network = UNet(**kwargs)
     torch.save(network.state_dict(), folder / "models" / "model.pt")
@@ -143,7 +142,7 @@ def _write_bundle(folder: Path) -> Path:
         "classes": [{"name": "background"}, {"name": "thing"}],
         "inference": {"patch_size": [16, 16, 16]},
     }
-    (folder / "model_card.json").write_text(json.dumps(card))
+    (folder / "model_card.json").write_text(json.dumps(card), encoding="utf-8")
     return folder / "model_card.json"
 
 
@@ -254,7 +253,7 @@ def test_progress_is_monotone_and_cancel_stops(tmp_path):
 
 def test_intensity_steps_follow_the_card(tmp_path):
     path = write_voxelwise_card(tmp_path / "v", orientation=None)
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     data["preprocessing"]["intensity"] = [
         {"kind": "ct_window", "center": 40, "width": 400},
         {"kind": "affine", "scale": 2.0, "offset": -1.0},

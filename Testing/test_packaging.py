@@ -15,14 +15,14 @@ def cmake_list(text: str, variable: str) -> set[str]:
 
 
 def test_every_python_file_is_listed():
-    listed = cmake_list((ROOT / "SegXAILib" / "CMakeLists.txt").read_text(), "MODULE_PYTHON_SCRIPTS")
+    listed = cmake_list((ROOT / "SegXAILib" / "CMakeLists.txt").read_text(encoding="utf-8"), "MODULE_PYTHON_SCRIPTS")
     present = {p.relative_to(ROOT / "SegXAILib").as_posix() for p in (ROOT / "SegXAILib").rglob("*.py")}
     assert present - listed == set(), "Python files missing from SegXAILib/CMakeLists.txt"
     assert listed - present == set(), "SegXAILib/CMakeLists.txt lists files that do not exist"
 
 
 def test_every_resource_is_listed():
-    listed = cmake_list((ROOT / "SegXAILib" / "CMakeLists.txt").read_text(), "MODULE_PYTHON_RESOURCES")
+    listed = cmake_list((ROOT / "SegXAILib" / "CMakeLists.txt").read_text(encoding="utf-8"), "MODULE_PYTHON_RESOURCES")
     resources = ROOT / "Resources"
     present = {p.relative_to(resources).as_posix() for p in resources.rglob("*") if p.is_file()}
     assert present - listed == set(), "resources missing from SegXAILib/CMakeLists.txt"
@@ -30,27 +30,27 @@ def test_every_resource_is_listed():
 
 
 def test_extension_metadata():
-    text = (ROOT / "CMakeLists.txt").read_text()
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "project(SegXAI)" in text
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION"):
         assert re.search(rf'set\({key} "[^"]+"\)', text), key
     assert 'set(EXTENSION_DEPENDS "PyTorch")' in text
     assert "add_subdirectory(SegXAILib)" in text
-    assert re.search(r"slicerMacroBuildScriptedModule\(.*WITH_SUBDIR", (ROOT / "SegXAILib" / "CMakeLists.txt").read_text(), re.S)
+    assert re.search(r"slicerMacroBuildScriptedModule\(.*WITH_SUBDIR", (ROOT / "SegXAILib" / "CMakeLists.txt").read_text(encoding="utf-8"), re.S)
 
 
 def test_top_level_layout():
     for name in ("CMakeLists.txt", "SegXAI", "SegXAILib", "Testing", "Resources", "README.md", "LICENSE",
                  "pyproject.toml", "Makefile", ".ci/run", ".gitignore"):
         assert (ROOT / name).exists(), name
-    assert "make test" in (ROOT / ".ci" / "run").read_text()
-    readme = (ROOT / "README.md").read_text()
+    assert "make test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "make demo" in readme and "make test" in readme
-    makefile = (ROOT / "Makefile").read_text()
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
     assert "torch==2.13.0" in makefile
 
 
 def test_nothing_in_segxailib_imports_qt_or_slicer_gui():
     forbidden = re.compile(r"^\s*(import|from)\s+(qt|ctk|slicer\.ScriptedLoadableModule)\b", re.M)
     for path in (ROOT / "SegXAILib").rglob("*.py"):
-        assert not forbidden.search(path.read_text()), path
+        assert not forbidden.search(path.read_text(encoding="utf-8")), path

@@ -297,9 +297,9 @@ def test_report_escapes_user_text_and_links_existing_files(tmp_path):
 def test_report_write_is_atomic_and_repeatable(tmp_path):
     report = HtmlReport("QA", tmp_path, timestamp=False)
     report.add_paragraph("one")
-    first = report.write("qa.html").read_text()
+    first = report.write("qa.html").read_text(encoding="utf-8")
     report.add_paragraph("two")
-    second = report.write("qa.html").read_text()
+    second = report.write("qa.html").read_text(encoding="utf-8")
     assert "one" in first and "two" not in first and "two" in second
     assert [p.name for p in tmp_path.iterdir()] == ["qa.html"]
     assert (tmp_path / "qa.html").stat().st_mode & 0o044  # readable beyond the owner (umask 022)

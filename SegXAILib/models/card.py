@@ -145,7 +145,7 @@ class ModelCard:
 
         path = Path(path)
         with atomic_path(path) as temporary:
-            temporary.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+            temporary.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
         self.path = path.resolve()
         return path
 
@@ -159,7 +159,8 @@ class ModelCard:
             f"  inputs       : {', '.join(self.input_channels)}",
             f"  classes      : {', '.join(self.class_names)} ({self.output_activation})",
             f"  orientation  : {self.orientation or 'as acquired'}",
-            f"  spacing      : {self.target_spacing or 'as acquired'} mm",
+            f"  spacing      : {list(self.target_spacing) if self.target_spacing else 'as acquired'}"
+            f"{' mm' if self.target_spacing else ''}",
             f"  patch        : {list(self.patch_size)} overlap {self.inference.get('overlap', 0.25)}",
         ]
         if self.description:
@@ -290,7 +291,7 @@ def load_model_card(path: str | os.PathLike) -> ModelCard:
     if not path.is_file():
         raise SegXAIInputError(f"model card {path}: no such file")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise SegXAIInputError(f"model card {path}: not valid JSON ({error})") from None
     return model_card_from_dict(data, path)

@@ -147,7 +147,7 @@ def segment(
     report(progress, 0.0, "preprocessing")
     x = preprocess(image, card)
     model_affine = np.asarray(x.affine, dtype=float)
-    batch = torch.as_tensor(x.as_tensor() if hasattr(x, "as_tensor") else x).unsqueeze(0).to(device)
+    batch = x.as_tensor().unsqueeze(0).to(device)
     timings["preprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()

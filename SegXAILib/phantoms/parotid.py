@@ -28,9 +28,11 @@ Geometry
 Each case draws (all in physical mm, from ``seed``): the head's three semi-axes (72-95 % of
 the half field of view along each axis), the sphere's radius (17-27 % of the smallest half
 field of view) and centre (inside the head), the rod's direction (uniform on the sphere; this
-is the sphere's orientation too, since a sphere has none of its own), length (45-75 % of the
-smallest half field of view) and radius (1-2 voxel sizes, at most 40 % of the sphere's). The
-rod starts at the sphere's centre, so the gland is folded around the rod's end; the label is
+is the sphere's orientation too, since a sphere has none of its own) and radius (1-2 voxel
+sizes, at most 40 % of the sphere's). The rod starts at the sphere's centre and runs to the
+head's surface (as the mandible runs from the gland to the chin; at least the sphere's radius
+plus 30 % of the smallest half field of view long), so its one end inside the head marks the
+gland, which even without sphere contrast (S2) the image determines. The label is
 the sphere minus the rod's voxels (gland and bone do not overlap; a draw that would cut the
 gland into pieces is redrawn). Without a rod, nothing is drawn there: the whole sphere is
 gland and the rod mask is empty. Sphere and rod lie inside the head, at least one voxel size
@@ -226,7 +228,6 @@ def make_parotid_phantom(
     inner = ndimage.distance_transform_edt(head, sampling=spacing_arr) > float(spacing_arr.max())
     for _attempt in range(1000):
         sphere_radius = geometry_rng.uniform(0.17, 0.27) * scale
-        rod_length = geometry_rng.uniform(0.45, 0.75) * scale
         rod_radius = min(geometry_rng.uniform(1.0, 2.0) * float(spacing_arr.max()), 0.4 * sphere_radius)
         direction = _random_unit_vector(geometry_rng)
         centre = geometry_rng.uniform(-1.0, 1.0, size=3) * head_axes
@@ -237,11 +238,21 @@ def make_parotid_phantom(
         sphere = distance2 <= sphere_radius**2
         # the rod's geometry is drawn for every variant, so that one seed gives the same case
         # (head, sphere, rod position) in all six variants; only the densities differ
+        # The rod runs from the sphere's centre to the head's surface (as the mandible runs
+        # from the gland to the chin): its end inside the head marks the gland, so even
+        # without sphere contrast (S1/S2) the gland is determined by the image.
         along = offset @ direction
         across2 = np.maximum(distance2 - along**2, 0.0)
-        rod = (along >= 0.0) & (along <= rod_length) & (across2 <= rod_radius**2)
-        # inside the head, and the gland (sphere minus rod) one face-connected piece
-        if sphere.any() and not np.any((sphere | rod) & ~inner) and ndimage.label(sphere & ~rod)[1] == 1:
+        rod = (along >= 0.0) & (across2 <= rod_radius**2) & inner
+        rod_length = float(along[rod].max()) if rod.any() else 0.0
+        # inside the head, long enough to see, and the gland (sphere minus rod) one
+        # face-connected piece
+        if (
+            sphere.any()
+            and not np.any(sphere & ~inner)
+            and rod_length >= sphere_radius + 0.3 * scale
+            and ndimage.label(sphere & ~rod)[1] == 1
+        ):
             break
     else:  # pragma: no cover - the ranges above fit within a few attempts
         raise SegXAIInputError(f"shape/spacing {shape_t}/{tuple(spacing_arr)}: could not place sphere and rod")

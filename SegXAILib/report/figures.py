@@ -391,21 +391,6 @@ def overlay_figure(
     return fig
 
 
-def _usual_permissions(path: Path) -> None:
-    """Give a file from ``atomic_path`` (created 0600 by mkstemp) the usual 0666 & ~umask mode."""
-    umask = 0o022  # read without os.umask(), which would change it process-wide for a moment
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                umask = int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        os.chmod(path, 0o666 & ~umask)
-    except OSError:
-        pass
-
-
 def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     """Write ``fig`` to ``path`` as a PNG, atomically (the folder is created if needed); returns the path."""
     from matplotlib.figure import Figure
@@ -424,5 +409,4 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
         FigureCanvasAgg(fig)
     with atomic_path(path) as temporary:
         fig.savefig(temporary, format="png", dpi=dpi, facecolor=fig.get_facecolor())
-        _usual_permissions(temporary)
     return path

@@ -24,7 +24,6 @@ import numpy as np
 
 from ..image import SegXAIInputError
 from ..io import atomic_path, check_writable_dir
-from .figures import _usual_permissions
 
 __all__ = ["HtmlReport", "format_value", "escape"]
 
@@ -222,7 +221,6 @@ class HtmlReport:
                 target = self.figures_dir / f"{unique}.png"
                 with atomic_path(target) as temporary:
                     shutil.copyfile(source, temporary)
-                    _usual_permissions(temporary)
         else:
             raise SegXAIInputError(
                 f"add_figure: expected a matplotlib Figure or a PNG path, got {type(fig_or_png_path).__name__}"
@@ -271,5 +269,4 @@ class HtmlReport:
         check_writable_dir(self.out_dir)
         with atomic_path(path) as temporary:
             temporary.write_text(self.to_html(), encoding="utf-8")
-            _usual_permissions(temporary)
         return path
