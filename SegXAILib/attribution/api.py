@@ -1,0 +1,227 @@
+"""Explaining one case: input image + model + method + target -> maps on the input grid.
+
+:func:`explain` preprocesses the image onto the model grid, predicts once (to resolve class and
+instance targets), runs the method through the window-exact forward, and maps the result back
+onto the input grid (one map per input channel), with metadata (method, parameters, target,
+seed, timings, model checksum). Attributions are taken with respect to the network's input,
+i.e. the preprocessed (normalised) intensities, then placed on the input grid.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+from ..image import Image, SegXAIInputError
+from ..models.inference import activate
+from ..models.loaders import LoadedModel
+from ..models.preprocessing import preprocess, preprocess_labels, to_input_grid
+from ..progress import CancelToken, ProgressCallback, report, sub_progress
+from .forward import SegmentationForward
+from .registry import get_method
+from .targets import ClassTarget, ClassThresholdTarget, InstanceTarget, RegionTarget, Target, VoxelTarget
+
+__all__ = ["TargetSpec", "AttributionResult", "explain", "instance_labels"]
+
+
+@dataclass
+class TargetSpec:
+    """What to explain, on the input grid.
+
+    ``kind`` is ``class``, ``class_threshold``, ``instance``, ``region`` or ``voxel``;
+    ``class_name`` names the class (the card's first foreground class when empty);
+    ``instance_id`` (1 = largest component), ``mask`` (an Image on the input grid), ``ras``
+    (a RAS point in mm for ``voxel``), ``threshold`` (for ``class_threshold``).
+    """
+
+    kind: str = "class"
+    class_name: str = ""
+    instance_id: int = 0
+    mask: Optional[Image] = None
+    ras: Optional[tuple[float, float, float]] = None
+    threshold: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> "TargetSpec":
+        """``class:NAME``, ``class_threshold:NAME:T``, ``instance:ID[:NAME]``, ``region:MASKFILE[:NAME]``,
+        ``voxel:R,A,S[:NAME]`` (RAS mm)."""
+        from ..io import read_image
+
+        kind, _, rest = text.partition(":")
+        parts = rest.split(":") if rest else []
+        try:
+            if kind == "class":
+                return cls("class", class_name=parts[0] if parts else "")
+            if kind == "class_threshold":
+                return cls("class_threshold", class_name=parts[0], threshold=float(parts[1]) if len(parts) > 1 else 0.0)
+            if kind == "instance":
+                return cls("instance", instance_id=int(parts[0]), class_name=parts[1] if len(parts) > 1 else "")
+            if kind == "region":
+                return cls("region", mask=read_image(parts[0]), class_name=parts[1] if len(parts) > 1 else "")
+            if kind == "voxel":
+                ras = tuple(float(v) for v in parts[0].split(","))
+                if len(ras) != 3:
+                    raise ValueError
+                return cls("voxel", ras=ras, class_name=parts[1] if len(parts) > 1 else "")  # type: ignore[arg-type]
+        except (IndexError, ValueError):
+            pass
+        raise SegXAIInputError(
+            f"--target {text!r}: expected class:NAME, class_threshold:NAME:T, instance:ID, region:MASK or voxel:R,A,S"
+        )
+
+    def class_index(self, class_names: list[str]) -> int:
+        if not self.class_name:
+            return 1
+        if self.class_name not in class_names:
+            raise SegXAIInputError(f"--target: no class {self.class_name!r}; the model's classes are {class_names}")
+        return class_names.index(self.class_name)
+
+
+@dataclass
+class AttributionResult:
+    """Maps ``(C, I, J, K)`` on the input grid (one per input channel) and how they were made."""
+
+    maps: Image
+    method: str
+    parameters: dict[str, Any]
+    target: dict[str, Any]
+    model: str
+    model_checksum: str
+    device: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "parameters": {k: v for k, v in self.parameters.items() if not isinstance(v, torch.Tensor)},
+            "target": self.target,
+            "model": self.model,
+            "model_checksum": self.model_checksum,
+            "device": self.device,
+            "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+            "channels": list(self.maps.channel_names),
+        }
+
+
+def instance_labels(mask: np.ndarray) -> np.ndarray:
+    """Connected components (26-connectivity) of a boolean mask, numbered 1.. by decreasing size."""
+    from scipy import ndimage
+
+    components, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if count == 0:
+        return components
+    sizes = np.bincount(components.ravel())[1:]
+    order = np.argsort(-sizes, kind="stable") + 1
+    relabel = np.zeros(count + 1, dtype=np.int32)
+    relabel[order] = np.arange(1, count + 1)
+    return relabel[components]
+
+
+def _model_grid_mask(mask: np.ndarray, image: Image, card) -> torch.Tensor:
+    return preprocess_labels(image.with_array(mask.astype(np.uint8)[None]), card).as_tensor()[0] > 0.5
+
+
+def _resolve_target(spec: TargetSpec, image: Image, model: LoadedModel, x: torch.Tensor, model_affine: np.ndarray,
+                    labels: torch.Tensor) -> Target:
+    card = model.card
+    c = spec.class_index(card.class_names)
+    if spec.kind == "class":
+        mask = labels == c
+        if not bool(mask.any()):
+            raise SegXAIInputError(f"--target class:{card.class_names[c]}: the model predicts no voxel of this class")
+        return ClassTarget(c, mask)
+    if spec.kind == "class_threshold":
+        return ClassThresholdTarget(c, spec.threshold)
+    if spec.kind == "instance":
+        on_input = to_input_grid(labels[None].numpy().astype(np.uint8), model_affine, image, interpolation="nearest")
+        instances = instance_labels(on_input.array[0] == c)
+        if not 1 <= spec.instance_id <= instances.max():
+            raise SegXAIInputError(
+                f"--target instance:{spec.instance_id}: the prediction has {int(instances.max())} instance(s) of "
+                f"{card.class_names[c]!r} (ids 1.. by decreasing size)"
+            )
+        return InstanceTarget(c, _model_grid_mask(instances == spec.instance_id, image, card), instance_id=spec.instance_id)
+    if spec.kind == "region":
+        if spec.mask is None or not spec.mask.same_grid(image):
+            raise SegXAIInputError("--target region: the mask must be on the input image's grid")
+        return RegionTarget(c, _model_grid_mask(spec.mask.array[0] > 0, image, card))
+    if spec.kind == "voxel":
+        # the model-grid voxel whose centre is nearest to the point
+        inverse = np.linalg.inv(model_affine)
+        index = np.round(inverse[:3, :3] @ np.asarray(spec.ras, float) + inverse[:3, 3]).astype(int)
+        return VoxelTarget(c, tuple(index), tuple(x.shape[2:]))
+    raise SegXAIInputError(f"--target kind {spec.kind!r} is not one of class, class_threshold, instance, region, voxel")
+
+
+def explain(
+    image: Image,
+    model: LoadedModel,
+    method: str,
+    target: Union[TargetSpec, str] = "class",
+    params: Optional[dict[str, Any]] = None,
+    amp: Optional[bool] = None,
+    window_batch: int = 1,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> AttributionResult:
+    """Attribute ``target`` of ``model`` on ``image`` with ``method`` (a registry name).
+
+    Parameters
+    ----------
+    image : Image
+        ``(C, I, J, K)``, channels in the card's order.
+    model : LoadedModel
+    method : str
+        See :func:`SegXAILib.attribution.registry.available_methods`.
+    target : TargetSpec or str
+        A spec or its text (``"class:lesion"``, ``"instance:2"``, ...).
+    params : dict
+        The method's parameters (``n_samples``, ``seed``, ...).
+    """
+    params = dict(params or {})
+    method_class = get_method(method)
+    spec = TargetSpec.parse(target) if isinstance(target, str) else target
+    card, device = model.card, model.device
+    amp = device.type == "cuda" if amp is None else amp
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    report(progress, 0.0, "preprocessing")
+    x_meta = preprocess(image, card)
+    model_affine = np.asarray(x_meta.affine, dtype=float)
+    x = x_meta.as_tensor().unsqueeze(0).to(device)
+    with torch.no_grad():
+        from ..models.windows import WindowedForward
+
+        logits = WindowedForward(model.network, card, x.shape[2:], amp=amp)(x, window_batch=window_batch)
+        labels = activate(logits, card)[0].argmax(0).cpu()
+    resolved = _resolve_target(spec, image, model, x, model_affine, labels)
+    timings["prediction"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    forward = SegmentationForward(model.network, card, x.shape[2:], resolved, amp=amp, window_batch=window_batch)
+    attribution = method_class(forward).attribute(x, progress=sub_progress(progress, 0.1, 0.95), cancel=cancel, **params)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timings["attribution"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    values = attribution[0].detach().float().cpu().numpy()
+    maps = to_input_grid(values, model_affine, image, tuple(image.channel_names))
+    timings["postprocess"] = time.perf_counter() - start
+    report(progress, 1.0, "done")
+    defaults = {p.name: p.default for p in method_class.parameters}
+    return AttributionResult(
+        maps=maps,
+        method=method,
+        parameters={**defaults, **params},
+        target=resolved.describe() | {"spec": spec.kind, "class_name": card.class_names[resolved.class_index]},
+        model=card.name,
+        model_checksum=card.checksum(),
+        device=str(device),
+        timings=timings,
+    )

@@ -1,0 +1,135 @@
+"""The common shape of every attribution method (Captum style).
+
+One class per method, constructed on a :class:`~SegXAILib.attribution.forward.SegmentationForward`,
+with one entry point ``attribute(inputs, ...)`` taking ``inputs`` ``(1, C, D, H, W)`` on the
+model grid and returning a map of the same shape. Shared keyword names: ``batch_size``
+(samples per backward pass), ``seed``, ``progress``, ``cancel``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterator, Optional
+
+import torch
+
+from ..image import SegXAIInputError
+from ..progress import CancelToken, ProgressCallback, report
+from .forward import SegmentationForward
+
+__all__ = ["Attribution", "Parameter", "batched", "generator_for", "check_inputs"]
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One parameter of a method, as front ends show it (CLI ``--param``, Slicer forms).
+
+    ``kind`` is ``"int"``, ``"float"``, ``"bool"``, ``"choice"`` or ``"str"``; ``minimum`` /
+    ``maximum`` bound numbers; ``choices`` lists the values of a choice.
+    """
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+    choices: tuple = ()
+
+    def parse(self, text: str) -> Any:
+        """A value from its text (``"20"``, ``"0.1"``, ``"true"``, ``"min"``), checked."""
+        try:
+            if self.kind == "int":
+                value: Any = int(text)
+            elif self.kind == "float":
+                value = float(text)
+            elif self.kind == "bool":
+                if str(text).lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(text)
+                value = str(text).lower() in ("1", "true", "yes")
+            else:
+                value = str(text)
+        except ValueError:
+            raise SegXAIInputError(f"parameter {self.name}: expected {self.kind}, got {text!r}") from None
+        return self.check(value)
+
+    def check(self, value: Any) -> Any:
+        if self.kind == "choice" and value not in self.choices:
+            raise SegXAIInputError(f"parameter {self.name}: expected one of {list(self.choices)}, got {value!r}")
+        if self.minimum is not None and value < self.minimum:
+            raise SegXAIInputError(f"parameter {self.name}: must be >= {self.minimum}, got {value}")
+        if self.maximum is not None and value > self.maximum:
+            raise SegXAIInputError(f"parameter {self.name}: must be <= {self.maximum}, got {value}")
+        return value
+
+
+def check_inputs(inputs: torch.Tensor) -> torch.Tensor:
+    if inputs.ndim != 5 or inputs.shape[0] != 1:
+        raise SegXAIInputError(f"inputs must be one volume (1, C, D, H, W), got {tuple(inputs.shape)}")
+    return inputs.detach()
+
+
+def generator_for(seed: Optional[int], device: torch.device) -> torch.Generator:
+    """A torch generator on ``device`` seeded with ``seed`` (0 when None: results stay reproducible)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(0 if seed is None else int(seed))
+    return generator
+
+
+def batched(
+    total: int,
+    batch_size: int,
+    progress: Optional[ProgressCallback],
+    cancel: Optional[CancelToken],
+    message: str,
+) -> Iterator[range]:
+    """Ranges of at most ``batch_size`` sample indices covering ``range(total)``, checking
+    ``cancel`` before and reporting progress after each."""
+    if batch_size < 1:
+        raise SegXAIInputError(f"batch_size must be >= 1, got {batch_size}")
+    done = 0
+    while done < total:
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        chunk = range(done, min(total, done + batch_size))
+        yield chunk
+        done = chunk.stop
+        report(progress, done / total, message)
+
+
+class Attribution:
+    """Base class. Subclasses set ``name`` and implement ``attribute``."""
+
+    name: ClassVar[str] = ""
+    #: one line for ``segxai methods`` and the Slicer method list
+    summary: ClassVar[str] = ""
+    #: the parameters ``attribute`` takes besides inputs / progress / cancel
+    parameters: ClassVar[tuple[Parameter, ...]] = ()
+    #: True when the method draws random numbers (it then takes ``seed``)
+    stochastic: ClassVar[bool] = False
+
+    def __init__(self, forward: SegmentationForward) -> None:
+        self.forward = forward
+
+    def attribute(self, inputs: torch.Tensor, **kwargs) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # a helper shared by the gradient family: mean over samples of a per-sample statistic
+    def _mean_over_samples(
+        self,
+        make_batch: Callable[[range], torch.Tensor],
+        total: int,
+        batch_size: int,
+        statistic: Callable[[torch.Tensor, torch.Tensor, range], torch.Tensor],
+        progress: Optional[ProgressCallback],
+        cancel: Optional[CancelToken],
+    ) -> torch.Tensor:
+        """``mean_k statistic(x_k, dT/dx(x_k))`` over ``total`` samples made by ``make_batch``."""
+        accumulated: Optional[torch.Tensor] = None
+        for chunk in batched(total, batch_size, progress, cancel, self.name):
+            samples = make_batch(chunk)
+            gradients = self.forward.gradient(samples)
+            contribution = statistic(samples, gradients, chunk).sum(dim=0, keepdim=True)
+            accumulated = contribution if accumulated is None else accumulated + contribution
+        assert accumulated is not None
+        return accumulated / total
