@@ -93,3 +93,24 @@ def write_unet_card(folder: Path, in_channels: int = 1, seed: int = 0) -> Path:
     }
     (folder / "model_card.json").write_text(json.dumps(card), encoding="utf-8")
     return folder / "model_card.json"
+
+
+def write_swinunetr_card(folder: Path, in_channels: int = 2, seed: int = 0) -> Path:
+    """A small MONAI SwinUNETR (one block per stage, feature size 12) with random weights."""
+    from monai.networks.nets import SwinUNETR
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    kwargs = {"in_channels": in_channels, "out_channels": 2, "feature_size": 12, "depths": [1, 1, 1, 1], "spatial_dims": 3}
+    torch.save(SwinUNETR(**kwargs).state_dict(), folder / "model.pt")
+    card = {
+        "name": "tiny-swinunetr",
+        "architecture": {"format": "monai", "name": "SwinUNETR", "kwargs": kwargs, "weights": "model.pt"},
+        "input_channels": [f"ch{c}" for c in range(in_channels)],
+        "classes": [{"name": "background", "color": [0, 0, 0]}, {"name": "thing", "color": [0, 255, 0]}],
+        "preprocessing": {"orientation": "RAS", "spacing": None, "intensity": [{"kind": "zscore"}]},
+        "inference": {"patch_size": [64, 64, 64], "overlap": 0.25},
+        "output_activation": "softmax",
+    }
+    (folder / "model_card.json").write_text(json.dumps(card), encoding="utf-8")
+    return folder / "model_card.json"

@@ -180,7 +180,8 @@ def explain(
     target : TargetSpec or str
         A spec or its text (``"class:lesion"``, ``"instance:2"``, ...).
     params : dict
-        The method's parameters (``n_samples``, ``seed``, ...).
+        The method's parameters (``n_samples``, ``seed``, ...). ``references`` (expected
+        gradients) may be a list of Images on the input grid.
     """
     params = dict(params or {})
     method_class = get_method(method)
@@ -201,6 +202,16 @@ def explain(
         labels = activate(logits, card)[0].argmax(0).cpu()
     resolved = _resolve_target(spec, image, model, x, model_affine, labels)
     timings["prediction"] = time.perf_counter() - start
+
+    references = params.get("references")
+    if isinstance(references, (list, tuple)):
+        # reference volumes given as Images (input grids): onto the model grid like the input
+        if not references or not all(isinstance(r, Image) for r in references):
+            raise SegXAIInputError("references: expected a non-empty list of images")
+        volumes = [preprocess(r, card).as_tensor() for r in references]
+        if any(v.shape != x.shape[1:] for v in volumes):
+            raise SegXAIInputError("references: every reference must be on the input image's grid")
+        params["references"] = torch.stack(volumes).to(device)
 
     start = time.perf_counter()
     forward = SegmentationForward(model.network, card, x.shape[2:], resolved, amp=amp, window_batch=window_batch)

@@ -64,9 +64,21 @@ class SegmentationForward:
         return self.target(self.logits(x))
 
     def gradient(self, x: torch.Tensor) -> torch.Tensor:
-        """``dT/dx`` for each sample of ``x`` ``(B, C, D, H, W)`` (samples are independent)."""
-        x = x.detach().requires_grad_(True)
+        """``dT/dx`` for each sample of ``x`` ``(B, C, D, H, W)`` (samples are independent).
+
+        When the target's support touches more windows than one network call takes, the
+        backward runs window batch by window batch (:meth:`WindowedForward.vjp`): memory
+        stays that of one window batch whatever the volume's size.
+        """
+        x = x.detach()
+        if len(self.windowed.windows_for(self.target.support)) <= self.window_batch:
+            x.requires_grad_(True)
+            with torch.enable_grad():
+                (gradient,) = torch.autograd.grad(self(x).sum(), x)
+            return gradient
+        with torch.no_grad():
+            logits = self.logits(x)
+        logits.requires_grad_(True)
         with torch.enable_grad():
-            values = self(x)
-            (gradient,) = torch.autograd.grad(values.sum(), x)
-        return gradient
+            (cotangent,) = torch.autograd.grad(self.target(logits).sum(), logits)
+        return self.windowed.vjp(x, cotangent, self.target.support, self.window_batch)

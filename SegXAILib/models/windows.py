@@ -131,3 +131,50 @@ class WindowedForward:
         output = output / self.count.to(device)
         return output[(slice(None), slice(None), *self._crop_slices())]
 
+    def vjp(
+        self,
+        x: torch.Tensor,
+        cotangent: torch.Tensor,
+        support: Optional[torch.Tensor] = None,
+        window_batch: int = 1,
+    ) -> torch.Tensor:
+        """``cotangent^T d(logits)/dx`` ``(B, C, D, H, W)``, one window batch at a time.
+
+        ``cotangent`` ``(B, K, D, H, W)`` is the gradient of a scalar with respect to the
+        blended logits (zero off ``support``). The blending is linear in the window outputs,
+        so the backward splits into one backward per window: memory holds one window batch's
+        graph, not the whole volume's, at the cost of running the windows' forward again.
+        """
+        device = x.device
+        padded_x = F.pad(x, self.pad, mode="replicate") if any(self.pad) else x
+        padded_cotangent = torch.zeros((*cotangent.shape[:2], *self.padded_shape), device=device, dtype=torch.float32)
+        padded_cotangent[(slice(None), slice(None), *self._crop_slices())] = cotangent.float()
+        importance, count = self.importance.to(device), self.count.to(device)
+        gradient = torch.zeros_like(padded_x)
+        selected = self.windows_for(support)
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp and x.is_cuda else contextlib.nullcontext()
+        batch = x.shape[0]
+        for start in range(0, len(selected), max(1, window_batch)):
+            chunk = selected[start : start + max(1, window_batch)]
+            patches = torch.cat([padded_x[(slice(None), slice(None), *self.windows[i])] for i in chunk]).detach()
+            patches.requires_grad_(True)
+            with torch.enable_grad():
+                with autocast:
+                    logits = self.network(patches).float()
+                weights = torch.cat(
+                    [
+                        padded_cotangent[(slice(None), slice(None), *self.windows[i])] * (importance / count[self.windows[i]])
+                        for i in chunk
+                    ]
+                )
+                (patch_gradient,) = torch.autograd.grad((logits * weights).sum(), patches)
+            for position, index in enumerate(chunk):
+                gradient[(slice(None), slice(None), *self.windows[index])] += patch_gradient[position * batch : (position + 1) * batch]
+        if not any(self.pad):
+            return gradient
+        # back through the replicate padding: border voxels collect their copies' gradients
+        leaf = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (result,) = torch.autograd.grad(F.pad(leaf, self.pad, mode="replicate"), leaf, gradient)
+        return result
+

@@ -1,0 +1,370 @@
+"""Modified-backward methods (METHODS section 2): guided backpropagation and deconvolution.
+
+Both are the gradient ``dT/dx`` with the backward pass through every activation *module*
+replaced by a rule. With ``g`` the gradient arriving at the activation's output, ``x`` its
+input and ``act'`` its exact derivative:
+
+=====================================  ==============================  =====================
+activation module                      guided backprop (000, 002)      deconvolution (002)
+=====================================  ==============================  =====================
+``nn.ReLU``                            ``relu(g) * [x > 0]``           ``relu(g)``
+``nn.LeakyReLU`` (slope ``a``)         ``relu(act'(x) g)``,            ``relu(g)``
+                                       ``act' = 1 (x > 0) else a``
+``nn.PReLU`` (slope per channel or     ``relu(act'(x) g)``,            ``relu(g)``
+one for all channels, ``w``)           ``act' = 1 (x > 0) else w``
+``nn.GELU`` (exact or ``tanh``),       ``relu(act'(x) g)``, ``act'``   ``relu(g)``
+``nn.SiLU``, MONAI ``Swish``           by autograd on the element-
+(``alpha``), MONAI                     wise function (exact)
+``MemoryEfficientSwish``
+any other activation module            :class:`SegXAIInputError`       :class:`SegXAIInputError`
+=====================================  ==============================  =====================
+
+i.e. guided backprop passes ``relu(standard backward)``; for ReLU that is Springenberg's
+``relu(g) * [x > 0]``. Deconvolution passes ``relu(g)`` whatever the forward did. Nothing
+flows through the original activation's backward, and every other module (convolutions,
+norms, skip connections, pooling, the sliding-window blend) keeps its ordinary backward.
+
+"Any other activation module" is every class of :mod:`torch.nn.modules.activation` without
+a rule (ELU, SELU, CELU, Tanh, Sigmoid, Softplus, Mish, Hardswish, Hardtanh, ReLU6, RReLU,
+Softmax, MultiheadAttention, ...) and MONAI's ``Mish`` and ``GEGLU``: the method raises
+naming the module's path and type, and never silently falls back to the plain gradient.
+Rules match the module's exact type (a subclass may change ``forward``).
+
+Limits: rules are attached with forward hooks on modules, so activations called as
+functions inside a ``forward`` (``F.relu(x)``, ``torch.sigmoid(x)``) are invisible and keep
+their ordinary gradient; so would a TorchScript network's. For a TorchScript network the
+method therefore inspects the scripted graph and raises if it calls any activation op
+(a scripted network without one, e.g. a single convolution, is handled: its guided map is
+its gradient).
+
+Aggregation (METHODS section 1): the rules are non-linear in the backward signal, so
+explaining the summed target (``aggregation="target"``, one backward pass) differs from
+summing the maps of every voxel term of the target (``aggregation="per_voxel"``, as paper
+000 accumulates guided backprop over every predicted voxel). ``per_voxel`` is exact: the
+target is written ``T = sum_j w_j f_{k_j}(x)_{i_j}`` (``w = dT/df`` at the clean input: the
+target's voxels with weight 1 for every target of :mod:`.targets`), the input is replicated
+``batch_size`` times, replica ``b`` explains its own term ``w_b f_{k_b}(x)_{i_b}``, one
+modified backward per batch; the per-replica maps are summed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Callable, ClassVar, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..image import SegXAIInputError
+from ..progress import CancelToken, ProgressCallback, report
+from .base import Attribution, Parameter, batched, check_inputs
+from .forward import SegmentationForward
+
+__all__ = ["GuidedBackprop", "Deconvolution", "backward_rules", "per_voxel_sum", "RULES", "AGGREGATIONS"]
+
+AGGREGATIONS = ("target", "per_voxel")
+RULES = ("guided", "deconvolution")
+
+#: ``derivative(module, x) -> act'(x)`` for every activation type with a rule
+_Derivative = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+
+
+def _autograd_derivative(function: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]) -> _Derivative:
+    """``act'(x)`` of an element-wise ``function(module, x)`` by autograd (exact)."""
+
+    def derivative(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            (value,) = torch.autograd.grad(function(module, leaf).sum(), leaf)
+        return value
+
+    return derivative
+
+
+def _prelu_derivative(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    weight = module.weight.detach().to(x.dtype)
+    if weight.numel() > 1:  # one slope per channel: channel axis 1 (0 for a 1D input)
+        shape = [1] * x.ndim
+        shape[1 if x.ndim >= 2 else 0] = weight.numel()
+        weight = weight.view(shape)
+    return torch.where(x > 0, torch.ones_like(x), weight.expand_as(x))
+
+
+def _derivatives() -> dict[type, _Derivative]:
+    nn = torch.nn
+    table: dict[type, _Derivative] = {
+        nn.ReLU: lambda m, x: (x > 0).to(x.dtype),
+        nn.LeakyReLU: lambda m, x: torch.where(x > 0, torch.ones_like(x), torch.full_like(x, m.negative_slope)),
+        nn.PReLU: _prelu_derivative,
+        nn.GELU: _autograd_derivative(lambda m, x: F.gelu(x, approximate=getattr(m, "approximate", "none"))),
+        nn.SiLU: _autograd_derivative(lambda m, x: F.silu(x)),
+    }
+    try:
+        from monai.networks.blocks import activation as monai_activation
+    except ImportError:  # pragma: no cover - monai is a dependency
+        return table
+    if hasattr(monai_activation, "Swish"):
+        table[monai_activation.Swish] = _autograd_derivative(lambda m, x: x * torch.sigmoid(m.alpha * x))
+    if hasattr(monai_activation, "MemoryEfficientSwish"):
+        table[monai_activation.MemoryEfficientSwish] = _autograd_derivative(lambda m, x: F.silu(x))
+    return table
+
+
+_DERIVATIVES = _derivatives()
+
+
+def _activation_types() -> tuple[type, ...]:
+    """Every activation module class we know of (with or without a rule)."""
+    import torch.nn.modules.activation as torch_activation
+
+    types = [
+        value
+        for value in vars(torch_activation).values()
+        if isinstance(value, type) and issubclass(value, torch.nn.Module) and value.__module__ == torch_activation.__name__
+    ]
+    try:
+        from monai.networks.blocks import activation as monai_activation
+
+        types += [
+            value
+            for value in vars(monai_activation).values()
+            if isinstance(value, type) and issubclass(value, torch.nn.Module) and value.__module__ == monai_activation.__name__
+        ]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(set(types) | set(_DERIVATIVES))
+
+
+_ACTIVATION_TYPES = _activation_types()
+
+#: TorchScript graph ops that are activations (a scripted network hides its modules' hooks)
+_SCRIPT_ACTIVATION_OPS = re.compile(
+    r"aten::(relu|relu_|leaky_relu|leaky_relu_|prelu|_prelu_kernel|gelu|silu|silu_|elu|elu_|selu|selu_|celu|celu_|"
+    r"sigmoid|sigmoid_|tanh|tanh_|softplus|mish|mish_|hardswish|hardswish_|hardtanh|hardtanh_|hardsigmoid|"
+    r"relu6|rrelu|threshold|softmax|log_softmax|glu|logsigmoid|softsign|softshrink|hardshrink)\b"
+)
+
+
+def _supported_names() -> str:
+    return ", ".join(sorted({t.__name__ for t in _DERIVATIVES}))
+
+
+class _Rule(torch.autograd.Function):
+    """Forward: the activation's output (a copy). Backward: the rule's gradient for the
+    activation's input and none for its output, so nothing flows through the original
+    activation's backward."""
+
+    @staticmethod
+    def forward(ctx, x, output, module, rule):  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.module = module
+        ctx.rule = rule
+        # a copy: later in-place operations on it must not touch the saved graph
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        if ctx.rule == "deconvolution":
+            grad_input = F.relu(grad_output)
+        else:
+            (x,) = ctx.saved_tensors
+            derivative = _DERIVATIVES[type(ctx.module)](ctx.module, x)
+            grad_input = F.relu(derivative * grad_output)
+        return grad_input, None, None, None
+
+
+def _check_script(network: torch.nn.Module, rule: str) -> None:
+    graph = getattr(network, "inlined_graph", None)
+    text = str(graph) if graph is not None else ""
+    match = _SCRIPT_ACTIVATION_OPS.search(text)
+    if match:
+        raise SegXAIInputError(
+            f"{rule}: the network is TorchScript and calls the activation {match.group(0)!r}; backward rules need an "
+            "eager torch.nn.Module whose activations are modules (load the model in the 'monai' or 'python' format)"
+        )
+
+
+@contextlib.contextmanager
+def backward_rules(network: torch.nn.Module, rule: str = "guided") -> Iterator[list[str]]:
+    """Within the block, backward passes through ``network``'s activation modules follow ``rule``.
+
+    Parameters
+    ----------
+    network : torch.nn.Module
+    rule : str
+        ``"guided"`` (guided backprop) or ``"deconvolution"``; see the module docstring.
+
+    Yields
+    ------
+    list of str
+        The dotted paths of the hooked activation modules.
+
+    Raises
+    ------
+    SegXAIInputError
+        For an activation module without a rule (naming its path and type), or a TorchScript
+        network that calls an activation op.
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if isinstance(network, torch.jit.ScriptModule):
+        _check_script(network, rule)
+        yield []
+        return
+    hooked: list[tuple[str, torch.nn.Module]] = []
+    for name, module in network.named_modules():
+        if type(module) in _DERIVATIVES:
+            hooked.append((name, module))
+        elif isinstance(module, _ACTIVATION_TYPES):
+            raise SegXAIInputError(
+                f"{rule}: no backward rule for the activation module {name or '<network>'!r} ({type(module).__name__}); "
+                f"supported: {_supported_names()}"
+            )
+
+    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return _Rule.apply(args[0], output, module, rule)
+
+    handles = []
+    inplace: list[tuple[torch.nn.Module, bool]] = []
+    try:
+        for _, module in hooked:
+            if isinstance(getattr(module, "inplace", None), bool):
+                inplace.append((module, module.inplace))
+                module.inplace = False  # the rule needs the activation's input intact
+            handles.append(module.register_forward_hook(hook))
+        yield [name for name, _ in hooked]
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, value in inplace:
+            module.inplace = value
+
+
+def _rule_gradient(forward: SegmentationForward, x: torch.Tensor, rule: Optional[str]) -> torch.Tensor:
+    context = backward_rules(forward.network, rule) if rule else contextlib.nullcontext()
+    with context:
+        return forward.gradient(x)
+
+
+def per_voxel_sum(
+    forward: SegmentationForward,
+    inputs: torch.Tensor,
+    rule: Optional[str] = "guided",
+    batch_size: int = 4,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> torch.Tensor:
+    """``sum_j map(w_j f_{k_j}(x)_{i_j})``: the exact sum over the target's voxel terms of
+    each term's map, ``batch_size`` terms per backward pass.
+
+    Parameters
+    ----------
+    forward : SegmentationForward
+    inputs : torch.Tensor
+        ``(1, C, D, H, W)`` on the model grid.
+    rule : str or None
+        ``"guided"``, ``"deconvolution"``, or None for the plain gradient (then, by linearity,
+        the result equals ``forward.gradient(inputs)``).
+    batch_size : int
+        Replicas of the input (voxel terms) per backward pass.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(1, C, D, H, W)``.
+    """
+    inputs = check_inputs(inputs)
+    # the target's voxel terms and weights: T = sum_j w_j f_(k_j, i_j), w = dT/df at the clean input
+    with torch.enable_grad():
+        logits = forward.logits(inputs).detach().requires_grad_(True)
+        (weights,) = torch.autograd.grad(forward.target(logits).sum(), logits)
+    weights = weights[0]
+    terms = torch.nonzero(weights)  # (N, 4): class, d, h, w
+    if terms.shape[0] == 0:
+        raise SegXAIInputError("per_voxel: the target reads no output voxel; nothing to explain")
+    term_weights = weights[tuple(terms.T)]
+    total: Optional[torch.Tensor] = None
+    context = backward_rules(forward.network, rule) if rule else contextlib.nullcontext()
+    with context:
+        for chunk in batched(terms.shape[0], batch_size, progress, cancel, "per-voxel maps"):
+            index = terms[chunk.start : chunk.stop]
+            n = index.shape[0]
+            support = torch.zeros(forward.spatial_shape, dtype=torch.bool)
+            support[tuple(index[:, 1:].cpu().T)] = True
+            replicas = inputs.expand(n, *inputs.shape[1:]).clone().requires_grad_(True)
+            with torch.enable_grad():
+                batch_logits = forward.windowed(replicas, support, forward.window_batch)
+                rows = torch.arange(n, device=batch_logits.device)
+                values = term_weights[chunk.start : chunk.stop].to(batch_logits.device) * batch_logits[
+                    rows, index[:, 0], index[:, 1], index[:, 2], index[:, 3]
+                ]
+                (gradient,) = torch.autograd.grad(values.sum(), replicas)
+            contribution = gradient.sum(dim=0, keepdim=True)
+            total = contribution if total is None else total + contribution
+    assert total is not None
+    return total
+
+
+_AGGREGATION = Parameter(
+    "aggregation", "choice", "target",
+    "target: one backward of the target scalar; per_voxel: exact sum of every target voxel's map (paper 000)",
+    choices=AGGREGATIONS,
+)
+_BATCH = Parameter("batch_size", "int", 4, "voxel terms per backward pass (aggregation=per_voxel)", minimum=1)
+
+
+class _ModifiedBackward(Attribution):
+    """``dT/dx`` with the activation modules' backward replaced by ``rule``."""
+
+    rule: ClassVar[str] = ""
+    parameters = (_AGGREGATION, _BATCH)
+
+    def attribute(
+        self,
+        inputs: torch.Tensor,
+        aggregation: str = "target",
+        batch_size: int = 4,
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
+        **_: object,
+    ) -> torch.Tensor:
+        """The map ``(1, C, D, H, W)`` of ``inputs`` ``(1, C, D, H, W)`` (model grid).
+
+        Parameters
+        ----------
+        aggregation : str
+            ``"target"`` (one modified backward of ``T``) or ``"per_voxel"`` (exact sum over
+            the target's voxel terms of their maps; ``batch_size`` terms per backward).
+        batch_size : int
+            Replicas per backward pass for ``per_voxel``.
+        """
+        inputs = check_inputs(inputs)
+        _AGGREGATION.check(aggregation)
+        if batch_size < 1:
+            raise SegXAIInputError(f"batch_size must be >= 1, got {batch_size}")
+        if aggregation == "per_voxel":
+            return per_voxel_sum(self.forward, inputs, self.rule, batch_size, progress, cancel)
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        result = _rule_gradient(self.forward, inputs, self.rule)
+        report(progress, 1.0, self.name)
+        return result
+
+
+class GuidedBackprop(_ModifiedBackward):
+    """Guided backpropagation (Springenberg et al. 2015; papers 000, 002): the gradient with
+    ``relu(act'(x) g)`` through every activation module (``relu(g) [x > 0]`` for ReLU)."""
+
+    name = "guided_backprop"
+    summary = "gradient with only positive signals passed back through activations (guided backprop)"
+    rule = "guided"
+
+
+class Deconvolution(_ModifiedBackward):
+    """Deconvolution (Zeiler & Fergus 2014; paper 002): the gradient with ``relu(g)`` through
+    every activation module, whatever its input was."""
+
+    name = "deconvolution"
+    summary = "gradient with the backward signal rectified at activations (deconvnet)"
+    rule = "deconvolution"
