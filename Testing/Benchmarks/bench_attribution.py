@@ -246,7 +246,7 @@ def run_measurement(spec: dict[str, Any], output: Optional[str | Path] = None) -
     x = build_input(size, params["seed"]).to(device)
     mask = build_mask(size).to(device)
     # warm-up on a 16^3 cube: imports, kernel selection and allocator start-up are not timed
-    warm = {**params, "n_samples": 1, "n_steps": 1, "batch": 1}
+    warm = {**params, "n_samples": 2, "n_steps": 2, "batch": 2}
     function(network, build_input(16, params["seed"]).to(device), build_mask(16).to(device), warm)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -1,0 +1,368 @@
+"""Class activation maps (METHODS section 2): Grad-CAM, Grad-CAM++ and their guided variants.
+
+For a layer with activations ``A`` ``(K, d, h, w)`` (channels ``k``) and ``g = dT/dA``:
+
+==========================  ======================================================================
+method                      map on the layer's grid
+==========================  ======================================================================
+Grad-CAM (000, 001)         ``w_k = mean_space g_k``; ``relu(sum_k w_k A_k)``
+Grad-CAM++ (001,            ``alpha = g^2 / (2 g^2 + sum_space(A_k) g^3)`` (0 where the denominator
+Chattopadhay 2018)          is 0); ``w_k = sum_space alpha relu(g_k)``; ``relu(sum_k w_k A_k)``
+Guided Grad-CAM (000)       guided backprop map (:mod:`.guided`) x upsampled Grad-CAM map
+Guided Grad-CAM++           guided backprop map x upsampled Grad-CAM++ map
+==========================  ======================================================================
+
+The layer map is upsampled trilinearly (``align_corners=False``) to the input grid. A CAM is
+one map for the whole volume: it is returned broadcast to every input channel, shape
+``(1, C, D, H, W)`` (the guided variants differ per channel through the guided map).
+
+Layers (parameter ``layer``)
+----------------------------
+Layers are found by running the network once on a zero patch ``(1, C, *patch_size)`` with
+hooks on every ``Conv3d`` / ``ConvTranspose3d``, recording the order in which they first
+run and their output shapes; the network's output channel count is ``K``.
+
+* a dotted module name of the network (``"model.1.submodule.0.conv.unit0.conv"``): that
+  module's output (a 5D tensor; any module, not only convolutions);
+* ``"final"``: the last convolution executed before the *output head*, the trailing run of
+  convolutions (in execution order) whose output has the network's ``K`` channels. For
+  MONAI's UNet the head is the last up-sampling block (``ConvTranspose3d(., K)`` and the
+  ``K -> K`` convolution), so ``final`` is the last decoder convolution before it. When every
+  convolution has ``K`` channels, the last one executed;
+* ``"bottleneck_decoder"`` (default; paper 000): the mean of the per-layer maps of the
+  bottleneck, the first convolution executed whose output has the fewest voxels, and of every
+  convolution executed after it (decoder and head);
+* ``"all_conv"``: the mean of the per-layer maps of every convolution that runs.
+
+The per-layer maps are averaged as they are (upsampled, not normalised). A layer that runs
+more than once per network call is refused (its map would be ambiguous).
+
+Sliding windows
+---------------
+The network runs on sliding windows (:class:`~SegXAILib.models.windows.WindowedForward`,
+only the windows that touch the target's support). Activations and gradients are taken per
+window, the CAM is computed per window (its own weights ``w_k``), upsampled to the window
+(patch) size, and the windows' maps are blended exactly as the logits are:
+``sum_w m_w cam_w / sum_w m_w`` with the importance map ``m`` and the count of every window
+(also those not run, as for the logits), then cropped to the input grid. Where no run window
+reaches the map is 0. For an input that fits one window this is the plain CAM.
+
+Hooks need an eager ``torch.nn.Module``: TorchScript networks are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..image import SegXAIInputError
+from ..progress import CancelToken, ProgressCallback, report, sub_progress
+from .base import Attribution, Parameter, check_inputs
+from .forward import SegmentationForward
+from .guided import _AGGREGATION, _BATCH, GuidedBackprop
+
+__all__ = [
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "GuidedGradCAM",
+    "GuidedGradCAMPlusPlus",
+    "LayerInfo",
+    "LAYER_OPTIONS",
+    "trace_conv_layers",
+    "resolve_layers",
+    "cam_from_layer",
+    "windowed_cam",
+]
+
+LAYER_OPTIONS = ("final", "bottleneck_decoder", "all_conv")
+CAM_KINDS = ("gradcam", "gradcam_plusplus")
+_CONV_TYPES = (torch.nn.Conv3d, torch.nn.ConvTranspose3d)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A convolution as it ran: dotted name, type, output channels and spatial shape."""
+
+    name: str
+    type_name: str
+    out_channels: int
+    spatial_shape: tuple[int, ...]
+
+    @property
+    def voxels(self) -> int:
+        n = 1
+        for s in self.spatial_shape:
+            n *= int(s)
+        return n
+
+
+def _check_eager(network: torch.nn.Module) -> None:
+    if isinstance(network, torch.jit.ScriptModule):
+        raise SegXAIInputError(
+            "Grad-CAM needs layer hooks, which TorchScript networks do not run; load the model in the 'monai' or "
+            "'python' format"
+        )
+
+
+def trace_conv_layers(
+    network: torch.nn.Module, in_channels: int, patch_size: Sequence[int], device: torch.device | str = "cpu"
+) -> tuple[list[LayerInfo], int]:
+    """The ``Conv3d`` / ``ConvTranspose3d`` layers of ``network`` in the order they first run on a
+    zero patch ``(1, in_channels, *patch_size)``, and the network's output channel count ``K``."""
+    _check_eager(network)
+    names = {module: name for name, module in network.named_modules() if isinstance(module, _CONV_TYPES)}
+    order: list[LayerInfo] = []
+    seen: set[str] = set()
+
+    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        name = names[module]
+        if name not in seen and isinstance(output, torch.Tensor):
+            seen.add(name)
+            order.append(LayerInfo(name, type(module).__name__, int(output.shape[1]), tuple(output.shape[2:])))
+
+    handles = [module.register_forward_hook(hook) for module in names]
+    try:
+        with torch.no_grad():
+            output = network(torch.zeros((1, in_channels, *patch_size), device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order, int(output.shape[1])
+
+
+def resolve_layers(
+    network: torch.nn.Module, layer: str, in_channels: int, patch_size: Sequence[int], device: torch.device | str = "cpu"
+) -> list[str]:
+    """The dotted names of the layers that ``layer`` selects (see the module docstring)."""
+    _check_eager(network)
+    modules = dict(network.named_modules())
+    if layer not in LAYER_OPTIONS:
+        if layer and layer in modules:
+            return [layer]
+        convs = [name for name, m in modules.items() if isinstance(m, _CONV_TYPES)]
+        examples = convs[:3] + convs[-2:] if len(convs) > 5 else convs
+        raise SegXAIInputError(
+            f"layer {layer!r}: not a module of the network; use one of {list(LAYER_OPTIONS)} or a dotted module name "
+            f"such as {examples}"
+        )
+    order, out_channels = trace_conv_layers(network, in_channels, patch_size, device)
+    if not order:
+        raise SegXAIInputError("Grad-CAM: the network runs no Conv3d / ConvTranspose3d layer; name a layer explicitly")
+    if layer == "all_conv":
+        return [info.name for info in order]
+    if layer == "final":
+        end = len(order)
+        while end > 0 and order[end - 1].out_channels == out_channels:
+            end -= 1  # the output head: trailing convolutions with the network's K channels
+        return [order[end - 1].name if end > 0 else order[-1].name]
+    smallest = min(info.voxels for info in order)
+    start = next(i for i, info in enumerate(order) if info.voxels == smallest)
+    return [info.name for info in order[start:]]
+
+
+def cam_from_layer(activations: torch.Tensor, gradients: torch.Tensor, kind: str = "gradcam") -> torch.Tensor:
+    """The CAM ``(B, 1, *space)`` of one layer from its activations and gradients ``(B, K, *space)``.
+
+    ``kind`` ``"gradcam"``: ``w_k = mean_space g_k``; ``"gradcam_plusplus"``: ``alpha = g^2 /
+    (2 g^2 + sum_space(A_k) g^3)`` (0 where the denominator is 0), ``w_k = sum_space alpha
+    relu(g_k)``. Both: ``relu(sum_k w_k A_k)``.
+    """
+    if kind not in CAM_KINDS:
+        raise ValueError(f"kind must be one of {CAM_KINDS}, got {kind!r}")
+    a = activations.float()
+    g = gradients.float()
+    space = tuple(range(2, a.ndim))
+    if kind == "gradcam":
+        weights = g.mean(dim=space, keepdim=True)
+    else:
+        g2 = g * g
+        denominator = 2 * g2 + a.sum(dim=space, keepdim=True) * g2 * g
+        nonzero = denominator != 0
+        alpha = torch.where(nonzero, g2 / torch.where(nonzero, denominator, torch.ones_like(denominator)), torch.zeros_like(g))
+        weights = (alpha * F.relu(g)).sum(dim=space, keepdim=True)
+    return F.relu((weights * a).sum(dim=1, keepdim=True))
+
+
+def windowed_cam(
+    forward: SegmentationForward,
+    inputs: torch.Tensor,
+    layers: Sequence[str],
+    kind: str = "gradcam",
+    cancel: Optional[CancelToken] = None,
+) -> torch.Tensor:
+    """The mean over ``layers`` of their CAMs, per sliding window, blended: ``(B, 1, D, H, W)``.
+
+    Parameters
+    ----------
+    forward : SegmentationForward
+    inputs : torch.Tensor
+        ``(B, C, D, H, W)`` on the model grid.
+    layers : sequence of str
+        Dotted module names of ``forward.network``.
+    kind : str
+        ``"gradcam"`` or ``"gradcam_plusplus"``.
+    """
+    network = forward.network
+    _check_eager(network)
+    modules = dict(network.named_modules())
+    windowed = forward.windowed
+    samples = inputs.shape[0]
+    pending: dict[str, torch.Tensor] = {}
+    records: list[tuple[int, int, dict[str, torch.Tensor]]] = []  # (window, position in its call, activations)
+    position = [0]
+
+    def make_hook(name: str):
+        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            if not isinstance(output, torch.Tensor) or output.ndim != 5:
+                shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+                raise SegXAIInputError(
+                    f"layer {name!r} ({type(module).__name__}) gives {shape}; Grad-CAM needs a (B, K, d, h, w) tensor"
+                )
+            if name in pending:
+                raise SegXAIInputError(f"layer {name!r} runs more than once per network call; choose another layer")
+            pending[name] = output
+            # the captured tensor stays untouched by later in-place operations
+            return output.clone()
+
+        return hook
+
+    def on_window(window_logits: torch.Tensor, index: int) -> None:
+        missing = [name for name in layers if name not in pending]
+        if missing:
+            raise SegXAIInputError(f"layer(s) {missing} did not run in the network's forward")
+        records.append((index, position[0], dict(pending)))
+        position[0] += 1
+        if position[0] * samples >= next(iter(pending.values())).shape[0]:
+            pending.clear()
+            position[0] = 0
+
+    if cancel is not None:
+        cancel.raise_if_cancelled()
+    x = inputs.detach().requires_grad_(True)
+    handles = [modules[name].register_forward_hook(make_hook(name)) for name in layers]
+    try:
+        with torch.enable_grad():
+            logits = forward.logits(x, on_window=on_window)
+            value = forward.target(logits).sum()
+            tensors: dict[int, torch.Tensor] = {}
+            for _, _, captured in records:
+                for tensor in captured.values():
+                    tensors[id(tensor)] = tensor
+            gradients = torch.autograd.grad(value, list(tensors.values()), allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    gradient_of = {
+        key: (grad if grad is not None else torch.zeros_like(tensor))
+        for (key, tensor), grad in zip(tensors.items(), gradients)
+    }
+
+    patch = tuple(int(s) for s in forward.card.patch_size)
+    importance = windowed.importance.to(inputs.device)
+    blended = torch.zeros((samples, 1, *windowed.padded_shape), device=inputs.device, dtype=torch.float32)
+    for index, pos, captured in records:
+        rows = slice(pos * samples, (pos + 1) * samples)
+        maps = []
+        for name in layers:
+            tensor = captured[name]
+            cam = cam_from_layer(tensor[rows].detach(), gradient_of[id(tensor)][rows], kind)
+            maps.append(F.interpolate(cam, size=patch, mode="trilinear", align_corners=False))
+        window_map = torch.stack(maps).mean(dim=0)
+        blended[(slice(None), slice(None), *windowed.windows[index])] += window_map * importance
+    blended = blended / windowed.count.to(inputs.device)
+    return blended[(slice(None), slice(None), *windowed._crop_slices())]
+
+
+_LAYER = Parameter(
+    "layer", "str", "bottleneck_decoder",
+    "layer(s) of the CAM: final, bottleneck_decoder (mean of bottleneck + later convs), all_conv, or a dotted module name",
+)
+
+
+class _CAM(Attribution):
+    """A CAM of ``layer``, broadcast to every input channel; guided variants multiply it by
+    the guided-backprop map."""
+
+    cam_kind: ClassVar[str] = "gradcam"
+    guided: ClassVar[bool] = False
+    parameters = (_LAYER,)
+
+    def layers(self, inputs: torch.Tensor, layer: str = "bottleneck_decoder") -> list[str]:
+        """The dotted names of the layers ``layer`` selects for ``inputs`` ``(1, C, D, H, W)``."""
+        return resolve_layers(self.forward.network, layer, int(inputs.shape[1]), self.forward.card.patch_size, inputs.device)
+
+    def attribute(
+        self,
+        inputs: torch.Tensor,
+        layer: str = "bottleneck_decoder",
+        aggregation: str = "target",
+        batch_size: int = 4,
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
+        **_: object,
+    ) -> torch.Tensor:
+        """The map ``(1, C, D, H, W)`` of ``inputs`` ``(1, C, D, H, W)`` (model grid).
+
+        Parameters
+        ----------
+        layer : str
+            ``"final"``, ``"bottleneck_decoder"``, ``"all_conv"`` or a dotted module name.
+        aggregation, batch_size
+            Guided variants only: of the guided-backprop map (see :class:`GuidedBackprop`).
+
+        Returns
+        -------
+        torch.Tensor
+            The CAM (one map for the volume) repeated over the ``C`` input channels; for the
+            guided variants, the guided map (per channel) times the CAM.
+        """
+        inputs = check_inputs(inputs)
+        names = self.layers(inputs, layer)
+        cam_progress = sub_progress(progress, 0.5, 1.0) if self.guided else progress
+        cam = windowed_cam(self.forward, inputs, names, self.cam_kind, cancel)
+        report(cam_progress, 1.0, self.name)
+        if not self.guided:
+            return cam.repeat(1, inputs.shape[1], 1, 1, 1)
+        guided = GuidedBackprop(self.forward).attribute(
+            inputs, aggregation=aggregation, batch_size=batch_size, progress=sub_progress(progress, 0.0, 0.5), cancel=cancel
+        )
+        result = guided * cam
+        report(progress, 1.0, self.name)
+        return result
+
+
+class GradCAM(_CAM):
+    """Grad-CAM (Selvaraju et al. 2017; papers 000, 001): ``relu(sum_k mean(g_k) A_k)``."""
+
+    name = "gradcam"
+    summary = "Grad-CAM of a layer (final, bottleneck_decoder, all_conv or named), upsampled to the input"
+
+
+class GradCAMPlusPlus(_CAM):
+    """Grad-CAM++ (Chattopadhay et al. 2018; paper 001), exponential-output closed form."""
+
+    name = "gradcam_plusplus"
+    summary = "Grad-CAM++ of a layer (closed-form alpha), upsampled to the input"
+    cam_kind = "gradcam_plusplus"
+
+
+class GuidedGradCAM(_CAM):
+    """Guided Grad-CAM (paper 000): guided backprop map x upsampled Grad-CAM."""
+
+    name = "guided_gradcam"
+    summary = "guided backprop times Grad-CAM"
+    guided = True
+    parameters = (_LAYER, _AGGREGATION, _BATCH)
+
+
+class GuidedGradCAMPlusPlus(_CAM):
+    """Guided Grad-CAM++: guided backprop map x upsampled Grad-CAM++."""
+
+    name = "guided_gradcam_plusplus"
+    summary = "guided backprop times Grad-CAM++"
+    cam_kind = "gradcam_plusplus"
+    guided = True
+    parameters = (_LAYER, _AGGREGATION, _BATCH)
