@@ -33,6 +33,6 @@ def test_windowwise_backward_equals_full_autograd(model, shape, threshold_target
     (expected,) = torch.autograd.grad(target(logits).sum(), leaf)
     windowwise = SegmentationForward(model.network, model.card, shape, target, window_batch=2, max_graph_windows=0)
     whole_graph = SegmentationForward(model.network, model.card, shape, target, window_batch=2, max_graph_windows=10**6)
-    assert len(windowwise.windowed.windows_for(target.support)) > 2  # the window-by-window path runs
+    assert len(windowwise.windowed.windows_for(target.support)) >= 2  # several windows: the split backward runs
     torch.testing.assert_close(windowwise.gradient(x), expected, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(whole_graph.gradient(x), expected, atol=2e-6, rtol=1e-5)
