@@ -19,8 +19,8 @@ one map for the whole volume: it is returned broadcast to every input channel, s
 Layers (parameter ``layer``)
 ----------------------------
 Layers are found by running the network once on a zero patch ``(1, C, *patch_size)`` with
-hooks on every ``Conv3d`` / ``ConvTranspose3d``, recording the order in which they first
-run and their output shapes; the network's output channel count is ``K``.
+hooks on every ``Conv3d`` / ``ConvTranspose3d`` and activation module, recording the order in
+which they first run and their output shapes; the network's output channel count is ``K``.
 
 * a dotted module name of the network (``"model.1.submodule.0.conv.unit0.conv"``): that
   module's output (a 5D tensor; any module, not only convolutions);
@@ -36,6 +36,13 @@ run and their output shapes; the network's output channel count is ``K``.
 
 The per-layer maps are averaged as they are (upsampled, not normalised). A layer that runs
 more than once per network call is refused (its map would be ambiguous).
+
+A convolution layer's map ``A`` is its *feature map*: the output of the activation that
+follows it (after the normalisation), or the convolution's own output where none follows
+(residual projections, the output head). The raw output of a convolution followed by an
+InstanceNorm (most convolutions of a MONAI UNet) has ``sum_space dT/dA_k = 0``, because the norm
+removes any per-channel constant, so its Grad-CAM weights and map would vanish. A dotted name
+still selects exactly the module named.
 
 Sliding windows
 ---------------
@@ -62,7 +69,7 @@ from ..image import SegXAIInputError
 from ..progress import CancelToken, ProgressCallback, report, sub_progress
 from .base import Attribution, Parameter, check_inputs
 from .forward import SegmentationForward
-from .guided import _AGGREGATION, _BATCH, GuidedBackprop
+from .guided import _AGGREGATION, _BATCH, _DERIVATIVES, GuidedBackprop
 
 __all__ = [
     "GradCAM",
@@ -110,18 +117,25 @@ def _check_eager(network: torch.nn.Module) -> None:
 def trace_conv_layers(
     network: torch.nn.Module, in_channels: int, patch_size: Sequence[int], device: torch.device | str = "cpu"
 ) -> tuple[list[LayerInfo], int]:
-    """The ``Conv3d`` / ``ConvTranspose3d`` layers of ``network`` in the order they first run on a
-    zero patch ``(1, in_channels, *patch_size)``, and the network's output channel count ``K``."""
+    """The convolution layers of ``network`` in the order they first run on a zero patch
+    ``(1, in_channels, *patch_size)``, and the network's output channel count ``K``.
+
+    Each layer is represented by its *feature map*: the output of the first activation module
+    that runs after the ``Conv3d`` / ``ConvTranspose3d`` (before the next convolution) with the
+    convolution's output shape, i.e. the rectified map after normalisation (Selvaraju's
+    ``A^k``); a convolution without one (a residual projection, the output head) is itself.
+    Raw convolution outputs followed by an InstanceNorm would give Grad-CAM weights of 0.
+    """
     _check_eager(network)
-    names = {module: name for name, module in network.named_modules() if isinstance(module, _CONV_TYPES)}
-    order: list[LayerInfo] = []
-    seen: set[str] = set()
+    activation_types = tuple(_DERIVATIVES)  # element-wise activations
+    names = {
+        module: name for name, module in network.named_modules() if isinstance(module, _CONV_TYPES + activation_types)
+    }
+    events: list[tuple[str, bool, tuple[int, ...]]] = []  # (name, is_convolution, output shape)
 
     def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-        name = names[module]
-        if name not in seen and isinstance(output, torch.Tensor):
-            seen.add(name)
-            order.append(LayerInfo(name, type(module).__name__, int(output.shape[1]), tuple(output.shape[2:])))
+        if isinstance(output, torch.Tensor):
+            events.append((names[module], isinstance(module, _CONV_TYPES), tuple(output.shape)))
 
     handles = [module.register_forward_hook(hook) for module in names]
     try:
@@ -130,6 +144,21 @@ def trace_conv_layers(
     finally:
         for handle in handles:
             handle.remove()
+    order: list[LayerInfo] = []
+    seen: set[str] = set()
+    for position, (name, is_convolution, shape) in enumerate(events):
+        if not is_convolution or name in seen:
+            continue
+        seen.add(name)
+        chosen, type_name = name, type(dict(network.named_modules())[name]).__name__
+        for later, later_is_convolution, later_shape in events[position + 1 :]:
+            if later_is_convolution:
+                break
+            if later_shape == shape:
+                chosen, type_name = later, type(dict(network.named_modules())[later]).__name__
+                break
+        if chosen not in {info.name for info in order}:
+            order.append(LayerInfo(chosen, type_name, int(shape[1]), tuple(shape[2:])))
     return order, int(output.shape[1])
 
 
