@@ -97,8 +97,16 @@ def _check_explain_arguments(args: argparse.Namespace):
     from .attribution import POSTPROCESSING, TargetSpec, get_method, parse_params
     from .pipeline import resolve_model_card
 
-    get_method(args.method)
+    if get_method(args.method).name == "expected_gradients":
+        raise SegXAIInputError(
+            "--method expected_gradients needs reference volumes, which the command line cannot pass yet; "
+            "use integrated_gradients (baselines=black_white) or the Python API"
+        )
     params = parse_params(args.method, list(args.param or []))
+    if args.target.startswith("region:"):
+        mask_path = Path(args.target.split(":")[1])
+        if not mask_path.exists():
+            raise SegXAIInputError(f"--target {args.target!r}: mask {mask_path}: no such file")
     spec = TargetSpec.parse(args.target)
     if args.postprocess not in POSTPROCESSING:
         raise SegXAIInputError(f"--postprocess {args.postprocess!r}: expected one of {', '.join(POSTPROCESSING)}")

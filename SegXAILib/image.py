@@ -166,6 +166,18 @@ class Image:
             channel_names = self.channel_names
         return Image(array, self.ijk_to_ras.copy(), tuple(channel_names))
 
+    def crop(self, start: Sequence[int], stop: Sequence[int]) -> "Image":
+        """The voxels ``[start, stop)`` along i, j, k (clipped to the grid), geometry kept:
+        every kept voxel stays at its physical position."""
+        start = [max(0, int(a)) for a in start]
+        stop = [min(s, int(b)) for s, b in zip(self.spatial_shape, stop)]
+        if any(b <= a for a, b in zip(start, stop)):
+            raise SegXAIInputError(f"crop: empty region {start} - {stop} of a grid {self.spatial_shape}")
+        shift = np.eye(4)
+        shift[:3, 3] = start
+        array = self.array[(slice(None), *(slice(a, b) for a, b in zip(start, stop)))]
+        return Image(np.ascontiguousarray(array), self.ijk_to_ras @ shift, self.channel_names)
+
     def channel(self, index: int | str) -> "Image":
         """One channel, by position or by name, as a single-channel image."""
         if isinstance(index, str):

@@ -187,10 +187,13 @@ def lesion_case():
 
 
 @pytest.mark.parametrize("kind, baseline, steps, bound", [
-    # measured relative errors |sum IG - (T(x) - T(x'))| / |T(x) - T(x')|:
-    # class/min: 0.010 (16 steps), 0.0038 (32), 0.0019 (64); instance/max: see the report
-    ("class", "min", 32, 0.02),
-    ("instance", "max", 48, 0.05),
+    # measured relative errors |sum IG - (T(x) - T(x'))| / |T(x) - T(x')| on this crop, for
+    # 16 / 32 / 64 / 128 steps: class/min 0.0088 / 0.0188 / 0.0112 / 0.0033; instance 2/max
+    # 0.0282 / 0.0096 / 0.0103 / 0.0042 (not monotone: the path crosses sharp transitions). The
+    # zero baseline stays at 0.50-0.57 even with 128 steps: T(a x) jumps for a < 0.01 (instance
+    # normalisation makes the network nearly scale invariant), which a uniform grid misses.
+    ("class", "min", 32, 0.04),
+    ("instance", "max", 32, 0.04),
 ])
 def test_integrated_gradients_completeness(lesion_case, kind, baseline, steps, bound):
     model, x, labels, instances = lesion_case

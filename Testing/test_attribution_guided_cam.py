@@ -97,7 +97,7 @@ def test_guided_and_deconvolution_match_captum(relu_case, ours, theirs):
     network, x, target = relu_case
     forward = make_forward(network, (16, 16, 16), target, in_channels=2)
     expected = getattr(captum.attr, theirs)(ScalarTarget(network, target)).attribute(x.clone().requires_grad_(True))
-    result = ours(forward).attribute(x)
+    result = ours(forward).attribute(x, aggregation="target")
     assert result.shape == x.shape
     assert float(expected.abs().max()) > 0
     assert close(result, expected.detach())
@@ -134,7 +134,7 @@ def test_guided_gradcam_matches_captum(relu_case):
     expected = GuidedGradCam(ScalarTarget(network, target), module).attribute(
         x.clone().requires_grad_(True), interpolate_mode="trilinear"
     )
-    result = GuidedGradCAM(forward).attribute(x, layer=layer)
+    result = GuidedGradCAM(forward).attribute(x, layer=layer, aggregation="target")
     assert float(expected.abs().max()) > 0
     assert close(result, expected.detach())
 
@@ -240,8 +240,8 @@ def test_guided_gradcam_plusplus_is_the_product():
     x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(4))
     forward = make_forward(network, (16, 16, 16), ClassTarget(1, random_mask((16, 16, 16), 0.2, 4)))
     for guided_cls, cam_cls in ((GuidedGradCAMPlusPlus, GradCAMPlusPlus), (GuidedGradCAM, GradCAM)):
-        result = guided_cls(forward).attribute(x, layer="final")
-        expected = GuidedBackprop(forward).attribute(x) * cam_cls(forward).attribute(x, layer="final")
+        result = guided_cls(forward).attribute(x, layer="final", aggregation="target")
+        expected = GuidedBackprop(forward).attribute(x, aggregation="target") * cam_cls(forward).attribute(x, layer="final")
         assert torch.allclose(result, expected)
         assert float(result.abs().max()) > 0
 
@@ -366,7 +366,7 @@ def test_rules_against_closed_form_derivatives(case, deconvolution):
     target = ClassTarget(1, random_mask((6, 6, 6), 0.4, 12))
     forward = make_forward(network, (6, 6, 6), target)
     method = Deconvolution if deconvolution else GuidedBackprop
-    result = method(forward).attribute(x)
+    result = method(forward).attribute(x, aggregation="target")
     expected = _manual_guided(activation, derivative, x, target, deconvolution)
     assert float(expected.abs().max()) > 0
     assert close(result, expected)
@@ -380,7 +380,7 @@ def test_prelu_differs_from_gradient_and_zero_slopes_equal_relu():
     x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(6))
     target = ClassTarget(1, random_mask((16, 16, 16), 0.2, 6))
     prelu_forward = make_forward(prelu, (16, 16, 16), target)
-    guided = GuidedBackprop(prelu_forward).attribute(x)
+    guided = GuidedBackprop(prelu_forward).attribute(x, aggregation="target")
     assert float(guided.abs().max()) > 0
     assert not torch.allclose(guided, prelu_forward.gradient(x), atol=1e-6)
     for module in prelu.modules():
@@ -388,8 +388,8 @@ def test_prelu_differs_from_gradient_and_zero_slopes_equal_relu():
             torch.nn.init.zeros_(module.weight)
     with torch.no_grad():
         assert torch.allclose(prelu(x), relu(x), atol=1e-6)
-    zero_slopes = GuidedBackprop(prelu_forward).attribute(x)
-    with_relu = GuidedBackprop(make_forward(relu, (16, 16, 16), target)).attribute(x)
+    zero_slopes = GuidedBackprop(prelu_forward).attribute(x, aggregation="target")
+    with_relu = GuidedBackprop(make_forward(relu, (16, 16, 16), target)).attribute(x, aggregation="target")
     assert close(zero_slopes, with_relu)
 
 
@@ -452,7 +452,7 @@ def test_per_voxel_equals_a_loop_of_single_voxel_passes(tiny_case, rule):
         result = method(forward).attribute(x, aggregation="per_voxel", batch_size=batch_size)
         assert close(result, loop)
     # the rule is non-linear in the backward signal: the summed target differs
-    assert not torch.allclose(method(forward).attribute(x), loop, atol=1e-6)
+    assert not torch.allclose(method(forward).attribute(x, aggregation="target"), loop, atol=1e-6)
 
 
 def test_per_voxel_plain_gradient_is_linear(tiny_case):
@@ -531,7 +531,7 @@ def test_s2_guided_backprop_mass_at_the_rod_tip():
         background = np.mean([_ball_mass(values, c, 5.0) for c in centres])
         ratios.append(_ball_mass(values, tip, 5.0) / background)
         if seed == 1000:
-            summed = GuidedBackprop(forward).attribute(x)
+            summed = GuidedBackprop(forward).attribute(x, aggregation="target")
             assert float(summed.abs().max()) < 1e-3 * float(values.max())
     print("S2 tip / random-ball ratios", ratios)
     assert min(ratios) > 3.0, ratios

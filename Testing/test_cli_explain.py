@@ -146,6 +146,7 @@ def test_explain_normalised_is_in_unit_range(tmp_path, parotid_case):
     "extra, expected",
     [
         (["--method", "no_such_method"], "--method 'no_such_method': unknown"),
+        (["--method", "expected_gradients"], "needs reference volumes"),
         (["--method", "smoothgrad", "--param", "n_samples"], "expected NAME=VALUE"),
         (["--method", "smoothgrad", "--param", "samples=3"], "--param 'samples'"),
         (["--method", "smoothgrad", "--param", "n_samples=many"], "parameter n_samples: expected int"),

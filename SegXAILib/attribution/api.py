@@ -67,6 +67,8 @@ class TargetSpec:
                 if len(ras) != 3:
                     raise ValueError
                 return cls("voxel", ras=ras, class_name=parts[1] if len(parts) > 1 else "")  # type: ignore[arg-type]
+        except SegXAIInputError:
+            raise  # e.g. the region mask cannot be read: its own message says why
         except (IndexError, ValueError):
             pass
         raise SegXAIInputError(

@@ -144,6 +144,9 @@ def trace_conv_layers(
     finally:
         for handle in handles:
             handle.remove()
+    runs: dict[str, int] = {}
+    for name, _, _ in events:
+        runs[name] = runs.get(name, 0) + 1
     order: list[LayerInfo] = []
     seen: set[str] = set()
     for position, (name, is_convolution, shape) in enumerate(events):
@@ -154,7 +157,7 @@ def trace_conv_layers(
         for later, later_is_convolution, later_shape in events[position + 1 :]:
             if later_is_convolution:
                 break
-            if later_shape == shape:
+            if later_shape == shape and runs[later] == 1:  # a shared activation module is ambiguous
                 chosen, type_name = later, type(dict(network.named_modules())[later]).__name__
                 break
         if chosen not in {info.name for info in order}:
@@ -327,7 +330,7 @@ class _CAM(Attribution):
         self,
         inputs: torch.Tensor,
         layer: str = "bottleneck_decoder",
-        aggregation: str = "target",
+        aggregation: str = "per_voxel",
         batch_size: int = 4,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,

@@ -16,6 +16,9 @@ one for all channels, ``w``)           ``act' = 1 (x > 0) else w``
 ``nn.SiLU``, MONAI ``Swish``           by autograd on the element-
 (``alpha``), MONAI                     wise function (exact)
 ``MemoryEfficientSwish``
+``nn.Softmax``,                        ordinary backward               ordinary backward
+``nn.MultiheadAttention`` (attention
+normalisation, not a rectifier)
 any other activation module            :class:`SegXAIInputError`       :class:`SegXAIInputError`
 =====================================  ==============================  =====================
 
@@ -26,7 +29,7 @@ norms, skip connections, pooling, the sliding-window blend) keeps its ordinary b
 
 "Any other activation module" is every class of :mod:`torch.nn.modules.activation` without
 a rule (ELU, SELU, CELU, Tanh, Sigmoid, Softplus, Mish, Hardswish, Hardtanh, ReLU6, RReLU,
-Softmax, MultiheadAttention, ...) and MONAI's ``Mish`` and ``GEGLU``: the method raises
+...) and MONAI's ``Mish`` and ``GEGLU``: the method raises
 naming the module's path and type, and never silently falls back to the plain gradient.
 Rules match the module's exact type (a subclass may change ``forward``).
 
@@ -39,7 +42,8 @@ its gradient).
 
 Aggregation (METHODS section 1): the rules are non-linear in the backward signal, so
 explaining the summed target (``aggregation="target"``, one backward pass) differs from
-summing the maps of every voxel term of the target (``aggregation="per_voxel"``, as paper
+summing the maps of every voxel term of the target (``aggregation="per_voxel"``, the default,
+as paper
 000 accumulates guided backprop over every predicted voxel). ``per_voxel`` is exact: the
 target is written ``T = sum_j w_j f_{k_j}(x)_{i_j}`` (``w = dT/df`` at the clean input: the
 target's voxels with weight 1 for every target of :mod:`.targets`), the input is replicated
@@ -138,6 +142,10 @@ def _activation_types() -> tuple[type, ...]:
 
 _ACTIVATION_TYPES = _activation_types()
 
+#: Normalisations inside attention (not rectifiers): they keep their ordinary backward, as in
+#: Captum's guided backprop; so SwinUNETR / UNETR work with the rules on their GELU / LeakyReLU.
+_PASS_THROUGH = (torch.nn.Softmax, torch.nn.MultiheadAttention)
+
 #: TorchScript graph ops that are activations (a scripted network hides its modules' hooks)
 _SCRIPT_ACTIVATION_OPS = re.compile(
     r"aten::(relu|relu_|leaky_relu|leaky_relu_|prelu|_prelu_kernel|gelu|silu|silu_|elu|elu_|selu|selu_|celu|celu_|"
@@ -216,7 +224,7 @@ def backward_rules(network: torch.nn.Module, rule: str = "guided") -> Iterator[l
     for name, module in network.named_modules():
         if type(module) in _DERIVATIVES:
             hooked.append((name, module))
-        elif isinstance(module, _ACTIVATION_TYPES):
+        elif isinstance(module, _ACTIVATION_TYPES) and not isinstance(module, _PASS_THROUGH):
             raise SegXAIInputError(
                 f"{rule}: no backward rule for the activation module {name or '<network>'!r} ({type(module).__name__}); "
                 f"supported: {_supported_names()}"
@@ -307,7 +315,7 @@ def per_voxel_sum(
 
 
 _AGGREGATION = Parameter(
-    "aggregation", "choice", "target",
+    "aggregation", "choice", "per_voxel",
     "target: one backward of the target scalar; per_voxel: exact sum of every target voxel's map (paper 000)",
     choices=AGGREGATIONS,
 )
@@ -323,7 +331,7 @@ class _ModifiedBackward(Attribution):
     def attribute(
         self,
         inputs: torch.Tensor,
-        aggregation: str = "target",
+        aggregation: str = "per_voxel",
         batch_size: int = 4,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,

@@ -102,21 +102,24 @@ class Occlusion(Attribution):
             fill = torch.full_like(inputs, float(baseline))
 
         box = read_region(self.forward)
-        cubes = []
-        for starts in itertools.product(*(occlusion_starts(n, window, stride) for n in spatial)):
-            cube = tuple(slice(s, min(s + window, n)) for s, n in zip(starts, spatial))
-            cubes.append(cube)
+        cubes = [
+            tuple(slice(s, min(s + window, n)) for s, n in zip(starts, spatial))
+            for starts in itertools.product(*(occlusion_starts(n, window, stride) for n in spatial))
+        ]
         # exact skip: a cube outside the read box leaves T unchanged (drop 0)
         active = [c for c in cubes if all(sl.start < hi and sl.stop > lo for sl, (lo, hi) in zip(c, box))]
         channels = list(range(inputs.shape[1])) if per_channel else [None]
         features = [(channel, cube) for channel in channels for cube in active]
 
         total = torch.zeros_like(inputs)
-        counts = torch.zeros_like(inputs)
-        for channel in channels:
-            where = slice(None) if channel is None else slice(channel, channel + 1)
-            for cube in cubes:
-                counts[(slice(None), where, *cube)] += 1
+        # cubes covering each voxel: a product of per-axis counts (the cube grid is separable)
+        per_axis = []
+        for n in spatial:
+            count = torch.zeros(n, dtype=inputs.dtype, device=inputs.device)
+            for start in occlusion_starts(n, window, stride):
+                count[start : start + window] += 1
+            per_axis.append(count)
+        counts = per_axis[0][:, None, None] * per_axis[1][None, :, None] * per_axis[2][None, None, :]
         if cancel is not None:
             cancel.raise_if_cancelled()
         with torch.no_grad():
@@ -135,7 +138,7 @@ class Occlusion(Attribution):
                     channel, cube = features[k]
                     where = slice(None) if channel is None else slice(channel, channel + 1)
                     total[(slice(None), where, *cube)] += drops[row]
-        return total / counts.clamp_min(1)
+        return total / counts
 
 
 class RandomBaseline(Attribution):

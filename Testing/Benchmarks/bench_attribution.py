@@ -304,6 +304,7 @@ def compare(ours: np.ndarray, reference: np.ndarray) -> dict[str, float]:
 # ---- the whole benchmark ------------------------------------------------------------------------
 
 def benchmark(sizes, device: str, repeats: int, params: dict[str, Any], log=print) -> dict[str, Any]:
+    log(f"load average at start: {os.getloadavg()}")
     methods = list(METHODS) + (["gradcam_plusplus"] if cam_available() else [])
     rows = []
     with tempfile.TemporaryDirectory() as folder:
@@ -351,6 +352,7 @@ def benchmark(sizes, device: str, repeats: int, params: dict[str, Any], log=prin
 
     return {
         "benchmark": "attribution",
+        "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -382,7 +384,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"baseline; batch {p['batch']} samples per backward pass for both sides. Times: median of "
         f"{results['repeats']} runs, each implementation in a fresh process. Peak MB: growth of the peak resident "
         "set (CPU) or of the peak CUDA allocation over the state after building model and input. "
-        "Ratios < 1: ours is faster / smaller.",
+        "Ratios < 1: ours is faster / smaller. "
+        f"Load average (1, 5, 15 min) at the end: {results.get('load_average_at_end', 'n/a')} "
+        "(other processes on the machine make the times noisy).",
         "",
         "| method | size | device | ours s | reference s | ratio (time) | peak MB ours / ref | ratio (memory) | max abs diff | relative diff |",
         "|---|---|---|---|---|---|---|---|---|---|",
