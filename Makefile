@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
+	# test oracle for Grad-CAM / Grad-CAM++; its torchvision dependency cannot sit beside the
+	# pinned torch and is not needed for 3D (Testing/test_attribution_gradcam_oracle.py)
+	$(PY) -m pip install --quiet --no-deps grad-cam==1.5.7 ttach==0.0.3
 	touch $(STAMP)
 
 demo: $(STAMP)
