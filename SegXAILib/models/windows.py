@@ -110,9 +110,17 @@ class WindowedForward:
             x = F.pad(x, self.pad, mode="replicate")
         selected = self.windows_for(support)
         device = x.device
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp and x.is_cuda else contextlib.nullcontext()
+        if len(self.windows) == 1:
+            # one window covers the (padded) volume: the blend m f / m is f itself, so skip the
+            # accumulation buffers (less memory, same values)
+            with autocast:
+                logits = self.network(x).float()
+            if on_window is not None:
+                on_window(logits, 0)
+            return logits[(slice(None), slice(None), *self._crop_slices())]
         importance = self.importance.to(device)
         output: Optional[torch.Tensor] = None
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp and x.is_cuda else contextlib.nullcontext()
         for start in range(0, len(selected), max(1, window_batch)):
             chunk = selected[start : start + max(1, window_batch)]
             patches = torch.cat([x[(slice(None), slice(None), *self.windows[i])] for i in chunk])
