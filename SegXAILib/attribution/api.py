@@ -19,7 +19,7 @@ import torch
 from ..image import Image, SegXAIInputError
 from ..models.inference import activate
 from ..models.loaders import LoadedModel
-from ..models.preprocessing import preprocess, preprocess_labels, to_input_grid
+from ..models.preprocessing import model_input, preprocess, preprocess_labels, to_input_grid
 from ..progress import CancelToken, ProgressCallback, report, sub_progress
 from .forward import SegmentationForward
 from .registry import get_method
@@ -194,9 +194,7 @@ def explain(
 
     start = time.perf_counter()
     report(progress, 0.0, "preprocessing")
-    x_meta = preprocess(image, card)
-    model_affine = np.asarray(x_meta.affine, dtype=float)
-    x = x_meta.as_tensor().unsqueeze(0).to(device)
+    x, model_affine = model_input(image, card, device)
     with torch.no_grad():
         from ..models.windows import WindowedForward
 

@@ -19,7 +19,7 @@ from ..image import Image
 from ..progress import CancelToken, ProgressCallback, report, sub_progress
 from .card import ModelCard
 from .loaders import LoadedModel
-from .preprocessing import preprocess, to_input_grid
+from .preprocessing import model_input, to_input_grid
 
 __all__ = ["Segmentation", "segment", "sliding_window_logits", "count_windows", "activate", "labels_from_probabilities"]
 
@@ -145,9 +145,7 @@ def segment(
 
     start = time.perf_counter()
     report(progress, 0.0, "preprocessing")
-    x = preprocess(image, card)
-    model_affine = np.asarray(x.affine, dtype=float)
-    batch = x.as_tensor().unsqueeze(0).to(device)
+    batch, model_affine = model_input(image, card, device)
     timings["preprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -16,7 +16,7 @@ import torch
 from ..image import Image, SegXAIInputError
 from .card import ModelCard
 
-__all__ = ["preprocess", "preprocess_labels", "intensity_transform", "to_input_grid"]
+__all__ = ["preprocess", "model_input", "preprocess_labels", "intensity_transform", "to_input_grid"]
 
 
 def _intensity_step(step: dict):
@@ -86,6 +86,13 @@ def preprocess(image: Image, card: ModelCard):
     if not isinstance(x, MetaTensor):
         raise RuntimeError("preprocessing lost the image geometry")
     return x
+
+
+def model_input(image: Image, card: ModelCard, device: torch.device | str = "cpu") -> tuple[torch.Tensor, np.ndarray]:
+    """The network's input batch ``(1, C, D, H, W)`` on ``device`` and the model grid's
+    IJK-to-RAS matrix (4, 4): :func:`preprocess` ready for a forward pass."""
+    x = preprocess(image, card)
+    return x.as_tensor().unsqueeze(0).to(device), np.asarray(x.affine, dtype=float)
 
 
 def preprocess_labels(labels: Image, card: ModelCard):
