@@ -1,0 +1,131 @@
+"""SmoothGrad aggregated over an instance's voxels (paper 001, METHODS section 3), model grid.
+
+With ``L`` the instance's voxels, ``c`` its class, ``e_k ~ N(0, sigma^2)``
+(``sigma = noise_level (max x - min x)``, the draws of :class:`~SegXAILib.attribution.gradient.SmoothGrad`):
+
+* mean (eq. 2): ``(1/n) sum_k (1/|L|) sum_{i in L} d f_c,i/dx (x + e_k)``. Gradients are
+  linear, so this is SmoothGrad of the instance target divided by ``|L|``: one backward per
+  noise sample.
+* max (eq. 3): ``(1/n) sum_k max_{i in L} d f_c,i/dx (x + e_k)``, the max element-wise (per
+  input voxel and channel) over the ``|L|`` per-voxel gradient maps. Exact: the per-voxel
+  gradients come from replica batches (the noisy input replicated ``b`` times, replica ``j``'s
+  scalar is the logit of its voxel ``i_j``, one backward per batch), folded into a running max.
+  A batch may hold the terms of several noise samples. Cost: ``n |L|`` single-voxel
+  gradients, ``ceil(n |L| / batch_size)`` backward passes over the windows that touch the
+  batch's voxels.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..attribution.base import check_inputs
+from ..attribution.forward import SegmentationForward
+from ..attribution.gradient import noise_sigma, sample_generator
+from ..attribution.targets import RegionTarget
+from ..image import SegXAIInputError
+from ..progress import CancelToken, ProgressCallback, report
+
+__all__ = ["instance_smoothgrad", "AGGREGATIONS"]
+
+AGGREGATIONS = ("mean", "max")
+
+
+def _noisy(inputs: torch.Tensor, k: int, sigma: float, seed: Optional[int]) -> torch.Tensor:
+    """``x + e_k`` ``(C, D, H, W)``, the draw SmoothGrad makes for sample ``k``."""
+    generator = sample_generator(seed, k, inputs.device)
+    noise = torch.randn(inputs.shape[1:], generator=generator, device=inputs.device, dtype=inputs.dtype)
+    return inputs[0] + noise * sigma
+
+
+def instance_smoothgrad(
+    forward: SegmentationForward,
+    inputs: torch.Tensor,
+    n_samples: int = 20,
+    noise_level: float = 0.1,
+    aggregation: str = "mean",
+    batch_size: int = 8,
+    seed: Optional[int] = 0,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> torch.Tensor:
+    """Instance saliency ``(1, C, D, H, W)`` of ``inputs`` ``(1, C, D, H, W)`` (model grid).
+
+    Parameters
+    ----------
+    forward : SegmentationForward
+        Its target is a :class:`~SegXAILib.attribution.targets.RegionTarget` (an
+        ``InstanceTarget``, or any region): mask ``L``, class ``c``.
+    n_samples, noise_level, seed
+        SmoothGrad's noise: the same draws (for the same seed) as ``SmoothGrad``; every voxel
+        of ``L`` sees the same noise ``e_k``.
+    aggregation : str
+        ``"mean"`` (eq. 2) or ``"max"`` (eq. 3).
+    batch_size : int
+        ``"mean"``: noisy samples per backward; ``"max"``: replicas (voxel terms) per backward.
+    """
+    inputs = check_inputs(inputs)
+    if aggregation not in AGGREGATIONS:
+        raise SegXAIInputError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if n_samples < 1:
+        raise SegXAIInputError(f"n_samples must be >= 1, got {n_samples}")
+    if batch_size < 1:
+        raise SegXAIInputError(f"batch_size must be >= 1, got {batch_size}")
+    target = forward.target
+    if not isinstance(target, RegionTarget):
+        raise SegXAIInputError(
+            f"instance saliency needs an instance or region target (a voxel mask), got {type(target).__name__}"
+        )
+    sigma = noise_sigma(inputs, noise_level)
+    voxels = torch.nonzero(target.mask.cpu())  # (|L|, 3), raster order
+    size = voxels.shape[0]
+    if aggregation == "mean":
+        total: Optional[torch.Tensor] = None
+        for start in range(0, n_samples, batch_size):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            chunk = range(start, min(n_samples, start + batch_size))
+            samples = torch.stack([_noisy(inputs, k, sigma, seed) for k in chunk])
+            contribution = forward.gradient(samples).sum(dim=0, keepdim=True)
+            total = contribution if total is None else total + contribution
+            report(progress, chunk.stop / n_samples, "instance saliency (mean)")
+        assert total is not None
+        return total / (n_samples * size)
+
+    # max: terms (k, voxel) in sample-major order, batch_size replicas per backward
+    class_index = int(target.class_index)
+    terms = n_samples * size
+    running: dict[int, torch.Tensor] = {}  # sample k -> running max over its voxels done so far
+    noisy: dict[int, torch.Tensor] = {}
+    total = torch.zeros_like(inputs)
+    for start in range(0, terms, batch_size):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        stop = min(terms, start + batch_size)
+        term = torch.arange(start, stop)
+        samples, voxel_rows = term // size, term % size
+        for k in torch.unique(samples).tolist():
+            if k not in noisy:
+                noisy[k] = _noisy(inputs, k, sigma, seed)
+        replicas = torch.stack([noisy[k] for k in samples.tolist()]).requires_grad_(True)
+        index = voxels[voxel_rows]
+        support = torch.zeros(forward.spatial_shape, dtype=torch.bool)
+        support[tuple(index.T)] = True
+        with torch.enable_grad():
+            logits = forward.windowed(replicas, support, forward.window_batch)
+            rows = torch.arange(stop - start, device=logits.device)
+            index_on = index.to(logits.device)
+            values = logits[rows, class_index, index_on[:, 0], index_on[:, 1], index_on[:, 2]]
+            (gradient,) = torch.autograd.grad(values.sum(), replicas)
+        for k in torch.unique(samples).tolist():
+            rows_k = (samples == k).nonzero().flatten().to(gradient.device)
+            batch_max = gradient.index_select(0, rows_k).amax(dim=0)
+            running[k] = batch_max if k not in running else torch.maximum(running[k], batch_max)
+            if (k + 1) * size <= stop:  # sample k's voxels are all done
+                total[0] += running.pop(k)
+                noisy.pop(k)
+        report(progress, stop / terms, "instance saliency (max)")
+    assert not running
+    return total / n_samples
