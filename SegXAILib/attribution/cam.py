@@ -60,7 +60,7 @@ Hooks need an eager ``torch.nn.Module``: TorchScript networks are refused.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Sequence
+from typing import Callable, ClassVar, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +81,7 @@ __all__ = [
     "trace_conv_layers",
     "resolve_layers",
     "cam_from_layer",
+    "gradcam_plusplus_alpha",
     "windowed_cam",
 ]
 
@@ -195,6 +196,20 @@ def resolve_layers(
     return [info.name for info in order[start:]]
 
 
+def gradcam_plusplus_alpha(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM++'s ``alpha = g^2 / (2 g^2 + sum_space(A_k) g^3)`` ``(B, K, *space)``, 0 where
+    the denominator is 0 (class level: weights summed over space; instance level, paper 001
+    eq. 10: kept per element)."""
+    a = activations.float()
+    g = gradients.float()
+    space = tuple(range(2, a.ndim))
+    g2 = g * g
+    denominator = 2 * g2 + a.sum(dim=space, keepdim=True) * g2 * g
+    nonzero = denominator != 0
+    safe = torch.where(nonzero, denominator, torch.ones_like(denominator))
+    return torch.where(nonzero, g2 / safe, torch.zeros_like(g))
+
+
 def cam_from_layer(activations: torch.Tensor, gradients: torch.Tensor, kind: str = "gradcam") -> torch.Tensor:
     """The CAM ``(B, 1, *space)`` of one layer from its activations and gradients ``(B, K, *space)``.
 
@@ -210,11 +225,7 @@ def cam_from_layer(activations: torch.Tensor, gradients: torch.Tensor, kind: str
     if kind == "gradcam":
         weights = g.mean(dim=space, keepdim=True)
     else:
-        g2 = g * g
-        denominator = 2 * g2 + a.sum(dim=space, keepdim=True) * g2 * g
-        nonzero = denominator != 0
-        alpha = torch.where(nonzero, g2 / torch.where(nonzero, denominator, torch.ones_like(denominator)), torch.zeros_like(g))
-        weights = (alpha * F.relu(g)).sum(dim=space, keepdim=True)
+        weights = (gradcam_plusplus_alpha(a, g) * F.relu(g)).sum(dim=space, keepdim=True)
     return F.relu((weights * a).sum(dim=1, keepdim=True))
 
 
@@ -222,7 +233,7 @@ def windowed_cam(
     forward: SegmentationForward,
     inputs: torch.Tensor,
     layers: Sequence[str],
-    kind: str = "gradcam",
+    kind: Union[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = "gradcam",
     cancel: Optional[CancelToken] = None,
 ) -> torch.Tensor:
     """The mean over ``layers`` of their CAMs, per sliding window, blended: ``(B, 1, D, H, W)``.
@@ -234,9 +245,11 @@ def windowed_cam(
         ``(B, C, D, H, W)`` on the model grid.
     layers : sequence of str
         Dotted module names of ``forward.network``.
-    kind : str
-        ``"gradcam"`` or ``"gradcam_plusplus"``.
+    kind : str or callable
+        ``"gradcam"`` or ``"gradcam_plusplus"``, or a function ``(A, dT/dA) -> (B, 1, *space)``
+        giving one layer's map (e.g. instance Grad-CAM++'s per-element weighting).
     """
+    layer_map = kind if callable(kind) else (lambda a, g: cam_from_layer(a, g, kind))
     network = forward.network
     _check_eager(network)
     modules = dict(network.named_modules())
@@ -300,7 +313,7 @@ def windowed_cam(
         maps = []
         for name in layers:
             tensor = captured[name]
-            cam = cam_from_layer(tensor[rows].detach(), gradient_of[id(tensor)][rows], kind)
+            cam = layer_map(tensor[rows].detach(), gradient_of[id(tensor)][rows])
             maps.append(F.interpolate(cam, size=patch, mode="trilinear", align_corners=False))
         window_map = torch.stack(maps).mean(dim=0)
         blended[(slice(None), slice(None), *windowed.windows[index])] += window_map * importance

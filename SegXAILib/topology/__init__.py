@@ -10,6 +10,7 @@ from .euler import (
     euler_characteristic_curve_gudhi,
     persistence_diagram,
 )
+from .risk import RiskModel, calibrate_risk_model, saliency_curve
 
 __all__ = [
     "betti_curves",
@@ -17,4 +18,7 @@ __all__ = [
     "euler_characteristic_curve",
     "euler_characteristic_curve_gudhi",
     "persistence_diagram",
+    "RiskModel",
+    "calibrate_risk_model",
+    "saliency_curve",
 ]

@@ -1,0 +1,673 @@
+"""QA risk model from Euler characteristic curves of saliency maps (METHODS.md section 6).
+
+Workflow
+--------
+1. :func:`saliency_curve` turns one case's saliency map and predicted mask into an Euler
+   characteristic (EC) curve on a fixed threshold grid.
+2. :func:`calibrate_risk_model` stacks the EC curves of a calibration cohort with their
+   Dice scores and fits a :class:`RiskModel`: PCA of the curves, the projection on PC1
+   (the paper's ``lambda_1``), a sigmoid ``Dice ~ A / (1 + exp(-k (lambda_1 - lambda_0)))``,
+   an ROC of ``lambda_1`` as a detector of insufficient contours, and two cut points that
+   split ``lambda_1`` into the risk bands ``low`` / ``moderate`` / ``high``.
+3. :meth:`RiskModel.score` applies a saved model to a new case (no reference needed).
+
+Conventions
+-----------
+* PC1 sign: the stored first component is oriented so that PC1 scores are positively
+  correlated (Pearson) with Dice on the calibration cohort: **higher PC1 = higher Dice =
+  lower risk**. A low PC1 therefore flags risk; the ROC is computed on ``-PC1``.
+* Insufficient contour: Dice strictly below the ``insufficient_quantile`` (default 0.15)
+  quantile of the calibration Dice (``numpy.quantile``, linear interpolation).
+* Bands: ``high`` when ``pc1 <= cut_high``; ``moderate`` when ``cut_high < pc1 <= cut_low``;
+  ``low`` when ``pc1 > cut_low``. See :func:`calibrate_risk_model` for how the cuts are
+  chosen. A cut of ``-inf`` (stored as JSON ``null``) means the band below it is empty.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..attribution.postprocess import normalise_000
+from ..image import SegXAIInputError
+from ..io import atomic_path
+from .euler import euler_characteristic_curve
+
+__all__ = [
+    "RISK_MODEL_FORMAT",
+    "RISK_MODEL_VERSION",
+    "RiskModel",
+    "calibrate_risk_model",
+    "saliency_curve",
+]
+
+#: ``format`` tag of the JSON file
+RISK_MODEL_FORMAT = "segxai-risk-model"
+#: schema version written and accepted by :meth:`RiskModel.load`
+RISK_MODEL_VERSION = 1
+#: fewest calibration cases accepted
+MIN_CASES = 10
+PC1_CONVENTION = "higher_pc1_higher_dice"
+
+
+# --------------------------------------------------------------------------- curves
+
+
+def saliency_curve(
+    saliency: np.ndarray, mask: np.ndarray, thresholds: np.ndarray
+) -> np.ndarray:
+    """Superlevel EC curve of a saliency map normalised and restricted to a mask.
+
+    The map is normalised with paper 000's normalisation
+    (:func:`~SegXAILib.attribution.postprocess.normalise_000`:
+    ``max(v - median(v), 0) / max(...)``) computed over the voxels **inside the mask
+    only**: the method describes saliency features inside the predicted structure, so the
+    median and the peak are those of the structure, not of the whole volume (whose
+    median is typically background). Voxels outside the mask never enter the complex.
+
+    Parameters
+    ----------
+    saliency : ndarray, shape (D, H, W)
+        Finite real saliency values.
+    mask : ndarray of bool (or 0/1), shape (D, H, W)
+        Predicted structure; must contain at least one voxel.
+    thresholds : ndarray, shape (T,)
+        Threshold grid on the normalised scale, e.g.
+        :func:`~SegXAILib.topology.euler.default_thresholds`.
+
+    Returns
+    -------
+    curve : ndarray, shape (T,), int64
+        ``chi(t)`` of the superlevel complex ``{normalised >= t} & mask``.
+    """
+    saliency = np.asarray(saliency)
+    mask = np.asarray(mask)
+    if saliency.ndim != 3:
+        raise SegXAIInputError(f"saliency must be a 3D array (D, H, W), got shape {saliency.shape}")
+    if mask.shape != saliency.shape:
+        raise SegXAIInputError(f"mask must have the shape of saliency {saliency.shape}, got {mask.shape}")
+    if mask.dtype != bool:
+        if not np.issubdtype(mask.dtype, np.number) or not np.all(np.isin(mask, (0, 1))):
+            raise SegXAIInputError("mask must be boolean (or 0/1)")
+        mask = mask.astype(bool)
+    if not mask.any():
+        raise SegXAIInputError("mask is empty: no predicted structure to describe")
+    if not np.issubdtype(saliency.dtype, np.number) or np.iscomplexobj(saliency):
+        raise SegXAIInputError(f"saliency must be a real numeric array, got dtype {saliency.dtype}")
+    inside = saliency[mask].astype(np.float64)
+    if not np.all(np.isfinite(inside)):
+        raise SegXAIInputError("saliency must be finite (no NaN or inf) inside the mask")
+    normalised = np.zeros(saliency.shape, dtype=np.float64)
+    normalised[mask] = normalise_000(inside[None])[0]
+    return euler_characteristic_curve(normalised, thresholds, mask=mask, superlevel=True)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _sigmoid(lam: np.ndarray, a: float, k: float, lambda0: float) -> np.ndarray:
+    z = np.clip(-k * (np.asarray(lam, dtype=np.float64) - lambda0), -700.0, 700.0)
+    return a / (1.0 + np.exp(z))
+
+
+def _logistic(x: float) -> float:
+    x = float(np.clip(x, -700.0, 700.0))
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+@dataclass(eq=False)
+class RiskModel:
+    """A calibrated QA risk model (see module docstring for the conventions).
+
+    Attributes
+    ----------
+    version : int
+        Schema version (:data:`RISK_MODEL_VERSION`).
+    thresholds : ndarray, shape (T,)
+        EC threshold grid the curves were computed on.
+    pca_mean : ndarray, shape (T,)
+        Mean calibration curve.
+    pca_components : ndarray, shape (k, T)
+        Principal directions (rows); row 0 is PC1, sign-fixed so that higher PC1 = higher Dice.
+    explained_variance_ratio : ndarray, shape (k,)
+    sigmoid_a, sigmoid_k, sigmoid_lambda0 : float
+        ``Dice ~ A / (1 + exp(-k (pc1 - lambda0)))``.
+    sigmoid_status : str
+        ``"fitted"`` (least squares converged) or ``"fallback_constant"`` (fit failed;
+        ``k = 0`` and the estimate is the calibration mean Dice).
+    insufficient_quantile, insufficient_dice : float
+        A contour is insufficient when ``Dice < insufficient_dice`` (the quantile cut).
+    cut_high, cut_low : float
+        PC1 cut points (``-inf`` = empty band below); ``cut_high <= cut_low``.
+    sensitivity_target, specificity_target : float
+    operating_points : dict
+        Calibration sensitivity / specificity of flagging ``pc1 <= cut_high`` and
+        ``pc1 <= cut_low``.
+    logistic_intercept, logistic_coef, pc1_center, pc1_scale : float
+        ``P(insufficient) = 1 / (1 + exp(-(b0 + b1 (pc1 - center) / scale)))``.
+    auroc : float
+        Calibration (training) AUROC of ``-pc1`` for insufficient contours.
+    auroc_cv_mean, auroc_cv_std : float
+        Stratified k-fold AUROC (PCA and sign refitted per training fold).
+    cv_folds, seed : int
+    method : str
+        Attribution method that produced the saliency maps.
+    method_parameters : dict
+    model_checksum : str
+        Checksum of the segmentation model the cohort was run with.
+    n_cases, n_insufficient : int
+    pc1_convention : str
+        Always ``"higher_pc1_higher_dice"``.
+    """
+
+    version: int
+    thresholds: np.ndarray
+    pca_mean: np.ndarray
+    pca_components: np.ndarray
+    explained_variance_ratio: np.ndarray
+    sigmoid_a: float
+    sigmoid_k: float
+    sigmoid_lambda0: float
+    sigmoid_status: str
+    insufficient_quantile: float
+    insufficient_dice: float
+    cut_high: float
+    cut_low: float
+    sensitivity_target: float
+    specificity_target: float
+    operating_points: dict
+    logistic_intercept: float
+    logistic_coef: float
+    pc1_center: float
+    pc1_scale: float
+    auroc: float
+    auroc_cv_mean: float
+    auroc_cv_std: float
+    cv_folds: int
+    seed: int
+    method: str
+    method_parameters: dict
+    model_checksum: str
+    n_cases: int
+    n_insufficient: int
+    pc1_convention: str = field(default=PC1_CONVENTION)
+
+    # ------------------------------------------------------------------ applying
+
+    def project(self, curve: np.ndarray) -> float:
+        """PC1 score (``lambda_1``) of one EC curve, shape (T,); no provenance checks."""
+        curve = np.asarray(curve, dtype=np.float64)
+        return float((curve - self.pca_mean) @ self.pca_components[0])
+
+    def band(self, pc1: float) -> str:
+        """Risk band of a PC1 score: ``"high"``, ``"moderate"`` or ``"low"``."""
+        if pc1 <= self.cut_high:
+            return "high"
+        if pc1 <= self.cut_low:
+            return "moderate"
+        return "low"
+
+    def score(
+        self,
+        curve: np.ndarray,
+        method: str,
+        model_checksum: str,
+        method_parameters: dict | None = None,
+    ) -> dict[str, Any]:
+        """Score one case's EC curve.
+
+        Parameters
+        ----------
+        curve : ndarray, shape (T,)
+            EC curve on :attr:`thresholds` (from :func:`saliency_curve`).
+        method : str
+            Attribution method the curve's saliency map came from; must equal :attr:`method`.
+        model_checksum : str
+            Checksum of the segmentation model; must equal :attr:`model_checksum`.
+        method_parameters : dict, optional
+            When given, must equal :attr:`method_parameters`.
+
+        Returns
+        -------
+        result : dict
+            ``pc1`` (float), ``band`` (str), ``estimated_dice`` (float, sigmoid),
+            ``insufficient_probability`` (float, logistic on PC1).
+
+        Raises
+        ------
+        SegXAIInputError
+            Another method, model or parameters; wrong grid length; non-finite curve.
+        """
+        if method != self.method:
+            raise SegXAIInputError(
+                f"risk model was calibrated with attribution method {self.method!r}, "
+                f"the curve was made with {method!r}"
+            )
+        if model_checksum != self.model_checksum:
+            raise SegXAIInputError(
+                f"risk model was calibrated for model checksum {self.model_checksum!r}, "
+                f"the curve comes from model {model_checksum!r}"
+            )
+        if method_parameters is not None and dict(method_parameters) != self.method_parameters:
+            raise SegXAIInputError(
+                f"risk model was calibrated with method parameters {self.method_parameters!r}, "
+                f"got {method_parameters!r}"
+            )
+        curve = np.asarray(curve)
+        if curve.shape != self.thresholds.shape:
+            raise SegXAIInputError(
+                f"curve must have shape {self.thresholds.shape} (the model's threshold grid), "
+                f"got {curve.shape}"
+            )
+        if not np.issubdtype(curve.dtype, np.number) or not np.all(np.isfinite(curve)):
+            raise SegXAIInputError("curve must be finite real numbers")
+        pc1 = self.project(curve)
+        estimate = float(_sigmoid(np.array([pc1]), self.sigmoid_a, self.sigmoid_k, self.sigmoid_lambda0)[0])
+        probability = _logistic(
+            self.logistic_intercept + self.logistic_coef * (pc1 - self.pc1_center) / self.pc1_scale
+        )
+        return {
+            "pc1": pc1,
+            "band": self.band(pc1),
+            "estimated_dice": estimate,
+            "insufficient_probability": probability,
+        }
+
+    # ------------------------------------------------------------------ serialising
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (arrays as lists, ``-inf`` cuts as ``None``)."""
+        out: dict[str, Any] = {"format": RISK_MODEL_FORMAT}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, np.ndarray):
+                value = value.tolist()
+            elif f.name in ("cut_high", "cut_low"):
+                value = None if not math.isfinite(value) else float(value)
+            elif isinstance(value, dict):
+                value = json.loads(json.dumps(value, allow_nan=False))
+            out[f.name] = value
+        return out
+
+    def to_json(self) -> str:
+        """Strict JSON text (no NaN / Infinity literals)."""
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`to_json` to ``path`` atomically; returns the path."""
+        path = Path(path)
+        text = self.to_json()
+        with atomic_path(path) as temporary:
+            temporary.write_text(text, encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<dict>") -> "RiskModel":
+        """Validate and build a model; errors name ``source`` and the offending field."""
+        return _from_dict(cls, data, source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "RiskModel":
+        """Read and validate a model written by :meth:`save`."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise SegXAIInputError(f"risk model {path}: cannot be read ({error})") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise SegXAIInputError(f"risk model {path}: not valid JSON ({error})") from None
+        return _from_dict(cls, data, str(path))
+
+
+# --------------------------------------------------------------------------- validation
+
+_FLOAT_FIELDS = (
+    "sigmoid_a", "sigmoid_k", "sigmoid_lambda0", "insufficient_quantile", "insufficient_dice",
+    "sensitivity_target", "specificity_target", "logistic_intercept", "logistic_coef",
+    "pc1_center", "pc1_scale", "auroc", "auroc_cv_mean", "auroc_cv_std",
+)
+_INT_FIELDS = ("version", "cv_folds", "seed", "n_cases", "n_insufficient")
+_STR_FIELDS = ("sigmoid_status", "method", "model_checksum", "pc1_convention")
+_DICT_FIELDS = ("operating_points", "method_parameters")
+_CUT_FIELDS = ("cut_high", "cut_low")
+
+
+def _field_error(source: str, name: str, problem: str) -> SegXAIInputError:
+    return SegXAIInputError(f"risk model {source}: field {name!r} {problem}")
+
+
+def _array(data: dict, name: str, ndim: int, source: str) -> np.ndarray:
+    try:
+        array = np.asarray(data[name], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise _field_error(source, name, f"must be a {ndim}D array of numbers") from None
+    if array.ndim != ndim or array.size == 0:
+        raise _field_error(source, name, f"must be a non-empty {ndim}D array, got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise _field_error(source, name, "must contain finite numbers only")
+    return array
+
+
+def _from_dict(cls: type, data: Any, source: str) -> RiskModel:
+    if not isinstance(data, dict):
+        raise SegXAIInputError(f"risk model {source}: expected a JSON object")
+    if data.get("format") != RISK_MODEL_FORMAT:
+        raise _field_error(source, "format", f"must be {RISK_MODEL_FORMAT!r}, got {data.get('format')!r}")
+    for f in fields(cls):
+        if f.name not in data:
+            raise _field_error(source, f.name, "is missing")
+    values: dict[str, Any] = {}
+    for name in _INT_FIELDS:
+        value = data[name]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _field_error(source, name, f"must be an integer, got {value!r}")
+        values[name] = value
+    if values["version"] != RISK_MODEL_VERSION:
+        raise _field_error(source, "version", f"must be {RISK_MODEL_VERSION}, got {values['version']!r}")
+    for name in _FLOAT_FIELDS:
+        value = data[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _field_error(source, name, f"must be a finite number, got {value!r}")
+        values[name] = float(value)
+    for name in _CUT_FIELDS:
+        value = data[name]
+        if value is None:
+            values[name] = -math.inf
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _field_error(source, name, f"must be a finite number or null, got {value!r}")
+        else:
+            values[name] = float(value)
+    for name in _STR_FIELDS:
+        if not isinstance(data[name], str):
+            raise _field_error(source, name, f"must be a string, got {data[name]!r}")
+        values[name] = data[name]
+    for name in _DICT_FIELDS:
+        if not isinstance(data[name], dict):
+            raise _field_error(source, name, f"must be an object, got {data[name]!r}")
+        values[name] = data[name]
+    if values["pc1_convention"] != PC1_CONVENTION:
+        raise _field_error(source, "pc1_convention", f"must be {PC1_CONVENTION!r}")
+    thresholds = _array(data, "thresholds", 1, source)
+    mean = _array(data, "pca_mean", 1, source)
+    components = _array(data, "pca_components", 2, source)
+    ratio = _array(data, "explained_variance_ratio", 1, source)
+    t = thresholds.size
+    if mean.shape != (t,):
+        raise _field_error(source, "pca_mean", f"must have shape ({t},) like thresholds, got {mean.shape}")
+    if components.shape[1] != t:
+        raise _field_error(source, "pca_components", f"must have {t} columns like thresholds, got {components.shape}")
+    if ratio.shape != (components.shape[0],):
+        raise _field_error(source, "explained_variance_ratio", f"must have {components.shape[0]} entries")
+    if values["cut_high"] > values["cut_low"]:
+        raise _field_error(source, "cut_high", "must not exceed cut_low")
+    if values["pc1_scale"] <= 0:
+        raise _field_error(source, "pc1_scale", "must be positive")
+    return cls(
+        thresholds=thresholds, pca_mean=mean, pca_components=components,
+        explained_variance_ratio=ratio, **values,
+    )
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def _validate_cohort(curves: Any, dice: Any, thresholds: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    curves = np.asarray(curves, dtype=np.float64)
+    dice = np.asarray(dice, dtype=np.float64)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    if curves.ndim != 2:
+        raise SegXAIInputError(f"curves must be a 2D array (N, T), got shape {curves.shape}")
+    if dice.ndim != 1:
+        raise SegXAIInputError(f"dice must be a 1D array (N,), got shape {dice.shape}")
+    if thresholds.ndim != 1:
+        raise SegXAIInputError(f"thresholds must be a 1D array (T,), got shape {thresholds.shape}")
+    if dice.shape[0] != curves.shape[0]:
+        raise SegXAIInputError(f"curves has {curves.shape[0]} cases but dice has {dice.shape[0]}")
+    if thresholds.shape[0] != curves.shape[1]:
+        raise SegXAIInputError(f"curves have {curves.shape[1]} thresholds but the grid has {thresholds.shape[0]}")
+    for name, array in (("curves", curves), ("dice", dice), ("thresholds", thresholds)):
+        if not np.all(np.isfinite(array)):
+            raise SegXAIInputError(f"{name} must be finite (no NaN or inf)")
+    if curves.shape[0] < MIN_CASES:
+        raise SegXAIInputError(f"too few calibration cases: {curves.shape[0]} (need at least {MIN_CASES})")
+    return curves, dice, thresholds
+
+
+def _fit_pca(curves: np.ndarray, dice: np.ndarray, n_components: int):
+    """PCA with PC1 oriented so that its scores correlate positively with Dice."""
+    from sklearn.decomposition import PCA
+
+    k = max(1, min(n_components, curves.shape[0] - 1, curves.shape[1]))
+    pca = PCA(n_components=k, svd_solver="full").fit(curves)
+    components = pca.components_.copy()
+    if not np.all(np.isfinite(components)) or pca.explained_variance_[0] <= 0:
+        raise SegXAIInputError("calibration curves have no variance: PCA is undefined")
+    scores = (curves - pca.mean_) @ components[0]
+    if np.std(scores) > 0 and np.std(dice) > 0 and np.corrcoef(scores, dice)[0, 1] < 0:
+        components[0] = -components[0]
+    return pca.mean_.copy(), components, pca.explained_variance_ratio_.copy()
+
+
+def _fit_sigmoid(pc1: np.ndarray, dice: np.ndarray) -> tuple[float, float, float, str]:
+    """Least-squares sigmoid fit from several starting slopes; constant fallback on failure."""
+    from scipy.optimize import curve_fit
+
+    scale = float(np.std(pc1)) or 1.0
+    a0 = float(min(max(dice.max(), 1e-3), 1.5))
+    best: tuple[float, np.ndarray] | None = None
+    for centre in (float(np.median(pc1)), float(np.mean(pc1))):
+        for slope in (0.5, 2.0, 8.0):
+            p0 = (a0, slope / scale, centre)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    params, _ = curve_fit(
+                        _sigmoid, pc1, dice, p0=p0,
+                        bounds=([0.0, 0.0, -np.inf], [2.0, np.inf, np.inf]), maxfev=5000,
+                    )
+            except (RuntimeError, ValueError):
+                continue
+            if not np.all(np.isfinite(params)):
+                continue
+            sse = float(np.sum((_sigmoid(pc1, *params) - dice) ** 2))
+            if best is None or sse < best[0]:
+                best = (sse, params)
+    if best is None:
+        warnings.warn("sigmoid fit of Dice on PC1 failed; falling back to the mean Dice", RuntimeWarning)
+        return 2.0 * float(np.mean(dice)), 0.0, float(np.median(pc1)), "fallback_constant"
+    a, k, lambda0 = (float(x) for x in best[1])
+    return a, k, lambda0, "fitted"
+
+
+def _choose_cuts(
+    pc1: np.ndarray, insufficient: np.ndarray, sensitivity_target: float, specificity_target: float
+) -> tuple[float, float, dict]:
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thr = roc_curve(insufficient, -pc1, drop_intermediate=False)
+    # flagged as risky when -pc1 >= thr, i.e. pc1 <= -thr
+    ok_spec = np.flatnonzero(1.0 - fpr >= specificity_target)  # never empty: (0, 0) point
+    best_tpr = tpr[ok_spec].max()
+    i_high = ok_spec[tpr[ok_spec] == best_tpr][np.argmin(fpr[ok_spec][tpr[ok_spec] == best_tpr])]
+    ok_sens = np.flatnonzero(tpr >= sensitivity_target)  # never empty: (1, 1) point
+    i_low = ok_sens[np.argmin(fpr[ok_sens])]
+    cut_high = -float(thr[i_high]) if np.isfinite(thr[i_high]) else -math.inf
+    cut_low = -float(thr[i_low]) if np.isfinite(thr[i_low]) else -math.inf
+    cut_low = max(cut_low, cut_high)
+
+    def point(cut: float) -> dict:
+        flagged = pc1 <= cut
+        return {
+            "cut": None if not math.isfinite(cut) else cut,
+            "sensitivity": float(flagged[insufficient].mean()),
+            "specificity": float((~flagged[~insufficient]).mean()),
+        }
+
+    return cut_high, cut_low, {"high": point(cut_high), "low": point(cut_low)}
+
+
+def _cross_validated_auroc(
+    curves: np.ndarray, dice: np.ndarray, insufficient: np.ndarray, folds: int, seed: int, n_components: int
+) -> np.ndarray:
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold
+
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    aurocs = []
+    for train, test in splitter.split(curves, insufficient):
+        mean, components, _ = _fit_pca(curves[train], dice[train], n_components)
+        scores = (curves[test] - mean) @ components[0]
+        aurocs.append(roc_auc_score(insufficient[test], -scores))
+    return np.asarray(aurocs)
+
+
+def _fit_logistic(pc1: np.ndarray, insufficient: np.ndarray) -> tuple[float, float, float, float]:
+    from sklearn.linear_model import LogisticRegression
+
+    center = float(np.mean(pc1))
+    scale = float(np.std(pc1)) or 1.0
+    z = ((pc1 - center) / scale)[:, None]
+    regression = LogisticRegression(C=1.0).fit(z, insufficient.astype(int))
+    return float(regression.intercept_[0]), float(regression.coef_[0, 0]), center, scale
+
+
+def calibrate_risk_model(
+    curves: np.ndarray,
+    dice: np.ndarray,
+    thresholds: np.ndarray,
+    method: str,
+    method_parameters: dict | None,
+    model_checksum: str,
+    insufficient_quantile: float = 0.15,
+    sensitivity_target: float = 0.85,
+    specificity_target: float = 0.9,
+    cv_folds: int = 5,
+    seed: int = 0,
+    n_components: int = 3,
+) -> RiskModel:
+    """Fit a :class:`RiskModel` on a calibration cohort.
+
+    Parameters
+    ----------
+    curves : ndarray, shape (N, T)
+        EC curves (from :func:`saliency_curve`) of ``N >= 10`` cases.
+    dice : ndarray, shape (N,)
+        Dice of each case's predicted contour against its reference.
+    thresholds : ndarray, shape (T,)
+        Grid the curves were computed on.
+    method, method_parameters, model_checksum
+        Provenance, checked again by :meth:`RiskModel.score`.
+    insufficient_quantile : float
+        Insufficient contour = ``dice < quantile(dice, insufficient_quantile)``.
+    sensitivity_target, specificity_target : float
+        Targets for the two cut points (see Notes).
+    cv_folds : int
+        Stratified folds for the cross-validated AUROC; reduced to the number of
+        insufficient cases when there are fewer (at least 2 are needed).
+    seed : int
+        ``random_state`` of :class:`sklearn.model_selection.StratifiedKFold`.
+    n_components : int
+        Principal components kept (only PC1 is used to score).
+
+    Returns
+    -------
+    model : RiskModel
+
+    Notes
+    -----
+    The ROC is :func:`sklearn.metrics.roc_curve` of ``-pc1`` (low PC1 = risk) against the
+    insufficient labels; a point with threshold ``s`` flags ``pc1 <= -s``.
+
+    * High-risk cut: among ROC points with specificity ``>= specificity_target``, the one
+      with the highest sensitivity (ties: the lowest false-positive rate). ``pc1 <=
+      cut_high`` is ``high``. If only the trivial point qualifies, ``cut_high = -inf``.
+    * Low-risk cut: among ROC points with sensitivity ``>= sensitivity_target``, the one
+      with the lowest false-positive rate (the first such point along the ROC). ``pc1 >
+      cut_low`` is ``low``; so at least ``sensitivity_target`` of the calibration's
+      insufficient cases fall in ``moderate`` or ``high``.
+    * If ``cut_low < cut_high`` (one threshold meets both targets), ``cut_low`` is raised
+      to ``cut_high`` and the moderate band is empty.
+
+    The cross-validated AUROC refits PCA and the PC1 sign on each training fold and scores
+    the held-out fold; the insufficient labels come from the whole cohort's quantile.
+    """
+    curves, dice, thresholds = _validate_cohort(curves, dice, thresholds)
+    if not isinstance(method, str) or not method:
+        raise SegXAIInputError(f"method must be a non-empty string, got {method!r}")
+    if not isinstance(model_checksum, str) or not model_checksum:
+        raise SegXAIInputError(f"model_checksum must be a non-empty string, got {model_checksum!r}")
+    if not 0.0 < insufficient_quantile < 1.0:
+        raise SegXAIInputError(f"insufficient_quantile must be in (0, 1), got {insufficient_quantile!r}")
+    for name, value in (("sensitivity_target", sensitivity_target), ("specificity_target", specificity_target)):
+        if not 0.0 < value <= 1.0:
+            raise SegXAIInputError(f"{name} must be in (0, 1], got {value!r}")
+    if isinstance(cv_folds, bool) or not isinstance(cv_folds, (int, np.integer)) or cv_folds < 2:
+        raise SegXAIInputError(f"cv_folds must be an integer >= 2, got {cv_folds!r}")
+    method_parameters = dict(method_parameters or {})
+    try:
+        json.dumps(method_parameters, allow_nan=False)
+    except (TypeError, ValueError):
+        raise SegXAIInputError("method_parameters must be JSON-serialisable (finite numbers, strings, ...)") from None
+
+    cut = float(np.quantile(dice, insufficient_quantile))
+    insufficient = dice < cut
+    n_bad = int(insufficient.sum())
+    if n_bad == 0:
+        raise SegXAIInputError(
+            f"no insufficient cases: no Dice below the {insufficient_quantile} quantile ({cut:.4g})"
+        )
+    if n_bad < 2:
+        raise SegXAIInputError(f"too few insufficient cases for cross-validation: {n_bad} (need at least 2)")
+    folds = int(min(cv_folds, n_bad))
+
+    mean, components, ratio = _fit_pca(curves, dice, n_components)
+    pc1 = (curves - mean) @ components[0]
+
+    from sklearn.metrics import roc_auc_score
+
+    a, k, lambda0, status = _fit_sigmoid(pc1, dice)
+    auroc = float(roc_auc_score(insufficient, -pc1))
+    cut_high, cut_low, points = _choose_cuts(pc1, insufficient, sensitivity_target, specificity_target)
+    cv = _cross_validated_auroc(curves, dice, insufficient, folds, seed, n_components)
+    b0, b1, center, scale = _fit_logistic(pc1, insufficient)
+    return RiskModel(
+        version=RISK_MODEL_VERSION,
+        thresholds=thresholds,
+        pca_mean=mean,
+        pca_components=components,
+        explained_variance_ratio=ratio,
+        sigmoid_a=a,
+        sigmoid_k=k,
+        sigmoid_lambda0=lambda0,
+        sigmoid_status=status,
+        insufficient_quantile=float(insufficient_quantile),
+        insufficient_dice=cut,
+        cut_high=cut_high,
+        cut_low=cut_low,
+        sensitivity_target=float(sensitivity_target),
+        specificity_target=float(specificity_target),
+        operating_points=points,
+        logistic_intercept=b0,
+        logistic_coef=b1,
+        pc1_center=center,
+        pc1_scale=scale,
+        auroc=auroc,
+        auroc_cv_mean=float(cv.mean()),
+        auroc_cv_std=float(cv.std()),
+        cv_folds=folds,
+        seed=int(seed),
+        method=method,
+        method_parameters=method_parameters,
+        model_checksum=model_checksum,
+        n_cases=int(curves.shape[0]),
+        n_insufficient=n_bad,
+    )
