@@ -58,7 +58,7 @@ def setup():
     return forward, x
 
 
-def close(ours, theirs, rtol=1e-4):
+def assert_close_maps(ours, theirs, rtol=1e-4):
     scale = float(theirs.abs().max())
     assert scale > 0
     torch.testing.assert_close(ours, theirs.to(ours.dtype), rtol=rtol, atol=rtol * scale)
@@ -68,7 +68,7 @@ def test_vanilla_gradient_equals_captum_saliency(setup):
     from captum.attr import Saliency
 
     forward, x = setup
-    close(VanillaGradient(forward).attribute(x), Saliency(AsModule(forward)).attribute(x, abs=False))
+    assert_close_maps(VanillaGradient(forward).attribute(x), Saliency(AsModule(forward)).attribute(x, abs=False))
 
 
 @pytest.mark.parametrize("baseline", ["zero", "min", "max", "custom"])
@@ -85,7 +85,7 @@ def test_integrated_gradients_equals_captum(setup, baseline):
     theirs = CaptumIG(AsModule(forward)).attribute(
         x, baselines=theirs_baseline, n_steps=12, method="riemann_right", internal_batch_size=6
     )
-    close(ours, theirs)
+    assert_close_maps(ours, theirs)
 
 
 def our_noise(x, n_samples, noise_level, seed):
@@ -104,7 +104,7 @@ def test_smoothgrad_equals_captum_saliency_over_our_noise(setup, squared):
     saliency = Saliency(AsModule(forward))
     maps = [saliency.attribute(x + e[None], abs=False) for e in noise]
     explicit = torch.stack([m**2 if squared else m for m in maps]).mean(0)
-    close(ours, explicit)
+    assert_close_maps(ours, explicit)
 
     # Captum's NoiseTunnel, its noise replaced by ours (the same draws in the same order)
     draws = iter(noise)
@@ -119,7 +119,7 @@ def test_smoothgrad_equals_captum_saliency_over_our_noise(setup, squared):
         x, nt_type="smoothgrad_sq" if squared else "smoothgrad", nt_samples=n, nt_samples_batch_size=4,
         stdevs=noise_sigma(x, level), abs=False,
     )
-    close(ours, tunnel)
+    assert_close_maps(ours, tunnel)
 
 
 def test_integrated_gradients_black_white_is_the_mean_of_min_and_max(setup):
@@ -128,7 +128,7 @@ def test_integrated_gradients_black_white_is_the_mean_of_min_and_max(setup):
     both = method.attribute(x, baselines="black_white", n_steps=8, batch_size=8)
     low = method.attribute(x, baselines="min", n_steps=8, batch_size=8)
     high = method.attribute(x, baselines="max", n_steps=8, batch_size=8)
-    close(both, (low + high) / 2, rtol=1e-5)
+    assert_close_maps(both, (low + high) / 2, rtol=1e-5)
 
 
 def test_expected_gradients_with_one_reference_approaches_integrated_gradients(setup):
