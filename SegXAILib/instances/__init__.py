@@ -3,6 +3,7 @@ prediction, SmoothGrad aggregated over an instance's voxels (mean, eq. 2; max, e
 Grad-CAM++ (eqs. 8-10), the lesion table and the TP / FP / FN / TN comparison."""
 
 from .aggregation import AGGREGATIONS, instance_smoothgrad
+from .experiments import context_experiment, context_figure, transplant_experiment
 from .gradcam import instance_gradcam_plusplus
 from .instances import Instance, find_instances, instance_at
 from .table import classify_instances, compare_groups, lesion_table
@@ -17,4 +18,7 @@ __all__ = [
     "lesion_table",
     "classify_instances",
     "compare_groups",
+    "context_experiment",
+    "context_figure",
+    "transplant_experiment",
 ]
