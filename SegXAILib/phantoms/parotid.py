@@ -252,6 +252,7 @@ def make_parotid_phantom(
             and not np.any(sphere & ~inner)
             and rod_length >= sphere_radius + 0.3 * scale
             and ndimage.label(sphere & ~rod)[1] == 1
+            and ndimage.label(rod)[1] == 1  # a thin oblique rod can break into pieces on the grid
         ):
             break
     else:  # pragma: no cover - the ranges above fit within a few attempts
