@@ -437,20 +437,23 @@ def build_parser() -> argparse.ArgumentParser:
     def device_option(command: argparse.ArgumentParser) -> None:
         command.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
 
+    def case_options(command: argparse.ArgumentParser) -> None:
+        """The options every command that runs a model on one case takes."""
+        command.add_argument("images", nargs="+", metavar="IMAGE", help="one image per model input channel, in the card's order")
+        command.add_argument("--model", required=True, help=model_help)
+        command.add_argument("--out", required=True, type=Path, help="output folder")
+        command.add_argument("--trust-bundle", action="store_true", help="allow MONAI bundles (their configs can run code)")
+        device_option(command)
+
     segment = commands.add_parser("segment", help="segment an image (one file or DICOM folder per input channel)")
-    segment.add_argument("images", nargs="+", metavar="IMAGE", help="one image per model input channel, in the card's order")
-    segment.add_argument("--model", required=True, help=model_help)
-    segment.add_argument("--out", required=True, type=Path, help="output folder")
+    case_options(segment)
     segment.add_argument("--suffix", default=".nii.gz", choices=[".nii.gz", ".nii", ".nrrd", ".mha"], help="output format")
-    segment.add_argument("--trust-bundle", action="store_true", help="allow MONAI bundles (their configs can run code)")
-    device_option(segment)
     segment.set_defaults(run=_cmd_segment)
 
     explain_cmd = commands.add_parser(
         "explain", help="attribution maps of a model's segmentation (one map per input channel)"
     )
-    explain_cmd.add_argument("images", nargs="+", metavar="IMAGE", help="one image per model input channel, in the card's order")
-    explain_cmd.add_argument("--model", required=True, help=model_help)
+    case_options(explain_cmd)
     explain_cmd.add_argument("--method", required=True, help="an attribution method (see: segxai methods)")
     explain_cmd.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                              help="a method parameter (repeatable), e.g. n_samples=20")
@@ -459,19 +462,14 @@ def build_parser() -> argparse.ArgumentParser:
                                   "class_threshold:NAME:T, instance:ID[:NAME], region:MASKFILE[:NAME], voxel:R,A,S[:NAME]")
     explain_cmd.add_argument("--postprocess", default="signed", metavar="MODE",
                              help="signed (default), absolute, positive or normalised")
-    explain_cmd.add_argument("--out", required=True, type=Path, help="output folder")
     explain_cmd.add_argument("--suffix", default=".nii.gz", choices=[".nii.gz", ".nii", ".nrrd", ".mha"], help="output format")
     explain_cmd.add_argument("--window-batch", type=int, default=1, metavar="N", help="sliding windows per network call")
-    explain_cmd.add_argument("--trust-bundle", action="store_true", help="allow MONAI bundles (their configs can run code)")
-    device_option(explain_cmd)
     explain_cmd.set_defaults(run=_cmd_explain)
 
     lesions = commands.add_parser(
         "lesions", help="instances of a lesion prediction: label map, lesion table, instance saliency"
     )
-    lesions.add_argument("images", nargs="+", metavar="IMAGE", help="one image per model input channel, in the card's order")
-    lesions.add_argument("--model", required=True, help=model_help)
-    lesions.add_argument("--out", required=True, type=Path, help="output folder")
+    case_options(lesions)
     lesions.add_argument("--reference", default=None, metavar="REF",
                          help="reference lesion mask on the input grid: adds the TP / FP / FN group")
     chooser = lesions.add_mutually_exclusive_group()
@@ -489,8 +487,6 @@ def build_parser() -> argparse.ArgumentParser:
     lesions.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
     lesions.add_argument("--min-voxels", type=int, default=1, metavar="N", help="drop smaller instances (default 1)")
     lesions.add_argument("--window-batch", type=int, default=1, metavar="N", help="sliding windows per network call")
-    lesions.add_argument("--trust-bundle", action="store_true", help="allow MONAI bundles (their configs can run code)")
-    device_option(lesions)
     lesions.set_defaults(run=_cmd_lesions)
 
     methods = commands.add_parser("methods", help="list the attribution methods and their parameters")

@@ -415,15 +415,18 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_results(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
+def write_results(results: dict[str, Any], out: Path, name: str = "attribution", as_markdown=None) -> tuple[Path, Path]:
+    """Write ``<name>.json`` and ``<name>.md`` (``as_markdown(results)``, default this module's
+    table) into ``out``, atomically. Shared by the benchmarks of this folder."""
     from SegXAILib.io import atomic_path, check_writable_dir
 
     out = check_writable_dir(out)
-    with atomic_path(out / "attribution.json") as temporary:
+    paths = out / f"{name}.json", out / f"{name}.md"
+    with atomic_path(paths[0]) as temporary:
         temporary.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    with atomic_path(out / "attribution.md") as temporary:
-        temporary.write_text(markdown(results), encoding="utf-8")
-    return out / "attribution.json", out / "attribution.md"
+    with atomic_path(paths[1]) as temporary:
+        temporary.write_text((as_markdown or markdown)(results), encoding="utf-8")
+    return paths
 
 
 def main(argv=None) -> int:

@@ -48,7 +48,7 @@ for path in (str(ROOT), str(HERE)):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from bench_attribution import _max_rss_mb, build_card, build_input, build_network  # noqa: E402
+from bench_attribution import _max_rss_mb, build_card, build_input, build_network, write_results  # noqa: E402
 
 DEFAULTS = {"size": 48, "voxels": [10, 100, 1000], "batches": [8, 32], "n_samples": 2, "noise_level": 0.1,
             "seed": 0, "loop_subset": 100}
@@ -215,17 +215,6 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_results(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
-    from SegXAILib.io import atomic_path, check_writable_dir
-
-    out = check_writable_dir(out)
-    with atomic_path(out / "instance.json") as temporary:
-        temporary.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    with atomic_path(out / "instance.md") as temporary:
-        temporary.write_text(markdown(results), encoding="utf-8")
-    return out / "instance.json", out / "instance.md"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=DEFAULTS["size"], help="cube edge (a multiple of 8)")
@@ -249,7 +238,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     results = benchmark(params, log=lambda m: print(m, flush=True))
     results["total_seconds"] = round(time.perf_counter() - start, 1)
-    json_path, md_path = write_results(results, args.out)
+    json_path, md_path = write_results(results, args.out, "instance", markdown)
     print(markdown(results))
     print(f"wrote {json_path} and {md_path} ({results['total_seconds']} s)")
     return 0
