@@ -1,5 +1,5 @@
 # Two commands for a newcomer: `make demo` and `make test`. Each creates .venv when missing,
-# installs torch==2.13.0 (CPU build) first and then SegXAILib with its test extra; the stamp
+# installs torch==2.13.0 (CPU build) first and then SegXAILib with its test and slicer extras; the stamp
 # file makes a second run skip the installs unless pyproject.toml changed.
 PYTHON ?= python3
 VENV := .venv
@@ -15,10 +15,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
-	# test oracle for Grad-CAM / Grad-CAM++; its torchvision dependency cannot sit beside the
-	# pinned torch and is not needed for 3D (Testing/test_attribution_gradcam_oracle.py)
-	$(PY) -m pip install --quiet --no-deps grad-cam==1.5.7 ttach==0.0.3
+	$(PY) -m pip install --quiet -e '.[test,slicer]'
+	# test oracles for Grad-CAM / Grad-CAM++ and LRP; their torchvision dependency cannot sit
+	# beside the pinned CPU torch (PyPI's torchvision is a CUDA build) and is not needed for 3D
+	$(PY) -m pip install --quiet --no-deps grad-cam==1.5.7 ttach==0.0.3 zennit==0.5.1
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -7,6 +7,7 @@ interrupted, 1 any other failure.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from contextlib import contextmanager
@@ -422,9 +423,31 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def model_help() -> str:
     from .sample_data import BUNDLED_MODELS
 
+    return f"a model card file or folder, or a bundled model: {', '.join(BUNDLED_MODELS)}"
+
+
+def device_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+
+
+def case_options(command: argparse.ArgumentParser) -> None:
+    """The options every command that runs a model on one case takes."""
+    command.add_argument("images", nargs="+", metavar="IMAGE", help="one image per model input channel, in the card's order")
+    command.add_argument("--model", required=True, help=model_help())
+    command.add_argument("--out", required=True, type=Path, help="output folder")
+    command.add_argument("--trust-bundle", action="store_true", help="allow MONAI bundles (their configs can run code)")
+    device_option(command)
+
+
+# Modules that add their own sub-commands: each defines ``add_commands(commands)``, taking the
+# sub-parsers object, and uses the option helpers above.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="segxai",
         description="Explainability and quality assurance for 3D medical segmentation models.",
@@ -432,19 +455,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    model_help = f"a model card file or folder, or a bundled model: {', '.join(BUNDLED_MODELS)}"
-
-    def device_option(command: argparse.ArgumentParser) -> None:
-        command.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
-
-    def case_options(command: argparse.ArgumentParser) -> None:
-        """The options every command that runs a model on one case takes."""
-        command.add_argument("images", nargs="+", metavar="IMAGE", help="one image per model input channel, in the card's order")
-        command.add_argument("--model", required=True, help=model_help)
-        command.add_argument("--out", required=True, type=Path, help="output folder")
-        command.add_argument("--trust-bundle", action="store_true", help="allow MONAI bundles (their configs can run code)")
-        device_option(command)
-
     segment = commands.add_parser("segment", help="segment an image (one file or DICOM folder per input channel)")
     case_options(segment)
     segment.add_argument("--suffix", default=".nii.gz", choices=[".nii.gz", ".nii", ".nrrd", ".mha"], help="output format")
@@ -494,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     methods.set_defaults(run=_cmd_methods)
 
     info = commands.add_parser("info", help="describe a model from its card")
-    info.add_argument("model", metavar="MODEL", help=model_help)
+    info.add_argument("model", metavar="MODEL", help=model_help())
     info.add_argument("--load", action="store_true", help="also build the network and count its parameters")
     info.add_argument("--trust-bundle", action="store_true", help="allow MONAI bundles (their configs can run code)")
     info.set_defaults(run=_cmd_info)
@@ -510,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--models", nargs="+", default=None, help="which: lesions parotid-S2 parotid-S4 parotid-S6")
     train.add_argument("--iterations", type=int, default=None, help="training iterations per model (default per model)")
     train.set_defaults(run=_cmd_train_demo)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(commands)
     return parser
 
 
