@@ -114,3 +114,27 @@ def write_swinunetr_card(folder: Path, in_channels: int = 2, seed: int = 0) -> P
     }
     (folder / "model_card.json").write_text(json.dumps(card), encoding="utf-8")
     return folder / "model_card.json"
+
+
+def import_zennit():
+    """zennit (the LRP test oracle), imported without torchvision.
+
+    zennit's package ``__init__`` imports its ResNet canonizers, which import two torchvision
+    block classes; PyPI's torchvision is a CUDA build that cannot load beside our pinned CPU
+    torch (the Makefile installs zennit with ``--no-deps``). Nothing we use from zennit touches
+    torchvision, so empty stand-in classes satisfy that import.
+    """
+    import sys
+    import types
+
+    if "torchvision" not in sys.modules:
+        torchvision = types.ModuleType("torchvision")
+        models = types.ModuleType("torchvision.models")
+        resnet = types.ModuleType("torchvision.models.resnet")
+        resnet.Bottleneck = type("Bottleneck", (torch.nn.Module,), {})
+        resnet.BasicBlock = type("BasicBlock", (torch.nn.Module,), {})
+        torchvision.models, models.resnet = models, resnet
+        sys.modules.update({"torchvision": torchvision, "torchvision.models": models, "torchvision.models.resnet": resnet})
+    import zennit
+
+    return zennit
