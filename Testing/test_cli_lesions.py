@@ -186,3 +186,76 @@ def test_instances_and_click_are_exclusive(tmp_path, case):
         run_lesions(case, tmp_path / "out", "--instances", "1", "--click", "0,0,0")
     assert raised.value.code == 2
     assert files_under(tmp_path / "out") == []
+
+
+def run_context(case, out, *extra) -> int:
+    return main(["-q", "lesion-context", *map(str, case["images"]), "--model", "lesions", "--out", str(out),
+                 "--device", "cpu", *map(str, extra)])
+
+
+def test_lesion_context_click_equals_python(tmp_path, case, model, prediction):
+    """The command's context rows and transplant equal the library's on the clicked instance;
+    the plot and the transplanted mask (on the input grid) are written."""
+    from SegXAILib.instances import context_experiment, transplant_experiment
+
+    image, labels, instances = prediction
+    lesion = labels == instances[0].id
+    click = ",".join(f"{v:.4f}" for v in instances[0].centroid_ras)
+    # the transplant target: the lesion's centroid moved 6 voxels along I (inside the crop)
+    centroid_ijk = np.argwhere(lesion).mean(axis=0)
+    target_ijk = centroid_ijk + np.array([6.0, 0.0, 0.0]) if centroid_ijk[0] < 24 else centroid_ijk - [6.0, 0, 0]
+    target_ras = image.ijk_to_ras_points(target_ijk)[0]
+    out = tmp_path / "out"
+    assert run_context(case, out, f"--click={click}", "--steps", "3", "--background", "min",
+                       f"--transplant={','.join(f'{v:.6f}' for v in target_ras)}", "--margin", "0,2") == 0
+
+    document = json.loads((out / "context.json").read_text(encoding="utf-8"))
+    assert document["selection"]["instance"] == instances[0].id
+    assert document["lesion_voxels"] == int(lesion.sum())
+    expected = context_experiment(image, lesion, model, background="min", steps=3)
+    assert len(document["context"]) == 4
+    for row, want in zip(document["context"], expected):
+        assert row["step"] == want["step"] and row["detected"] == want["detected"]
+        assert row["restored_voxels"] == want["restored_voxels"]
+        assert row["mean_probability"] == pytest.approx(want["mean_probability"], abs=1e-6)
+        assert row["ring_mm"] == pytest.approx(want["ring_mm"])
+    with open(out / "context.csv", newline="", encoding="utf-8") as handle:
+        assert [int(r["restored_voxels"]) for r in csv.DictReader(handle)] == [r["restored_voxels"] for r in expected]
+    assert (out / "context.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert [t["margin_mm"] for t in document["transplants"]] == [0.0, 2.0]
+    want = transplant_experiment(image, lesion, model, image.ras_to_ijk_points(target_ras)[0], margin_mm=2.0)
+    got = document["transplants"][1]
+    assert tuple(got["offset_ijk"]) == want["offset_ijk"]
+    assert got["mean_probability"] == pytest.approx(want["mean_probability"], abs=1e-6)
+    mask = read_image(out / got["mask_file"])
+    assert mask.same_grid(image)
+    assert np.array_equal(mask.array[0] > 0, want["transplanted_mask"])
+
+
+def test_lesion_context_with_a_mask(tmp_path, case):
+    """A user mask (here the reference lesions) is a target too, even where nothing is predicted."""
+    out = tmp_path / "out"
+    assert run_context(case, out, "--lesion-mask", case["reference"], "--steps", "1") == 0
+    document = json.loads((out / "context.json").read_text(encoding="utf-8"))
+    reference = read_image(case["reference"]).array[0] > 0
+    assert document["lesion_voxels"] == int(reference.sum())
+    assert document["context"][0]["restored_voxels"] == int(reference.sum())
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "exactly one of"),
+    (["--instance", "0"], "--instance"),
+    (["--instance", "99"], "--instance 99"),
+    (["--instance", "1", "--margin", "-1"], "--margin"),
+    (["--instance", "1", "--background", "grey"], "--background"),
+    (["--instance", "1", "--transplant", "1,2"], "--transplant"),
+    (["--instance", "1", "--transplant=9999,0,0"], "would leave the grid"),
+    (["--lesion-mask", "OTHER_GRID"], "input image's grid"),
+])
+def test_lesion_context_bad_input_exit_2(tmp_path, case, capsys, extra, message):
+    extra = [str(case["other_grid"]) if value == "OTHER_GRID" else value for value in extra]
+    out = tmp_path / "out"
+    assert run_context(case, out, "--steps", "1", *extra) == 2
+    assert message in capsys.readouterr().err
+    assert files_under(out) == []
