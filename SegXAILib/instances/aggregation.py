@@ -17,7 +17,9 @@ With ``L`` the instance's voxels, ``c`` its class, ``e_k ~ N(0, sigma^2)``
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
+
+import numpy as np
 
 import torch
 
@@ -28,7 +30,7 @@ from ..attribution.targets import RegionTarget
 from ..image import SegXAIInputError
 from ..progress import CancelToken, ProgressCallback, report
 
-__all__ = ["instance_smoothgrad", "AGGREGATIONS"]
+__all__ = ["instance_smoothgrad", "instance_saliency", "AGGREGATIONS"]
 
 AGGREGATIONS = ("mean", "max")
 
@@ -129,3 +131,69 @@ def instance_smoothgrad(
         report(progress, stop / terms, "instance saliency (max)")
     assert not running
     return total / n_samples
+
+
+def instance_saliency(
+    image,
+    model,
+    labels: np.ndarray,
+    instance_ids: Sequence[int],
+    class_index: int = 1,
+    aggregations: Sequence[str] = ("max",),
+    n_samples: int = 20,
+    noise_level: float = 0.1,
+    batch_size: int = 8,
+    seed: Optional[int] = 0,
+    window_batch: int = 1,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> dict[int, dict[str, "Image"]]:
+    """Instance saliency maps on the input grid: :func:`instance_smoothgrad` of each instance.
+
+    Parameters
+    ----------
+    image : Image
+        ``(C, I, J, K)`` in the card's channel order.
+    model : LoadedModel
+    labels : numpy.ndarray
+        ``(I, J, K)`` instance ids on the image's grid (:func:`~SegXAILib.instances.find_instances`).
+    instance_ids : sequence of int
+    class_index, aggregations, n_samples, noise_level, batch_size, seed
+        As :func:`instance_smoothgrad`; each aggregation is computed separately.
+    window_batch : int
+        Sliding windows per network call.
+
+    Returns
+    -------
+    dict
+        ``{instance id: {aggregation: Image (C, I, J, K)}}``: the model-grid maps brought onto
+        the input grid (a signed permutation when the card only reorients).
+    """
+    from ..attribution.api import _model_grid_mask
+    from ..attribution.targets import InstanceTarget
+    from ..models.preprocessing import model_input, to_input_grid
+    from ..progress import sub_progress
+
+    labels = np.asarray(labels)
+    if labels.shape != tuple(image.spatial_shape):
+        raise SegXAIInputError(f"labels: shape {labels.shape} differs from the image's {tuple(image.spatial_shape)}")
+    x, model_affine = model_input(image, model.card, model.device)
+    steps = max(1, len(instance_ids) * len(aggregations))
+    maps: dict[int, dict] = {}
+    step = 0
+    for identifier in instance_ids:
+        mask = _model_grid_mask(labels == identifier, image, model.card)
+        if not bool(mask.any()):
+            raise SegXAIInputError(f"instance {identifier} has no voxel on the model's grid (too small)")
+        forward = SegmentationForward(model.network, model.card, x.shape[2:],
+                                      InstanceTarget(class_index, mask, instance_id=identifier), window_batch=window_batch)
+        for aggregation in aggregations:
+            saliency = instance_smoothgrad(
+                forward, x, n_samples=n_samples, noise_level=noise_level, aggregation=aggregation,
+                batch_size=batch_size, seed=seed, cancel=cancel,
+                progress=sub_progress(progress, step / steps, (step + 1) / steps),
+            )
+            maps.setdefault(identifier, {})[aggregation] = to_input_grid(
+                saliency[0].detach().float().cpu().numpy(), model_affine, image, tuple(image.channel_names))
+            step += 1
+    return maps

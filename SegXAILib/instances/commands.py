@@ -91,15 +91,11 @@ def _cmd_lesions(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .. import __version__
-    from ..attribution.api import _model_grid_mask
-    from ..attribution.forward import SegmentationForward
-    from ..attribution.targets import InstanceTarget
-    from . import classify_instances, find_instances, instance_at, instance_smoothgrad, lesion_table
+    from . import classify_instances, find_instances, instance_at, instance_saliency, lesion_table
     from ..io import atomic_path, check_writable_dir, read_channels, read_image
     from ..io import write_image
     from ..models import load_model
     from ..models.inference import segment
-    from ..models.preprocessing import model_input, to_input_grid
     from ..progress import sub_progress
 
     card, ids, click, aggregations, class_index = _check_lesions_arguments(args)
@@ -150,28 +146,11 @@ def _cmd_lesions(args: argparse.Namespace) -> int:
                     false_negatives.append({"id": None, "group": "FN", "reference_id": entry.pop("id"), **entry,
                                             "mean_probability": None})
 
-        maps: dict[int, dict[str, object]] = {}
-        if chosen:
-            x, model_affine = model_input(image, card, model.device)
-            network = model.network
-            steps = len(chosen) * len(aggregations)
-            step = 0
-            for identifier in chosen:
-                mask = _model_grid_mask(labels == identifier, image, card)
-                if not bool(mask.any()):
-                    raise SegXAIInputError(f"instance {identifier} has no voxel on the model's grid (too small)")
-                forward = SegmentationForward(network, card, x.shape[2:], InstanceTarget(class_index, mask,
-                                              instance_id=identifier), window_batch=args.window_batch)
-                for aggregation in aggregations:
-                    saliency = instance_smoothgrad(
-                        forward, x, n_samples=args.n_samples, noise_level=args.noise_level, aggregation=aggregation,
-                        batch_size=args.batch_size, seed=args.seed,
-                        progress=sub_progress(progress, 0.2 + 0.8 * step / steps, 0.2 + 0.8 * (step + 1) / steps),
-                    )
-                    values = saliency[0].detach().float().cpu().numpy()
-                    maps.setdefault(identifier, {})[aggregation] = to_input_grid(
-                        values, model_affine, image, tuple(image.channel_names))
-                    step += 1
+        maps = instance_saliency(
+            image, model, labels, chosen, class_index=class_index, aggregations=aggregations,
+            n_samples=args.n_samples, noise_level=args.noise_level, batch_size=args.batch_size, seed=args.seed,
+            window_batch=args.window_batch, progress=sub_progress(progress, 0.2, 1.0),
+        )
         progress(1.0, "done")
 
     rows = []
