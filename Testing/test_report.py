@@ -324,3 +324,18 @@ def sample_head():
     from SegXAILib.sample_data import load_sample_head
 
     return load_sample_head()
+
+
+def test_table_image_cells_are_thumbnails_of_existing_files(tmp_path):
+    from matplotlib.figure import Figure
+
+    report = HtmlReport("thumbnails <&>", tmp_path)
+    figure = Figure(figsize=(1, 1))
+    figure.add_subplot(1, 1, 1).plot([0, 1], [1, 0])
+    cell = report.image_cell(figure, alt="lesion <1>", name="thumb")
+    report.add_table([{"id": 1, "view": cell}, {"id": 2, "view": None}], caption="Lesions")
+    html = report.write().read_text(encoding="utf-8")
+    sources = re.findall(r'<img class="thumb" src="([^"]+)" alt="([^"]+)"', html)
+    assert sources == [("figures/thumb.png", "lesion &lt;1&gt;")]
+    assert (tmp_path / sources[0][0]).read_bytes()[:4] == b"\x89PNG"
+    assert "<figure>" not in html  # an image cell does not add a figure to the page

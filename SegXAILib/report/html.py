@@ -25,7 +25,18 @@ import numpy as np
 from ..image import SegXAIInputError
 from ..io import atomic_path, check_writable_dir
 
-__all__ = ["HtmlReport", "format_value", "escape"]
+__all__ = ["HtmlReport", "ImageCell", "format_value", "escape"]
+
+
+class ImageCell:
+    """A table cell showing an image of the report (from :meth:`HtmlReport.save_image`)."""
+
+    def __init__(self, src: str, alt: str = "") -> None:
+        self.src, self.alt = str(src), str(alt)
+
+    def to_html(self) -> str:
+        return f'<img class="thumb" src="{escape(quote(self.src))}" alt="{escape(self.alt)}" loading="lazy">'
+
 
 _CSS = """
 :root { color-scheme: light; }
@@ -49,6 +60,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: now
 table.kv th { width: 16rem; }
 figure { margin: 0.8rem 0 1.6rem; }
 figure img { max-width: 100%; height: auto; border: 1px solid #d0d7de; display: block; }
+img.thumb { max-height: 9rem; width: auto; display: block; }
 figcaption { color: #444c56; font-size: 0.88rem; margin-top: 0.35rem; }
 footer { margin-top: 2.5rem; border-top: 1px solid #d0d7de; padding-top: 0.5rem; color: #6e7781;
          font-size: 0.8rem; }
@@ -144,6 +156,7 @@ class HtmlReport:
 
         Values go through :func:`format_value` (floats to ``digits`` significant digits),
         numbers are right-aligned, missing keys are empty cells; everything is escaped.
+        An :class:`ImageCell` value shows its image (a thumbnail).
         """
         rows = list(rows)
         for position, row in enumerate(rows):
@@ -163,6 +176,9 @@ class HtmlReport:
             cells = []
             for column in columns:
                 value = row.get(column)
+                if isinstance(value, ImageCell):
+                    cells.append(f"<td>{value.to_html()}</td>")
+                    continue
                 css = ' class="num"' if _is_number(value) else ""
                 cells.append(f"<td{css}>{escape(format_value(value, digits))}</td>")
             lines.append("<tr>" + "".join(cells) + "</tr>")
@@ -190,6 +206,26 @@ class HtmlReport:
         ``name`` defaults to ``figure_01``, ``figure_02``...; unsafe characters are replaced
         and a name already used in this report gets a ``_2``, ``_3``... suffix.
         """
+        target = self.save_image(fig_or_png_path, name)
+        relative = target.resolve().relative_to(self.out_dir.resolve()).as_posix()
+        alt = caption or target.stem
+        parts = [
+            "<figure>",
+            f'<img src="{escape(quote(relative))}" alt="{escape(alt)}" loading="lazy">',
+        ]
+        if caption:
+            parts.append(f"<figcaption>{escape(caption)}</figcaption>")
+        parts.append("</figure>")
+        self._parts.append("\n".join(parts))
+        return target
+
+    def image_cell(self, fig_or_png_path, alt: str = "", name: str | None = None) -> ImageCell:
+        """Save a figure as :meth:`add_figure` does, without adding it to the page: a table cell."""
+        target = self.save_image(fig_or_png_path, name)
+        return ImageCell(target.resolve().relative_to(self.out_dir.resolve()).as_posix(), alt or target.stem)
+
+    def save_image(self, fig_or_png_path, name: str | None = None) -> Path:
+        """Write a ``Figure`` or copy a PNG into ``figures/`` under a unique name; returns the path."""
         from matplotlib.figure import Figure
 
         from .figures import save_figure
@@ -226,18 +262,7 @@ class HtmlReport:
                 f"add_figure: expected a matplotlib Figure or a PNG path, got {type(fig_or_png_path).__name__}"
             )
         self._figure_names.add(unique)
-        relative = target.resolve().relative_to(self.out_dir.resolve()).as_posix()
-        alt = caption or unique
-        parts = [
-            "<figure>",
-            f'<img src="{escape(quote(relative))}" alt="{escape(alt)}" loading="lazy">',
-        ]
-        if caption:
-            parts.append(f"<figcaption>{escape(caption)}</figcaption>")
-        parts.append("</figure>")
-        self._parts.append("\n".join(parts))
         return target
-
     def add_raw_html(self, fragment: str) -> None:
         """Insert trusted HTML as is (library-generated markup only, never user text)."""
         self._parts.append(str(fragment))
