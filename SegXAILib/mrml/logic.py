@@ -188,26 +188,15 @@ class CaseEngine:
                           batch_size: int = 8, progress: Optional[ProgressCallback] = None,
                           cancel: Optional[CancelToken] = None) -> Image:
         """Paper 001's instance saliency (SmoothGrad aggregated over the instance) on the input grid."""
-        from ..attribution.api import _model_grid_mask
-        from ..attribution.forward import SegmentationForward
-        from ..attribution.targets import InstanceTarget
-        from ..instances import instance_smoothgrad
-        from ..models.preprocessing import model_input, to_input_grid
+        from ..instances import instance_saliency
 
         if result.instance_labels is None or not 1 <= instance_id <= len(result.instances):
             raise SegXAIInputError(f"instance {instance_id}: the prediction has {len(result.instances)} instance(s)")
-        loaded = self.model(model, device)
-        card, image = loaded.card, result.image
-        x, model_affine = model_input(image, card, loaded.device)
-        mask = _model_grid_mask(result.instance_labels.array[0] == instance_id, image, card)
-        if not bool(mask.any()):
-            raise SegXAIInputError(f"instance {instance_id} has no voxel on the model's grid (too small)")
-        forward = SegmentationForward(loaded.network, card, x.shape[2:],
-                                      InstanceTarget(result.class_index, mask, instance_id=instance_id))
-        saliency = instance_smoothgrad(forward, x, n_samples=n_samples, noise_level=noise_level,
-                                       aggregation=aggregation, batch_size=batch_size, seed=seed,
-                                       progress=progress, cancel=cancel)
-        maps = to_input_grid(saliency[0].detach().float().cpu().numpy(), model_affine, image, tuple(image.channel_names))
+        maps = instance_saliency(
+            result.image, self.model(model, device), result.instance_labels.array[0], [instance_id],
+            class_index=result.class_index, aggregations=(aggregation,), n_samples=n_samples, noise_level=noise_level,
+            batch_size=batch_size, seed=seed, progress=progress, cancel=cancel,
+        )[instance_id][aggregation]
         result.instance_maps[instance_id] = maps
         return maps
 
