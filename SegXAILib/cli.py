@@ -219,7 +219,7 @@ def case_card(args: argparse.Namespace):
 
 # Modules that add their own sub-commands: each defines ``add_commands(commands)``, taking the
 # sub-parsers object, and uses the option helpers above.
-COMMAND_MODULES: tuple[str, ...] = ("SegXAILib.instances.commands",)
+COMMAND_MODULES: tuple[str, ...] = ("SegXAILib.instances.commands", "SegXAILib.attribution.pattern_commands")
 
 
 def build_parser() -> argparse.ArgumentParser:
