@@ -71,11 +71,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .pipeline import run_demo
+    from .demo import DemoSettings, run_demo
 
+    settings = DemoSettings.reduced() if args.quick else DemoSettings()
     with progress_bar("demo", not args.quiet) as progress:
-        result = run_demo(args.out, seed=args.seed, device=args.device, progress=progress)
+        result = run_demo(args.out, seed=args.seed, device=args.device, settings=settings, progress=progress)
     print(f"Dice against the inserted lesions: {result.dice:.3f}")
+    if "scene" in result.outputs:
+        print(f"Slicer scene: {Path(result.outputs['scene']).resolve()}")
     print(f"Report: {result.report.resolve()}")
     return 0
 
@@ -219,7 +222,8 @@ def case_card(args: argparse.Namespace):
 
 # Modules that add their own sub-commands: each defines ``add_commands(commands)``, taking the
 # sub-parsers object, and uses the option helpers above.
-COMMAND_MODULES: tuple[str, ...] = ("SegXAILib.instances.commands", "SegXAILib.attribution.pattern_commands")
+COMMAND_MODULES: tuple[str, ...] = ("SegXAILib.instances.commands", "SegXAILib.attribution.pattern_commands",
+                                     "SegXAILib.evaluation.commands", "SegXAILib.topology.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="segment the bundled sample with inserted lesions and write a report")
     demo.add_argument("--out", required=True, type=Path, help="output folder")
     demo.add_argument("--seed", type=int, default=2026, help="seed of the inserted lesions")
+    demo.add_argument("--quick", action="store_true",
+                      help="a reduced run: a 48x48x32 crop around one lesion, fewer samples (about a minute)")
     device_option(demo)
     demo.set_defaults(run=_cmd_demo)
 

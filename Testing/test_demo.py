@@ -1,41 +1,73 @@
-"""`segxai demo`: every output exists, opens, and keeps the sample's geometry."""
+"""`segxai demo --quick` (the demo's pipeline on the reduced setting): every output exists and
+opens, keeps the case's geometry, and the report references only files that exist."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.ndimage import distance_transform_edt
 
 from SegXAILib.cli import main
+from SegXAILib.demo import DEMO_SEED, DemoSettings, demo_case
 from SegXAILib.io import read_image
-from SegXAILib.sample_data import load_sample_head
 
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
-    assert main(["-q", "demo", "--out", str(out), "--device", "cpu"]) == 0
+    assert main(["-q", "demo", "--quick", "--out", str(out), "--device", "cpu"]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def case():
+    return demo_case(DEMO_SEED, DemoSettings.reduced().crop_half)
 
 
 def test_report_references_only_existing_files(demo_dir):
     html = (demo_dir / "report.html").read_text(encoding="utf-8")
     sources = re.findall(r'src="([^"]+)"', html)
-    assert len(sources) >= 6  # three planes per lesion and channel, at least a few lesions
+    assert sources
     for source in sources:
         assert (demo_dir / source).is_file(), source
-    assert "Dice" in html and "Timings" in html
+    assert not re.findall(r'href="(?!#)([^"]+)"', html) or all(
+        (demo_dir / h).exists() for h in re.findall(r'href="(?!#)([^"]+)"', html))
+    for section in ("Class-level maps", "instance saliency", "Lesion table", "Timings"):
+        assert section in html
 
 
-def test_outputs_are_on_the_sample_grid(demo_dir):
-    t1 = load_sample_head().t1
-    for name in ("input_FLAIR.nii.gz", "input_T1.nii.gz", "truth_lesions.nii.gz", "labels.nii.gz",
-                 "probability_lesion.nii.gz"):
-        image = read_image(demo_dir / name)
-        np.testing.assert_allclose(image.ijk_to_ras, t1.ijk_to_ras, atol=1e-4)
-        assert image.spatial_shape == t1.spatial_shape
+def test_every_image_output_is_on_the_case_grid(demo_dir, case):
+    image, _ = case
+    written = sorted(demo_dir.rglob("*.nii.gz"))
+    methods = {method for method, _ in DemoSettings.reduced().class_methods}
+    assert {p.name.split("_")[0] for p in (demo_dir / "maps").iterdir()} >= {m.split("_")[0] for m in methods}
+    assert len(list((demo_dir / "maps").iterdir())) == len(methods) * image.num_channels
+    for path in written:
+        opened = read_image(path)
+        np.testing.assert_allclose(opened.ijk_to_ras, image.ijk_to_ras, atol=1e-4, err_msg=str(path))
+        assert opened.spatial_shape == image.spatial_shape, path
+        assert np.isfinite(opened.array).all(), path
+
+
+def test_lesion_table_matches_the_instance_maps(demo_dir, case):
+    image, truth = case
+    document = json.loads((demo_dir / "lesions.json").read_text(encoding="utf-8"))
+    rows = document["instances"]
+    labels = read_image(demo_dir / "instances.nii.gz").array[0]
+    assert 1 <= len(rows) <= DemoSettings.reduced().max_instances
+    for row in rows:
+        lesion = labels == row["id"]
+        assert row["volume_mm3"] == pytest.approx(lesion.sum() * image.voxel_volume)
+        # a TP overlaps the inserted truth, an FP does not
+        assert row["group"] == ("TP" if (truth.array[0][lesion] > 0).any() else "FP")
+        # the peak is the max of the lesion's own map over the lesion and a 5 mm shell
+        flair = read_image(demo_dir / "instances" / f"instance{row['id']}_max_FLAIR.nii.gz").array[0]
+        near = distance_transform_edt(~lesion, sampling=image.spacing) <= 5.0
+        assert row["peak_positive_FLAIR"] == pytest.approx(max(float(flair[near].max()), 0.0), rel=1e-5, abs=1e-9)
 
 
 def test_demo_finds_the_inserted_lesions(demo_dir):

@@ -68,12 +68,54 @@ def test_synthetic_cohort_recovers_sigmoid_and_detects(fitted):
     assert np.all((probability >= 0) & (probability <= 1))
 
 
-def test_perfect_separation_leaves_moderate_band_empty(fitted):
+def assert_cut_rule(model):
+    """The documented cut-point rule, checked against an independent brute force over cuts."""
+    pc1, bad = model.calibration_pc1, model.calibration_insufficient()
+
+    def sens_spec(cut):
+        flagged = pc1 <= cut
+        return flagged[bad].mean(), (~flagged[~bad]).mean()
+
+    candidates = np.concatenate([[-np.inf], np.sort(pc1)])
+    stats = [sens_spec(c) for c in candidates]
+    # high: best sensitivity within the specificity budget, the strictest such cut
+    allowed = [(c, se) for c, (se, sp) in zip(candidates, stats) if sp >= model.specificity_target]
+    best = max(se for _, se in allowed)
+    assert model.cut_high == min(c for c, se in allowed if se == best)
+    # low: the most lenient cut meeting both targets; else the strictest reaching sensitivity
+    both = [c for c, (se, sp) in zip(candidates, stats)
+            if se >= model.sensitivity_target and sp >= model.specificity_target]
+    if both:
+        assert model.cut_low == max(both)
+    else:
+        assert model.cut_low == min(c for c, (se, _) in zip(candidates, stats) if se >= model.sensitivity_target)
+    assert model.cut_high <= model.cut_low
+    assert model.operating_points["low"]["sensitivity"] == pytest.approx(sens_spec(model.cut_low)[0])
+
+
+def test_perfect_separation_keeps_a_moderate_band(fitted):
     model, _ = fitted
-    # near-noiseless Dice: one threshold meets both targets, so cut_low == cut_high
-    assert model.cut_high == model.cut_low
+    assert_cut_rule(model)
+    pc1, bad = model.calibration_pc1, model.calibration_insufficient()
+    # near-noiseless Dice: one cut meets both targets. High = the strictest such cut, the
+    # review flag (moderate + high) the most lenient one: the moderate band is not empty,
+    # holds only sufficient contours here, and at most 1 - specificity_target of them
+    assert model.cut_high < model.cut_low
+    moderate = (pc1 > model.cut_high) & (pc1 <= model.cut_low)
+    assert moderate.any() and not moderate[bad].any()
+    assert moderate[~bad].mean() <= 1 - model.specificity_target + 1e-12
     assert model.operating_points["high"]["specificity"] >= 0.9
     assert model.operating_points["high"]["sensitivity"] >= 0.85
+    assert model.operating_points["low"]["specificity"] >= 0.9
+    bands = np.array([model.band(v) for v in pc1])
+    assert set(bands) == {"low", "moderate", "high"}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cut_rule_brute_force(seed):
+    curves, dice, _, _ = _cohort(80, seed=30 + seed, dice_noise=0.03, latent_noise=0.3 * seed)
+    model = calibrate_risk_model(curves, dice, default_thresholds(T), METHOD, None, CHECKSUM)
+    assert_cut_rule(model)
 
 
 def test_bands_ordered_on_held_out():
@@ -166,6 +208,8 @@ def test_infinite_cut_round_trips(fitted, tmp_path):
         ("method_parameters", []),
         ("pc1_scale", -1.0),
         ("format", "other"),
+        ("curve_quantiles", [[1.0, 2.0]]),
+        ("calibration_dice", [0.5]),
     ],
 )
 def test_load_rejects_corrupted_field(fitted, tmp_path, field, value):
@@ -178,7 +222,7 @@ def test_load_rejects_corrupted_field(fitted, tmp_path, field, value):
         RiskModel.load(path)
 
 
-@pytest.mark.parametrize("field", ["thresholds", "cut_high", "model_checksum", "auroc_cv_std"])
+@pytest.mark.parametrize("field", ["thresholds", "cut_high", "model_checksum", "auroc_cv_std", "curve_quantiles"])
 def test_load_rejects_missing_field(fitted, tmp_path, field):
     model, _ = fitted
     data = model.to_dict()

@@ -1,6 +1,8 @@
 """Topology of saliency maps: Euler characteristic curves and persistent homology.
 
-See METHODS.md section 6 (QA risk from persistent homology).
+See METHODS.md section 6 (QA risk from persistent homology): :mod:`.euler` (curves),
+:mod:`.risk` (the risk model), :mod:`.cohort` (calibration cohorts, scoring a case),
+:mod:`.plots` (PNG plots), :mod:`.commands` (``segxai qa``).
 """
 
 from .euler import (
@@ -11,6 +13,15 @@ from .euler import (
     persistence_diagram,
 )
 from .risk import RiskModel, calibrate_risk_model, saliency_curve
+from .cohort import (
+    MethodSpec,
+    ScoredCase,
+    build_cohort,
+    bundled_risk_model,
+    calibrate_cohort,
+    read_cohort,
+    score_case,
+)
 
 __all__ = [
     "betti_curves",
@@ -21,4 +32,11 @@ __all__ = [
     "RiskModel",
     "calibrate_risk_model",
     "saliency_curve",
+    "MethodSpec",
+    "ScoredCase",
+    "build_cohort",
+    "bundled_risk_model",
+    "calibrate_cohort",
+    "read_cohort",
+    "score_case",
 ]

@@ -21,6 +21,9 @@ Conventions
 * Bands: ``high`` when ``pc1 <= cut_high``; ``moderate`` when ``cut_high < pc1 <= cut_low``;
   ``low`` when ``pc1 > cut_low``. See :func:`calibrate_risk_model` for how the cuts are
   chosen. A cut of ``-inf`` (stored as JSON ``null``) means the band below it is empty.
+* The model also stores what plotting a new case needs without the cohort: per-threshold
+  quantiles of the calibration curves and the calibration cases' PC1 scores and Dice (from
+  which the ROC is recomputed).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from ..io import atomic_path
 from .euler import euler_characteristic_curve
 
 __all__ = [
+    "CURVE_QUANTILE_LEVELS",
     "RISK_MODEL_FORMAT",
     "RISK_MODEL_VERSION",
     "RiskModel",
@@ -51,9 +55,11 @@ __all__ = [
 #: ``format`` tag of the JSON file
 RISK_MODEL_FORMAT = "segxai-risk-model"
 #: schema version written and accepted by :meth:`RiskModel.load`
-RISK_MODEL_VERSION = 1
+RISK_MODEL_VERSION = 2
 #: fewest calibration cases accepted
 MIN_CASES = 10
+#: quantile levels of the calibration curves stored for plotting (band = 5-95 %, 25-75 %)
+CURVE_QUANTILE_LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)
 PC1_CONVENTION = "higher_pc1_higher_dice"
 
 
@@ -163,6 +169,12 @@ class RiskModel:
     model_checksum : str
         Checksum of the segmentation model the cohort was run with.
     n_cases, n_insufficient : int
+    curve_quantile_levels : ndarray, shape (Q,)
+        Levels of :attr:`curve_quantiles` (:data:`CURVE_QUANTILE_LEVELS`).
+    curve_quantiles : ndarray, shape (Q, T)
+        Per-threshold quantiles of the calibration EC curves (the cohort's spread, for plots).
+    calibration_pc1, calibration_dice : ndarray, shape (N,)
+        PC1 score and Dice of every calibration case (the ROC and the scatter plot).
     pc1_convention : str
         Always ``"higher_pc1_higher_dice"``.
     """
@@ -197,6 +209,10 @@ class RiskModel:
     model_checksum: str
     n_cases: int
     n_insufficient: int
+    curve_quantile_levels: np.ndarray
+    curve_quantiles: np.ndarray
+    calibration_pc1: np.ndarray
+    calibration_dice: np.ndarray
     pc1_convention: str = field(default=PC1_CONVENTION)
 
     # ------------------------------------------------------------------ applying
@@ -279,6 +295,21 @@ class RiskModel:
             "estimated_dice": estimate,
             "insufficient_probability": probability,
         }
+
+    def calibration_insufficient(self) -> np.ndarray:
+        """Boolean ``(N,)``: which calibration cases were insufficient (``dice < insufficient_dice``)."""
+        return self.calibration_dice < self.insufficient_dice
+
+    def roc(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Calibration ROC of ``-pc1``: ``(fpr, tpr, pc1_cut)``, each shape (P,).
+
+        Point ``p`` flags ``pc1 <= pc1_cut[p]`` (the first point, ``+inf`` threshold in
+        scikit-learn, has ``pc1_cut = -inf``: nothing flagged).
+        """
+        from sklearn.metrics import roc_curve
+
+        fpr, tpr, thr = roc_curve(self.calibration_insufficient(), -self.calibration_pc1, drop_intermediate=False)
+        return fpr, tpr, -thr
 
     # ------------------------------------------------------------------ serialising
 
@@ -407,13 +438,22 @@ def _from_dict(cls: type, data: Any, source: str) -> RiskModel:
         raise _field_error(source, "pca_components", f"must have {t} columns like thresholds, got {components.shape}")
     if ratio.shape != (components.shape[0],):
         raise _field_error(source, "explained_variance_ratio", f"must have {components.shape[0]} entries")
+    levels = _array(data, "curve_quantile_levels", 1, source)
+    quantiles = _array(data, "curve_quantiles", 2, source)
+    if quantiles.shape != (levels.size, t):
+        raise _field_error(source, "curve_quantiles", f"must have shape ({levels.size}, {t}), got {quantiles.shape}")
+    calibration_pc1 = _array(data, "calibration_pc1", 1, source)
+    calibration_dice = _array(data, "calibration_dice", 1, source)
+    if calibration_pc1.shape != (values["n_cases"],) or calibration_dice.shape != (values["n_cases"],):
+        raise _field_error(source, "calibration_pc1", f"and 'calibration_dice' must have n_cases = {values['n_cases']} entries")
     if values["cut_high"] > values["cut_low"]:
         raise _field_error(source, "cut_high", "must not exceed cut_low")
     if values["pc1_scale"] <= 0:
         raise _field_error(source, "pc1_scale", "must be positive")
     return cls(
         thresholds=thresholds, pca_mean=mean, pca_components=components,
-        explained_variance_ratio=ratio, **values,
+        explained_variance_ratio=ratio, curve_quantile_levels=levels, curve_quantiles=quantiles,
+        calibration_pc1=calibration_pc1, calibration_dice=calibration_dice, **values,
     )
 
 
@@ -494,15 +534,23 @@ def _choose_cuts(
     from sklearn.metrics import roc_curve
 
     fpr, tpr, thr = roc_curve(insufficient, -pc1, drop_intermediate=False)
-    # flagged as risky when -pc1 >= thr, i.e. pc1 <= -thr
+    # flagged as risky when -pc1 >= thr, i.e. pc1 <= -thr; along the ROC the cut rises
     ok_spec = np.flatnonzero(1.0 - fpr >= specificity_target)  # never empty: (0, 0) point
     best_tpr = tpr[ok_spec].max()
+    # high: rule-in, the strictest cut with the best sensitivity the specificity budget allows
     i_high = ok_spec[tpr[ok_spec] == best_tpr][np.argmin(fpr[ok_spec][tpr[ok_spec] == best_tpr])]
-    ok_sens = np.flatnonzero(tpr >= sensitivity_target)  # never empty: (1, 1) point
-    i_low = ok_sens[np.argmin(fpr[ok_sens])]
+    both = np.flatnonzero((tpr >= sensitivity_target) & (1.0 - fpr >= specificity_target))
+    if both.size:
+        # review flag (moderate or high): the most lenient cut still meeting both targets, so
+        # the specificity budget is spent on reviewing borderline contours, not on calling them low
+        i_low = both[-1]  # points run from the strictest to the most lenient cut
+    else:
+        # the targets cannot both be met: sensitivity (safety) wins, at the lowest FPR
+        ok_sens = np.flatnonzero(tpr >= sensitivity_target)  # never empty: (1, 1) point
+        i_low = ok_sens[np.argmin(fpr[ok_sens])]
     cut_high = -float(thr[i_high]) if np.isfinite(thr[i_high]) else -math.inf
     cut_low = -float(thr[i_low]) if np.isfinite(thr[i_low]) else -math.inf
-    cut_low = max(cut_low, cut_high)
+    cut_low = max(cut_low, cut_high)  # a no-op by construction; kept as the invariant
 
     def point(cut: float) -> dict:
         flagged = pc1 <= cut
@@ -587,15 +635,22 @@ def calibrate_risk_model(
     The ROC is :func:`sklearn.metrics.roc_curve` of ``-pc1`` (low PC1 = risk) against the
     insufficient labels; a point with threshold ``s`` flags ``pc1 <= -s``.
 
-    * High-risk cut: among ROC points with specificity ``>= specificity_target``, the one
-      with the highest sensitivity (ties: the lowest false-positive rate). ``pc1 <=
-      cut_high`` is ``high``. If only the trivial point qualifies, ``cut_high = -inf``.
-    * Low-risk cut: among ROC points with sensitivity ``>= sensitivity_target``, the one
-      with the lowest false-positive rate (the first such point along the ROC). ``pc1 >
-      cut_low`` is ``low``; so at least ``sensitivity_target`` of the calibration's
-      insufficient cases fall in ``moderate`` or ``high``.
-    * If ``cut_low < cut_high`` (one threshold meets both targets), ``cut_low`` is raised
-      to ``cut_high`` and the moderate band is empty.
+    * High-risk cut (rule-in): among ROC points with specificity ``>= specificity_target``,
+      the one with the highest sensitivity (ties: the lowest false-positive rate, i.e. the
+      strictest cut). ``pc1 <= cut_high`` is ``high``. If only the trivial point
+      qualifies, ``cut_high = -inf``.
+    * Low-risk cut (review flag: ``pc1 <= cut_low`` is ``moderate`` or ``high``): the
+      paper's operating point, sensitivity ``>= sensitivity_target`` at specificity ``>=
+      specificity_target``. Among the ROC points meeting both, the most lenient one (the
+      highest false-positive rate still within the specificity budget). If no point meets
+      both, the first point reaching the sensitivity target (lowest false-positive rate):
+      safety first. ``pc1 > cut_low`` is ``low``, so at least ``sensitivity_target`` of
+      the calibration's insufficient cases fall in ``moderate`` or ``high``.
+    * Hence ``cut_high <= cut_low`` always. When the detector meets both targets (even
+      separates the calibration cohort perfectly) the moderate band holds the borderline
+      sufficient contours just above the high cut (at most ``1 - specificity_target`` of
+      the sufficient ones); otherwise it holds the zone where the two targets conflict.
+      It is empty only when the most lenient qualifying point is also the strictest.
 
     The cross-validated AUROC refits PCA and the PC1 sign on each training fold and scores
     the held-out fold; the insufficient labels come from the whole cohort's quantile.
@@ -639,6 +694,8 @@ def calibrate_risk_model(
     cut_high, cut_low, points = _choose_cuts(pc1, insufficient, sensitivity_target, specificity_target)
     cv = _cross_validated_auroc(curves, dice, insufficient, folds, seed, n_components)
     b0, b1, center, scale = _fit_logistic(pc1, insufficient)
+    levels = np.asarray(CURVE_QUANTILE_LEVELS, dtype=np.float64)
+    quantiles = np.quantile(curves, levels, axis=0)
     return RiskModel(
         version=RISK_MODEL_VERSION,
         thresholds=thresholds,
@@ -670,4 +727,8 @@ def calibrate_risk_model(
         model_checksum=model_checksum,
         n_cases=int(curves.shape[0]),
         n_insufficient=n_bad,
+        curve_quantile_levels=levels,
+        curve_quantiles=quantiles,
+        calibration_pc1=pc1,
+        calibration_dice=dice.copy(),
     )

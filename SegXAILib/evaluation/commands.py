@@ -1,0 +1,452 @@
+"""``segxai evaluate`` and ``segxai agg2exp``: evaluation of attribution methods and Agg2Exp
+over a set of cases.
+
+A *case* on the command line (``--images``) is either
+
+* a folder holding one image per model input channel, named after the card's channels
+  (``FLAIR.nii.gz``, ``T1.nrrd``, ...), optionally ``reference.<ext>`` (a reference label map /
+  mask on the same grid) and ``roi_<NAME>.<ext>`` (extra RoIs for ``agg2exp``); or
+* the image files themselves, comma-separated in the card's channel order (one file for a
+  one-channel model).
+
+``--reference`` gives one reference mask per case, in the order of ``--images``, overriding
+the folders' ``reference`` files. Everything is checked before any model runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ..image import SegXAIInputError
+from ..io import IMAGE_SUFFIXES
+
+__all__ = ["add_commands", "CaseFiles", "parse_cases", "parse_method_params"]
+
+
+@dataclass
+class CaseFiles:
+    """One case's files: ``images`` in the card's channel order, optional ``reference`` and
+    extra RoIs (name -> file)."""
+
+    name: str
+    images: list[Path]
+    reference: Optional[Path] = None
+    rois: dict[str, Path] = field(default_factory=dict)
+
+
+def _find(folder: Path, stem: str) -> Optional[Path]:
+    for suffix in IMAGE_SUFFIXES:
+        candidate = folder / f"{stem}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def parse_cases(specs: list[str], channels: list[str], references: Optional[list[str]] = None) -> list[CaseFiles]:
+    """``--images`` items -> cases (see the module docstring); ``--reference`` files by case."""
+    if not specs:
+        raise SegXAIInputError("--images: no case given")
+    cases: list[CaseFiles] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            images = [_find(path, channel) for channel in channels]
+            missing = [c for c, p in zip(channels, images) if p is None]
+            if missing:
+                raise SegXAIInputError(
+                    f"--images {spec}: folder has no image for channel(s) {', '.join(missing)} "
+                    f"(expected files named <channel>{IMAGE_SUFFIXES[0]}, e.g. {channels[0]}.nii.gz)")
+            rois = {}
+            for candidate in sorted(path.iterdir()):
+                stem = _stem(candidate)
+                if candidate.is_file() and stem.startswith("roi_") and len(stem) > 4:
+                    rois[stem[4:]] = candidate
+            cases.append(CaseFiles(path.name, [p for p in images if p is not None], _find(path, "reference"), rois))
+            continue
+        files = [Path(p) for p in spec.split(",") if p]
+        if len(files) != len(channels):
+            raise SegXAIInputError(
+                f"--images {spec}: expected a case folder or {len(channels)} comma-separated file(s) "
+                f"({', '.join(channels)}), got {len(files)}")
+        for file in files:
+            if not file.exists():
+                raise SegXAIInputError(f"--images {spec}: {file}: no such file or folder")
+        cases.append(CaseFiles(_stem(files[0]), files))
+    if references:
+        if len(references) != len(cases):
+            raise SegXAIInputError(f"--reference: expected one mask per case ({len(cases)}), got {len(references)}")
+        for case, reference in zip(cases, references):
+            if not Path(reference).exists():
+                raise SegXAIInputError(f"--reference {reference}: no such file")
+            case.reference = Path(reference)
+    names = [c.name for c in cases]
+    for index, case in enumerate(cases):
+        if names.count(case.name) > 1:
+            case.name = f"{case.name}_{index}"
+    return cases
+
+
+def parse_method_params(methods_text: str, pairs: list[str]) -> dict[str, dict[str, Any]]:
+    """``--methods a,b@x`` and ``--param a.NAME=VALUE`` / ``b@x.NAME=VALUE`` -> ``{method key: {NAME: value}}``
+    (checked against the registry)."""
+    from ..attribution import get_method, parse_params
+
+    methods = [m.strip() for m in methods_text.replace(" ", ",").split(",") if m.strip()]
+    if not methods:
+        raise SegXAIInputError("--methods: no method given (see: segxai methods)")
+    for name in methods:
+        if "." in name or name.endswith("@"):
+            raise SegXAIInputError(f"--methods {name!r}: expected NAME or NAME@LABEL (no dots)")
+        get_method(name.split("@", 1)[0])  # an unknown name fails here, naming the available ones
+    chosen: dict[str, list[str]] = {m: [] for m in dict.fromkeys(methods)}
+    for pair in pairs:
+        head, equals, _ = pair.partition("=")
+        method, dot, key = head.partition(".")
+        if not equals or not dot or not key:
+            raise SegXAIInputError(f"--param {pair!r}: expected METHOD.NAME=VALUE, e.g. smoothgrad.n_samples=10")
+        if method not in chosen:
+            raise SegXAIInputError(f"--param {pair!r}: method {method!r} is not in --methods")
+        chosen[method].append(pair[len(method) + 1:])
+    params = {method: parse_params(method.split("@", 1)[0], items) for method, items in chosen.items()}
+    if any(m.split("@", 1)[0] == "expected_gradients" for m in params):
+        raise SegXAIInputError("--methods expected_gradients needs reference volumes, which the command line cannot "
+                               "pass; use integrated_gradients (baselines=black_white) or the Python API")
+    return params
+
+
+def _write_text(path: Path, text: str) -> Path:
+    from ..io import atomic_path
+
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    return path
+
+
+def _json(data: Any) -> str:
+    from .runner import json_ready
+
+    return json.dumps(json_ready(data), indent=2, default=str) + "\n"
+
+
+def _card_and_cases(args: argparse.Namespace):
+    from ..pipeline import resolve_model_card
+
+    card = resolve_model_card(args.model)
+    cases = parse_cases(list(args.images), list(card.input_channels), args.reference)
+    class_name = getattr(args, "class_name", "")
+    if class_name and class_name not in card.class_names:
+        raise SegXAIInputError(f"--class {class_name!r}: the model's classes are {card.class_names}")
+    return card, cases
+
+
+def _read_case(case: CaseFiles, card):
+    from ..io import read_channels, read_image
+
+    image = read_channels([str(p) for p in case.images], card.input_channels)
+    reference = None
+    if case.reference is not None:
+        reference = read_image(case.reference)
+        if reference.num_channels != 1 or not reference.same_grid(image):
+            raise SegXAIInputError(f"--reference {case.reference}: expected a one-channel mask on the grid of "
+                                   f"{case.images[0]} (shape {image.spatial_shape})")
+    return image, reference
+
+
+def _command_line() -> str:
+    return "segxai " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
+
+
+# ---- segxai evaluate ---------------------------------------------------------------------------
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .. import __version__
+    from ..cli import progress_bar
+    from ..io import check_writable_dir
+    from ..models import load_model
+    from ..progress import sub_progress
+    from .runner import METRICS, EvaluationConfig, csv_table, evaluate_case, markdown_tables, summarise
+
+    card, cases = _card_and_cases(args)
+    params = parse_method_params(args.methods, list(args.param or []))
+    params.setdefault("random", {})
+    config = EvaluationConfig(
+        metrics=METRICS if args.metrics.strip() == "all" else tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
+        variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
+        class_name=args.class_name, fidelity_score=args.fidelity_score, fidelity_step=args.fidelity_step,
+        baseline=args.baseline, n_subsets=args.n_subsets, subset_fraction=args.subset_fraction,
+        sensitivity_samples=args.sensitivity_samples, noise_level=args.noise_level, slic_segments=args.slic_segments,
+        slic_compactness=args.slic_compactness, randomisation_cascading=args.cascading, batch_size=args.batch_size,
+        window_batch=args.window_batch, seed=args.seed,
+    ).check()
+    if not math.isfinite(config.baseline):
+        raise SegXAIInputError(f"--baseline {args.baseline}: must be a finite number")
+    for case in cases:  # every file readable and on its grid before anything is written
+        _read_case(case, card)
+    out_dir = check_writable_dir(args.out)
+    model = load_model(card, device=args.device, trust=args.trust_bundle)
+    rows, details = [], []
+    with progress_bar("evaluate", not args.quiet) as progress:
+        for index, case in enumerate(cases):
+            image, reference = _read_case(case, card)
+            case_rows, case_details = evaluate_case(
+                image, model, params, reference, config, case=case.name,
+                progress=sub_progress(progress, index / len(cases), (index + 1) / len(cases)))
+            rows.extend({"model": card.name, **row} for row in case_rows)
+            details.append(case_details)
+    summary = summarise(rows)
+    title = args.title or f"Evaluation of attribution methods: {card.name}"
+    document = {
+        "title": title, "model": card.name, "model_checksum": card.checksum(), "device": str(model.device),
+        "command": _command_line(), "config": asdict(config), "methods": params,
+        "cases": [{"name": c.name, "images": [str(p.resolve()) for p in c.images],
+                   "reference": None if c.reference is None else str(c.reference.resolve())} for c in cases],
+        "summary": summary, "rows": rows, "details": details, "segxai_version": __version__,
+    }
+    written = [
+        _write_text(out_dir / "evaluation.md", markdown_tables(summary, title)),
+        _write_text(out_dir / "evaluation.csv", csv_table(rows)),
+        _write_text(out_dir / "evaluation.json", _json(document)),
+    ]
+    print(markdown_tables(summary, title))
+    for path in written:
+        print(path)
+    return 0
+
+
+# ---- segxai agg2exp ----------------------------------------------------------------------------
+def _parse_rois(pairs: list[str]) -> dict[str, Path]:
+    rois = {}
+    for pair in pairs:
+        name, equals, file = pair.partition("=")
+        if not equals or not name or not file:
+            raise SegXAIInputError(f"--roi {pair!r}: expected NAME=MASKFILE")
+        if not Path(file).exists():
+            raise SegXAIInputError(f"--roi {pair!r}: {file}: no such file")
+        rois[name] = Path(file)
+    return rois
+
+
+def _load_fit_on(path: str):
+    from .agg2exp import CaseImportance
+
+    file = Path(path)
+    if not file.is_file():
+        raise SegXAIInputError(f"--fit-on {path}: no such file")
+    try:
+        document = json.loads(file.read_text(encoding="utf-8"))
+        return [CaseImportance.from_dict(c) for c in document["cases"]]
+    except (ValueError, KeyError, TypeError) as error:
+        raise SegXAIInputError(f"--fit-on {path}: not an agg2exp.json written by segxai agg2exp ({error})") from None
+
+
+def _cmd_agg2exp(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .. import __version__
+    from ..attribution import parse_params
+    from ..cli import progress_bar
+    from ..io import check_writable_dir, read_image, write_image
+    from ..models import load_model
+    from ..progress import sub_progress
+    from .agg2exp import IMPORTANCE_VARIANTS, OutlierModel, agg2exp_case, draw_graph, global_matrix
+    from .agg2exp import spearman_with_dice, top_k_graph
+
+    card, cases = _card_and_cases(args)
+    parse_method_params(args.method, [])  # the method exists and is usable from the command line
+    params = parse_params(args.method, list(args.param or []))
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not variants or any(v not in IMPORTANCE_VARIANTS for v in variants):
+        raise SegXAIInputError(f"--variants {args.variants!r}: expected any of {', '.join(IMPORTANCE_VARIANTS)}")
+    if args.graph_variant not in variants:
+        raise SegXAIInputError(f"--graph-variant {args.graph_variant!r}: must be one of --variants ({', '.join(variants)})")
+    classes = None
+    if args.classes:
+        classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+        unknown = [c for c in classes if c not in card.class_names]
+        if unknown:
+            raise SegXAIInputError(f"--classes: {unknown} are not among the model's classes {card.class_names}")
+    if args.top_k < 1:
+        raise SegXAIInputError(f"--top-k {args.top_k}: must be >= 1")
+    if args.n_estimators < 1:
+        raise SegXAIInputError(f"--n-estimators {args.n_estimators}: must be >= 1")
+    shared_rois = _parse_rois(list(args.roi or []))
+    reference_cohort = _load_fit_on(args.fit_on) if args.fit_on else None
+
+    def read(case):
+        image, reference = _read_case(case, card)
+        rois = {}
+        for name, file in {**case.rois, **shared_rois}.items():
+            mask = read_image(file)
+            if mask.num_channels != 1 or not mask.same_grid(image):
+                raise SegXAIInputError(f"--roi {name}={file}: expected a one-channel mask on the grid of "
+                                       f"{case.images[0]} (shape {image.spatial_shape})")
+            rois[name] = mask
+        return image, reference, rois
+
+    for case in cases:  # every file readable and on its grid before anything is written
+        read(case)
+    out_dir = check_writable_dir(args.out)
+    model = load_model(card, device=args.device, trust=args.trust_bundle)
+
+    results = []
+    with progress_bar("agg2exp", not args.quiet) as progress:
+        for index, case in enumerate(cases):
+            image, reference, rois = read(case)
+            result = agg2exp_case(image, model, args.method, params, classes, rois, reference, variants,
+                                  case=case.name, keep_maps=args.save_maps, window_batch=args.window_batch,
+                                  progress=sub_progress(progress, index / len(cases), (index + 1) / len(cases)))
+            results.append(result)
+            if args.save_maps:
+                folder = check_writable_dir(out_dir / "maps" / case.name)
+                for class_name, maps in result.maps.items():
+                    for channel in maps.channel_names:
+                        write_image(maps.channel(channel), folder / f"{class_name}_{channel}.nii.gz")
+
+    written = []
+    globals_ = {}
+    for variant in variants:
+        matrix = global_matrix([r.matrices[variant] for r in results])
+        globals_[variant] = matrix
+        written.append(_write_text(out_dir / f"global_{variant}.csv", matrix.csv()))
+        written.append(_write_text(out_dir / f"global_{variant}.md",
+                                   f"# Agg2Exp global RoI importance ({variant}, {len(results)} cases, {args.method})\n\n"
+                                   + matrix.markdown()))
+    graph = top_k_graph(globals_[args.graph_variant], args.top_k, include_self=args.include_self)
+    written.append(_write_text(out_dir / "graph.json", _json(graph)))
+    written.append(draw_graph(graph, out_dir / "graph.png",
+                              f"{card.name}: top-{args.top_k} incoming edges ({args.graph_variant}, {args.method})"))
+
+    fitted = reference_cohort if reference_cohort is not None else results
+    outliers: dict[str, Any] = {"fitted_on": args.fit_on or "this run's cases (in-sample scores)",
+                                "reference_cases": len(fitted), "variant": args.graph_variant,
+                                "n_estimators": args.n_estimators, "seed": args.seed}
+    try:
+        forest = OutlierModel(args.n_estimators, args.seed).fit([r.matrices[args.graph_variant] for r in fitted])
+    except SegXAIInputError as error:
+        forest = None
+        outliers["skipped"] = str(error)
+    except KeyError:
+        raise SegXAIInputError(f"--fit-on {args.fit_on}: has no {args.graph_variant!r} matrices") from None
+    if forest is not None:
+        scores = {r.case: forest.score(r.matrices[args.graph_variant]) for r in results}
+        outliers["fitted_rows"] = forest.fitted_on
+        outliers["scores"] = scores
+        correlations = {}
+        for name in card.class_names[1:]:
+            if any(name in r.dice for r in results):
+                correlations[name] = spearman_with_dice([scores[r.case].get(name, np.nan) for r in results],
+                                                        [r.dice.get(name, np.nan) for r in results])
+        if correlations:
+            mean_scores = [np.nanmean(list(scores[r.case].values())) if scores[r.case] else np.nan for r in results]
+            mean_dice = [np.mean(list(r.dice.values())) if r.dice else np.nan for r in results]
+            correlations["mean over classes"] = spearman_with_dice(mean_scores, mean_dice)
+        outliers["spearman_vs_dice"] = correlations
+        lines = ["case," + ",".join(card.class_names if classes is None else classes)]
+        for case_name, per_class in scores.items():
+            lines.append(case_name + "," + ",".join("" if not math.isfinite(v) else repr(v) for v in per_class.values()))
+        written.append(_write_text(out_dir / "outliers.csv", "\n".join(lines) + "\n"))
+    for result in results:
+        for variant, matrix in result.matrices.items():
+            written.append(_write_text(check_writable_dir(out_dir / "cases") / f"{result.case}_{variant}.csv", matrix.csv()))
+    document = {
+        "model": card.name, "model_checksum": card.checksum(), "method": args.method, "parameters": params,
+        "command": _command_line(), "variants": variants,
+        "global": {v: m.to_dict() for v, m in globals_.items()},
+        "context_use": {v: m.context_use() for v, m in globals_.items()},
+        "graph": graph, "outliers": outliers, "cases": [r.to_dict() for r in results], "segxai_version": __version__,
+    }
+    written.append(_write_text(out_dir / "agg2exp.json", _json(document)))
+    print(globals_[args.graph_variant].markdown())
+    for path in written:
+        print(path)
+    return 0
+
+
+# ---- parsers -----------------------------------------------------------------------------------
+def _common(command: argparse.ArgumentParser) -> None:
+    from ..cli import device_option, model_help
+
+    command.add_argument("--model", required=True, help=model_help())
+    command.add_argument("--images", nargs="+", required=True, metavar="CASE",
+                         help="cases: a folder with one <channel>.nii.gz per model input channel (optional "
+                              "reference.nii.gz, roi_<NAME>.nii.gz), or comma-separated files in the card's channel order")
+    command.add_argument("--reference", nargs="+", default=None, metavar="MASK",
+                         help="one reference mask per case, in the order of --images (overrides reference.* in folders)")
+    command.add_argument("--out", required=True, type=Path, help="output folder")
+    command.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    command.add_argument("--window-batch", type=int, default=1, metavar="N", help="sliding windows per network call")
+    command.add_argument("--trust-bundle", action="store_true", help="allow MONAI bundles (their configs can run code)")
+    device_option(command)
+
+
+def add_commands(commands) -> None:
+    """Add ``evaluate`` and ``agg2exp`` to the ``segxai`` sub-parsers."""
+    evaluate = commands.add_parser(
+        "evaluate", help="score attribution methods (fidelity, pointing, region Dice, faithfulness, sensitivity, "
+                         "complexity, efficiency, randomisation) over cases; random baseline included")
+    _common(evaluate)
+    evaluate.add_argument("--methods", required=True, metavar="M,M",
+                          help="attribution methods, comma-separated (see: segxai methods); NAME@LABEL scores one "
+                               "method under several settings (kernel_shap@cubes); random is always added")
+    evaluate.add_argument("--param", action="append", default=[], metavar="METHOD.NAME=VALUE",
+                          help="a method parameter (repeatable), e.g. smoothgrad.n_samples=10, kernel_shap@cubes.features=cubes")
+    evaluate.add_argument("--metrics", default="all", metavar="M,M",
+                          help="all (default) or any of fidelity, pointing, region_dice, faithfulness, sensitivity, "
+                               "complexity, efficiency, randomisation")
+    evaluate.add_argument("--class", dest="class_name", default="", metavar="NAME",
+                          help="class to explain (default: the first foreground class)")
+    evaluate.add_argument("--variants", default="signed,absolute", metavar="V,V", help="signed, absolute (default both)")
+    evaluate.add_argument("--fidelity-score", default="target", metavar="S",
+                          help="target (normalised class target, default) or dice (Dice against the clean prediction)")
+    evaluate.add_argument("--fidelity-step", type=float, default=0.025, metavar="F", help="share per step (default 0.025)")
+    evaluate.add_argument("--baseline", type=float, default=0.0, metavar="V",
+                          help="masking value on the model grid (preprocessed intensities; default 0)")
+    evaluate.add_argument("--n-subsets", type=int, default=100, metavar="N", help="faithfulness subsets (default 100)")
+    evaluate.add_argument("--subset-fraction", type=float, default=0.01, metavar="F",
+                          help="faithfulness subset size as a share of the voxels (default 0.01)")
+    evaluate.add_argument("--sensitivity-samples", type=int, default=3, metavar="N", help="noisy inputs (default 3)")
+    evaluate.add_argument("--noise-level", type=float, default=0.05, metavar="F",
+                          help="sensitivity noise sigma as a share of the input range (default 0.05)")
+    evaluate.add_argument("--slic-segments", type=int, default=200, metavar="N", help="SLIC supervoxels (default 200)")
+    evaluate.add_argument("--slic-compactness", type=float, default=0.1, metavar="F", help="SLIC compactness (default 0.1)")
+    evaluate.add_argument("--cascading", action="store_true",
+                          help="randomisation: Adebayo's layer-by-layer cascade (one map per layer) instead of one step")
+    evaluate.add_argument("--batch-size", type=int, default=8, metavar="N", help="perturbed volumes per forward")
+    evaluate.add_argument("--title", default="", help="title of the tables")
+    evaluate.set_defaults(run=_cmd_evaluate)
+
+    agg = commands.add_parser(
+        "agg2exp", help="Agg2Exp: RoI importance matrices per class and case, the global matrix, its top-k graph "
+                        "and Isolation-Forest outliers")
+    _common(agg)
+    agg.add_argument("--method", default="smoothgrad", help="attribution method (default smoothgrad, paper 003's choice)")
+    agg.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a method parameter (repeatable)")
+    agg.add_argument("--classes", default="", metavar="C,C", help="classes to explain (default: all, background included)")
+    agg.add_argument("--roi", action="append", default=[], metavar="NAME=MASK",
+                     help="an extra RoI column for every case (a mask on the cases' grid; repeatable)")
+    agg.add_argument("--variants", default="absolute,positive,negative", metavar="V,V",
+                     help="absolute, positive, negative (default all)")
+    agg.add_argument("--graph-variant", default="absolute", metavar="V",
+                     help="variant of the graph and the outlier model (default absolute)")
+    agg.add_argument("--top-k", type=int, default=3, metavar="K", help="incoming edges per class in the graph (default 3)")
+    agg.add_argument("--include-self", action="store_true", help="allow self-edges (context use) in the graph")
+    agg.add_argument("--fit-on", default=None, metavar="AGG2EXP_JSON",
+                     help="reference cohort of the outlier model: an agg2exp.json from an earlier run "
+                          "(default: this run's cases, in-sample)")
+    agg.add_argument("--n-estimators", type=int, default=100, metavar="N", help="Isolation Forest trees (default 100)")
+    agg.add_argument("--save-maps", action="store_true", help="also write each class's attribution maps")
+    agg.set_defaults(run=_cmd_agg2exp)

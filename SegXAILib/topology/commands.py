@@ -1,0 +1,232 @@
+"""``segxai qa``: QA risk scores from the topology of saliency maps (METHODS.md section 6).
+
+* ``segxai qa cohort --model lesions|deepbet --out DIR [--cases N] [--method NAME[:k=v,...]]``
+  builds a calibration cohort (:func:`SegXAILib.topology.cohort.build_cohort`);
+* ``segxai qa calibrate --cohort DIR --method NAME --out RISK.json`` fits a risk model and
+  writes its plots beside it (ROC with the cut points, Dice vs PC1, the cohort's EC band);
+* ``segxai qa score IMAGE... --model M --risk RISK.json [--out DIR]`` scores one case: PC1,
+  band, estimated Dice; with ``--out`` a JSON result, the mask, the saliency map and plots.
+
+A risk model applied to another model (card checksum) or attribution method is refused
+(exit 2) before any heavy work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from ..image import SegXAIInputError
+
+__all__ = ["add_commands"]
+
+#: Methods that need an eager network (module hooks or backward rules): not on TorchScript
+_EAGER_ONLY = ("gradcam", "gradcam_plusplus", "guided_gradcam", "guided_gradcam_plusplus", "guided_backprop",
+               "deconvolution")
+
+
+def _positive_int(name: str, value: int, minimum: int = 1) -> int:
+    if value < minimum:
+        raise SegXAIInputError(f"{name} {value}: must be an integer >= {minimum}")
+    return value
+
+
+def _fraction(name: str, value: float, closed_right: bool = False) -> float:
+    ok = 0.0 < value <= 1.0 if closed_right else 0.0 < value < 1.0
+    if not (math.isfinite(value) and ok):
+        raise SegXAIInputError(f"{name} {value}: must be in (0, 1{']' if closed_right else ')'}")
+    return value
+
+
+def _cmd_cohort(args: argparse.Namespace) -> int:
+    from ..cli import progress_bar
+    from .cohort import COHORT_MODELS, MethodSpec, build_cohort, default_methods, read_cohort
+
+    if args.model not in COHORT_MODELS:
+        raise SegXAIInputError(f"--model {args.model!r}: expected one of {', '.join(COHORT_MODELS)}")
+    _positive_int("--cases", args.cases)
+    _positive_int("--seed", args.seed, 0)
+    methods = [MethodSpec.parse(text) for text in args.method] if args.method else default_methods(args.model)
+    if args.model == "deepbet":
+        refused = [m.name for m in methods if m.name in _EAGER_ONLY]
+        if refused:
+            raise SegXAIInputError(
+                f"--method {refused[0]}: deepbet is a TorchScript network; module hooks (Grad-CAM) and backward "
+                "rules (guided backprop, deconvolution) cannot run on it; use the gradient family"
+            )
+    with progress_bar(f"qa cohort ({args.model})", not args.quiet) as progress:
+        path = build_cohort(args.out, args.model, n_cases=args.cases, methods=methods, seed=args.seed,
+                            device=args.device, progress=progress)
+    document = read_cohort(path.parent)
+    dice = [c["dice"] for c in document["cases"]]
+    empty = sum(c["status"] != "ok" for c in document["cases"])
+    print(f"{len(dice)} case(s), Dice {min(dice):.3f} .. {max(dice):.3f}, {empty} empty prediction(s)")
+    print(f"methods: {', '.join(document['methods'])}")
+    print(f"cohort: {path}")
+    return 0
+
+
+def _check_out_file(name: str, path: Path, suffix: str) -> Path:
+    if path.suffix.lower() != suffix:
+        raise SegXAIInputError(f"{name} {path}: must end in {suffix}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise SegXAIInputError(f"{name} {path}: folder {parent} does not exist")
+    return path
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from ..cli import progress_bar
+    from .cohort import calibrate_cohort, read_cohort
+    from .plots import write_risk_plots
+
+    out = _check_out_file("--out", args.out, ".json")
+    _positive_int("--thresholds", args.thresholds, 2)
+    _positive_int("--cv-folds", args.cv_folds, 2)
+    _positive_int("--seed", args.seed, 0)
+    _fraction("--insufficient-quantile", args.insufficient_quantile)
+    _fraction("--sensitivity", args.sensitivity, closed_right=True)
+    _fraction("--specificity", args.specificity, closed_right=True)
+    document = read_cohort(args.cohort)
+    if args.method not in document["methods"]:
+        raise SegXAIInputError(f"--method {args.method!r}: the cohort {args.cohort} has maps for {sorted(document['methods'])}")
+    with progress_bar("qa calibrate", not args.quiet) as progress:
+        model, _, _, _ = calibrate_cohort(
+            args.cohort, args.method, n_thresholds=args.thresholds, progress=progress,
+            insufficient_quantile=args.insufficient_quantile, sensitivity_target=args.sensitivity,
+            specificity_target=args.specificity, cv_folds=args.cv_folds, seed=args.seed,
+        )
+    model.save(out)
+    plots = write_risk_plots(out.parent if str(out.parent) else Path("."), model, prefix=f"{out.stem}_")
+    skipped = sum(c["status"] != "ok" for c in document["cases"])
+    cut = lambda v: "-inf" if not math.isfinite(v) else f"{v:.6g}"  # noqa: E731
+    print(f"{model.n_cases} case(s) ({skipped} without a prediction skipped), {model.n_insufficient} insufficient "
+          f"(Dice < {model.insufficient_dice:.4f})")
+    print(f"AUROC {model.auroc:.3f} (training), {model.auroc_cv_mean:.3f} +- {model.auroc_cv_std:.3f} "
+          f"({model.cv_folds}-fold cross-validated)")
+    print(f"cut points: high if PC1 <= {cut(model.cut_high)}, moderate if PC1 <= {cut(model.cut_low)}, else low")
+    print(f"risk model: {out}")
+    for path in plots.values():
+        print(f"plot: {path}")
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    import time
+
+    import numpy as np
+
+    from .. import __version__
+    from ..cli import progress_bar
+    from ..io import atomic_path, check_writable_dir, read_channels, write_image
+    from ..models import load_model
+    from ..progress import sub_progress
+    from .cohort import resolve_qa_model, score_case
+    from .plots import write_risk_plots
+    from .risk import RiskModel
+
+    risk = RiskModel.load(args.risk)
+    if args.method is not None and args.method != risk.method:
+        raise SegXAIInputError(
+            f"--method {args.method!r}: the risk model {args.risk} was calibrated with {risk.method!r} saliency maps"
+        )
+    card = resolve_qa_model(args.model)
+    if card.checksum() != risk.model_checksum:
+        raise SegXAIInputError(
+            f"--risk {args.risk}: calibrated for model checksum {risk.model_checksum[:16]}..., but --model "
+            f"{args.model} ({card.name}) has checksum {card.checksum()[:16]}...; calibrate a risk model for this model"
+        )
+    if len(args.images) != len(card.input_channels):
+        raise SegXAIInputError(
+            f"model {card.name!r} takes {len(card.input_channels)} image(s) "
+            f"({', '.join(card.input_channels)}), got {len(args.images)}"
+        )
+    out_dir = check_writable_dir(args.out) if args.out is not None else None
+    image = read_channels(args.images, card.input_channels)
+    model = load_model(card, device=args.device, trust=args.trust_bundle)
+    start = time.perf_counter()
+    with progress_bar(f"qa score ({risk.method})", not args.quiet) as progress:
+        scored = score_case(image, model, risk, progress=sub_progress(progress, 0.0, 1.0))
+    seconds = time.perf_counter() - start
+    result = scored.result
+    print(f"PC1 score: {result['pc1']:.6g}")
+    print(f"risk band: {result['band']}")
+    print(f"estimated Dice: {result['estimated_dice']:.3f}")
+    print(f"P(insufficient): {result['insufficient_probability']:.3f}")
+    if out_dir is None:
+        return 0
+    written = {
+        "mask": write_image(image.with_array(scored.mask.astype(np.uint8)[None], ("mask",)), out_dir / "qa_mask.nii.gz"),
+        "saliency": write_image(image.with_array(scored.saliency[None], (risk.method,)),
+                                out_dir / f"qa_saliency_{risk.method}.nii.gz"),
+    }
+    written.update(write_risk_plots(out_dir, risk, scored.curve, result, prefix="qa_"))
+    document = {
+        **result,
+        "curve": scored.curve.tolist(),
+        "thresholds": risk.thresholds.tolist(),
+        "predicted_voxels": int(scored.mask.sum()),
+        "method": risk.method,
+        "method_parameters": risk.method_parameters,
+        "model": card.name,
+        "model_checksum": card.checksum(),
+        "risk_model": str(Path(args.risk).resolve()),
+        "risk_model_auroc": {"training": risk.auroc, "cross_validated": risk.auroc_cv_mean},
+        "cut_points": {"high": None if not math.isfinite(risk.cut_high) else risk.cut_high,
+                       "low": None if not math.isfinite(risk.cut_low) else risk.cut_low},
+        "inputs": {name: str(Path(path).resolve()) for name, path in zip(card.input_channels, args.images)},
+        "files": {role: path.name for role, path in written.items()},
+        "seconds": round(seconds, 2),
+        "segxai_version": __version__,
+    }
+    path = out_dir / "qa_score.json"
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    for item in [path, *written.values()]:
+        print(item)
+    return 0
+
+
+def add_commands(commands) -> None:
+    """Add ``segxai qa {cohort,calibrate,score}`` to the ``segxai`` sub-parsers."""
+    from ..cli import device_option, model_help
+
+    qa = commands.add_parser("qa", help="QA risk scores from the topology of saliency maps (cohort, calibrate, score)")
+    qa_commands = qa.add_subparsers(dest="qa_command", required=True, metavar="QA_COMMAND")
+
+    cohort = qa_commands.add_parser("cohort", help="build a calibration cohort (degraded cases, masks, saliency, Dice)")
+    cohort.add_argument("--model", required=True, help="lesions (lesion phantoms) or deepbet (the degraded sample T1)")
+    cohort.add_argument("--out", required=True, type=Path, help="cohort folder")
+    cohort.add_argument("--cases", type=int, default=40, metavar="N", help="number of cases (default 40)")
+    cohort.add_argument("--method", action="append", default=[], metavar="NAME[:k=v,...]",
+                        help="attribution method (repeatable), e.g. guided_gradcam:aggregation=target; "
+                             "default: guided_gradcam, gradcam_plusplus, guided_backprop, smoothgrad (lesions), "
+                             "vanilla_gradient, gradient_x_input (deepbet)")
+    cohort.add_argument("--seed", type=int, default=0, help="cohort seed (case seeds, severity order)")
+    device_option(cohort)
+    cohort.set_defaults(run=_cmd_cohort)
+
+    calibrate = qa_commands.add_parser("calibrate", help="fit a risk model on a cohort")
+    calibrate.add_argument("--cohort", required=True, type=Path, help="cohort folder (segxai qa cohort)")
+    calibrate.add_argument("--method", required=True, help="the attribution method whose maps to use")
+    calibrate.add_argument("--out", required=True, type=Path, help="risk model JSON file; plots are written beside it")
+    calibrate.add_argument("--thresholds", type=int, default=100, metavar="N", help="EC thresholds on [0, 1] (default 100)")
+    calibrate.add_argument("--insufficient-quantile", type=float, default=0.15, metavar="Q",
+                           help="insufficient = Dice below this quantile (default 0.15)")
+    calibrate.add_argument("--sensitivity", type=float, default=0.85, help="sensitivity target (default 0.85)")
+    calibrate.add_argument("--specificity", type=float, default=0.9, help="specificity target (default 0.9)")
+    calibrate.add_argument("--cv-folds", type=int, default=5, metavar="K", help="cross-validation folds (default 5)")
+    calibrate.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds")
+    calibrate.set_defaults(run=_cmd_calibrate)
+
+    score = qa_commands.add_parser("score", help="risk band of one case's contour (no reference needed)")
+    score.add_argument("images", nargs="+", metavar="IMAGE", help="one image per model input channel, in the card's order")
+    score.add_argument("--model", required=True, help=model_help() + ", or deepbet")
+    score.add_argument("--risk", required=True, type=Path, help="risk model JSON (segxai qa calibrate)")
+    score.add_argument("--method", default=None, help="optional: must be the risk model's attribution method")
+    score.add_argument("--out", type=Path, default=None, help="folder for qa_score.json, the mask, the map and the plots")
+    score.add_argument("--trust-bundle", action="store_true", help="allow MONAI bundles (their configs can run code)")
+    device_option(score)
+    score.set_defaults(run=_cmd_score)
