@@ -15,7 +15,7 @@ from .base import Attribution, Parameter
 __all__ = ["available_methods", "get_method", "method_specs", "parse_params"]
 
 #: modules whose Attribution subclasses (with a ``name``) form the registry
-_METHOD_MODULES = ("gradient", "guided", "cam", "perturbation", "shap", "patterns")
+_METHOD_MODULES = ("gradient", "guided", "cam", "perturbation", "shap", "patterns", "lrp")
 
 
 def _registry() -> dict[str, type[Attribution]]:

@@ -25,6 +25,16 @@ Compared (each timing and memory measurement in a fresh subprocess):
 * ``gradcam_plusplus`` when ``SegXAILib/attribution/cam.py`` has a ``GradCAMPlusPlus`` class: vs.
   an independent reference written here from the Grad-CAM++ formulas (pytorch-grad-cam needs
   torchvision, which is not installed in this environment).
+* ``lrp_zplus`` (our default composite, z+ on every layer with weights, paper 000) and
+  ``lrp_epsilon`` (epsilon everywhere): ours (``LRP`` on the canonical copy of the network) vs.
+  zennit's ``Gradient`` attributor with its ``EpsilonPlus`` composite (z+ on every convolution)
+  and an all-``Epsilon`` composite. Timing and memory side by side; the outputs are *not*
+  expected to agree: zennit has no rule for MONAI's InstanceNorm (its plain gradient is applied
+  to the relevance) nor for ``ResidualUnit``'s functional ``cx + res`` (the relevance is copied
+  to both branches). Both sides' **relevance sum ratio** ``sum(R_input) / T`` is reported.
+* The **bundled lesion model** on the lesion phantom (seed 2026) of the bundled head: our LRP
+  with every composite, class target (the predicted lesion voxels), through the sliding windows
+  of its card: time and relevance sum ratio (in-process, not a fresh process per run).
 
 Peak memory: on CPU the growth of the process's maximum resident set size (``getrusage``) over
 its value after the model and input were built (so imports and the model do not count); on
@@ -55,7 +65,15 @@ if str(ROOT) not in sys.path:
 
 #: the default run: small enough for ~8 minutes on 2 CPU cores
 DEFAULTS = {"n_samples": 8, "n_steps": 8, "batch": 4, "noise_level": 0.1, "seed": 0}
-METHODS = ("smoothgrad", "integrated_gradients")
+METHODS = ("smoothgrad", "integrated_gradients", "lrp_zplus", "lrp_epsilon")
+#: method -> the implementation it is compared with
+REFERENCES = {
+    "smoothgrad": ("captum", "captum NoiseTunnel(Saliency) smoothgrad"),
+    "integrated_gradients": ("captum", "captum IntegratedGradients riemann_right"),
+    "gradcam_plusplus": ("reference", "independent Grad-CAM++ (this file)"),
+    "lrp_zplus": ("zennit", "zennit Gradient + EpsilonPlus (z+ on every convolution)"),
+    "lrp_epsilon": ("zennit", "zennit Gradient + Epsilon on every convolution"),
+}
 CAM_LAYER = "model.1.submodule.1.submodule.1.submodule"  # the UNet's bottom (deepest) block
 
 
@@ -207,6 +225,49 @@ def reference_gradcam_plusplus(network, x, mask, p):  # pragma: no cover - only 
     return cam.expand(-1, x.shape[1], -1, -1, -1)
 
 
+def ours_lrp(composite: str) -> Callable:
+    def run(network, x, mask, p):
+        from SegXAILib.attribution.lrp import LRP
+
+        return LRP(_ours_forward(network, x, mask)).attribute(x, composite=composite)
+
+    return run
+
+
+def import_zennit():
+    """zennit without torchvision (``Testing/conftest.py``'s stand-in; zennit is a test oracle)."""
+    testing = str(ROOT / "Testing")
+    if testing not in sys.path:
+        sys.path.insert(0, testing)
+    from conftest import import_zennit as load
+
+    return load()
+
+
+def zennit_lrp(rule: str) -> Callable:
+    """zennit's ``Gradient`` attributor; the output relevance is the target's logits (as ours)."""
+
+    def run(network, x, mask, p):
+        zennit = import_zennit()
+        from zennit.attribution import Gradient
+        from zennit.core import Composite
+        from zennit.rules import Epsilon, Pass
+        from zennit.types import Activation, Convolution
+
+        if rule == "zplus":
+            composite = zennit.composites.EpsilonPlus()
+        else:
+            composite = Composite(module_map=lambda ctx, name, module: (
+                Epsilon() if isinstance(module, Convolution) else Pass() if isinstance(module, Activation) else None))
+        weights = torch.zeros((1, 2, *x.shape[2:]), device=x.device, dtype=x.dtype)
+        weights[0, 1][mask.to(x.device)] = 1.0
+        with Gradient(model=network, composite=composite) as attributor:
+            _, relevance = attributor(x, lambda output: output * weights)
+        return relevance
+
+    return run
+
+
 IMPLEMENTATIONS: dict[str, Callable] = {
     "ours:smoothgrad": ours_smoothgrad,
     "captum:smoothgrad": captum_smoothgrad,
@@ -215,6 +276,10 @@ IMPLEMENTATIONS: dict[str, Callable] = {
     "captum:integrated_gradients": captum_integrated_gradients,
     "ours:gradcam_plusplus": ours_gradcam_plusplus,
     "reference:gradcam_plusplus": reference_gradcam_plusplus,
+    "ours:lrp_zplus": ours_lrp("zplus"),
+    "zennit:lrp_zplus": zennit_lrp("zplus"),
+    "ours:lrp_epsilon": ours_lrp("epsilon"),
+    "zennit:lrp_epsilon": zennit_lrp("epsilon"),
 }
 
 
@@ -294,6 +359,57 @@ def measure(spec: dict[str, Any], output: Optional[str | Path] = None) -> dict[s
         return json.loads(result_file.read_text(encoding="utf-8"))
 
 
+def target_value(size: int, seed: int = 0) -> float:
+    """``T(x)``: the benchmark's target on its input (the denominator of the relevance sum ratio)."""
+    network = build_network(seed)
+    with torch.no_grad():
+        return float(reference_target(network, build_mask(size))(build_input(size, seed)).sum())
+
+
+def lesion_model_relevance(composites=None, log=print) -> dict[str, Any]:
+    """Our LRP on the bundled lesion model (lesion phantom seed 2026, class target = predicted
+    lesion voxels, the card's sliding windows): time and ``sum(R_input) / T`` per composite."""
+    from SegXAILib.attribution.forward import SegmentationForward
+    from SegXAILib.attribution.lrp import COMPOSITES, LRP, relevance_sum_ratio
+    from SegXAILib.attribution.targets import ClassTarget
+    from SegXAILib.models import load_model
+    from SegXAILib.models.preprocessing import model_input
+    from SegXAILib.models.windows import WindowedForward
+    from SegXAILib.phantoms import make_lesion_phantom
+    from SegXAILib.pipeline import resolve_model_card
+    from SegXAILib.sample_data import load_sample_head
+
+    model = load_model(resolve_model_card("lesions"), "cpu")
+    image = make_lesion_phantom(load_sample_head(), seed=2026).image
+    x, _ = model_input(image, model.card, model.device)
+    with torch.no_grad():
+        labels = WindowedForward(model.network, model.card, x.shape[2:])(x)[0].argmax(0)
+    target = ClassTarget(1, labels == 1)
+    forward = SegmentationForward(model.network, model.card, x.shape[2:], target)
+    with torch.no_grad():
+        value = float(forward(x).sum())
+    rows = []
+    for composite in composites or list(COMPOSITES):
+        start = time.perf_counter()
+        relevance = LRP(forward).attribute(x, composite=composite)
+        seconds = time.perf_counter() - start
+        ratio = relevance_sum_ratio(forward, x, relevance)
+        positive = float(relevance.clamp(min=0).sum()) / value
+        log(f"    lesion model lrp {composite}: {seconds:.2f} s, relevance sum ratio {ratio:.4f}")
+        rows.append({"composite": composite, "seconds": seconds, "relevance_sum_ratio": ratio,
+                     "positive_relevance_ratio": positive, "finite": bool(torch.isfinite(relevance).all())})
+    return {
+        "model": model.card.name,
+        "case": "lesion phantom seed 2026 on the bundled head, whole volume",
+        "model_grid": list(x.shape[2:]),
+        "windows": len(forward.windowed.windows_for(target.support)),
+        "target": "class lesion: sum of class-1 logits over the predicted lesion voxels",
+        "target_value": value,
+        "target_voxels": int(target.support.sum()),
+        "rows": rows,
+    }
+
+
 def compare(ours: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     difference = float(np.max(np.abs(ours - reference)))
     scale = float(np.max(np.abs(reference)))
@@ -310,7 +426,7 @@ def benchmark(sizes, device: str, repeats: int, params: dict[str, Any], log=prin
     with tempfile.TemporaryDirectory() as folder:
         for size in sizes:
             for method in methods:
-                reference_name = "reference" if method == "gradcam_plusplus" else "captum"
+                reference_name = REFERENCES[method][0]
                 files = {name: Path(folder) / f"{name}_{method}_{size}.npy" for name in ("ours", "ref", "check")}
                 common = {"size": size, "device": device, "repeats": repeats, "params": params}
                 log(f"{method} {size}^3 {device}: ours ...")
@@ -322,9 +438,7 @@ def benchmark(sizes, device: str, repeats: int, params: dict[str, Any], log=prin
                     "method": method,
                     "size": size,
                     "device": device,
-                    "reference": {"smoothgrad": "captum NoiseTunnel(Saliency) smoothgrad",
-                                  "integrated_gradients": "captum IntegratedGradients riemann_right",
-                                  "gradcam_plusplus": "independent Grad-CAM++ (this file)"}[method],
+                    "reference": REFERENCES[method][1],
                     "ours_s": ours["seconds_median"],
                     "reference_s": ref["seconds_median"],
                     "time_ratio": ours["seconds_median"] / ref["seconds_median"],
@@ -344,12 +458,23 @@ def benchmark(sizes, device: str, repeats: int, params: dict[str, Any], log=prin
                 else:
                     row["equality"] = compare(np.load(files["ours"]), np.load(files["ref"]))
                     row["equality_against"] = "the reference's output"
+                if method.startswith("lrp"):
+                    target = target_value(size, params["seed"])
+                    row["target_value"] = target
+                    row["relevance_sum_ratio"] = float(np.load(files["ours"]).astype(np.float64).sum()) / target
+                    row["reference_relevance_sum_ratio"] = float(np.load(files["ref"]).astype(np.float64).sum()) / target
+                    row["equality_against"] = ("zennit's output (no rule for InstanceNorm nor for ResidualUnit's "
+                                               "cx + res: not expected to agree)")
+                    log(f"    relevance sum ratio: ours {row['relevance_sum_ratio']:.4f}, "
+                        f"zennit {row['reference_relevance_sum_ratio']:.4f}")
                 log(f"    max abs diff {row['equality']['max_abs_diff']:.3g} "
                     f"(relative {row['equality']['relative_diff']:.3g})")
                 rows.append(row)
     import captum
     import monai
 
+    log("lrp on the bundled lesion model ...")
+    lesion = lesion_model_relevance(log=log)
     return {
         "benchmark": "attribution",
         "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
@@ -358,20 +483,69 @@ def benchmark(sizes, device: str, repeats: int, params: dict[str, Any], log=prin
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "cuda": torch.cuda.get_device_name(0) if device.startswith("cuda") else None},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "captum": captum.__version__,
-                     "monai": monai.__version__},
+                     "monai": monai.__version__, "zennit": _zennit_version()},
         "model": "monai UNet(3, 2, 2, channels=(8, 16, 32, 64), strides=(2, 2, 2), num_res_units=1), eval, seed 0",
         "target": "sum of class-1 logits over a central sphere of radius size/6 (ClassTarget)",
         "params": params,
         "repeats": repeats,
         "gradcam_plusplus": "included" if cam_available() else "not included: SegXAILib/attribution/cam.py has no GradCAMPlusPlus",
         "rows": rows,
+        "lrp_lesion_model": lesion,
     }
+
+
+def _zennit_version() -> Optional[str]:
+    try:
+        from importlib.metadata import version
+
+        return version("zennit")
+    except Exception:  # pragma: no cover - zennit missing
+        return None
+
+
+def _lrp_markdown(results: dict[str, Any]) -> list[str]:
+    rows = [r for r in results["rows"] if "relevance_sum_ratio" in r]
+    lines: list[str] = []
+    if rows:
+        lines += [
+            "## LRP: relevance sum ratio",
+            "",
+            "`sum(R_input) / T` on the benchmark UNet (random weights, biases and InstanceNorm absorb relevance, "
+            "so 1 is not expected; a bias-free network gives 1, see `Testing/test_lrp.py`). zennit has no rule "
+            "for InstanceNorm nor for MONAI's functional residual addition, so its maps differ from ours (the "
+            "max abs diff above).",
+            "",
+            "| method | size | ours | zennit |",
+            "|---|---|---|---|",
+        ]
+        for r in rows:
+            lines.append(f"| {r['method']} | {r['size']}^3 | {r['relevance_sum_ratio']:.4g} | "
+                         f"{r['reference_relevance_sum_ratio']:.4g} |")
+        lines.append("")
+    lesion = results.get("lrp_lesion_model")
+    if lesion:
+        grid = " x ".join(str(v) for v in lesion["model_grid"])
+        lines += [
+            f"## LRP on the bundled lesion model ({lesion['model']})",
+            "",
+            f"{lesion['case']}; model grid {grid}, {lesion['windows']} sliding windows; target: {lesion['target']} "
+            f"({lesion['target_voxels']} voxels, T = {lesion['target_value']:.1f}). Ratio: `sum(R_input) / T`; "
+            "positive: `sum(max(R_input, 0)) / T`. Times in-process (after the runs above; noisy under load).",
+            "",
+            "| composite | seconds | relevance sum ratio | positive ratio |",
+            "|---|---|---|---|",
+        ]
+        for r in lesion["rows"]:
+            lines.append(f"| {r['composite']} | {r['seconds']:.2f} | {r['relevance_sum_ratio']:.4f} | "
+                         f"{r['positive_relevance_ratio']:.4f} |")
+        lines.append("")
+    return lines
 
 
 def markdown(results: dict[str, Any]) -> str:
     p = results["params"]
     lines = [
-        "# Attribution benchmark: SegXAI vs. Captum",
+        "# Attribution benchmark: SegXAI vs. Captum (and zennit for LRP)",
         "",
         f"{results['date']}; {results['machine']['processor']}, {results['machine']['cpu_count']} CPU cores, "
         f"{results['machine']['torch_threads']} torch threads"
@@ -411,7 +585,11 @@ def markdown(results: dict[str, Any]) -> str:
         "torchvision, which cannot be installed in this environment; the Grad-CAM++ reference, when included, "
         "is an independent implementation of the formulas in `bench_attribution.py`.",
         "",
+        "LRP: ours (`composite=zplus`, the default, and `composite=epsilon`) vs. zennit's `Gradient` attributor "
+        "(`EpsilonPlus`; all-`Epsilon`), output relevance = the target's logits on both sides.",
+        "",
     ]
+    lines += _lrp_markdown(results)
     return "\n".join(lines)
 
 
