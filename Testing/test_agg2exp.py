@@ -166,3 +166,16 @@ def test_agg2exp_case_on_a_per_voxel_model(tmp_path):
         agg2exp_case(image, model, "vanilla_gradient", extra_rois={"bright": user})
     with pytest.raises(SegXAIInputError):
         agg2exp_case(image, model, "vanilla_gradient", extra_rois={"small": np.zeros((3, 3, 3))})
+
+
+def test_matrix_figure_writes_every_cell():
+    from matplotlib.figure import Figure
+
+    from SegXAILib.evaluation import ImportanceMatrix, matrix_figure
+
+    matrix = ImportanceMatrix(["background", "lesion"], ["background", "lesion", "white matter"],
+                              np.array([[0.9, 0.05, 0.5], [np.nan, 0.25, 0.625]]))
+    figure = matrix_figure(matrix, title="demo")
+    assert isinstance(figure, Figure)
+    texts = sorted(t.get_text() for t in figure.axes[0].texts)
+    assert texts == sorted(["0.90", "0.05", "0.50", "n/a", "0.25", "0.62"])

@@ -78,3 +78,36 @@ def test_demo_finds_the_inserted_lesions(demo_dir):
     assert dice_score(labels, truth) > 0.4
     html = (demo_dir / "report.html").read_text(encoding="utf-8")
     assert f"{dice_score(labels, truth):.3f}"[:4] in html
+
+
+def test_scene_bundle_opens_with_the_case(demo_dir, case):
+    """The .mrb loads in a slicer-core scene: the input volumes on the case grid, the
+    segmentation with the QA band as the lesion segment's tag, tables and the EC chart."""
+    from SegXAILib.mrml import load_scene_bundle, segment_risk_tags, volume_node_to_image
+
+    image, _ = case
+    scene = load_scene_bundle(demo_dir / "scene.mrb")
+    volumes = {scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode").GetName(): scene.GetNthNodeByClass(
+        i, "vtkMRMLScalarVolumeNode") for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))}
+    flair = volume_node_to_image(volumes["SegXAI demo FLAIR"])
+    np.testing.assert_allclose(flair.ijk_to_ras, image.ijk_to_ras, atol=1e-4)
+    np.testing.assert_allclose(flair.array[0], image.array[0], rtol=1e-6, atol=1e-6)
+    segmentations = [scene.GetNthNodeByClass(i, "vtkMRMLSegmentationNode")
+                     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"))]
+    segmentation = next(s for s in segmentations if s.GetName() == "SegXAI segmentation")
+    qa = json.loads((demo_dir / "qa.json").read_text(encoding="utf-8"))
+    assert segment_risk_tags(segmentation, "lesion")["band"] == qa["band"]
+    assert qa["band"] in ("low", "moderate", "high")
+    assert scene.GetNumberOfNodesByClass("vtkMRMLTableNode") >= 2
+    assert scene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode") >= 1
+
+
+def test_agg2exp_matrix_rows_share_the_mass(demo_dir):
+    """The predicted background and lesion regions partition the volume: each row's two class
+    columns sum to 1; the inserted-lesion column is a share of the mass too."""
+    matrix = json.loads((demo_dir / "agg2exp.json").read_text(encoding="utf-8"))
+    assert matrix["rows"] == ["background", "lesion"]
+    columns = matrix["columns"]
+    for row in matrix["values"]:
+        assert row[columns.index("background")] + row[columns.index("lesion")] == pytest.approx(1.0, abs=1e-6)
+        assert all(0.0 <= value <= 1.0 for value in row)

@@ -44,6 +44,7 @@ __all__ = [
     "global_matrix",
     "top_k_graph",
     "draw_graph",
+    "matrix_figure",
     "OutlierModel",
     "spearman_with_dice",
 ]
@@ -362,6 +363,29 @@ def draw_graph(graph: Mapping[str, Any], path: Union[str, Path], title: str = ""
     finally:
         plt.close(figure)
     return path
+
+
+def matrix_figure(matrix: ImportanceMatrix, title: str = ""):
+    """An importance matrix as a heat map (rows: explained classes, columns: RoIs; each cell
+    its share of the row's attribution mass, written in the cell). Returns a matplotlib Figure."""
+    from matplotlib.figure import Figure
+
+    values = np.asarray(matrix.values, dtype=float)
+    figure = Figure(figsize=(1.6 + 1.25 * len(matrix.columns), 1.3 + 0.55 * len(matrix.rows)))
+    axes = figure.add_subplot(1, 1, 1)
+    image = axes.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    for (r, c), value in np.ndenumerate(values):
+        text = "n/a" if not np.isfinite(value) else f"{value:.2f}"
+        axes.text(c, r, text, ha="center", va="center", fontsize=9,
+                  color="white" if np.isfinite(value) and value < 0.55 else "black")
+    axes.set_xticks(range(len(matrix.columns)), matrix.columns, rotation=30, ha="right", fontsize=9)
+    axes.set_yticks(range(len(matrix.rows)), matrix.rows, fontsize=9)
+    axes.set_xlabel("region of interest")
+    axes.set_ylabel("explained class")
+    axes.set_title(title or f"Agg2Exp importance ({matrix.variant} mass)", fontsize=10)
+    figure.colorbar(image, ax=axes, fraction=0.04, pad=0.02)
+    figure.tight_layout()
+    return figure
 
 
 # ---- outliers ----------------------------------------------------------------------------------
