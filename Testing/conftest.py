@@ -116,25 +116,49 @@ def write_swinunetr_card(folder: Path, in_channels: int = 2, seed: int = 0) -> P
     return folder / "model_card.json"
 
 
-def import_zennit():
-    """zennit (the LRP test oracle), imported without torchvision.
+def install_torchvision_stand_in() -> None:
+    """Empty stand-ins for the few torchvision names our test oracles import.
 
-    zennit's package ``__init__`` imports its ResNet canonizers, which import two torchvision
-    block classes; PyPI's torchvision is a CUDA build that cannot load beside our pinned CPU
-    torch (the Makefile installs zennit with ``--no-deps``). Nothing we use from zennit touches
-    torchvision, so empty stand-in classes satisfy that import.
+    zennit (LRP) imports two ResNet block classes and pytorch-grad-cam some transforms and ops
+    at import time; PyPI's torchvision is a CUDA build that cannot load beside our pinned CPU
+    torch (the Makefile installs both oracles with ``--no-deps``). Nothing we call from them
+    touches torchvision: the stand-ins raise if ever called. A real, working torchvision is
+    left alone.
     """
+    import importlib
     import sys
     import types
 
-    if "torchvision" not in sys.modules:
-        torchvision = types.ModuleType("torchvision")
-        models = types.ModuleType("torchvision.models")
-        resnet = types.ModuleType("torchvision.models.resnet")
-        resnet.Bottleneck = type("Bottleneck", (torch.nn.Module,), {})
-        resnet.BasicBlock = type("BasicBlock", (torch.nn.Module,), {})
-        torchvision.models, models.resnet = models, resnet
-        sys.modules.update({"torchvision": torchvision, "torchvision.models": models, "torchvision.models.resnet": resnet})
+    try:
+        importlib.import_module("torchvision.models.resnet")
+        importlib.import_module("torchvision.transforms.functional")
+        importlib.import_module("torchvision.ops")
+        return
+    except Exception:  # absent, or present but broken beside this torch
+        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            del sys.modules[name]
+
+    def missing(*args, **kwargs):
+        raise RuntimeError("torchvision stand-in: not available in this environment")
+
+    def module(name: str, **attributes) -> types.ModuleType:
+        stand_in = types.ModuleType(name)
+        stand_in.__dict__.update(attributes)
+        sys.modules[name] = stand_in
+        return stand_in
+
+    resnet = module("torchvision.models.resnet", Bottleneck=type("Bottleneck", (torch.nn.Module,), {}),
+                    BasicBlock=type("BasicBlock", (torch.nn.Module,), {}))
+    functional = module("torchvision.transforms.functional", resize=missing)
+    module("torchvision", models=module("torchvision.models", resnet=resnet),
+           transforms=module("torchvision.transforms", Compose=missing, Normalize=missing, ToTensor=missing,
+                             functional=functional),
+           ops=module("torchvision.ops", box_iou=missing))
+
+
+def import_zennit():
+    """zennit (the LRP test oracle), imported beside :func:`install_torchvision_stand_in`."""
+    install_torchvision_stand_in()
     import zennit
 
     return zennit

@@ -11,8 +11,6 @@ the test extra.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -22,28 +20,14 @@ from SegXAILib.attribution import ClassTarget, SegmentationForward
 from SegXAILib.attribution.cam import GradCAM, GradCAMPlusPlus
 from SegXAILib.models.card import model_card_from_dict
 
-
-def _stand_in(name: str, **attributes) -> types.ModuleType:
-    module = types.ModuleType(name)
-    module.__dict__.update(attributes)
-    return module
+from conftest import install_torchvision_stand_in
 
 
 @pytest.fixture(scope="module")
 def pytorch_grad_cam():
     if importlib.util.find_spec("pytorch_grad_cam") is None:
         pytest.skip("grad-cam 1.5.7 is not installed (make installs it with --no-deps)")
-    try:
-        importlib.import_module("torchvision")
-    except Exception:  # absent, or present but broken beside this torch
-        missing = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("torchvision stand-in"))  # noqa: E731
-        transforms = _stand_in("torchvision.transforms", Compose=missing, Normalize=missing, ToTensor=missing)
-        functional = _stand_in("torchvision.transforms.functional", resize=missing)
-        transforms.functional = functional
-        ops = _stand_in("torchvision.ops", box_iou=missing)
-        sys.modules.update({"torchvision": _stand_in("torchvision", transforms=transforms, ops=ops),
-                            "torchvision.transforms": transforms,
-                            "torchvision.transforms.functional": functional, "torchvision.ops": ops})
+    install_torchvision_stand_in()
     return importlib.import_module("pytorch_grad_cam")
 
 
