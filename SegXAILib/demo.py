@@ -54,7 +54,7 @@ class DemoSettings:
         ("pattern_attribution", {}),
     )
     instance_samples: int = 4
-    instance_batch: int = 16
+    instance_batch: int = 4
     crop_half: Optional[tuple[int, int, int]] = None
     max_instances: Optional[int] = None
     scene: bool = True

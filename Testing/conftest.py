@@ -162,3 +162,36 @@ def import_zennit():
     import zennit
 
     return zennit
+
+
+def make_card(patch, in_channels: int = 1, blend: str = "gaussian", overlap: float = 0.25):
+    """A two-class card (background, thing) for a network built in a test (weights unused)."""
+    from SegXAILib.models.card import model_card_from_dict
+
+    return model_card_from_dict({
+        "name": "test",
+        "architecture": {"format": "monai", "name": "UNet", "weights": "unused.pt"},
+        "input_channels": [f"ch{c}" for c in range(in_channels)],
+        "classes": [{"name": "background"}, {"name": "thing"}],
+        "inference": {"patch_size": list(patch), "overlap": overlap, "blend": blend},
+    })
+
+
+def make_forward(network, shape, target, patch=None, in_channels: int = 1, **card_kwargs):
+    """A :class:`SegmentationForward` of ``network`` (put in eval mode) on a ``shape`` volume with
+    :func:`make_card`'s card (one window of ``shape`` unless ``patch`` is given)."""
+    from SegXAILib.attribution.forward import SegmentationForward
+
+    network.eval()
+    return SegmentationForward(network, make_card(patch or shape, in_channels, **card_kwargs), shape, target)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread while a module runs (on a shared 2-core machine two OpenMP threads
+    per process oversubscribe it); restored afterwards. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

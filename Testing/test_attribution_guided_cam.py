@@ -31,26 +31,12 @@ from SegXAILib.attribution.forward import SegmentationForward
 from SegXAILib.attribution.guided import Deconvolution, GuidedBackprop, backward_rules, per_voxel_sum
 from SegXAILib.attribution.targets import ClassTarget, RegionTarget, VoxelTarget
 from SegXAILib.image import SegXAIInputError
-from SegXAILib.models.card import model_card_from_dict
+
+
+from conftest import make_forward
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-def make_card(patch, in_channels: int = 1, blend: str = "gaussian", overlap: float = 0.25):
-    return model_card_from_dict({
-        "name": "test",
-        "architecture": {"format": "monai", "name": "UNet", "weights": "unused.pt"},
-        "input_channels": [f"ch{c}" for c in range(in_channels)],
-        "classes": [{"name": "background"}, {"name": "thing"}],
-        "inference": {"patch_size": list(patch), "overlap": overlap, "blend": blend},
-    })
-
-
-def make_forward(network, shape, target, patch=None, in_channels: int = 1, **card_kwargs) -> SegmentationForward:
-    network.eval()
-    card = make_card(patch or shape, in_channels, **card_kwargs)
-    return SegmentationForward(network, card, shape, target)
-
-
 def unet(act="relu", seed: int = 0, in_channels: int = 1):
     from monai.networks.nets import UNet
 

@@ -26,16 +26,7 @@ METHOD = "guided_gradcam"
 PARAMS = {"aggregation": "target"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread while this module runs (a shared 2-core machine: two OpenMP
-    threads per process oversubscribe it); restored afterwards."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def assert_png(path: Path) -> None:

@@ -35,13 +35,7 @@ EXACT_UNDER_RELU = ("epsilon", "epsilon_plus", "epsilon_plus_flat", "epsilon_plu
 
 # ---- helpers ------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks: one torch thread is as fast and does not spin against a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny networks: one thread is as fast
 
 
 def card(patch, overlap: float = 0.25, blend: str = "constant", channels: int = 2):

@@ -11,6 +11,8 @@ summed target). The shipped patterns of the bundled lesion model give finite map
 
 from __future__ import annotations
 
+import functools
+
 import shutil
 import warnings
 
@@ -33,28 +35,18 @@ from SegXAILib.attribution.patterns import (
 )
 from SegXAILib.attribution.targets import RegionTarget, VoxelTarget
 from SegXAILib.image import Image, SegXAIInputError
-from SegXAILib.models.card import model_card_from_dict
 from SegXAILib.progress import CancelToken, Cancelled
 
+from conftest import make_card as _make_card
+from conftest import make_forward as _make_forward
 from conftest import write_unet_card
+
+# these tests use constant window blending unless they say otherwise
+make_card = functools.partial(_make_card, blend="constant")
+make_forward = functools.partial(_make_forward, blend="constant")
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-def make_card(patch, in_channels: int = 1, blend: str = "constant", overlap: float = 0.25):
-    return model_card_from_dict({
-        "name": "test",
-        "architecture": {"format": "monai", "name": "UNet", "weights": "unused.pt"},
-        "input_channels": [f"ch{c}" for c in range(in_channels)],
-        "classes": [{"name": "background"}, {"name": "thing"}],
-        "inference": {"patch_size": list(patch), "overlap": overlap, "blend": blend},
-    })
-
-
-def make_forward(network, shape, target, patch=None, in_channels: int = 1, **card_kwargs) -> SegmentationForward:
-    network.eval()
-    return SegmentationForward(network, make_card(patch or shape, in_channels, **card_kwargs), shape, target)
-
-
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.flatten().double(), b.flatten().double()
     a, b = a.detach(), b.detach()

@@ -33,18 +33,7 @@ from SegXAILib.topology.euler import default_thresholds
 from SegXAILib.topology.risk import RiskModel, saliency_curve
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread while this module runs (a shared 2-core machine: two OpenMP
-    threads per process oversubscribe it); restored afterwards."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-# --- plans and degradations (no model) -------------------------------------------------
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_plan_cases_grades_and_seeds():

@@ -7,12 +7,15 @@ With ``L`` the instance's voxels, ``c`` its class, ``e_k ~ N(0, sigma^2)``
   linear, so this is SmoothGrad of the instance target divided by ``|L|``: one backward per
   noise sample.
 * max (eq. 3): ``(1/n) sum_k max_{i in L} d f_c,i/dx (x + e_k)``, the max element-wise (per
-  input voxel and channel) over the ``|L|`` per-voxel gradient maps. Exact: the per-voxel
-  gradients come from replica batches (the noisy input replicated ``b`` times, replica ``j``'s
-  scalar is the logit of its voxel ``i_j``, one backward per batch), folded into a running max.
-  A batch may hold the terms of several noise samples. Cost: ``n |L|`` single-voxel
-  gradients, ``ceil(n |L| / batch_size)`` backward passes over the windows that touch the
-  batch's voxels.
+  input voxel and channel) over the ``|L|`` per-voxel gradient maps, folded into a running
+  max. Exact: one forward per noise sample through the windows that touch ``L``
+  (:func:`torch.func.vjp`), then the per-voxel gradients as batched vector-Jacobian products of
+  that one forward (:func:`torch.func.vmap` over ``batch_size`` one-hot cotangents at a time).
+  Cost: ``n`` forwards and ``n |L|`` single-voxel backwards. When ``L`` touches more than
+  ``forward.max_graph_windows`` windows, the forward's graph would not fit that budget: the
+  gradients then come from replica batches instead (the noisy input replicated ``b`` times,
+  replica ``j``'s scalar the logit of its voxel ``i_j``, one forward and backward per batch over
+  the windows that touch the batch's voxels).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from ..attribution.base import check_inputs
 from ..attribution.forward import SegmentationForward
 from ..attribution.gradient import noise_sigma, sample_generator
 from ..attribution.targets import RegionTarget
-from ..image import SegXAIInputError
+from ..image import Image, SegXAIInputError
 from ..progress import CancelToken, ProgressCallback, report
 
 __all__ = ["instance_smoothgrad", "instance_saliency", "AGGREGATIONS"]
@@ -96,8 +99,13 @@ def instance_smoothgrad(
         assert total is not None
         return total / (n_samples * size)
 
-    # max: terms (k, voxel) in sample-major order, batch_size replicas per backward
     class_index = int(target.class_index)
+    windows = len(forward.windowed.windows_for(target.mask.cpu()))
+    if windows <= max(forward.window_batch, forward.max_graph_windows):
+        return _max_by_shared_forward(forward, inputs, voxels, class_index, n_samples, sigma, batch_size, seed,
+                                      progress, cancel)
+
+    # max by replicas: terms (k, voxel) in sample-major order, batch_size replicas per backward
     terms = n_samples * size
     running: dict[int, torch.Tensor] = {}  # sample k -> running max over its voxels done so far
     noisy: dict[int, torch.Tensor] = {}
@@ -133,6 +141,46 @@ def instance_smoothgrad(
     return total / n_samples
 
 
+def _max_by_shared_forward(
+    forward: SegmentationForward,
+    inputs: torch.Tensor,
+    voxels: torch.Tensor,
+    class_index: int,
+    n_samples: int,
+    sigma: float,
+    batch_size: int,
+    seed: Optional[int],
+    progress: Optional[ProgressCallback],
+    cancel: Optional[CancelToken],
+) -> torch.Tensor:
+    """Eq. 3 with one forward per noise sample and batched VJPs of it (see the module docstring)."""
+    from torch.func import vjp, vmap
+
+    support = torch.zeros(forward.spatial_shape, dtype=torch.bool)
+    support[tuple(voxels.T)] = True
+    size = voxels.shape[0]
+    total = torch.zeros_like(inputs)
+    for k in range(n_samples):
+        noisy = _noisy(inputs, k, sigma, seed)[None]
+        with torch.enable_grad():
+            logits, pullback = vjp(lambda z: forward.windowed(z, support, forward.window_batch), noisy)
+        running: Optional[torch.Tensor] = None
+        for start in range(0, size, batch_size):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            index = voxels[start:start + batch_size].to(logits.device)
+            rows = torch.arange(index.shape[0], device=logits.device)
+            cotangents = torch.zeros((index.shape[0], *logits.shape), dtype=logits.dtype, device=logits.device)
+            cotangents[rows, 0, class_index, index[:, 0], index[:, 1], index[:, 2]] = 1
+            (gradients,) = vmap(pullback)(cotangents)  # (b, 1, C, D, H, W)
+            batch_max = gradients[:, 0].detach().amax(dim=0)
+            running = batch_max if running is None else torch.maximum(running, batch_max)
+            report(progress, (k * size + start + index.shape[0]) / (n_samples * size), "instance saliency (max)")
+        assert running is not None
+        total[0] += running
+    return total / n_samples
+
+
 def instance_saliency(
     image,
     model,
@@ -147,7 +195,7 @@ def instance_saliency(
     window_batch: int = 1,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
-) -> dict[int, dict[str, "Image"]]:
+) -> dict[int, dict[str, Image]]:
     """Instance saliency maps on the input grid: :func:`instance_smoothgrad` of each instance.
 
     Parameters

@@ -32,6 +32,15 @@ def _parse_click(text: str, option: str = "--click") -> tuple[float, float, floa
     return point  # type: ignore[return-value]
 
 
+def _class_index(card, class_name: str) -> int:
+    """``--class NAME`` -> its index (default: the first foreground class)."""
+    if not class_name:
+        return 1
+    if class_name not in card.class_names[1:]:
+        raise SegXAIInputError(f"--class {class_name!r}: the model's foreground classes are {card.class_names[1:]}")
+    return card.class_names.index(class_name)
+
+
 def _check_lesions_arguments(args: argparse.Namespace):
     """Everything that can be checked before reading images: returns (card, ids, click, aggregations)."""
     from . import AGGREGATIONS
@@ -53,11 +62,7 @@ def _check_lesions_arguments(args: argparse.Namespace):
     if args.reference is not None and not Path(args.reference).exists():
         raise SegXAIInputError(f"--reference {args.reference}: no such file")
     card = case_card(args)
-    class_index = 1
-    if args.class_name:
-        if args.class_name not in card.class_names[1:]:
-            raise SegXAIInputError(f"--class {args.class_name!r}: the model's foreground classes are {card.class_names[1:]}")
-        class_index = card.class_names.index(args.class_name)
+    class_index = _class_index(card, args.class_name)
     return card, ids, click, aggregations, class_index
 
 
@@ -249,11 +254,7 @@ def _check_context_arguments(args: argparse.Namespace):
         raise SegXAIInputError(f"--margin {args.margin!r}: expected distances in mm >= 0 separated by commas, e.g. 0,5")
     targets = _parse_points("--transplant", args.transplant)
     card = case_card(args)
-    class_index = 1
-    if args.class_name:
-        if args.class_name not in card.class_names[1:]:
-            raise SegXAIInputError(f"--class {args.class_name!r}: the model's foreground classes are {card.class_names[1:]}")
-        class_index = card.class_names.index(args.class_name)
+    class_index = _class_index(card, args.class_name)
     return card, class_index, background, margins, targets
 
 
@@ -386,8 +387,8 @@ def add_commands(commands) -> None:
     lesions.add_argument("--aggregation", default="max", metavar="AGG", help="mean, max or mean,max (default max)")
     lesions.add_argument("--n-samples", type=int, default=20, metavar="N", help="SmoothGrad noise samples (default 20)")
     lesions.add_argument("--noise-level", type=float, default=0.1, metavar="F", help="noise sigma / input range (default 0.1)")
-    lesions.add_argument("--batch-size", type=int, default=8, metavar="N",
-                         help="replicas per backward (max) or noisy samples per backward (mean)")
+    lesions.add_argument("--batch-size", type=int, default=4, metavar="N",
+                         help="one-voxel gradients per batched backward (max) or noisy samples per backward (mean)")
     lesions.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
     lesions.add_argument("--min-voxels", type=int, default=1, metavar="N", help="drop smaller instances (default 1)")
     lesions.add_argument("--window-batch", type=int, default=1, metavar="N", help="sliding windows per network call")

@@ -3,7 +3,7 @@
 Run from the repository root::
 
     python Testing/Benchmarks/bench_instance.py [--size 48] [--voxels 10 100 1000]
-        [--batches 8 32] [--n-samples 2] [--loop-subset 100] [--out Testing/Benchmarks/results]
+        [--batches 4 16] [--n-samples 2] [--loop-subset 100] [--out Testing/Benchmarks/results]
 
 Model: a MONAI ``UNet(3, 2, 2, channels=(8, 16, 32, 64), strides=(2, 2, 2), num_res_units=1)``
 (the bundled lesion model's architecture) in eval mode with random weights (seed 0), run as one
@@ -14,7 +14,8 @@ about 10 / 100 / 1000 voxels at the centre of the volume (class 1, an ``Instance
 Compared (each timing and memory measurement in a fresh subprocess, on CPU):
 
 * ``ours``: :func:`SegXAILib.instances.instance_smoothgrad` with ``aggregation="max"`` and
-  ``batch_size`` = B (B replicas of the noisy input per backward, one output voxel each).
+  ``batch_size`` = B: one forward per noise sample, then batched vector-Jacobian products of it,
+  B one-voxel cotangents per ``torch.func.vmap`` call.
 * ``loop``: the per-voxel reference: for every noise sample (the same draws) and every voxel of
   the instance one backward through ``SegmentationForward`` with a ``VoxelTarget``, folded into
   a running max, averaged over the samples. For instances above ``--loop-subset`` voxels the
@@ -50,7 +51,7 @@ for path in (str(ROOT), str(HERE)):
 
 from bench_attribution import _max_rss_mb, build_card, build_input, build_network, write_results  # noqa: E402
 
-DEFAULTS = {"size": 48, "voxels": [10, 100, 1000], "batches": [8, 32], "n_samples": 2, "noise_level": 0.1,
+DEFAULTS = {"size": 48, "voxels": [10, 100, 1000], "batches": [4, 16], "n_samples": 2, "noise_level": 0.1,
             "seed": 0, "loop_subset": 100}
 
 
