@@ -32,6 +32,10 @@ Compared (each timing and memory measurement in a fresh subprocess):
   expected to agree: zennit has no rule for MONAI's InstanceNorm (its plain gradient is applied
   to the relevance) nor for ``ResidualUnit``'s functional ``cx + res`` (the relevance is copied
   to both branches). Both sides' **relevance sum ratio** ``sum(R_input) / T`` is reported.
+* ``pattern_attribution`` and ``pattern_net`` (two-component patterns fitted in the untimed
+  warm-up on a 16^3 cube): ours only, timed side by side
+  with Captum ``Saliency(abs=False)`` on the same target, the plain gradient, i.e. the cost floor
+  of any modified backward; the outputs are not expected to agree.
 * The **bundled lesion model** on the lesion phantom (seed 2026) of the bundled head: our LRP
   with every composite, class target (the predicted lesion voxels), through the sliding windows
   of its card: time and relevance sum ratio (in-process, not a fresh process per run).
@@ -65,7 +69,7 @@ if str(ROOT) not in sys.path:
 
 #: the default run: small enough for ~8 minutes on 2 CPU cores
 DEFAULTS = {"n_samples": 8, "n_steps": 8, "batch": 4, "noise_level": 0.1, "seed": 0}
-METHODS = ("smoothgrad", "integrated_gradients", "lrp_zplus", "lrp_epsilon")
+METHODS = ("smoothgrad", "integrated_gradients", "lrp_zplus", "lrp_epsilon", "pattern_attribution", "pattern_net")
 #: method -> the implementation it is compared with
 REFERENCES = {
     "smoothgrad": ("captum", "captum NoiseTunnel(Saliency) smoothgrad"),
@@ -73,6 +77,8 @@ REFERENCES = {
     "gradcam_plusplus": ("reference", "independent Grad-CAM++ (this file)"),
     "lrp_zplus": ("zennit", "zennit Gradient + EpsilonPlus (z+ on every convolution)"),
     "lrp_epsilon": ("zennit", "zennit Gradient + Epsilon on every convolution"),
+    "pattern_attribution": ("gradient", "captum Saliency (the plain gradient: cost floor, outputs differ)"),
+    "pattern_net": ("gradient", "captum Saliency (the plain gradient: cost floor, outputs differ)"),
 }
 CAM_LAYER = "model.1.submodule.1.submodule.1.submodule"  # the UNet's bottom (deepest) block
 
@@ -234,6 +240,33 @@ def ours_lrp(composite: str) -> Callable:
     return run
 
 
+_PATTERNS: dict[tuple, Any] = {}
+
+
+def ours_patterns(method: str) -> Callable:
+    """PatternAttribution / PatternNet with two-component patterns fitted once per network, in
+    :func:`run_measurement`'s untimed warm-up call on a 16^3 cube (patterns have the layers'
+    weight shapes, whatever the input size), so neither the fit's time nor its memory counts."""
+
+    def run(network, x, mask, p):
+        from SegXAILib.attribution.patterns import PatternAttribution, PatternNet, fit_patterns_on_tensors
+
+        forward = _ours_forward(network, x, mask)
+        key = id(network)
+        if key not in _PATTERNS:
+            _PATTERNS[key] = fit_patterns_on_tensors(network, forward.card, [x], ("two_component",))["two_component"]
+        cls = PatternAttribution if method == "pattern_attribution" else PatternNet
+        return cls(forward).attribute(x, estimator="two_component", patterns=_PATTERNS[key])
+
+    return run
+
+
+def captum_gradient(network, x, mask, p):
+    from captum.attr import Saliency
+
+    return Saliency(reference_target(network, mask)).attribute(x, abs=False)
+
+
 def import_zennit():
     """zennit without torchvision (``Testing/conftest.py``'s stand-in; zennit is a test oracle)."""
     testing = str(ROOT / "Testing")
@@ -280,6 +313,10 @@ IMPLEMENTATIONS: dict[str, Callable] = {
     "zennit:lrp_zplus": zennit_lrp("zplus"),
     "ours:lrp_epsilon": ours_lrp("epsilon"),
     "zennit:lrp_epsilon": zennit_lrp("epsilon"),
+    "ours:pattern_attribution": ours_patterns("pattern_attribution"),
+    "ours:pattern_net": ours_patterns("pattern_net"),
+    "gradient:pattern_attribution": captum_gradient,
+    "gradient:pattern_net": captum_gradient,
 }
 
 
@@ -419,9 +456,10 @@ def compare(ours: np.ndarray, reference: np.ndarray) -> dict[str, float]:
 
 # ---- the whole benchmark ------------------------------------------------------------------------
 
-def benchmark(sizes, device: str, repeats: int, params: dict[str, Any], log=print) -> dict[str, Any]:
+def benchmark(sizes, device: str, repeats: int, params: dict[str, Any], log=print, methods=None,
+              lesion_model: bool = True) -> dict[str, Any]:
     log(f"load average at start: {os.getloadavg()}")
-    methods = list(METHODS) + (["gradcam_plusplus"] if cam_available() else [])
+    methods = list(methods or (list(METHODS) + (["gradcam_plusplus"] if cam_available() else [])))
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for size in sizes:
@@ -458,6 +496,8 @@ def benchmark(sizes, device: str, repeats: int, params: dict[str, Any], log=prin
                 else:
                     row["equality"] = compare(np.load(files["ours"]), np.load(files["ref"]))
                     row["equality_against"] = "the reference's output"
+                if method.startswith("pattern"):
+                    row["equality_against"] = "the plain gradient (not expected to agree)"
                 if method.startswith("lrp"):
                     target = target_value(size, params["seed"])
                     row["target_value"] = target
@@ -473,8 +513,10 @@ def benchmark(sizes, device: str, repeats: int, params: dict[str, Any], log=prin
     import captum
     import monai
 
-    log("lrp on the bundled lesion model ...")
-    lesion = lesion_model_relevance(log=log)
+    lesion = None
+    if lesion_model:
+        log("lrp on the bundled lesion model ...")
+        lesion = lesion_model_relevance(log=log)
     return {
         "benchmark": "attribution",
         "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
@@ -588,6 +630,10 @@ def markdown(results: dict[str, Any]) -> str:
         "LRP: ours (`composite=zplus`, the default, and `composite=epsilon`) vs. zennit's `Gradient` attributor "
         "(`EpsilonPlus`; all-`Epsilon`), output relevance = the target's logits on both sides.",
         "",
+        "PatternAttribution / PatternNet (two-component patterns fitted in the untimed warm-up): no "
+        "library offers them for 3D networks, so they are timed against Captum `Saliency` on the same target, the "
+        "plain gradient (the cost floor of a modified backward); their outputs are not expected to agree with it.",
+        "",
     ]
     lines += _lrp_markdown(results)
     return "\n".join(lines)
@@ -616,6 +662,8 @@ def main(argv=None) -> int:
     parser.add_argument("--n-steps", type=int, default=DEFAULTS["n_steps"])
     parser.add_argument("--batch", type=int, default=DEFAULTS["batch"])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--methods", nargs="+", choices=list(REFERENCES), default=None,
+                        help="only these methods: their rows replace those in the existing results (others kept)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--save", help=argparse.SUPPRESS)
@@ -630,8 +678,17 @@ def main(argv=None) -> int:
         parser.error("--sizes must be multiples of 8 (the UNet downsamples three times)")
     params = {**DEFAULTS, "n_samples": args.n_samples, "n_steps": args.n_steps, "batch": args.batch}
     start = time.perf_counter()
-    results = benchmark(args.sizes, args.device, args.repeats, params, log=lambda m: print(m, flush=True))
+    results = benchmark(args.sizes, args.device, args.repeats, params, log=lambda m: print(m, flush=True),
+                        methods=args.methods, lesion_model=args.methods is None)
     results["total_seconds"] = round(time.perf_counter() - start, 1)
+    existing = args.out / "attribution.json"
+    if args.methods and existing.is_file():  # a partial run: merge into the last full run
+        previous = json.loads(existing.read_text(encoding="utf-8"))
+        kept = [r for r in previous["rows"] if r["method"] not in args.methods]
+        results = {**previous, "rows": kept + results["rows"],
+                   "partial_runs": previous.get("partial_runs", []) + [
+                       {"methods": args.methods, "date": results["date"], "seconds": results["total_seconds"],
+                        "load_average_at_end": results["load_average_at_end"]}]}
     json_path, md_path = write_results(results, args.out)
     print(markdown(results))
     print(f"wrote {json_path} and {md_path} ({results['total_seconds']} s)")
