@@ -90,7 +90,7 @@ def test_integrated_gradients_equals_captum(setup, baseline):
 
 def our_noise(x, n_samples, noise_level, seed):
     sigma = noise_sigma(x, noise_level)
-    return [torch.randn(x.shape[1:], generator=sample_generator(seed, k, x.device)) * sigma for k in range(n_samples)]
+    return [torch.randn(x.shape[1:], generator=sample_generator(seed, k)) * sigma for k in range(n_samples)]
 
 
 @pytest.mark.parametrize("squared", [False, True])

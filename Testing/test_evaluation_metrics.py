@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from SegXAILib.attribution import RegionTarget, SegmentationForward, get_method
+from SegXAILib.attribution.gradient import sample_generator
 from SegXAILib.evaluation import metrics as M
 from SegXAILib.image import SegXAIInputError
 from SegXAILib.models.card import model_card_from_dict
@@ -186,11 +187,10 @@ def test_sensitivity_hand_values():
     assert result == {"mean": 0.0, "max": 0.0, "n_samples": 2, "noise_level": 0.05}
     # map = input: the distance is ||n(x + e) - n(x)|| / ||n(x)|| with the same noise draws
     result = M.sensitivity(lambda noisy: noisy, x, x, "signed", n_samples=3, noise_level=0.1, seed=7)
-    generator = torch.Generator().manual_seed(7)
     reference = M.normalise(x[0, 0].numpy(), "signed")
     expected = []
-    for _ in range(3):
-        noisy = x + 0.1 * 7.0 * torch.randn(x.shape, generator=generator)
+    for k in range(3):  # sample k's draw: its own seeded CPU generator (the same on every device)
+        noisy = x + 0.1 * 7.0 * torch.randn(x.shape, generator=sample_generator(7, k))
         expected.append(np.linalg.norm(M.normalise(noisy[0, 0].numpy(), "signed") - reference) / np.linalg.norm(reference))
     assert result["mean"] == pytest.approx(np.mean(expected)) and result["max"] == pytest.approx(np.max(expected))
     token = CancelToken()

@@ -128,7 +128,7 @@ def loop_reference(model, x, mask, n_samples, noise_level, seed):
     forwards = [SegmentationForward(model.network, model.card, SHAPE, VoxelTarget(1, v, SHAPE)) for v in voxels]
     means, maxes = [], []
     for k in range(n_samples):
-        noise = torch.randn(x.shape[1:], generator=sample_generator(seed, k, x.device)) * sigma
+        noise = torch.randn(x.shape[1:], generator=sample_generator(seed, k)) * sigma
         noisy = x + noise[None]
         maps = torch.stack([f.gradient(noisy)[0] for f in forwards])
         means.append(maps.mean(dim=0))

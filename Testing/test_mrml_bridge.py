@@ -3,6 +3,8 @@ tables, plots and .mrb bundles."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
@@ -351,3 +353,14 @@ def test_scene_bundle_bad_paths(scene, tmp_path):
         mrml.load_scene_bundle(tmp_path / "fake.mrb")
     with pytest.raises(SegXAIInputError, match="no such file"):
         mrml.load_scene_bundle(tmp_path / "none.mrb")
+
+
+def test_scene_bundle_with_a_relative_path(tmp_path, monkeypatch):
+    """``segxai demo --out demo-output`` passes a relative path; Slicer needs an absolute one."""
+    scene = mrml.headless_scene()
+    mrml.image_to_volume_node(Image(np.zeros((1, 4, 4, 4), np.float32), np.eye(4)), scene, name="v")
+    monkeypatch.chdir(tmp_path)
+    path = mrml.save_scene_bundle(scene, Path("relative.mrb"))
+    assert (tmp_path / "relative.mrb").is_file() and path == Path("relative.mrb")
+    loaded = mrml.load_scene_bundle(tmp_path / "relative.mrb")
+    assert loaded.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1

@@ -9,6 +9,7 @@ i.e. the preprocessed (normalised) intensities, then placed on the input grid.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from ..image import Image, SegXAIInputError
-from ..models.inference import activate
+from ..models.inference import activate, exact_float32
 from ..models.loaders import LoadedModel
 from ..models.preprocessing import model_input, preprocess, preprocess_labels, to_input_grid
 from ..progress import CancelToken, ProgressCallback, report, sub_progress
@@ -215,7 +216,10 @@ def explain(
 
     start = time.perf_counter()
     forward = SegmentationForward(model.network, card, x.shape[2:], resolved, amp=amp, window_batch=window_batch)
-    attribution = method_class(forward).attribute(x, progress=sub_progress(progress, 0.1, 0.95), cancel=cancel, **params)
+    precision = contextlib.nullcontext() if amp else exact_float32(device)
+    with precision:
+        attribution = method_class(forward).attribute(x, progress=sub_progress(progress, 0.1, 0.95), cancel=cancel,
+                                                      **params)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     timings["attribution"] = time.perf_counter() - start

@@ -25,6 +25,7 @@ __all__ = [
     "IntegratedGradients",
     "ExpectedGradients",
     "sample_generator",
+    "seeded_normal",
     "noise_sigma",
     "make_baseline",
 ]
@@ -35,12 +36,20 @@ _BATCH = Parameter("batch_size", "int", 4, "samples per backward pass (memory vs
 _SEED = Parameter("seed", "int", 0, "seed of the random draws (same seed, same map)")
 
 
-def sample_generator(seed: Optional[int], index: int, device: torch.device) -> torch.Generator:
-    """The generator of sample ``index`` under ``seed``: independent of how samples are batched."""
+def sample_generator(seed: Optional[int], index: int) -> torch.Generator:
+    """The (CPU) generator of sample ``index`` under ``seed``: independent of how samples are
+    batched, and of the device (draws are made on the CPU and moved, see :func:`seeded_normal`)."""
     state = np.random.SeedSequence([0 if seed is None else int(seed), int(index)]).generate_state(1)[0]
-    generator = torch.Generator(device=device)
+    generator = torch.Generator(device="cpu")
     generator.manual_seed(int(state))
     return generator
+
+
+def seeded_normal(shape, seed: Optional[int], index: int, device: torch.device,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal draws of sample ``index`` under ``seed`` on ``device``: the same numbers on
+    every device (CUDA's generator would draw others for the same seed)."""
+    return torch.randn(tuple(shape), generator=sample_generator(seed, index), dtype=dtype).to(device)
 
 
 def noise_sigma(inputs: torch.Tensor, noise_level: float) -> float:
@@ -52,10 +61,7 @@ def noise_sigma(inputs: torch.Tensor, noise_level: float) -> float:
 
 def _noise(inputs: torch.Tensor, chunk: range, sigma: float, seed: Optional[int]) -> torch.Tensor:
     shape = inputs.shape[1:]
-    draws = [
-        torch.randn(shape, generator=sample_generator(seed, k, inputs.device), device=inputs.device, dtype=inputs.dtype)
-        for k in chunk
-    ]
+    draws = [seeded_normal(shape, seed, k, inputs.device, inputs.dtype) for k in chunk]
     return torch.stack(draws) * sigma
 
 
@@ -220,7 +226,7 @@ class ExpectedGradients(Attribution):
             )
         draws = []
         for k in range(n_samples):
-            generator = sample_generator(seed, k, torch.device("cpu"))
+            generator = sample_generator(seed, k)
             index = int(torch.randint(references.shape[0], (1,), generator=generator))
             alpha = float(torch.rand((), generator=generator))
             draws.append((index, alpha))

@@ -162,7 +162,6 @@ class RandomBaseline(Attribution):
         inputs = check_inputs(inputs)
         if cancel is not None:
             cancel.raise_if_cancelled()
-        generator = sample_generator(seed, 0, inputs.device)
-        result = torch.rand(inputs.shape, generator=generator, device=inputs.device, dtype=inputs.dtype)
+        result = torch.rand(inputs.shape, generator=sample_generator(seed, 0), dtype=inputs.dtype).to(inputs.device)
         report(progress, 1.0, self.name)
         return result

@@ -410,14 +410,15 @@ def noisy_attributions(
     cancel: Optional[CancelToken] = None,
 ) -> list[torch.Tensor]:
     """The maps of ``x + e_k``, k = 1..n, ``e_k ~ N(0, sigma^2)`` with ``sigma = noise_level
-    (max x - min x)`` (one seeded generator, drawn in order)."""
+    (max x - min x)`` (:func:`~SegXAILib.attribution.gradient.seeded_normal`: the same draws on every device)."""
     sigma = float(noise_level) * float(inputs.max() - inputs.min())
-    generator = torch.Generator(device=inputs.device).manual_seed(0 if seed is None else int(seed))
+    from ..attribution.gradient import seeded_normal
+
     maps = []
     for k in range(int(n_samples)):
         if cancel is not None:
             cancel.raise_if_cancelled()
-        noisy = inputs + sigma * torch.randn(inputs.shape, generator=generator, device=inputs.device, dtype=inputs.dtype)
+        noisy = inputs + sigma * seeded_normal(inputs.shape, seed, k, inputs.device, inputs.dtype)
         maps.append(explain(noisy))
         report(progress, (k + 1) / n_samples, "sensitivity")
     return maps

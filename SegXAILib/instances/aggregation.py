@@ -28,7 +28,7 @@ import torch
 
 from ..attribution.base import check_inputs
 from ..attribution.forward import SegmentationForward
-from ..attribution.gradient import noise_sigma, sample_generator
+from ..attribution.gradient import noise_sigma, seeded_normal
 from ..attribution.targets import RegionTarget
 from ..image import Image, SegXAIInputError
 from ..progress import CancelToken, ProgressCallback, report
@@ -40,9 +40,7 @@ AGGREGATIONS = ("mean", "max")
 
 def _noisy(inputs: torch.Tensor, k: int, sigma: float, seed: Optional[int]) -> torch.Tensor:
     """``x + e_k`` ``(C, D, H, W)``, the draw SmoothGrad makes for sample ``k``."""
-    generator = sample_generator(seed, k, inputs.device)
-    noise = torch.randn(inputs.shape[1:], generator=generator, device=inputs.device, dtype=inputs.dtype)
-    return inputs[0] + noise * sigma
+    return inputs[0] + seeded_normal(inputs.shape[1:], seed, k, inputs.device, inputs.dtype) * sigma
 
 
 def instance_smoothgrad(

@@ -52,6 +52,27 @@ class Segmentation:
         return self.labels.array[0] == class_index
 
 
+
+@contextlib.contextmanager
+def exact_float32(device: torch.device):
+    """Full float32 convolutions and matrix products on CUDA within the block (TF32 off).
+
+    PyTorch lets cuDNN convolutions use TF32 on Ampere and later GPUs by default (about 1e-3
+    relative error). Attributions without mixed precision should equal the CPU's to float32
+    rounding, so :func:`SegXAILib.attribution.explain` runs them inside this block; it does
+    nothing on other devices.
+    """
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
 def count_windows(image_size: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
     """Number of windows ``monai.inferers.sliding_window_inference`` runs for one image."""
     total = 1

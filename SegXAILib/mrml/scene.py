@@ -129,7 +129,8 @@ def save_scene_bundle(scene, path: str | os.PathLike) -> Path:
     if not path.parent.is_dir():
         raise SegXAIInputError(f"scene bundle {path}: folder {path.parent} does not exist")
     logic = application_logic(scene)
-    work = Path(tempfile.mkdtemp(prefix=".segxai-mrb-", dir=path.parent))
+    # Slicer refuses a relative bundle directory
+    work = Path(tempfile.mkdtemp(prefix=".segxai-mrb-", dir=path.parent.resolve()))
     try:
         folder = work / path.stem
         folder.mkdir()

@@ -3,7 +3,10 @@
 Run from the repository root::
 
     python Testing/Benchmarks/bench_instance.py [--size 48] [--voxels 10 100 1000]
-        [--batches 4 16] [--n-samples 2] [--loop-subset 100] [--out Testing/Benchmarks/results]
+        [--batches 4 16] [--n-samples 2] [--loop-subset 100] [--device cpu|cuda]
+        [--out Testing/Benchmarks/results]
+
+Results go to ``results/instance.{json,md}`` (CPU) or ``results/instance_cuda.{json,md}``.
 
 Model: a MONAI ``UNet(3, 2, 2, channels=(8, 16, 32, 64), strides=(2, 2, 2), num_res_units=1)``
 (the bundled lesion model's architecture) in eval mode with random weights (seed 0), run as one
@@ -24,8 +27,10 @@ Compared (each timing and memory measurement in a fresh subprocess, on CPU):
   ``ours`` on a region made of the same subset voxels.
 
 Time: the fastest of up to 3 runs in the subprocess (repeated only while under 2 s in all),
-after a warm-up with the timed batch shape. Peak memory: the growth of the subprocess's maximum resident set size over its value after the
-model and input were built (``bench_attribution._max_rss_mb``).
+after a warm-up with the timed batch shape (on CUDA, synchronised). Peak memory: on the CPU the
+growth of the subprocess's maximum resident set size over its value after the model and input
+were built (``bench_attribution._max_rss_mb``); on CUDA ``torch.cuda.max_memory_allocated`` over
+the allocation before the timed runs.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ for path in (str(ROOT), str(HERE)):
 from bench_attribution import _max_rss_mb, build_card, build_input, build_network, write_results  # noqa: E402
 
 DEFAULTS = {"size": 48, "voxels": [10, 100, 1000], "batches": [4, 16], "n_samples": 2, "noise_level": 0.1,
-            "seed": 0, "loop_subset": 100}
+            "seed": 0, "loop_subset": 100, "device": "cpu"}
 
 
 def sphere(size: int, voxels: int) -> torch.Tensor:
@@ -68,6 +73,13 @@ def _forward(network, size, target):
     from SegXAILib.attribution.forward import SegmentationForward
 
     return SegmentationForward(network, build_card(size), (size,) * 3, target, amp=False)
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 1024**2
+    return _max_rss_mb()
 
 
 def ours(network, x, mask, spec) -> torch.Tensor:
@@ -109,27 +121,33 @@ def subset_mask(mask: torch.Tensor, count: int) -> torch.Tensor:
 
 def run_measurement(spec: dict[str, Any], save: str | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
-    network = build_network(spec["seed"])
+    device = torch.device(spec.get("device", "cpu"))
+    network = build_network(spec["seed"]).to(device)
     for parameter in network.parameters():
         parameter.requires_grad_(False)
-    x = build_input(spec["size"], spec["seed"])
+    x = build_input(spec["size"], spec["seed"]).to(device)
     mask = sphere(spec["size"], spec["voxels"])
     if spec.get("subset"):
         mask = subset_mask(mask, spec["subset"])
     function = ours if spec["impl"] == "ours" else loop
     # warm-up (imports, allocator, kernel selection for the timed batch shape): one sample
     function(network, x, subset_mask(mask, max(2, spec["batch"])), {**spec, "n_samples": 1})
-    base = _max_rss_mb()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    base = _peak_mb(device)
     # the fastest of up to 3 runs (until 2 s are spent): one-off stalls of the machine do not count
     times, value = [], None
     while len(times) < 3 and (not times or sum(times) < 2.0):
         start = time.perf_counter()
         value = function(network, x, mask, spec)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     seconds = min(times)
-    peak = _max_rss_mb() - base
+    peak = _peak_mb(device) - base
     if save:
-        np.save(save, value.detach().numpy())
+        np.save(save, value.detach().cpu().numpy())
     return {**spec, "instance_voxels": int(mask.sum()), "seconds": seconds, "runs": times, "peak_mb": round(max(peak, 0.0), 1),
             "threads": torch.get_num_threads()}
 
@@ -152,7 +170,7 @@ def benchmark(params: dict[str, Any], log=print) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         for voxels in params["voxels"]:
-            base = {k: params[k] for k in ("size", "n_samples", "noise_level", "seed")} | {"voxels": voxels}
+            base = {k: params[k] for k in ("size", "n_samples", "noise_level", "seed", "device")} | {"voxels": voxels}
             actual = int(sphere(params["size"], voxels).sum())
             subset = params["loop_subset"] if actual > params["loop_subset"] else 0
             reference = measure({**base, "impl": "loop", "batch": 1, "subset": subset}, folder / "loop.npy")
@@ -182,7 +200,8 @@ def benchmark(params: dict[str, Any], log=print) -> dict[str, Any]:
                     f"{row['speedup']}x, max |diff| {difference:.2e}")
     return {
         "benchmark": "instance_smoothgrad max aggregation vs per-voxel loop",
-        "device": "cpu",
+        "device": params["device"],
+        "gpu": torch.cuda.get_device_name(0) if params["device"].startswith("cuda") else None,
         "params": params,
         "rows": rows,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version(),
@@ -195,10 +214,12 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Instance saliency, max aggregation: batched vs. per-voxel loop",
         "",
-        f"CPU, {results['machine']['threads']} threads, torch {results['machine']['torch']}; UNet (lesion model "
+        (f"{results['gpu']} (CUDA)" if results.get("gpu") else f"CPU, {results['machine']['threads']} threads")
+        + f", torch {results['machine']['torch']}; UNet (lesion model "
         f"architecture, random weights) on a {p['size']}^3 two-channel volume, one window; "
         f"n_samples = {p['n_samples']}, noise_level = {p['noise_level']}, seed = {p['seed']}. "
-        "Peak = growth of max RSS in a fresh process.",
+        + ("Peak = CUDA max allocated during the timed runs, in a fresh process." if results.get("gpu") else
+         "Peak = growth of max RSS in a fresh process."),
         "",
         "| instance voxels | batch | ours (s) | loop (s) | speedup | ours peak (MB) | loop peak (MB) | max abs diff | compared on |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -224,6 +245,7 @@ def main(argv=None) -> int:
     parser.add_argument("--n-samples", type=int, default=DEFAULTS["n_samples"])
     parser.add_argument("--loop-subset", type=int, default=DEFAULTS["loop_subset"],
                         help="larger instances: the loop runs this many voxels, time extrapolated")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -232,14 +254,17 @@ def main(argv=None) -> int:
     if args.worker:
         Path(args.result).write_text(json.dumps(run_measurement(json.loads(args.worker), args.save)), encoding="utf-8")
         return 0
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
     if args.size % 8:
         parser.error("--size must be a multiple of 8")
     params = {**DEFAULTS, "size": args.size, "voxels": args.voxels, "batches": args.batches,
-              "n_samples": args.n_samples, "loop_subset": args.loop_subset}
+              "n_samples": args.n_samples, "loop_subset": args.loop_subset, "device": args.device}
     start = time.perf_counter()
     results = benchmark(params, log=lambda m: print(m, flush=True))
     results["total_seconds"] = round(time.perf_counter() - start, 1)
-    json_path, md_path = write_results(results, args.out, "instance", markdown)
+    name = "instance" if args.device == "cpu" else "instance_cuda"
+    json_path, md_path = write_results(results, args.out, name, markdown)
     print(markdown(results))
     print(f"wrote {json_path} and {md_path} ({results['total_seconds']} s)")
     return 0
