@@ -195,3 +195,32 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def tiny_unet(channels: int = 1, seed: int = 0) -> torch.nn.Module:
+    """A two-class, one-downsampling MONAI UNet in eval mode (weights from ``seed``)."""
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(seed)
+    return UNet(spatial_dims=3, in_channels=channels, out_channels=2, channels=[4, 8], strides=[2]).eval()
+
+
+def model_grid_instances(model, image: Image):
+    """``image`` on ``model``'s grid and the class-1 instances the model predicts there.
+
+    Returns ``(inputs (1, C, D, H, W), the model grid as an Image, labels (D, H, W), instances)``.
+    """
+    from SegXAILib.attribution.forward import SegmentationForward
+    from SegXAILib.attribution.targets import ClassThresholdTarget
+    from SegXAILib.instances import find_instances
+    from SegXAILib.models.preprocessing import preprocess
+
+    x = preprocess(image, model.card)
+    grid = Image(np.zeros((1, *x.shape[1:]), np.uint8), np.asarray(x.affine, dtype=float))
+    inputs = x.as_tensor()[None].float()
+    probe = SegmentationForward(model.network, model.card, inputs.shape[2:], ClassThresholdTarget(1))
+    with torch.no_grad():
+        logits = probe.logits(inputs)[0]
+    probabilities = torch.softmax(logits, 0)[1].numpy()
+    labels, instances = find_instances((logits.argmax(0) == 1).numpy(), probabilities, grid=grid)
+    return inputs, grid, labels, instances

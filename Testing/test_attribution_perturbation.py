@@ -22,6 +22,8 @@ from SegXAILib.image import SegXAIInputError
 from SegXAILib.models.card import model_card_from_dict
 from SegXAILib.progress import Cancelled, CancelToken
 
+from conftest import tiny_unet
+
 
 def make_card(patch=(16, 16, 16), overlap=0.25, blend="gaussian", channels=1):
     return model_card_from_dict({
@@ -33,13 +35,6 @@ def make_card(patch=(16, 16, 16), overlap=0.25, blend="gaussian", channels=1):
         "inference": {"patch_size": list(patch), "overlap": overlap, "blend": blend},
         "output_activation": "softmax",
     })
-
-
-def tiny_unet(channels=1, seed=0):
-    from monai.networks.nets import UNet
-
-    torch.manual_seed(seed)
-    return UNet(spatial_dims=3, in_channels=channels, out_channels=2, channels=[4, 8], strides=[2]).eval()
 
 
 class Linear(torch.nn.Module):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import grid_matrix, write_unet_card
+from conftest import grid_matrix, model_grid_instances, write_unet_card
 from SegXAILib.attribution.forward import SegmentationForward
 from SegXAILib.attribution.gradient import SmoothGrad, noise_sigma, sample_generator
 from SegXAILib.attribution.targets import ClassThresholdTarget, InstanceTarget, VoxelTarget
@@ -196,7 +196,6 @@ def test_progress_cancel_and_errors(unet_case):
 # ---- the bundled lesion model on a lesion phantom ------------------------------------------------
 def test_max_aggregation_on_lesion_phantom_is_comparable_across_sizes(capsys):
     from SegXAILib.models import load_model
-    from SegXAILib.models.preprocessing import preprocess
     from SegXAILib.phantoms import make_lesion_phantom
     from SegXAILib.pipeline import resolve_model_card
     from SegXAILib.sample_data import load_sample_head
@@ -213,14 +212,7 @@ def test_max_aggregation_on_lesion_phantom_is_comparable_across_sizes(capsys):
         centre = [(a + b) // 2 for a, b in zip(*lesion.bbox)]
         start = [max(0, min(s - n, c - n // 2)) for c, n, s in zip(centre, (48, 48, 32), phantom.image.spatial_shape)]
         crop = phantom.image.crop(start, [a + n for a, n in zip(start, (48, 48, 32))])
-        x = preprocess(crop, model.card)
-        model_grid = Image(np.zeros((1, *x.shape[1:]), np.uint8), np.asarray(x.affine, dtype=float))
-        inputs = x.as_tensor()[None].float()
-        probe = SegmentationForward(model.network, model.card, inputs.shape[2:], ClassThresholdTarget(1))
-        with torch.no_grad():
-            logits = probe.logits(inputs)[0]
-        probabilities = torch.softmax(logits, 0)[1].numpy()
-        labels, instances = find_instances((logits.argmax(0) == 1).numpy(), probabilities, grid=model_grid)
+        inputs, model_grid, labels, instances = model_grid_instances(model, crop)
         identifier = instance_at(labels, model_grid, lesion.centroid_ras, radius_mm=4.0)
         instance = instances[identifier - 1]
         mask = torch.as_tensor(labels == identifier)

@@ -26,6 +26,8 @@ from SegXAILib.image import SegXAIInputError
 from SegXAILib.models.card import model_card_from_dict
 from SegXAILib.progress import Cancelled, CancelToken
 
+from conftest import tiny_unet
+
 
 def make_card(patch=(8, 8, 8), overlap=0.25, channels=1):
     return model_card_from_dict({
@@ -64,13 +66,6 @@ class Linear(torch.nn.Module):
 
     def forward(self, x):
         return torch.einsum("kcdhw,bcdhw->bkdhw", self.weights, x)
-
-
-def tiny_unet(seed=0):
-    from monai.networks.nets import UNet
-
-    torch.manual_seed(seed)
-    return UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=[4, 8], strides=[2]).eval()
 
 
 def three_regions(shape=(6, 6, 6)) -> torch.Tensor:
@@ -278,7 +273,7 @@ def test_feature_maps():
 
 def test_seed_progress_cancel_and_registry():
     shape = (8, 8, 8)
-    network = tiny_unet(1)
+    network = tiny_unet(seed=1)
     x = torch.randn((1, 1, *shape), generator=torch.Generator().manual_seed(5))
     forward = SegmentationForward(network, make_card(shape), shape, RegionTarget(1, torch.ones(shape, dtype=torch.bool)))
     first = KernelSHAP(forward).attribute(x, features="cubes", cubes=3, n_samples=30, seed=1)

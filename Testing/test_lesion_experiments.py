@@ -15,7 +15,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from conftest import write_voxelwise_card
+from conftest import model_grid_instances, write_voxelwise_card
 from SegXAILib.image import Image, SegXAIInputError
 from SegXAILib.instances.experiments import (
     background_values,
@@ -266,19 +266,10 @@ def test_flair_carries_more_instance_saliency_than_t1(lesion_crop, capsys):
     """Paper 001: FLAIR dominates the saliency near a lesion (in our phantom, lesions are
     hyperintense in FLAIR and only mildly hypointense in T1)."""
     from SegXAILib.attribution import InstanceTarget, SegmentationForward
-    from SegXAILib.attribution.targets import ClassThresholdTarget
-    from SegXAILib.instances import find_instances, instance_at, instance_smoothgrad
-    from SegXAILib.models.preprocessing import preprocess
+    from SegXAILib.instances import instance_at, instance_smoothgrad
 
     model, crop, _, lesion = lesion_crop
-    x = preprocess(crop, model.card)
-    grid = Image(np.zeros((1, *x.shape[1:]), np.uint8), np.asarray(x.affine, dtype=float))
-    inputs = x.as_tensor()[None].float()
-    probe = SegmentationForward(model.network, model.card, inputs.shape[2:], ClassThresholdTarget(1))
-    with torch.no_grad():
-        logits = probe.logits(inputs)[0]
-    probabilities = torch.softmax(logits, 0)[1].numpy()
-    labels, _ = find_instances((logits.argmax(0) == 1).numpy(), probabilities, grid=grid)
+    inputs, grid, labels, _ = model_grid_instances(model, crop)
     identifier = instance_at(labels, grid, lesion.centroid_ras, radius_mm=4.0)
     assert identifier > 0, "the model should find the phantom's largest lesion"
     instance = labels == identifier
