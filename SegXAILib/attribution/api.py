@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from ..image import Image, SegXAIInputError
-from ..models.inference import activate, exact_float32
+from ..models.inference import Segmentation, activate, exact_float32
 from ..models.loaders import LoadedModel
 from ..models.preprocessing import model_input, preprocess, preprocess_labels, to_input_grid
 from ..progress import CancelToken, ProgressCallback, report, sub_progress
 from .forward import SegmentationForward
-from .registry import get_method
+from .registry import check_params, get_method
 from .targets import ClassTarget, ClassThresholdTarget, InstanceTarget, RegionTarget, Target, VoxelTarget
 
 __all__ = ["TargetSpec", "AttributionResult", "explain", "instance_labels"]
@@ -160,6 +160,24 @@ def _resolve_target(spec: TargetSpec, image: Image, model: LoadedModel, x: torch
     raise SegXAIInputError(f"--target kind {spec.kind!r} is not one of class, class_threshold, instance, region, voxel")
 
 
+def _prediction_labels(prediction: Segmentation, image: Image, card, model_shape: tuple[int, ...]) -> torch.Tensor:
+    """The model-grid labels of a prediction made by this model on this image (checked)."""
+    if prediction.card.checksum() != card.checksum():
+        raise SegXAIInputError(
+            f"prediction: made by model {prediction.card.name!r} ({prediction.card.checksum()[:12]}), "
+            f"not by {card.name!r} ({card.checksum()[:12]})"
+        )
+    if not prediction.labels.same_grid(image):
+        raise SegXAIInputError("prediction: not on the image's grid")
+    labels = prediction.model_labels
+    if labels is None or tuple(labels.shape) != model_shape:
+        raise SegXAIInputError(
+            f"prediction: model-grid labels of shape {model_shape} are needed (from SegXAILib.models.segment), "
+            f"got {None if labels is None else tuple(labels.shape)}"
+        )
+    return labels
+
+
 def explain(
     image: Image,
     model: LoadedModel,
@@ -168,6 +186,7 @@ def explain(
     params: Optional[dict[str, Any]] = None,
     amp: Optional[bool] = None,
     window_batch: int = 1,
+    prediction: Optional[Segmentation] = None,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
 ) -> AttributionResult:
@@ -184,10 +203,17 @@ def explain(
         A spec or its text (``"class:lesion"``, ``"instance:2"``, ...).
     params : dict
         The method's parameters (``n_samples``, ``seed``, ...). ``references`` (expected
-        gradients) may be a list of Images on the input grid.
+        gradients) may be a list of Images on the input grid. An unknown parameter is an error
+        naming the method and the parameters it takes.
+    amp : bool, optional
+        Mixed precision for the attribution's forward and backward passes; by default on for
+        CUDA. Without it the attribution runs in exact float32 (TF32 off on CUDA).
+    prediction : Segmentation, optional
+        The case's prediction by ``model`` (:func:`~SegXAILib.models.segment` of ``image``):
+        targets are resolved from its model-grid labels instead of predicting again.
     """
-    params = dict(params or {})
     method_class = get_method(method)
+    params = check_params(method, params or {})
     spec = TargetSpec.parse(target) if isinstance(target, str) else target
     card, device = model.card, model.device
     amp = device.type == "cuda" if amp is None else amp
@@ -196,11 +222,14 @@ def explain(
     start = time.perf_counter()
     report(progress, 0.0, "preprocessing")
     x, model_affine = model_input(image, card, device)
-    with torch.no_grad():
-        from ..models.windows import WindowedForward
+    if prediction is not None:
+        labels = _prediction_labels(prediction, image, card, tuple(x.shape[2:]))
+    else:
+        with torch.no_grad():
+            from ..models.windows import WindowedForward
 
-        logits = WindowedForward(model.network, card, x.shape[2:], amp=amp)(x, window_batch=window_batch)
-        labels = activate(logits, card)[0].argmax(0).cpu()
+            logits = WindowedForward(model.network, card, x.shape[2:], amp=amp)(x, window_batch=window_batch)
+            labels = activate(logits, card)[0].argmax(0).cpu()
     resolved = _resolve_target(spec, image, model, x, model_affine, labels)
     timings["prediction"] = time.perf_counter() - start
 

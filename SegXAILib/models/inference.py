@@ -39,6 +39,9 @@ class Segmentation:
     device : str
     timings : dict
         Seconds spent in ``preprocess``, ``inference`` and ``postprocess``.
+    model_labels : torch.Tensor, optional
+        ``(D, H, W)`` int64 class indices on the model grid (CPU): the argmax the attribution
+        targets are resolved from, kept so that explaining the case needs no second prediction.
     """
 
     labels: Image
@@ -46,6 +49,7 @@ class Segmentation:
     card: ModelCard
     device: str
     timings: dict[str, float] = field(default_factory=dict)
+    model_labels: Optional[torch.Tensor] = None
 
     def mask(self, class_index: int = 1) -> np.ndarray:
         """Boolean ``(I, J, K)`` mask of one class."""
@@ -172,7 +176,9 @@ def segment(
     start = time.perf_counter()
     with torch.inference_mode():
         output = sliding_window_logits(batch, model.network, card, amp, sub_progress(progress, 0.05, 0.9), cancel)
-        probabilities = activate(output, card)[0].float().cpu().numpy()
+        activated = activate(output, card)[0]
+        model_labels = activated.argmax(0).cpu()
+        probabilities = activated.float().cpu().numpy()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     timings["inference"] = time.perf_counter() - start
@@ -186,4 +192,4 @@ def segment(
     labels = image.with_array(labels_from_probabilities(probability_image.array), ("labels",))
     timings["postprocess"] = time.perf_counter() - start
     report(progress, 1.0, "done")
-    return Segmentation(labels, probability_image, card, str(device), timings)
+    return Segmentation(labels, probability_image, card, str(device), timings, model_labels=model_labels)

@@ -1,0 +1,189 @@
+"""The engine process: ``segxai run SETTINGS.json IMAGE... --out DIR`` (or ``python -m SegXAILib.engine``).
+
+GUIs (the Slicer module, the browser viewer) launch this process so that heavy work never runs
+in their interpreter, as SlicerMONAIAuto3DSeg launches its inference. It runs
+:func:`~SegXAILib.pipeline.run_case` and :func:`~SegXAILib.pipeline.write_case` and prints one
+JSON object per line on standard output:
+
+* ``{"event": "progress", "fraction": 0.42, "step": "map smoothgrad", "message": "..."}``
+* ``{"event": "error", "kind": "input" | "internal", "message": "..."}`` before a non-zero exit
+* ``{"event": "cancelled"}`` before exit 130
+* last, ``{"event": "done", "manifest": "/abs/DIR/case.json", "band": ..., "seconds": ...}``
+
+SIGINT and SIGTERM cancel the run: the computation sees the cancel token at its next check
+(a sliding window, a sample batch); if it has not returned within :data:`GRACE_S` seconds the
+process removes its temporary files and exits anyway, always with code 130 and no half-written
+file (every file is written to a temporary name and renamed; ``case.json`` is written last).
+The computation runs on a worker thread so that the main thread can take signals at once, even
+while the worker is inside a long native call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import IO, Any, Optional, Sequence
+
+__all__ = ["main", "build_parser", "add_arguments", "run_engine", "GRACE_S", "EXIT_CANCELLED", "EXIT_BAD_INPUT"]
+
+EXIT_BAD_INPUT = 2
+EXIT_CANCELLED = 130
+#: seconds between a signal and the forced exit when the worker does not return by itself
+GRACE_S = 1.5
+#: the temporary names :func:`SegXAILib.io.atomic_path` writes before renaming
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{12}(\..+)?$")
+
+
+class _Lines:
+    """Thread-safe JSON lines on a stream, progress throttled to a few lines per second."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.lock = threading.Lock()
+        self.last = (-1.0, "", 0.0)
+
+    def emit(self, **fields: Any) -> None:
+        line = json.dumps(fields, default=str)
+        with self.lock:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        now = time.monotonic()
+        last_fraction, last_message, last_time = self.last
+        if fraction < 1.0 and message == last_message and fraction - last_fraction < 0.01 and now - last_time < 0.5:
+            return
+        self.last = (fraction, message, now)
+        step, _, detail = message.partition(": ")
+        self.emit(event="progress", fraction=round(float(fraction), 4), step=step, message=detail)
+
+
+def remove_temporary_files(folder: Path) -> list[Path]:
+    """Delete the unfinished temporary files an interrupted atomic write left in ``folder``."""
+    removed = []
+    if folder.is_dir():
+        for path in folder.rglob(".*"):
+            if path.is_file() and _TEMPORARY.match(path.name):
+                try:
+                    path.unlink()
+                    removed.append(path)
+                except OSError:
+                    pass
+    return removed
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("settings", type=Path, help="CaseSettings JSON (see SegXAILib.pipeline.CaseSettings)")
+    parser.add_argument("images", nargs="+", type=Path, help="one image per model input channel, in the card's order")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    parser.add_argument("--reference", type=Path, default=None, help="reference label map on the input grid")
+    parser.add_argument("--device", default=None, help="overrides the settings' device")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(prog="segxai run", description=__doc__.splitlines()[0]))
+
+
+def run_engine(args: argparse.Namespace, stream: Optional[IO[str]] = None) -> int:
+    """Run one case as the engine process does (signals included); returns the exit code."""
+    from .image import SegXAIInputError
+    from .progress import CancelToken, Cancelled
+
+    lines = _Lines(stream or sys.stdout)
+    token = CancelToken()
+    outcome: dict[str, Any] = {}
+    start = time.perf_counter()
+
+    def work() -> None:
+        try:
+            outcome["manifest"] = _run(args, lines.progress, token)
+        except Cancelled:
+            outcome["cancelled"] = True
+        except SegXAIInputError as error:
+            outcome["error"] = ("input", str(error))
+        except BaseException as error:  # reported as a line and an exit code, never lost
+            outcome["error"] = ("internal", f"{type(error).__name__}: {error}")
+            outcome["traceback"] = traceback.format_exc()
+
+    signalled = threading.Event()
+
+    def on_signal(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+        token.cancel()
+        signalled.set()
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handlers[signum] = signal.signal(signum, on_signal)
+    worker = threading.Thread(target=work, name="segxai-engine", daemon=True)
+    try:
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.05)
+            if signalled.is_set():
+                worker.join(GRACE_S)
+                if worker.is_alive():
+                    # the worker is inside a long native call: give up on it
+                    remove_temporary_files(args.out)
+                    lines.emit(event="cancelled", forced=True)
+                    sys.stderr.flush()
+                    os._exit(EXIT_CANCELLED)
+                break
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+    if outcome.get("cancelled") or (signalled.is_set() and "manifest" not in outcome):
+        remove_temporary_files(args.out)
+        lines.emit(event="cancelled")
+        return EXIT_CANCELLED
+    if "error" in outcome:
+        kind, message = outcome["error"]
+        lines.emit(event="error", kind=kind, message=message)
+        print(f"segxai run: {message}", file=sys.stderr)
+        if kind == "internal":
+            print(outcome.get("traceback", ""), file=sys.stderr)
+        return EXIT_BAD_INPUT if kind == "input" else 1
+    manifest = outcome["manifest"]
+    summary = json.loads(Path(manifest).read_text(encoding="utf-8"))["summary"]
+    lines.emit(event="done", manifest=str(Path(manifest).resolve()), band=summary.get("qa_band"),
+               seconds=round(time.perf_counter() - start, 3))
+    return 0
+
+
+def _run(args: argparse.Namespace, progress, cancel) -> Path:
+    from .io import check_writable_dir, read_image
+    from .pipeline import CaseSettings, load_case_model, read_case_images, resolve_model_card, run_case, write_case
+    from .progress import sub_progress
+
+    settings = CaseSettings.load(args.settings)
+    if args.device:
+        settings = CaseSettings.from_dict({**settings.to_dict(), "device": args.device}, "--device")
+    card = resolve_model_card(settings.model)
+    image = read_case_images(args.images, card)
+    reference = read_image(args.reference) if args.reference is not None else None
+    out = check_writable_dir(args.out)
+    progress(0.0, "loading the model")
+    model = load_case_model(settings)
+    case = run_case(image, model, settings, reference=reference, progress=sub_progress(progress, 0.0, 0.97),
+                    cancel=cancel)
+    progress(0.97, "writing")
+    return write_case(case, out, cancel=cancel)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_engine(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

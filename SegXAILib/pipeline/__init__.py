@@ -1,0 +1,77 @@
+"""The case engine: one pipeline behind every front end (ARCHITECTURE.md).
+
+``CaseSettings -> run_case -> Case -> write_case`` (``case.json`` manifest). The CLI, the
+engine process (``segxai run``), the demo, the Slicer Logic and cohort building all call it;
+none re-implements a step. The steps stay callable one by one (:mod:`.steps`).
+"""
+
+from .case import Case, QAResult
+from .run import add_agg2exp, add_instance_maps, add_maps, add_qa, run_case, start_case
+from .settings import (
+    Agg2ExpSettings,
+    CaseSettings,
+    InstanceSettings,
+    MethodSettings,
+    PrecisionSettings,
+    QASettings,
+)
+from .steps import (
+    ModelCache,
+    agg2exp_matrix,
+    check_channels,
+    explain_instances,
+    explain_map,
+    find_case_instances,
+    lesion_rows,
+    load_case_model,
+    predict,
+    read_case_images,
+    resolve_model_card,
+    resolve_risk_model,
+    score_qa,
+    segment_case,
+    select_instances,
+    structure_index,
+)
+from .write import MANIFEST, add_to_manifest, lesion_csv, read_manifest, write_case, write_json, write_segmentation
+
+__all__ = [
+    "Case",
+    "QAResult",
+    "CaseSettings",
+    "MethodSettings",
+    "InstanceSettings",
+    "QASettings",
+    "Agg2ExpSettings",
+    "PrecisionSettings",
+    "run_case",
+    "start_case",
+    "add_maps",
+    "add_instance_maps",
+    "add_qa",
+    "add_agg2exp",
+    "write_case",
+    "write_segmentation",
+    "write_json",
+    "read_manifest",
+    "add_to_manifest",
+    "lesion_csv",
+    "MANIFEST",
+    "resolve_model_card",
+    "load_case_model",
+    "ModelCache",
+    "check_channels",
+    "read_case_images",
+    "predict",
+    "explain_map",
+    "find_case_instances",
+    "select_instances",
+    "structure_index",
+    "explain_instances",
+    "lesion_rows",
+    "resolve_risk_model",
+    "score_qa",
+    "agg2exp_matrix",
+    "segment_case",
+]
+

@@ -1,0 +1,124 @@
+"""What a case run produces: :class:`Case` (everything on the input grid, world RAS)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from ..image import Image
+from .settings import CaseSettings
+
+__all__ = ["Case", "QAResult"]
+
+
+@dataclass
+class QAResult:
+    """The QA of the structure's contour.
+
+    Attributes
+    ----------
+    structure, method : str
+        The scored class and the attribution method of the map.
+    thresholds, curve : ndarray, shape (T,)
+        The superlevel EC curve of the normalised map inside the contour.
+    saliency : ndarray, shape (I, J, K), float32
+        The map the curve was taken of: the method's per-channel maps summed (the risk model's
+        ``channel_reduction``).
+    risk : dict or None
+        :meth:`~SegXAILib.topology.RiskModel.score`: ``pc1``, ``band``, ``estimated_dice``,
+        ``insufficient_probability``; None without a risk model.
+    risk_model : str
+        Where the risk model came from (a path or ``bundled:<model>/<method>``).
+    reference_curve : ndarray or None
+        The calibration cohort's mean curve (for plots).
+    """
+
+    structure: str
+    method: str
+    thresholds: np.ndarray
+    curve: np.ndarray
+    saliency: np.ndarray
+    risk: Optional[dict] = None
+    risk_model: str = ""
+    reference_curve: Optional[np.ndarray] = None
+    calibration_auroc_cv: Optional[float] = None
+
+    @property
+    def band(self) -> str:
+        return self.risk["band"] if self.risk is not None else "no risk model"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (``qa.json``)."""
+        document: dict[str, Any] = {"structure": self.structure, "method": self.method, "band": self.band,
+                                    "risk_model": self.risk_model}
+        if self.risk is not None:
+            document.update({k: self.risk[k] for k in ("pc1", "estimated_dice", "insufficient_probability")})
+            document["calibration_auroc_cv"] = self.calibration_auroc_cv
+        document["thresholds"] = [float(v) for v in self.thresholds]
+        document["curve"] = [float(v) for v in self.curve]
+        return document
+
+
+@dataclass
+class Case:
+    """One case run by :func:`~SegXAILib.pipeline.run_case`.
+
+    Attributes
+    ----------
+    image : Image
+        The input ``(C, I, J, K)``, channels in the card's order.
+    settings : CaseSettings
+    segmentation : Segmentation
+        The one prediction of the case (input grid, plus the model-grid labels every
+        attribution step resolves its target from).
+    class_index : int
+        The structure's class index.
+    instance_labels : Image or None
+        ``(1, I, J, K)`` int32 instance ids of the structure (1 = largest).
+    instances : list of Instance
+    maps : dict
+        Map name -> :class:`~SegXAILib.attribution.AttributionResult` (class-level maps).
+    instance_maps : dict
+        Instance id -> aggregation -> Image ``(C, I, J, K)``.
+    lesions : list of dict
+        The lesion table (:func:`~SegXAILib.pipeline.lesion_rows`).
+    qa : QAResult or None
+    agg2exp : ImportanceMatrix or None
+    reference : Image or None
+        A reference label map on the input grid (TP / FP / FN groups, Agg2Exp's reference RoI).
+    timings : dict
+        Seconds per step.
+    """
+
+    image: Image
+    settings: CaseSettings
+    segmentation: Any
+    class_index: int
+    instance_labels: Optional[Image] = None
+    instances: list = field(default_factory=list)
+    maps: dict = field(default_factory=dict)
+    instance_maps: dict = field(default_factory=dict)
+    lesions: list = field(default_factory=list)
+    qa: Optional[QAResult] = None
+    agg2exp: Any = None
+    reference: Optional[Image] = None
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def card(self):
+        return self.segmentation.card
+
+    @property
+    def structure(self) -> str:
+        return self.card.class_names[self.class_index]
+
+    @property
+    def mask(self) -> np.ndarray:
+        """``(I, J, K)`` bool: the predicted structure."""
+        return self.segmentation.mask(self.class_index)
+
+    @property
+    def device(self) -> str:
+        return self.segmentation.device

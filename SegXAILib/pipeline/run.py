@@ -1,0 +1,212 @@
+"""``run_case``: one case, every step, one prediction."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+
+from ..image import Image, SegXAIInputError
+from ..models import LoadedModel
+from ..progress import CancelToken, ProgressCallback, report, sub_progress
+from .case import Case
+from .settings import CaseSettings, MethodSettings
+from .steps import (
+    agg2exp_matrix,
+    check_channels,
+    explain_instances,
+    explain_map,
+    find_case_instances,
+    lesion_rows,
+    load_case_model,
+    predict,
+    resolve_model_card,
+    score_qa,
+    select_instances,
+    structure_index,
+)
+
+__all__ = ["run_case", "start_case", "add_maps", "add_instance_maps", "add_qa", "add_agg2exp"]
+
+
+@contextmanager
+def _timed(timings: dict, name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def _weights(settings: CaseSettings, n_instances: int) -> dict[str, float]:
+    """Rough shares of the run's time per step, for one progress bar over the whole case."""
+    weights = {"segment": 1.0, "maps": 2.0 * len(settings.methods),
+               "instances": 2.0 * n_instances * len(settings.instances.aggregations) if settings.instances.enabled else 0.0,
+               "qa": 1.5 if (settings.qa.risk_model or settings.qa.method) else 0.0,
+               "agg2exp": 1.0 if settings.agg2exp.enabled else 0.0}
+    total = sum(weights.values())
+    return {k: v / total for k, v in weights.items()}
+
+
+def _labelled(callback: Optional[ProgressCallback], step: str) -> Optional[ProgressCallback]:
+    """``"<step>: <message>"``: the engine process splits it into its step and message fields."""
+    if callback is None:
+        return None
+    return lambda fraction, message="": callback(fraction, f"{step}: {message}" if message else step)
+
+
+def _check_model(model: Optional[LoadedModel], settings: CaseSettings) -> LoadedModel:
+    if model is None:
+        return load_case_model(settings)
+    if model.card.checksum() != resolve_model_card(settings.model).checksum():
+        raise SegXAIInputError(f"model: the loaded model {model.card.name!r} is not settings.model {settings.model!r}")
+    return model
+
+
+def start_case(
+    image: Image,
+    model: LoadedModel,
+    settings: CaseSettings,
+    reference: Optional[Image] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> Case:
+    """The case's one prediction and (when ``settings.instances.enabled``) its instances and
+    lesion table without instance maps. The ``add_*`` steps extend the returned case."""
+    card = model.card
+    check_channels(image, card)
+    class_index = structure_index(card, settings.class_name)
+    if reference is not None and (reference.num_channels != 1 or not reference.same_grid(image)):
+        raise SegXAIInputError("reference: expected one label map on the input image's grid")
+    timings: dict[str, float] = {}
+    with _timed(timings, "segment"):
+        segmentation = predict(image, model, settings, progress=_labelled(progress, "segment"), cancel=cancel)
+    case = Case(image=image, settings=settings, segmentation=segmentation, class_index=class_index,
+                reference=reference, timings=timings)
+    if settings.instances.enabled:
+        with _timed(timings, "instances"):
+            labels, case.instances = find_case_instances(segmentation, class_index, settings.instances.min_voxels)
+            case.instance_labels = image.with_array(labels.astype(np.int32)[None], ("instances",))
+            case.lesions = lesion_rows(case)
+    return case
+
+
+def add_maps(
+    case: Case,
+    model: LoadedModel,
+    methods: Optional[Sequence[MethodSettings]] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> Case:
+    """Class-level maps of ``methods`` (``case.settings.methods`` by default) into ``case.maps``;
+    a map of the same name is replaced."""
+    methods = list(case.settings.methods if methods is None else methods)
+    for n, method in enumerate(methods):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        step = _labelled(sub_progress(progress, n / len(methods), (n + 1) / len(methods)), f"map {method.name}")
+        with _timed(case.timings, f"map {method.name}"):
+            case.maps[method.name] = explain_map(case.image, model, case.segmentation, method, case.structure,
+                                                 case.settings.precision.window_batch, step, cancel)
+    return case
+
+
+def add_instance_maps(
+    case: Case,
+    model: LoadedModel,
+    instance_ids: Optional[Sequence[int]] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> Case:
+    """Instance maps of ``instance_ids`` (those ``case.settings.instances`` selects by default)
+    into ``case.instance_maps``; the lesion table is refreshed."""
+    if case.instance_labels is None:
+        raise SegXAIInputError("instance maps: the case has no instances (settings.instances.enabled is false)")
+    chosen = select_instances(case) if instance_ids is None else [int(i) for i in instance_ids]
+    if chosen:
+        with _timed(case.timings, "instance maps"):
+            case.instance_maps.update(explain_instances(case, model, chosen, _labelled(progress, "instance maps"),
+                                                        cancel))
+    case.lesions = lesion_rows(case)
+    return case
+
+
+def add_qa(
+    case: Case,
+    model: LoadedModel,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> Case:
+    """The QA of the structure under ``case.settings.qa`` into ``case.qa``."""
+    with _timed(case.timings, "QA"):
+        case.qa = score_qa(case, model, _labelled(progress, "QA"), cancel)
+    return case
+
+
+def add_agg2exp(
+    case: Case,
+    model: LoadedModel,
+    rois: Optional[Mapping[str, np.ndarray]] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> Case:
+    """The Agg2Exp matrix under ``case.settings.agg2exp`` into ``case.agg2exp``."""
+    with _timed(case.timings, "Agg2Exp"):
+        case.agg2exp = agg2exp_matrix(case, model, rois, _labelled(progress, "Agg2Exp"), cancel)
+    return case
+
+
+def run_case(
+    image: Image,
+    model: Optional[LoadedModel],
+    settings: CaseSettings,
+    reference: Optional[Image] = None,
+    rois: Optional[Mapping[str, np.ndarray]] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> Case:
+    """Run one case: segment once, then every step ``settings`` asks for, reusing that prediction.
+
+    Parameters
+    ----------
+    image : Image
+        ``(C, I, J, K)``, one channel per model input in the card's order.
+    model : LoadedModel or None
+        The network of ``settings.model`` (None: loaded here from ``settings``). A loaded model
+        whose card is not ``settings.model``'s is refused.
+    settings : CaseSettings
+    reference : Image, optional
+        ``(1, I, J, K)`` reference labels on the image's grid: TP / FP / FN groups in the lesion
+        table and a reference column in Agg2Exp.
+    rois : dict, optional
+        Extra Agg2Exp regions, name -> ``(I, J, K)`` bool on the image's grid.
+    progress, cancel
+        One progress callback over the whole run; the token is checked between and inside steps.
+
+    Returns
+    -------
+    Case
+        Everything on the input grid; :func:`~SegXAILib.pipeline.write_case` writes it.
+    """
+    model = _check_model(model, settings)
+    shares = _weights(settings, settings.instances.max_instances or 4)
+    position = [0.0]
+
+    def share(step: str) -> Optional[ProgressCallback]:
+        start = position[0]
+        position[0] = min(1.0, start + shares[step])
+        return sub_progress(progress, start, position[0])
+
+    report(progress, 0.0, "segment")
+    case = start_case(image, model, settings, reference, share("segment"), cancel)
+    add_maps(case, model, None, share("maps"), cancel)
+    if settings.instances.enabled:
+        add_instance_maps(case, model, None, share("instances"), cancel)
+    if settings.qa.risk_model or settings.qa.method:
+        add_qa(case, model, share("qa"), cancel)
+    if settings.agg2exp.enabled:
+        add_agg2exp(case, model, rois, share("agg2exp"), cancel)
+    report(progress, 1.0, "done")
+    return case

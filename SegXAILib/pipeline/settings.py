@@ -1,0 +1,286 @@
+"""One typed, validated description of a case run: :class:`CaseSettings`.
+
+Every front end (the CLI, ``segxai run``, the demo, the Slicer Logic, cohort building) builds
+a :class:`CaseSettings` and hands it to :func:`~SegXAILib.pipeline.run_case`; nothing else
+decides what a run does. Settings round-trip through JSON (:meth:`CaseSettings.to_json`,
+:meth:`CaseSettings.from_json`, :meth:`CaseSettings.load`). An unknown key anywhere, an
+unknown method, or a parameter the method does not take is an error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..image import SegXAIInputError
+
+__all__ = [
+    "MethodSettings",
+    "InstanceSettings",
+    "QASettings",
+    "Agg2ExpSettings",
+    "PrecisionSettings",
+    "CaseSettings",
+    "validation_message",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class MethodSettings(_Strict):
+    """One class-level attribution map: a registry method, its parameters and its target.
+
+    ``target`` is a target text (``class:NAME``, ``class_threshold:NAME:T``, ``instance:ID``,
+    ``voxel:R,A,S``); empty means the case's structure (``class:<CaseSettings.class_name>``).
+    ``label`` names the map in outputs (``maps/<label>_<channel>.nii.gz``); the method name by
+    default, so that one method can appear twice with other parameters.
+    """
+
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    target: str = ""
+    label: str = ""
+
+    @model_validator(mode="after")
+    def _check_method(self) -> "MethodSettings":
+        from ..attribution import check_params, get_method
+
+        get_method(self.method)
+        # typed and range-checked by the method's own parameter list; unknown names refused
+        checked = check_params(self.method, self.params)
+        if checked != self.params:
+            object.__setattr__(self, "params", checked)
+        if self.target.startswith("region:"):
+            raise ValueError("target region:MASK needs a mask image; give it through the Python API")
+        return self
+
+    @property
+    def name(self) -> str:
+        """The map's name in a :class:`~SegXAILib.pipeline.Case` and in the output files."""
+        return self.label or self.method
+
+
+class InstanceSettings(_Strict):
+    """Instances of the structure and their saliency (paper 001, METHODS section 3).
+
+    ``ids``: which instances get instance maps (``None``: every instance, largest first, at most
+    ``max_instances``; ``[]``: none); or ``click_ras``: the instance at (or within
+    ``click_radius_mm`` of) a RAS point in mm, as a click in a viewer gives it. ``aggregations``: ``mean`` (eq. 2) and / or ``max``
+    (eq. 3). ``n_samples`` / ``noise_level`` / ``seed``: SmoothGrad's noise; ``batch_size``:
+    samples (mean) or voxel terms (max) per backward. ``min_voxels``: smaller components are
+    not instances. ``shell_mm``: the lesion table's shell.
+    """
+
+    enabled: bool = True
+    ids: Optional[list[int]] = None
+    max_instances: Optional[int] = Field(default=None, ge=1)
+    aggregations: list[Literal["mean", "max"]] = Field(default_factory=lambda: ["max"], min_length=1)
+    n_samples: int = Field(default=20, ge=1)
+    noise_level: float = Field(default=0.1, ge=0.0)
+    batch_size: int = Field(default=8, ge=1)
+    seed: int = Field(default=0, ge=0)
+    min_voxels: int = Field(default=1, ge=1)
+    shell_mm: float = Field(default=5.0, ge=0.0)
+    click_ras: Optional[tuple[float, float, float]] = None
+    click_radius_mm: float = Field(default=5.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _one_selection(self) -> "InstanceSettings":
+        if self.click_ras is not None and self.ids is not None:
+            raise ValueError("give ids or click_ras, not both")
+        return self
+
+    @field_validator("ids")
+    @classmethod
+    def _positive_ids(cls, value: Optional[list[int]]) -> Optional[list[int]]:
+        if value is not None and any(i < 1 for i in value):
+            raise ValueError("instance ids start at 1 (1 = the largest instance)")
+        return value
+
+    @field_validator("aggregations")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("each aggregation at most once")
+        return value
+
+
+class QASettings(_Strict):
+    """The QA risk of the structure's contour (paper 000, METHODS section 6).
+
+    ``risk_model``: a risk model JSON (``risk_<method>.json``) or ``bundled:<model>/<method>``
+    (a shipped one, e.g. ``bundled:lesions/guided_gradcam``). It fixes the method, its
+    parameters, the target and the channel reduction it was calibrated with. Without a risk
+    model, ``method`` (a class-level map's name in ``methods``) gives the EC curve alone.
+    """
+
+    risk_model: Optional[str] = None
+    method: str = ""
+
+
+class Agg2ExpSettings(_Strict):
+    """Paper 003's RoI importance matrix of the case: each row a class explained with ``method``
+    (its class target), each column a region (the predicted classes, the reference and the
+    extra RoIs given to :func:`~SegXAILib.pipeline.run_case`)."""
+
+    enabled: bool = False
+    method: str = "smoothgrad"
+    params: dict[str, Any] = Field(default_factory=dict)
+    mode: Literal["absolute", "positive", "negative"] = "absolute"
+
+    @model_validator(mode="after")
+    def _check_method(self) -> "Agg2ExpSettings":
+        from ..attribution import check_params
+
+        checked = check_params(self.method, self.params)
+        if checked != self.params:
+            object.__setattr__(self, "params", checked)
+        return self
+
+
+class PrecisionSettings(_Strict):
+    """Numerics. ``segmentation``: ``auto`` is mixed precision on CUDA and float32 elsewhere.
+    Attributions (class maps, instance maps, QA, Agg2Exp) always run in exact float32 with TF32
+    off on CUDA, so that maps equal the CPU's to float32 rounding on every device."""
+
+    segmentation: Literal["auto", "float32", "mixed"] = "auto"
+    window_batch: int = Field(default=1, ge=1)
+
+
+class CaseSettings(_Strict):
+    """What one case run does (see the module docstring).
+
+    ``model``: a bundled name (``lesions``) or a model card file / folder. ``class_name``: the
+    structure the instances, QA and default targets are about (the first foreground class when
+    empty). ``methods``: class-level maps. ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N``,
+    ``mps``. ``trust_bundle``: allow MONAI bundles (their configs execute code).
+    """
+
+    format: Literal["segxai-case-settings"] = "segxai-case-settings"
+    version: Literal[1] = 1
+    model: str = "lesions"
+    class_name: str = ""
+    methods: list[MethodSettings] = Field(default_factory=list)
+    instances: InstanceSettings = Field(default_factory=InstanceSettings)
+    qa: QASettings = Field(default_factory=QASettings)
+    agg2exp: Agg2ExpSettings = Field(default_factory=Agg2ExpSettings)
+    precision: PrecisionSettings = Field(default_factory=PrecisionSettings)
+    device: str = "auto"
+    trust_bundle: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "CaseSettings":
+        names = [m.name for m in self.methods]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"methods: map name(s) {duplicated} appear twice; give each a distinct label")
+        if self.qa.method and self.qa.method not in names:
+            raise ValueError(f"qa.method {self.qa.method!r} is not one of the methods {names}")
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            raise ValueError(f"device {self.device!r}: expected auto, cpu, cuda, cuda:N or mps")
+        return self
+
+    # ---- construction ---------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "settings") -> "CaseSettings":
+        """Validated settings from a JSON-ready dict; errors name ``source`` and the field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            raise SegXAIInputError(validation_message(source, error)) from None
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "settings") -> "CaseSettings":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise SegXAIInputError(f"{source}: not JSON ({error.msg}, line {error.lineno})") from None
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "CaseSettings":
+        """Settings from a JSON file (``segxai run SETTINGS.json``)."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise SegXAIInputError(f"settings {path}: cannot read ({error})") from None
+        return cls.from_json(text, str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        from ..io import atomic_path
+
+        with atomic_path(path) as temporary:
+            temporary.write_text(self.to_json(), encoding="utf-8")
+        return Path(path)
+
+    def method(self, name: str) -> MethodSettings:
+        for method in self.methods:
+            if method.name == name:
+                return method
+        raise SegXAIInputError(f"settings: no method named {name!r}; methods are {[m.name for m in self.methods]}")
+
+    # ---- presets --------------------------------------------------------------------
+    @classmethod
+    def demo(cls, device: str = "auto") -> "CaseSettings":
+        """The demo's run (``make demo``): four class-level maps of the lesion class, the max
+        instance map of every lesion, the shipped guided Grad-CAM risk model, Agg2Exp."""
+        return cls(
+            model="lesions",
+            methods=[
+                MethodSettings(method="smoothgrad", params={"n_samples": 8, "noise_level": 0.1, "seed": 0}),
+                MethodSettings(method="gradcam_plusplus", params={"layer": "bottleneck_decoder"}),
+                MethodSettings(method="guided_gradcam", params={"layer": "bottleneck_decoder", "batch_size": 16}),
+                MethodSettings(method="pattern_attribution"),
+            ],
+            instances=InstanceSettings(aggregations=["max"], n_samples=4, batch_size=4, seed=0),
+            qa=QASettings(risk_model="bundled:lesions/guided_gradcam"),
+            agg2exp=Agg2ExpSettings(enabled=True, method="smoothgrad",
+                                    params={"n_samples": 8, "noise_level": 0.1, "seed": 0}),
+            device=device,
+        )
+
+    @classmethod
+    def quick_demo(cls, device: str = "auto") -> "CaseSettings":
+        """The quick demo (``segxai demo --quick``, the test suite's setting): fewer samples, the
+        guided map from one modified backward instead of paper 000's per-voxel sum, two
+        instance maps."""
+        return cls(
+            model="lesions",
+            methods=[
+                MethodSettings(method="smoothgrad", params={"n_samples": 2, "noise_level": 0.1, "seed": 0}),
+                MethodSettings(method="gradcam_plusplus", params={"layer": "bottleneck_decoder"}),
+                MethodSettings(method="guided_gradcam", params={"layer": "bottleneck_decoder", "aggregation": "target"}),
+                MethodSettings(method="pattern_attribution"),
+            ],
+            instances=InstanceSettings(aggregations=["max"], n_samples=1, batch_size=4, seed=0, max_instances=2),
+            qa=QASettings(risk_model="bundled:lesions/guided_gradcam"),
+            agg2exp=Agg2ExpSettings(enabled=True, method="smoothgrad",
+                                    params={"n_samples": 2, "noise_level": 0.1, "seed": 0}),
+            device=device,
+        )
+
+
+def validation_message(source: str, error: ValidationError) -> str:
+    """``source: field.path: problem`` lines from a pydantic error (the first three)."""
+    lines = []
+    for item in error.errors()[:3]:
+        where = ".".join(str(part) for part in item.get("loc", ())) or "(top level)"
+        message = str(item.get("msg", "invalid"))
+        # errors raised in our validators (SegXAIInputError is a ValueError) come wrapped
+        message = message.removeprefix("Value error, ")
+        lines.append(f"{source}: {where}: {message}")
+    more = len(error.errors()) - 3
+    return "\n".join(lines) + (f"\n({more} more)" if more > 0 else "")

@@ -1,0 +1,447 @@
+"""The steps of a case run, each callable on its own (scikit-image style plain functions).
+
+:func:`~SegXAILib.pipeline.run_case` chains them; a notebook or a front end may call one at a
+time. Every attribution step reuses the case's one prediction
+(:attr:`Segmentation.model_labels <SegXAILib.models.Segmentation>`) and runs in exact float32
+(TF32 off on CUDA): :data:`ATTRIBUTION_AMP` is the one precision policy of attributions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from ..image import Image, SegXAIInputError
+from ..models import LoadedModel, Segmentation, load_model, load_model_card, segment
+from ..models.card import ModelCard
+from ..models.inference import exact_float32
+from ..progress import CancelToken, ProgressCallback, report
+from .case import Case, QAResult
+from .settings import CaseSettings, MethodSettings
+
+__all__ = [
+    "ATTRIBUTION_AMP",
+    "resolve_model_card",
+    "load_case_model",
+    "ModelCache",
+    "check_channels",
+    "read_case_images",
+    "predict",
+    "segment_case",
+    "explain_map",
+    "find_case_instances",
+    "select_instances",
+    "explain_instances",
+    "reference_groups",
+    "lesion_rows",
+    "resolve_risk_model",
+    "score_qa",
+    "agg2exp_matrix",
+]
+
+#: attributions never run in mixed precision: maps equal the CPU's to float32 rounding
+ATTRIBUTION_AMP = False
+
+
+# ---------------------------------------------------------------------------- model, images
+
+
+def resolve_model_card(model: Union[str, Path, ModelCard]) -> ModelCard:
+    """A model given by name or path: a bundled name (``lesions``, ``parotid-S2``...),
+    ``deepbet`` (its first stage, shipped in the deepbet wheel), or a card file / folder."""
+    from ..sample_data import BUNDLED_MODELS, bundled_model_card
+
+    if isinstance(model, ModelCard):
+        return model
+    if str(model) in BUNDLED_MODELS:
+        return load_model_card(bundled_model_card(str(model)))
+    if str(model) == "deepbet":
+        from ..models.third_party import deepbet_model_card
+
+        return deepbet_model_card()
+    return load_model_card(model)
+
+
+def load_case_model(settings: CaseSettings) -> LoadedModel:
+    """The network of ``settings.model`` on ``settings.device``."""
+    return load_model(resolve_model_card(settings.model), device=settings.device, trust=settings.trust_bundle)
+
+
+class ModelCache:
+    """Keeps the last loaded network between runs (a GUI session, a batch worker), keyed by the
+    card file, its contents and the device. ``loads`` counts the networks built."""
+
+    def __init__(self) -> None:
+        self._model: Optional[LoadedModel] = None
+        self._key: Optional[tuple] = None
+        self.loads = 0
+
+    def get(self, settings: CaseSettings) -> LoadedModel:
+        from ..models import resolve_device
+
+        card = resolve_model_card(settings.model)
+        device = resolve_device(settings.device)
+        stamp = card.path.stat().st_mtime_ns if card.path is not None and card.path.exists() else None
+        key = (str(card.path), stamp, card.checksum(), str(device), settings.trust_bundle)
+        if self._key != key:
+            self._model = None  # release the previous network before building the next
+            self._model = load_model(card, device=device, trust=settings.trust_bundle)
+            self._key = key
+            self.loads += 1
+        assert self._model is not None
+        return self._model
+
+
+def check_channels(image: Image, card: ModelCard) -> Image:
+    """``image`` if it has one channel per model input, else an error naming both counts."""
+    if image.num_channels != len(card.input_channels):
+        raise SegXAIInputError(
+            f"model {card.name!r} takes {len(card.input_channels)} input volume(s) "
+            f"({', '.join(card.input_channels)}), got {image.num_channels}"
+        )
+    return image
+
+
+def read_case_images(paths: Sequence[Union[str, Path]], card: ModelCard) -> Image:
+    """One file (or DICOM series folder) per model input channel, in the card's order."""
+    from ..io import read_channels
+
+    if len(paths) != len(card.input_channels):
+        raise SegXAIInputError(
+            f"model {card.name!r} takes {len(card.input_channels)} image(s) "
+            f"({', '.join(card.input_channels)}), got {len(paths)}"
+        )
+    return read_channels(list(paths), card.input_channels)
+
+
+def structure_index(card: ModelCard, class_name: str) -> int:
+    """The class index of ``class_name`` (the first foreground class when empty)."""
+    if not class_name:
+        return 1
+    if class_name not in card.class_names[1:]:
+        raise SegXAIInputError(f"class_name {class_name!r}: the model's foreground classes are {card.class_names[1:]}")
+    return card.class_names.index(class_name)
+
+
+def predict(
+    image: Image,
+    model: LoadedModel,
+    settings: Optional[CaseSettings] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> Segmentation:
+    """The case's one prediction (labels and probabilities on the input grid, labels on the
+    model grid for the attribution steps)."""
+    check_channels(image, model.card)
+    policy = (settings or CaseSettings()).precision.segmentation
+    amp = None if policy == "auto" else policy == "mixed"
+    return segment(image, model, amp=amp, progress=progress, cancel=cancel)
+
+
+def segment_case(
+    images: Sequence[Union[str, Path]],
+    model: LoadedModel,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> tuple[Image, Segmentation]:
+    """Read one file per input channel (in the card's order) and segment them."""
+    from ..progress import sub_progress
+
+    report(progress, 0.0, "reading images")
+    image = read_case_images(images, model.card)
+    return image, predict(image, model, progress=sub_progress(progress, 0.05, 1.0), cancel=cancel)
+
+
+# ---------------------------------------------------------------------------- class-level maps
+
+
+def _target_text(method: MethodSettings, structure: str) -> str:
+    return method.target or f"class:{structure}"
+
+
+def explain_map(
+    image: Image,
+    model: LoadedModel,
+    segmentation: Segmentation,
+    method: MethodSettings,
+    structure: str,
+    window_batch: int = 1,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+):
+    """One class-level map (:class:`~SegXAILib.attribution.AttributionResult`, ``(C, I, J, K)``
+    on the input grid) of ``method`` with the prediction ``segmentation`` (no second prediction)."""
+    from ..attribution import explain
+
+    return explain(image, model, method.method, target=_target_text(method, structure), params=dict(method.params),
+                   amp=ATTRIBUTION_AMP, window_batch=window_batch, prediction=segmentation, progress=progress,
+                   cancel=cancel)
+
+
+def _channel_sum(maps: Image) -> np.ndarray:
+    """``(I, J, K)`` float32: the per-channel maps summed (in float64)."""
+    return maps.array.astype(np.float64).sum(axis=0).astype(np.float32)
+
+
+def _same_map(result, method: str, params: Mapping[str, Any], target: str) -> bool:
+    """Whether an AttributionResult was made by ``method`` with ``params`` (defaults included)
+    for the class target ``target`` (``class:NAME``)."""
+    from ..attribution import get_method
+
+    if result.method != method:
+        return False
+    defaults = {p.name: p.default for p in get_method(method).parameters}
+    wanted = json.loads(json.dumps({**defaults, **params}, default=str))
+    made = json.loads(json.dumps(result.parameters, default=str))
+    kind = result.target.get("spec")
+    return made == wanted and kind == "class" and f"class:{result.target.get('class_name')}" == target
+
+
+# ---------------------------------------------------------------------------- instances
+
+
+def find_case_instances(segmentation: Segmentation, class_index: int, min_voxels: int = 1):
+    """``(labels (I, J, K) int32, instances)``: 26-connected components of the class, 1 = largest."""
+    from ..instances import find_instances
+
+    return find_instances(segmentation.mask(class_index), segmentation.probabilities.array[class_index],
+                          min_voxels=min_voxels, grid=segmentation.labels)
+
+
+def select_instances(case: Case) -> list[int]:
+    """The instance ids that get instance maps under ``case.settings.instances``."""
+    from ..instances import instance_at
+
+    chosen = case.settings.instances
+    count = len(case.instances)
+    if chosen.click_ras is not None:
+        if count == 0:
+            raise SegXAIInputError(f"instances.click_ras: the prediction has no instance of {case.structure!r}")
+        labels = case.instance_labels.array[0]
+        try:
+            return [instance_at(labels, case.image, chosen.click_ras, radius_mm=chosen.click_radius_mm)]
+        except SegXAIInputError as error:
+            raise SegXAIInputError(f"instances.click_ras {list(chosen.click_ras)}: {error}") from None
+    if chosen.ids is not None:
+        unknown = [i for i in chosen.ids if i > count]
+        if unknown:
+            raise SegXAIInputError(
+                f"instances.ids: no instance {', '.join(map(str, unknown))}; the prediction has {count} instance(s) of "
+                f"{case.structure!r} (ids 1.. by decreasing size, at least {chosen.min_voxels} voxels)"
+            )
+        return list(chosen.ids)
+    return [i.id for i in case.instances][: chosen.max_instances]
+
+
+def explain_instances(
+    case: Case,
+    model: LoadedModel,
+    instance_ids: Sequence[int],
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> dict[int, dict[str, Image]]:
+    """Paper 001's instance saliency of each instance: ``{id: {aggregation: Image (C, I, J, K)}}``."""
+    from ..instances import instance_saliency
+
+    chosen = case.settings.instances
+    if case.instance_labels is None:
+        raise SegXAIInputError("instance saliency: find the case's instances first")
+    with exact_float32(model.device):
+        return instance_saliency(
+            case.image, model, case.instance_labels.array[0], list(instance_ids), class_index=case.class_index,
+            aggregations=tuple(chosen.aggregations), n_samples=chosen.n_samples, noise_level=chosen.noise_level,
+            batch_size=chosen.batch_size, seed=chosen.seed, window_batch=case.settings.precision.window_batch,
+            progress=progress, cancel=cancel,
+        )
+
+
+def reference_groups(case: Case) -> tuple[dict[int, str], list[dict]]:
+    """With ``case.reference``: TP / FP per predicted instance (paper 001's overlap rule) and
+    one row per reference lesion the prediction missed (FN)."""
+    from ..instances import classify_instances, find_instances
+
+    if case.reference is None or case.instance_labels is None:
+        return {}, []
+    truth = case.reference.array[0] != 0
+    classes = classify_instances(case.instance_labels.array[0], truth, case.image, n_tn=0)
+    groups = {i: "TP" for i in classes["TP"]["ids"]} | {i: "FP" for i in classes["FP"]["ids"]}
+    _, components = find_instances(truth, grid=case.image)
+    missed = []
+    for component in components:
+        if component.id in classes["FN"]["ids"]:
+            entry = component.to_dict()
+            entry.pop("bbox_start"), entry.pop("bbox_stop")
+            missed.append({"id": None, "group": "FN", "reference_id": entry.pop("id"), **entry, "mean_probability": None})
+    return groups, missed
+
+
+#: the saliency values each lesion row carries per aggregation and channel
+LESION_SALIENCY_KEYS = ("peak_positive", "peak_negative", "peak_positive_local", "peak_negative_local",
+                        "share_inside", "share_shell", "share_outside")
+
+
+def lesion_rows(case: Case) -> list[dict]:
+    """The lesion table: one row per predicted instance, then one per missed reference lesion.
+
+    Each row: ``id, group (TP / FP / FN or None), reference_id, voxels, volume_mm3,
+    centroid_ras, mean_probability`` and, for an instance with instance maps, ``saliency``:
+    ``{aggregation: {channel: {peak_positive, peak_negative, peak_positive_local,
+    peak_negative_local, share_inside, share_shell, share_outside}}}``
+    (:func:`~SegXAILib.instances.lesion_table`: ``*_local`` over the instance and its shell,
+    the others over the whole map).
+    """
+    from ..instances import lesion_table
+
+    if case.instance_labels is None:
+        return []
+    labels = case.instance_labels.array[0]
+    groups, missed = reference_groups(case)
+    by_aggregation: dict[str, dict[int, dict]] = {}
+    with_maps = [i for i in case.instances if i.id in case.instance_maps]
+    for aggregation in case.settings.instances.aggregations:
+        if with_maps:
+            table = lesion_table(with_maps, labels, {i.id: case.instance_maps[i.id][aggregation] for i in with_maps},
+                                 case.image, shell_mm=case.settings.instances.shell_mm)
+            by_aggregation[aggregation] = {row["id"]: row for row in table}
+    rows = []
+    for instance in case.instances:
+        entry = instance.to_dict()
+        entry.pop("bbox_start"), entry.pop("bbox_stop")
+        row = {"id": entry.pop("id"), "group": groups.get(instance.id), "reference_id": None, **entry}
+        if instance.id in case.instance_maps:
+            row["saliency"] = {
+                aggregation: {channel: {key: values[key] for key in LESION_SALIENCY_KEYS}
+                              for channel, values in rows_by_id[instance.id]["channels"].items()}
+                for aggregation, rows_by_id in by_aggregation.items()
+            }
+        rows.append(row)
+    return rows + missed
+
+
+# ---------------------------------------------------------------------------- QA
+
+
+def resolve_risk_model(text: str):
+    """``(RiskModel, name)`` of a risk model path or ``bundled:<model>/<method>``."""
+    from ..topology import RiskModel, bundled_risk_model
+
+    if text.startswith("bundled:"):
+        name, _, method = text[len("bundled:"):].partition("/")
+        if not name or not method:
+            raise SegXAIInputError(f"qa.risk_model {text!r}: expected bundled:<model>/<method>")
+        return RiskModel.load(bundled_risk_model(name, method)), text
+    return RiskModel.load(text), text
+
+
+def score_qa(
+    case: Case,
+    model: LoadedModel,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> QAResult:
+    """The QA of the structure's contour (paper 000, METHODS section 6).
+
+    With a risk model: it must belong to this model (card checksum) and this structure
+    (its target); its map is the risk model's method with its calibration parameters and
+    target (a class-level map of the case is reused when it was made exactly so), its
+    per-channel maps summed; the EC curve on its thresholds is projected and scored.
+    Without one: the EC curve of ``settings.qa.method``'s map on 100 thresholds.
+    """
+    from ..topology import default_thresholds, saliency_curve
+
+    settings = case.settings.qa
+    card = model.card
+    mask = case.mask
+    if not mask.any():
+        raise SegXAIInputError(f"QA: the model predicts no {case.structure!r} voxel in this image: no contour to score")
+    if settings.risk_model is None:
+        if not settings.method:
+            raise SegXAIInputError("QA: give qa.risk_model, or qa.method (the name of one of the methods)")
+        result = case.maps.get(settings.method)
+        if result is None:
+            raise SegXAIInputError(f"QA: qa.method {settings.method!r} has no map in this case")
+        saliency = _channel_sum(result.maps)
+        thresholds = default_thresholds(100)
+        report(progress, 1.0, "EC curve")
+        return QAResult(case.structure, settings.method, thresholds, saliency_curve(saliency, mask, thresholds),
+                        saliency)
+
+    risk, name = resolve_risk_model(settings.risk_model)
+    if card.checksum() != risk.model_checksum:
+        raise SegXAIInputError(
+            f"qa.risk_model {name}: calibrated for model checksum {risk.model_checksum!r}, the model "
+            f"{card.name!r} has {card.checksum()!r}"
+        )
+    record = risk.method_parameters
+    target = str(record.get("target", ""))
+    if target != f"class:{case.structure}":
+        raise SegXAIInputError(f"qa.risk_model {name}: calibrated for target {target!r}, the case's structure is "
+                               f"{case.structure!r}")
+    if record.get("channel_reduction", "sum") != "sum":
+        raise SegXAIInputError(f"qa.risk_model {name}: channel_reduction {record.get('channel_reduction')!r} "
+                               "is not supported (sum)")
+    params = record.get("params")
+    if not isinstance(params, dict):
+        raise SegXAIInputError(f"qa.risk_model {name}: method_parameters.params must be an object")
+    reused = next((r for r in case.maps.values() if _same_map(r, risk.method, params, target)), None)
+    if reused is None:
+        method = MethodSettings(method=risk.method, params=params, target=target)
+        reused = explain_map(case.image, model, case.segmentation, method, case.structure,
+                             case.settings.precision.window_batch, progress, cancel)
+    saliency = _channel_sum(reused.maps)
+    curve = saliency_curve(saliency, mask, risk.thresholds)
+    made = json.loads(json.dumps(reused.parameters, default=str))
+    scored = risk.score(curve, risk.method, card.checksum(),
+                        method_parameters={"params": made, "target": target, "channel_reduction": "sum"})
+    report(progress, 1.0, f"{scored['band']} risk")
+    return QAResult(case.structure, risk.method, np.asarray(risk.thresholds, float), curve, saliency, risk=dict(scored),
+                    risk_model=name, reference_curve=np.asarray(risk.pca_mean, float),
+                    calibration_auroc_cv=risk.auroc_cv_mean)
+
+
+# ---------------------------------------------------------------------------- Agg2Exp
+
+
+def agg2exp_matrix(
+    case: Case,
+    model: LoadedModel,
+    rois: Optional[Mapping[str, np.ndarray]] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+):
+    """Paper 003's local importance matrix of the case
+    (:class:`~SegXAILib.evaluation.ImportanceMatrix`).
+
+    Rows: every class of the card explained with ``settings.agg2exp.method`` and its class
+    target (a class-level map of the case is reused when made exactly so; a class without a
+    predicted voxel gets a row of NaN). Columns: the predicted classes, ``reference:<structure>``
+    with a reference, then ``rois`` (name -> ``(I, J, K)`` bool on the input grid).
+    """
+    from ..evaluation import class_rois, local_matrix
+    from ..progress import sub_progress
+
+    settings = case.settings.agg2exp
+    card = model.card
+    columns = class_rois(case.segmentation.labels.array[0], card.class_names)
+    if case.reference is not None:
+        columns[f"reference:{case.structure}"] = case.reference.array[0] != 0
+    for name, mask in (rois or {}).items():
+        mask = np.asarray(mask, bool)
+        if mask.shape != tuple(case.image.spatial_shape):
+            raise SegXAIInputError(f"agg2exp roi {name!r}: shape {mask.shape} is not the image's {case.image.spatial_shape}")
+        columns[name] = mask
+    rows: dict[str, Optional[np.ndarray]] = {}
+    for position, class_name in enumerate(card.class_names):
+        target = f"class:{class_name}"
+        reused = next((r for r in case.maps.values() if _same_map(r, settings.method, settings.params, target)), None)
+        if reused is None and case.segmentation.mask(position).any():
+            method = MethodSettings(method=settings.method, params=settings.params, target=target)
+            reused = explain_map(case.image, model, case.segmentation, method, class_name,
+                                 case.settings.precision.window_batch,
+                                 sub_progress(progress, position / len(card.class_names),
+                                              (position + 1) / len(card.class_names)), cancel)
+        rows[class_name] = None if reused is None else reused.maps.array
+    return local_matrix(rows, columns, settings.mode)
