@@ -25,6 +25,7 @@ import torch
 from .image import Image
 from .io import check_writable_dir, write_image
 from .metrics import dice_score
+from .pipeline import Case, CaseSettings
 from .progress import CancelToken, ProgressCallback, report, sub_progress
 
 __all__ = ["DEMO_SEED", "DemoSettings", "DemoResult", "demo_case", "demo_phantom", "run_demo"]
@@ -40,49 +41,29 @@ OVERLAY_THRESHOLD = 0.17
 class DemoSettings:
     """How much work the demo does.
 
-    ``class_methods``: (registry name, parameters) of the class-level maps;
-    ``instance_samples`` / ``instance_batch``: SmoothGrad samples and replicas per backward of
-    the instance maps; ``crop_half``: when set, the case is cropped to ``2 * crop_half`` voxels
-    around the largest inserted lesion; ``max_instances``: at most this many instance maps
-    (largest first); ``scene``: write the Slicer scene bundle.
+    ``case``: the case run (:class:`~SegXAILib.pipeline.CaseSettings`: class-level methods,
+    instance maps, risk model, Agg2Exp); ``crop_half``: when set, the case is cropped to
+    ``2 * crop_half`` voxels around the largest inserted lesion; ``scene``: write the Slicer
+    scene bundle.
     """
 
-    class_methods: tuple[tuple[str, dict], ...] = (
-        ("smoothgrad", {"n_samples": 8, "noise_level": 0.1, "seed": 0}),
-        ("gradcam_plusplus", {"layer": "bottleneck_decoder"}),
-        ("guided_gradcam", {"layer": "bottleneck_decoder", "batch_size": 16}),
-        ("pattern_attribution", {}),
-    )
-    instance_samples: int = 4
-    instance_batch: int = 4
+    case: CaseSettings = field(default_factory=CaseSettings.demo)
     crop_half: Optional[tuple[int, int, int]] = None
-    max_instances: Optional[int] = None
     scene: bool = True
-    risk_method: str = "guided_gradcam"
 
     @classmethod
     def reduced(cls) -> "DemoSettings":
         """The test suite's setting: a 48 x 48 x 32 crop, two instance maps, few samples."""
-        return cls(
-            class_methods=(
-                ("smoothgrad", {"n_samples": 2, "noise_level": 0.1, "seed": 0}),
-                ("gradcam_plusplus", {"layer": "bottleneck_decoder"}),
-                # one modified backward instead of paper 000's exact per-voxel sum
-                ("guided_gradcam", {"layer": "bottleneck_decoder", "aggregation": "target"}),
-                ("pattern_attribution", {}),
-            ),
-            instance_samples=1,
-            crop_half=(24, 24, 16),
-            max_instances=2,
-        )
+        return cls(case=CaseSettings.quick_demo(), crop_half=(24, 24, 16))
 
 
 @dataclass
 class DemoResult:
     report: Path
     dice: float
+    case: Case
+    manifest: Path
     outputs: dict[str, Any] = field(default_factory=dict)
-    lesions: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -116,28 +97,17 @@ def demo_case(seed: int = DEMO_SEED, crop_half: Optional[tuple[int, int, int]] =
     return phantom.image, phantom.lesions
 
 
-class _Clock:
-    """Wall-clock seconds per named step."""
-
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
-
-    def __call__(self, name: str):
-        clock = self
-
-        class _Step:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                clock.timings[name] = clock.timings.get(name, 0.0) + time.perf_counter() - self.start
-
-        return _Step()
-
-
-def _check(cancel: Optional[CancelToken]) -> None:
-    if cancel is not None:
-        cancel.raise_if_cancelled()
+def _anatomy_rois(phantom) -> dict[str, np.ndarray]:
+    """Agg2Exp's anatomical columns of the phantom: white and grey matter (without the inserted
+    lesions) and everything outside the brain."""
+    brain = phantom.brain.array[0] > 0
+    rois: dict[str, np.ndarray] = {}
+    if phantom.tissue is not None:
+        tissue = phantom.tissue.array[0]
+        rois["white matter"] = (tissue == 6) & brain & ~phantom.truth
+        rois["grey matter"] = (tissue == 5) & brain & ~phantom.truth
+    rois["outside the brain"] = ~brain
+    return rois
 
 
 def run_demo(
@@ -148,206 +118,126 @@ def run_demo(
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
 ) -> DemoResult:
-    """Run the demo into ``out_dir``; see the module docstring for the steps.
+    """Run the demo into ``out_dir``: the case pipeline on the demo case, then the report and
+    the Slicer scene.
 
-    Outputs (all on the input grid): ``input_<channel>.nii.gz``, ``truth_lesions.nii.gz``,
-    the segmentation (``labels.nii.gz``, ``probability_<class>.nii.gz``), ``maps/<method>_<channel>.nii.gz``,
-    ``instances.nii.gz`` and ``instances/instance<id>_max_<channel>.nii.gz``, ``lesions.json``,
-    ``qa.json``, ``agg2exp.json``, ``scene.mrb`` and ``report.html`` with ``figures/``.
+    Outputs: the case folder of :func:`~SegXAILib.pipeline.write_case` (segmentation, maps,
+    instance maps, lesion table, QA, Agg2Exp, ``case.json``), plus ``input_<channel>.nii.gz``,
+    ``truth_lesions.nii.gz``, ``scene.mrb`` and ``report.html`` with ``figures/``, all listed in
+    the manifest.
     """
-    import json
-
-    from .attribution import TargetSpec, explain
-    from .instances import classify_instances, find_instances, instance_saliency, lesion_table
-    from .io import atomic_path
-    from .models import load_model
-    from .models.inference import segment
-    from .pipeline import resolve_model_card, write_segmentation
+    from .pipeline import add_to_manifest, load_case_model, run_case, write_case
 
     settings = settings or DemoSettings()
+    case_settings = settings.case.model_copy(update={"device": device})
     out_dir = check_writable_dir(out_dir)
-    for folder in ("maps", "instances"):
-        check_writable_dir(out_dir / folder)
-    clock = _Clock()
-    outputs: dict[str, Any] = {}
+    timings: dict[str, float] = {}
 
-    with clock("case"):
-        report(progress, 0.0, "inserting lesions into the sample T1")
-        phantom = demo_phantom(seed, settings.crop_half)
-        image, truth_labels = phantom.image, phantom.lesions
-    _check(cancel)
-    with clock("load model"):
-        model = load_model(resolve_model_card("lesions"), device=device)
-    card = model.card
-    with clock("segment"):
-        segmentation = segment(image, model, progress=sub_progress(progress, 0.02, 0.08), cancel=cancel)
-    prediction = segmentation.mask(1)
-    truth = truth_labels.array[0] > 0
-    dice = dice_score(prediction, truth)
-    with clock("write images"):
-        for name in image.channel_names:
-            outputs[f"input_{name}"] = write_image(image.channel(name), out_dir / f"input_{name}.nii.gz")
-        outputs["truth"] = write_image(truth_labels, out_dir / "truth_lesions.nii.gz")
-        outputs.update(write_segmentation(segmentation, out_dir))
+    start = time.perf_counter()
+    report(progress, 0.0, "inserting lesions into the sample T1")
+    phantom = demo_phantom(seed, settings.crop_half)
+    image, truth_labels = phantom.image, phantom.lesions
+    timings["case"] = time.perf_counter() - start
+    if cancel is not None:
+        cancel.raise_if_cancelled()
+    start = time.perf_counter()
+    model = load_case_model(case_settings)
+    timings["load model"] = time.perf_counter() - start
+    case = run_case(image, model, case_settings, reference=truth_labels, rois=_anatomy_rois(phantom),
+                    progress=sub_progress(progress, 0.02, 0.88), cancel=cancel)
+    timings.update(case.timings)
+    dice = dice_score(case.mask, phantom.truth)
 
-    # class-level maps of the lesion class
-    target = TargetSpec("class", class_name=card.class_names[1])
-    class_maps: dict[str, Image] = {}
-    method_rows: list[dict] = []
-    for n, (method, params) in enumerate(settings.class_methods):
-        _check(cancel)
-        share = (0.08 + 0.4 * n / len(settings.class_methods), 0.08 + 0.4 * (n + 1) / len(settings.class_methods))
-        start = time.perf_counter()
-        result = explain(image, model, method, target=target, params=dict(params),
-                         progress=sub_progress(progress, *share), cancel=cancel)
-        seconds = time.perf_counter() - start
-        clock.timings[f"map {method}"] = seconds
-        class_maps[method] = result.maps
-        for name in image.channel_names:
-            outputs[f"map_{method}_{name}"] = write_image(result.maps.channel(name), out_dir / "maps" / f"{method}_{name}.nii.gz")
-        method_rows.append({"method": method, "parameters": ", ".join(f"{k}={v}" for k, v in params.items()) or "defaults",
-                            "seconds": seconds, "device": result.device})
-
-    # instances: every predicted lesion, its max-aggregated instance saliency and its table row
-    with clock("instances"):
-        labels, instances = find_instances(prediction, segmentation.probabilities.array[1], grid=image)
-        outputs["instances"] = write_image(image.with_array(labels.astype(np.uint16)[None], ("instances",)),
-                                           out_dir / "instances.nii.gz")
-        chosen = [i.id for i in instances][: settings.max_instances]
-        groups = classify_instances(labels, truth, image, n_tn=0)
-        group_of = {i: "TP" for i in groups["TP"]["ids"]} | {i: "FP" for i in groups["FP"]["ids"]}
-    _check(cancel)
-    with clock("instance maps (max)"):
-        instance_maps = instance_saliency(
-            image, model, labels, chosen, aggregations=("max",), n_samples=settings.instance_samples,
-            batch_size=settings.instance_batch, seed=0, progress=sub_progress(progress, 0.5, 0.85), cancel=cancel,
-        )
-    for identifier in chosen:
-        for name in image.channel_names:
-            outputs[f"instance{identifier}_{name}"] = write_image(
-                instance_maps[identifier]["max"].channel(name), out_dir / "instances" / f"instance{identifier}_max_{name}.nii.gz")
-    by_id = {i.id: i for i in instances}
-    table = lesion_table([by_id[i] for i in chosen], labels, {i: instance_maps[i]["max"] for i in chosen}, image)
-    lesion_rows = []
-    for row in table:
-        flair = row["channels"][image.channel_names[0]]
-        lesion_rows.append({
-            "id": row["id"], "group": group_of.get(row["id"]), "volume_mm3": row["volume_mm3"],
-            "centroid_ras": [round(float(v), 1) for v in row["centroid_ras"]],
-            "mean_probability": row["mean_probability"],
-            **{f"peak_positive_{c}": row["channels"][c]["peak_positive_local"] for c in image.channel_names},
-            f"share_inside_{image.channel_names[0]}": flair["share_inside"],
-        })
-    with atomic_path(out_dir / "lesions.json") as temporary:
-        temporary.write_text(json.dumps({"instances": lesion_rows, "false_negatives": groups["FN"]["ids"],
-                                         "aggregation": "max", "n_samples": settings.instance_samples},
-                                        indent=2, default=float) + "\n", encoding="utf-8")
-    outputs["lesions"] = out_dir / "lesions.json"
-
-    # QA: the risk band of the lesion contour from the shipped risk model
-    from .topology import RiskModel, bundled_risk_model, score_case
-
-    _check(cancel)
-    with clock("QA risk"):
-        risk_model = RiskModel.load(bundled_risk_model("lesions", settings.risk_method))
-        scored = score_case(image, model, risk_model, progress=sub_progress(progress, 0.85, 0.9), cancel=cancel)
-    qa = {"structure": card.class_names[1], "method": risk_model.method, "risk_model": risk_model_name(settings),
-          **{k: scored.result[k] for k in ("band", "pc1", "estimated_dice", "insufficient_probability")},
-          "calibration_auroc_cv": risk_model.auroc_cv_mean, "dice_against_truth": dice}
-    with atomic_path(out_dir / "qa.json") as temporary:
-        temporary.write_text(json.dumps({**qa, "curve": [float(v) for v in scored.curve],
-                                         "thresholds": [float(v) for v in risk_model.thresholds]},
-                                        indent=2, default=float) + "\n", encoding="utf-8")
-    outputs["qa"] = out_dir / "qa.json"
-
-    # Agg2Exp: where each class's attribution mass lies (the lesion row reuses the SmoothGrad map)
-    _check(cancel)
-    with clock("Agg2Exp"):
-        matrix = _agg2exp_matrix(image, model, segmentation, phantom, class_maps, settings,
-                                 sub_progress(progress, 0.9, 0.93), cancel)
-    with atomic_path(out_dir / "agg2exp.json") as temporary:
-        temporary.write_text(json.dumps(matrix.to_dict(), indent=2, default=float) + "\n", encoding="utf-8")
-    outputs["agg2exp"] = out_dir / "agg2exp.json"
-
+    start = time.perf_counter()
+    report(progress, 0.88, "writing the case")
+    extra: dict[str, Path] = {}
+    for name in image.channel_names:
+        extra[f"input_{name}"] = write_image(image.channel(name), out_dir / f"input_{name}.nii.gz")
+    extra["truth"] = write_image(truth_labels, out_dir / "truth_lesions.nii.gz")
+    manifest = write_case(case, out_dir, cancel=cancel, extra_files=extra)
+    timings["write case"] = time.perf_counter() - start
     if settings.scene:
-        _check(cancel)
-        with clock("Slicer scene"):
-            outputs["scene"] = _write_scene(out_dir / "scene.mrb", image, segmentation, labels, instances, class_maps,
-                                            instance_maps, chosen, scored, risk_model, card)
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        start = time.perf_counter()
+        extra["scene"] = _write_scene(out_dir / "scene.mrb", case)
+        timings["Slicer scene"] = time.perf_counter() - start
 
     report(progress, 0.95, "drawing the report")
-    with clock("report"):
-        path = _write_report(out_dir, image, truth, prediction, labels, class_maps, instance_maps, lesion_rows,
-                             method_rows, dice, seed, model, segmentation.device, clock.timings, cancel,
-                             qa=qa, risk_model=risk_model, curve=scored.curve, matrix=matrix,
-                             scene=outputs.get("scene"))
-    outputs["report"] = path
+    start = time.perf_counter()
+    path = _write_report(out_dir, case, phantom.truth, dice, seed, timings, cancel, scene=extra.get("scene"))
+    timings["report"] = time.perf_counter() - start
+    extra["report"] = path
+    add_to_manifest(out_dir, {k: v for k, v in extra.items() if k in ("scene", "report")})
     report(progress, 1.0, "done")
-    return DemoResult(report=path, dice=dice, outputs=outputs, lesions=lesion_rows, timings=clock.timings)
+    return DemoResult(report=path, dice=dice, case=case, manifest=manifest, outputs=extra, timings=timings)
 
 
-def risk_model_name(settings: DemoSettings) -> str:
-    return f"Resources/Models/lesions/risk_{settings.risk_method}.json"
-
-
-def _agg2exp_matrix(image, model, segmentation, phantom, class_maps, settings, progress, cancel):
-    """The Agg2Exp matrix (absolute mass) of the case: rows background and lesion (SmoothGrad with
-    the class target), columns the predicted classes, the inserted lesions and three anatomical
-    regions of the phantom."""
-    from .attribution import TargetSpec, explain
-    from .evaluation import class_rois, local_matrix
-
-    card = model.card
-    method, params = settings.class_methods[0]
-    background = explain(image, model, method, target=TargetSpec("class", class_name=card.class_names[0]),
-                         params=dict(params), progress=progress, cancel=cancel)
-    rois = class_rois(segmentation.labels.array[0], card.class_names)
-    rois["reference:lesion"] = phantom.truth
-    brain = phantom.brain.array[0] > 0
-    if phantom.tissue is not None:
-        tissue = phantom.tissue.array[0]
-        rois["white matter"] = (tissue == 6) & brain & ~phantom.truth
-        rois["grey matter"] = (tissue == 5) & brain & ~phantom.truth
-    rois["outside the brain"] = ~brain
-    return local_matrix({card.class_names[0]: background.maps.array, card.class_names[1]: class_maps[method].array},
-                        rois, "absolute")
-
-
-def _write_scene(path, image, segmentation, labels, instances, class_maps, instance_maps, chosen, scored, risk_model,
-                 card) -> Path:
+def _write_scene(path: Path, case: Case) -> Path:
     """The case as a Slicer scene bundle: inputs, segmentation (with the risk band as segment
     tags), instances, class and instance saliency volumes (transparent below the threshold),
     the lesion and QA tables and the EC-curve chart."""
-    from .attribution.api import AttributionResult
     from .mrml import headless_scene, image_to_volume_node, save_scene_bundle
-    from .mrml.logic import CaseNodes, CaseResult, show_explanations, show_instance_saliency, show_qa, show_segmentation
+    from .mrml.logic import show_explanations, show_instance_saliency, show_qa, show_segmentation
 
+    image = case.image
     scene = headless_scene()
     volumes = [image_to_volume_node(image.channel(name), scene, name=f"SegXAI demo {name}") for name in image.channel_names]
-    result = CaseResult(image=image, segmentation=segmentation, class_index=1,
-                        instance_labels=image.with_array(labels.astype(np.int32)[None], ("instances",)),
-                        instances=list(instances))
-    result.explanations = {method: AttributionResult(maps, method, {}, {}, card.name, card.checksum(), "")
-                           for method, maps in class_maps.items()}
-    nodes = show_segmentation(scene, result, reference_volume=volumes[0], nodes=CaseNodes())
-    show_explanations(scene, result, nodes, reference_volume=volumes[0])
-    for identifier in chosen:
-        result.instance_maps[identifier] = instance_maps[identifier]["max"]
-        show_instance_saliency(scene, result, identifier, nodes, reference_volume=volumes[0], display="signed")
-    result.thresholds, result.curve = np.asarray(risk_model.thresholds, float), np.asarray(scored.curve, float)
-    result.qa_method, result.risk = risk_model.method, dict(scored.result)
-    result.risk_reference = np.asarray(risk_model.pca_mean, dtype=float)
-    show_qa(scene, result, nodes, risk_model_name=risk_model.method)
+    nodes = show_segmentation(scene, case, reference_volume=volumes[0])
+    show_explanations(scene, case, nodes, reference_volume=volumes[0])
+    for identifier in case.instance_maps:
+        show_instance_saliency(scene, case, identifier, nodes, reference_volume=volumes[0], display="signed")
+    if case.qa is not None:
+        show_qa(scene, case, nodes)
     return save_scene_bundle(scene, path)
 
 
-def _write_report(out_dir, image, truth, prediction, labels, class_maps, instance_maps, lesion_rows, method_rows, dice,
-                  seed, model, device, timings, cancel, qa, risk_model, curve, matrix, scene) -> Path:
-    from .evaluation import matrix_figure
-    from .report import HtmlReport, overlay_figure
-    from .topology.plots import ec_curve_figure
+def _report_rows(case: Case) -> list[dict]:
+    """The lesion table as the report shows it (the lesions with an instance map): the local peak of each channel's instance map
+    (over the lesion and its shell) and the share of the first channel's positive mass inside."""
+    first = case.image.channel_names[0]
+    aggregation = case.settings.instances.aggregations[0]
+    rows = []
+    for row in case.lesions:
+        if row["id"] not in case.instance_maps:
+            continue
+        saliency = (row.get("saliency") or {}).get(aggregation, {})
+        rows.append({
+            "id": row["id"], "group": row["group"], "volume_mm3": row["volume_mm3"],
+            "centroid_ras": [round(float(v), 1) for v in row["centroid_ras"]],
+            "mean_probability": row["mean_probability"],
+            **{f"local peak {c}": saliency[c]["peak_positive_local"] for c in case.image.channel_names if c in saliency},
+            **({f"share inside {first}": saliency[first]["share_inside"]} if first in saliency else {}),
+        })
+    return rows
 
-    card = model.card
+
+def _check(cancel: Optional[CancelToken]) -> None:
+    if cancel is not None:
+        cancel.raise_if_cancelled()
+
+
+def _write_report(out_dir: Path, case: Case, truth: np.ndarray, dice: float, seed: int, timings: dict[str, float],
+                  cancel: Optional[CancelToken], scene: Optional[Path]) -> Path:
+    from .evaluation import matrix_figure
+    from .pipeline import resolve_risk_model
+    from .report import HtmlReport, overlay_figure
+    from .report.risk_plots import ec_curve_figure
+
+    image, card, device = case.image, case.card, case.device
+    prediction = case.mask
+    labels = case.instance_labels.array[0]
+    class_maps = {name: result.maps for name, result in case.maps.items()}
+    aggregation = case.settings.instances.aggregations[0]
+    instance_maps = {identifier: maps[aggregation] for identifier, maps in case.instance_maps.items()}
+    lesion_rows = _report_rows(case)
+    method_rows = [{"method": name, "parameters": ", ".join(f"{k}={v}" for k, v in
+                                                             case.settings.method(name).params.items()) or "defaults",
+                    "seconds": case.timings.get(f"map {name}"), "device": result.device}
+                   for name, result in case.maps.items()]
+    risk_model, _ = resolve_risk_model(case.qa.risk_model)
+    qa = {**case.qa.to_dict(), "dice_against_truth": dice}
+    curve, matrix = case.qa.curve, case.agg2exp
     html = HtmlReport("SegXAI demo: why did the model draw these lesions?", out_dir)
     html.add_paragraph(
         "The bundled head T1 MRI (ITK example data) with synthetic white-matter lesions inserted "
@@ -389,7 +279,7 @@ def _write_report(out_dir, image, truth, prediction, labels, class_maps, instanc
                         + (" (signed: red positive, blue negative)" if signed else ""), name=f"class_{method}")
     html.add_table(method_rows, caption="Class-level methods")
 
-    html.add_heading("Lesions: instance saliency (max aggregation)")
+    html.add_heading(f"Lesions: instance saliency ({aggregation} aggregation)")
     html.add_paragraph(
         "Each predicted lesion explained on its own (paper 001): the element-wise maximum over the "
         "lesion's voxels of their SmoothGrad gradients, signed (red: raises the lesion's logits, blue: lowers them). "
@@ -399,7 +289,7 @@ def _write_report(out_dir, image, truth, prediction, labels, class_maps, instanc
     for row in lesion_rows:
         _check(cancel)
         identifier = row["id"]
-        saliency = instance_maps[identifier]["max"].channel(flair)
+        saliency = instance_maps[identifier].channel(flair)
         point = image.ijk_to_ras_points(np.argwhere(labels == identifier).mean(axis=0))[0]
         thumbnail = overlay_figure(image.channel(flair), point, labels=outlines, saliency=saliency,
                                    threshold=OVERLAY_THRESHOLD, signed=True, label_colors=colors, colorbar=False,
@@ -411,7 +301,7 @@ def _write_report(out_dir, image, truth, prediction, labels, class_maps, instanc
         identifier = row["id"]
         point = image.ijk_to_ras_points(np.argwhere(labels == identifier).mean(axis=0))[0]
         figure = overlay_figure(image.channel(flair), point, labels=outlines,
-                                saliency=instance_maps[identifier]["max"].channel(flair), threshold=OVERLAY_THRESHOLD,
+                                saliency=instance_maps[identifier].channel(flair), threshold=OVERLAY_THRESHOLD,
                                 signed=True, label_colors=colors, label_names=names,
                                 title=f"Lesion {identifier} ({row['group'] or 'unmatched'}): instance saliency, {flair}")
         html.add_figure(figure, caption=f"Lesion {identifier}: three planes through its centroid", name=f"lesion{identifier}")

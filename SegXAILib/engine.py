@@ -182,7 +182,14 @@ def _run(args: argparse.Namespace, progress, cancel) -> Path:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_engine(args)
+    code = run_engine(args)
+    if code == EXIT_CANCELLED:
+        # the interpreter's teardown (torch, MONAI) can take seconds on a busy machine: a
+        # cancelled run has nothing left to flush but the streams
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

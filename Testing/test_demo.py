@@ -43,9 +43,10 @@ def test_report_references_only_existing_files(demo_dir):
 def test_every_image_output_is_on_the_case_grid(demo_dir, case):
     image, _ = case
     written = sorted(demo_dir.rglob("*.nii.gz"))
-    methods = {method for method, _ in DemoSettings.reduced().class_methods}
-    assert {p.name.split("_")[0] for p in (demo_dir / "maps").iterdir()} >= {m.split("_")[0] for m in methods}
-    assert len(list((demo_dir / "maps").iterdir())) == len(methods) * image.num_channels
+    methods = {method.name for method in DemoSettings.reduced().case.methods}
+    maps = sorted((demo_dir / "maps").glob("*.nii.gz"))
+    assert {p.name[: -len(".nii.gz")].rsplit("_", 1)[0] for p in maps} == methods
+    assert len(maps) == len(methods) * image.num_channels
     for path in written:
         opened = read_image(path)
         np.testing.assert_allclose(opened.ijk_to_ras, image.ijk_to_ras, atol=1e-4, err_msg=str(path))
@@ -58,16 +59,25 @@ def test_lesion_table_matches_the_instance_maps(demo_dir, case):
     document = json.loads((demo_dir / "lesions.json").read_text(encoding="utf-8"))
     rows = document["instances"]
     labels = read_image(demo_dir / "instances.nii.gz").array[0]
-    assert 1 <= len(rows) <= DemoSettings.reduced().max_instances
+    with_maps = [row for row in rows if "saliency" in row]
+    assert 1 <= len(with_maps) <= DemoSettings.reduced().case.instances.max_instances
+    assert [row["id"] for row in rows if row["id"] is not None] == list(range(1, int(labels.max()) + 1))
     for row in rows:
+        if row["id"] is None:  # an inserted lesion the model missed
+            assert row["group"] == "FN"
+            continue
         lesion = labels == row["id"]
         assert row["volume_mm3"] == pytest.approx(lesion.sum() * image.voxel_volume)
         # a TP overlaps the inserted truth, an FP does not
         assert row["group"] == ("TP" if (truth.array[0][lesion] > 0).any() else "FP")
-        # the peak is the max of the lesion's own map over the lesion and a 5 mm shell
+        if "saliency" not in row:
+            continue
+        # the local peak is the max of the lesion's own map over the lesion and a 5 mm shell
         flair = read_image(demo_dir / "instances" / f"instance{row['id']}_max_FLAIR.nii.gz").array[0]
         near = distance_transform_edt(~lesion, sampling=image.spacing) <= 5.0
-        assert row["peak_positive_FLAIR"] == pytest.approx(max(float(flair[near].max()), 0.0), rel=1e-5, abs=1e-9)
+        peaks = row["saliency"]["max"]["FLAIR"]
+        assert peaks["peak_positive_local"] == pytest.approx(max(float(flair[near].max()), 0.0), rel=1e-5, abs=1e-9)
+        assert peaks["peak_positive"] == pytest.approx(max(float(flair.max()), 0.0), rel=1e-5, abs=1e-9)
 
 
 def test_demo_finds_the_inserted_lesions(demo_dir):

@@ -65,6 +65,16 @@ class MethodSettings(_Strict):
         """The map's name in a :class:`~SegXAILib.pipeline.Case` and in the output files."""
         return self.label or self.method
 
+    @classmethod
+    def parse(cls, text: str) -> "MethodSettings":
+        """``NAME`` or ``NAME:k=v,k=v`` (values parsed by the method's parameter types), as
+        command lines give a method."""
+        from ..attribution import parse_params
+
+        name, _, rest = text.partition(":")
+        params = parse_params(name, [p for p in rest.split(",") if p]) if rest else {}
+        return cls(method=name, params=params)
+
 
 class InstanceSettings(_Strict):
     """Instances of the structure and their saliency (paper 001, METHODS section 3).

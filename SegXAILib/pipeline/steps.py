@@ -32,6 +32,7 @@ __all__ = [
     "predict",
     "segment_case",
     "explain_map",
+    "channel_sum",
     "find_case_instances",
     "select_instances",
     "explain_instances",
@@ -181,7 +182,7 @@ def explain_map(
                    cancel=cancel)
 
 
-def _channel_sum(maps: Image) -> np.ndarray:
+def channel_sum(maps: Image) -> np.ndarray:
     """``(I, J, K)`` float32: the per-channel maps summed (in float64)."""
     return maps.array.astype(np.float64).sum(axis=0).astype(np.float32)
 
@@ -363,7 +364,7 @@ def score_qa(
         result = case.maps.get(settings.method)
         if result is None:
             raise SegXAIInputError(f"QA: qa.method {settings.method!r} has no map in this case")
-        saliency = _channel_sum(result.maps)
+        saliency = channel_sum(result.maps)
         thresholds = default_thresholds(100)
         report(progress, 1.0, "EC curve")
         return QAResult(case.structure, settings.method, thresholds, saliency_curve(saliency, mask, thresholds),
@@ -391,7 +392,7 @@ def score_qa(
         method = MethodSettings(method=risk.method, params=params, target=target)
         reused = explain_map(case.image, model, case.segmentation, method, case.structure,
                              case.settings.precision.window_batch, progress, cancel)
-    saliency = _channel_sum(reused.maps)
+    saliency = channel_sum(reused.maps)
     curve = saliency_curve(saliency, mask, risk.thresholds)
     made = json.loads(json.dumps(reused.parameters, default=str))
     scored = risk.score(curve, risk.method, card.checksum(),

@@ -1,8 +1,9 @@
 """Topology of saliency maps: Euler characteristic curves and persistent homology.
 
 See METHODS.md section 6 (QA risk from persistent homology): :mod:`.euler` (curves),
-:mod:`.risk` (the risk model), :mod:`.cohort` (calibration cohorts, scoring a case),
-:mod:`.plots` (PNG plots), :mod:`.commands` (``segxai qa``).
+:mod:`.risk` (the risk model), :mod:`.cohort` (reading and calibrating cohorts),
+:mod:`.plots` (PNG plots). Scoring a case is the pipeline's QA step
+(:func:`SegXAILib.pipeline.score_qa`); building a cohort is :mod:`SegXAILib.pipeline.cohort`.
 """
 
 from .euler import (
@@ -12,16 +13,8 @@ from .euler import (
     euler_characteristic_curve_gudhi,
     persistence_diagram,
 )
-from .risk import RiskModel, calibrate_risk_model, saliency_curve
-from .cohort import (
-    MethodSpec,
-    ScoredCase,
-    build_cohort,
-    bundled_risk_model,
-    calibrate_cohort,
-    read_cohort,
-    score_case,
-)
+from .risk import RiskModel, bundled_risk_model, calibrate_risk_model, saliency_curve
+from .cohort import calibrate_cohort, cohort_curves, read_cohort
 
 __all__ = [
     "betti_curves",
@@ -32,11 +25,8 @@ __all__ = [
     "RiskModel",
     "calibrate_risk_model",
     "saliency_curve",
-    "MethodSpec",
-    "ScoredCase",
-    "build_cohort",
     "bundled_risk_model",
     "calibrate_cohort",
+    "cohort_curves",
     "read_cohort",
-    "score_case",
 ]

@@ -44,6 +44,7 @@ from ..io import atomic_path
 from .euler import euler_characteristic_curve
 
 __all__ = [
+    "bundled_risk_model",
     "CURVE_QUANTILE_LEVELS",
     "RISK_MODEL_FORMAT",
     "RISK_MODEL_VERSION",
@@ -732,3 +733,13 @@ def calibrate_risk_model(
         calibration_pc1=pc1,
         calibration_dice=dice.copy(),
     )
+
+
+def bundled_risk_model(name: str = "lesions", method: str = "guided_gradcam") -> Path:
+    """Path of a shipped risk model, ``Resources/Models/<name>/risk_<method>.json``."""
+    from ..sample_data import resources_dir
+
+    path = resources_dir() / "Models" / name / f"risk_{method}.json"
+    if not path.is_file():
+        raise SegXAIInputError(f"no shipped risk model {path}")
+    return path

@@ -144,7 +144,7 @@ def write_risk_plots(
 ) -> dict[str, Path]:
     """Write ``<prefix>ec_curve.png``, ``<prefix>roc.png`` and ``<prefix>dice_pc1.png`` into
     ``out_dir`` (atomically); ``result`` is :meth:`RiskModel.score`'s dict for the case."""
-    from ..report.figures import save_figure
+    from .figures import save_figure
 
     out_dir = Path(out_dir)
     result = result or {}

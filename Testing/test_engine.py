@@ -1,0 +1,110 @@
+"""The engine process (``segxai run``, ``python -m SegXAILib.engine``): JSON progress lines, a
+manifest whose checksums hold, exit 2 on bad input with nothing written, and SIGINT / SIGTERM
+ending the run within 2 s with exit 130 and no half-written file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import grid_matrix, write_voxelwise_card
+from SegXAILib.image import Image
+from SegXAILib.io import write_image
+from SegXAILib.pipeline import CaseSettings, read_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    """A two-lesion case (oblique grid) and the per-voxel model that segments it exactly."""
+    folder = tmp_path_factory.mktemp("engine")
+    card = write_voxelwise_card(folder / "model", orientation=None, threshold=50.0, patch=(8, 8, 8))
+    bright = np.zeros((12, 10, 8), np.float32)
+    bright[1:5, 1:5, 1:4] = 100.0
+    bright[8:10, 6:9, 5:7] = 100.0
+    image = write_image(Image(bright[None], grid_matrix("oblique"), ("ch0",)), folder / "image.nii.gz")
+    return folder, card, image, bright > 50
+
+
+def engine(settings: Path, image: Path, out: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "SegXAILib.engine", str(settings), str(image), "--out", str(out),
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+
+
+def settings_file(folder: Path, name: str, **fields) -> Path:
+    path = folder / name
+    path.write_text(json.dumps(fields), encoding="utf-8")
+    return path
+
+
+def test_a_run_prints_progress_and_a_verified_manifest(case, tmp_path):
+    folder, card, image, truth = case
+    settings = settings_file(tmp_path, "s.json", model=str(card), device="cpu",
+                             methods=[{"method": "gradient_x_input"}], qa={"method": "gradient_x_input"},
+                             instances={"n_samples": 2, "aggregations": ["mean", "max"]})
+    process = engine(settings, image, tmp_path / "out")
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    progress = [line for line in lines if line["event"] == "progress"]
+    fractions = [line["fraction"] for line in progress]
+    assert fractions == sorted(fractions) and 0.0 <= fractions[0] and fractions[-1] <= 1.0
+    assert {"segment", "map gradient_x_input", "instance maps", "QA"} <= {line["step"] for line in progress}
+    assert lines[-1]["event"] == "done"
+    manifest = read_manifest(Path(lines[-1]["manifest"]).parent)  # every checksum verified
+    roles = {entry["role"] for entry in manifest["files"]}
+    assert {"labels", "map:gradient_x_input:ch0", "instances", "instance:1:max:ch0", "instance:2:mean:ch0", "lesions",
+            "qa"} <= roles
+    assert manifest["settings"] == CaseSettings.load(settings).to_dict()
+    assert manifest["summary"]["instances"] == 2 and manifest["summary"]["structure_voxels"] == int(truth.sum())
+
+
+def test_bad_settings_exit_2_naming_the_parameter_and_write_nothing(case, tmp_path):
+    folder, card, image, _ = case
+    settings = settings_file(tmp_path, "bad.json", model=str(card), device="cpu",
+                             methods=[{"method": "smoothgrad", "params": {"n_sample": 3}}])
+    process = engine(settings, image, tmp_path / "out")
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2
+    error = json.loads(stdout.splitlines()[-1])
+    assert error["event"] == "error" and error["kind"] == "input"
+    assert "methods.0" in error["message"] and "n_sample" in error["message"] and "n_samples" in error["message"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_run_within_two_seconds(case, tmp_path, signum):
+    folder, card, image, _ = case
+    # instance maps of 10^6 noise samples: far longer than the test waits
+    settings = settings_file(tmp_path, "long.json", model=str(card), device="cpu",
+                             instances={"n_samples": 1_000_000, "batch_size": 1, "ids": [1]})
+    out = tmp_path / "out"
+    process = engine(settings, image, out)
+    deadline = time.monotonic() + 120
+    for line in process.stdout:  # wait until the instance maps are running
+        event = json.loads(line)
+        if event.get("step") == "instance maps" or time.monotonic() > deadline:
+            break
+    assert event.get("step") == "instance maps"
+    sent = time.monotonic()
+    process.send_signal(signum)
+    process.wait(timeout=30)
+    elapsed = time.monotonic() - sent
+    rest = process.stdout.read().splitlines()
+    assert process.returncode == 130
+    assert elapsed < 2.0, f"stopped {elapsed:.2f} s after the signal"
+    assert json.loads(rest[-1])["event"] == "cancelled"
+    # nothing half-written: no temporary file, no manifest (the run did not finish)
+    written = [p for p in out.rglob("*")] if out.exists() else []
+    assert not any(p.name.startswith(".") for p in written), written
+    assert not (out / "case.json").exists()
