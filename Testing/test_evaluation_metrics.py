@@ -1,7 +1,8 @@
 """Evaluation metrics of attribution maps (papers 002, 003).
 
-Oracles: hand-computed values on tiny maps (complexity, pointing ROC, region Dice), scikit-learn's
-``roc_auc_score`` for the pointing AUC, a linear model (masking a voxel removes exactly its
+Oracles: hand-computed values on tiny maps (complexity, pointing ROC, region Dice, Pearson /
+Spearman), the pairwise (Mann-Whitney) definition of the pointing AUC and direct counts for the
+pointing ROC (the code calls scikit-learn / SciPy), a linear model (masking a voxel removes exactly its
 contribution ``w x``: the MiF / LiF curves and the faithfulness correlation of ``w x`` are known
 in closed form), and a network whose output depends only on a known region (every sound method
 points at it; the random baseline does not, and scores ~0 fidelity).
@@ -99,14 +100,21 @@ def test_complexity_hand_values():
     assert M.complexity(two) == pytest.approx(2 / 4)
 
 
-def test_pointing_auc_equals_sklearn_and_roc_curve_by_hand():
-    from sklearn.metrics import roc_auc_score
+def pairwise_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The AUC's definition (Mann-Whitney U / (n1 n0)): over all (inside, outside) voxel pairs,
+    1 when the inside voxel scores higher, 1/2 on a tie."""
+    inside, outside = scores[labels], scores[~labels]
+    difference = inside[:, None] - outside[None, :]
+    return float(((difference > 0) + 0.5 * (difference == 0)).mean())
 
+
+def test_pointing_auc_equals_the_pairwise_count_and_roc_curve_by_hand():
     rng = np.random.default_rng(0)
     attribution = np.round(rng.normal(size=(2, 6, 5, 4)), 1)  # rounded: many ties
     reference = rng.random((6, 5, 4)) < 0.3
     for variant in ("signed", "absolute"):
-        expected = roc_auc_score(reference.ravel(), M.spatial_map(attribution, variant).ravel())
+        expected = pairwise_auc(M.spatial_map(attribution, variant).ravel(), reference.ravel())
+        # 120 voxels: float64 sums of at most 120 * 120 halves, exact up to rounding ~1e-14
         assert M.pointing_auc(attribution, reference, variant) == pytest.approx(expected, abs=1e-12)
     perfect = reference.astype(float) + 0.0
     assert M.pointing_auc(perfect, reference) == 1.0 and M.pointing_auc(-perfect, reference, "signed") == 0.0
@@ -122,6 +130,43 @@ def test_pointing_auc_equals_sklearn_and_roc_curve_by_hand():
         M.pointing_auc(values, np.zeros((1, 1, 4), bool))
     with pytest.raises(SegXAIInputError):
         M.pointing_auc(values, np.ones((2, 2, 2), bool))
+    with pytest.raises(SegXAIInputError, match="reference"):  # one class only: AUC undefined
+        M.pointing_auc(values, np.ones((1, 1, 4), bool))
+
+
+def test_pointing_roc_equals_direct_counts_at_every_threshold():
+    rng = np.random.default_rng(1)
+    # quarters (exact in binary) with the peak at 1: the normalised map hits the thresholds
+    # 0, 0.25, ..., 1 exactly, so ">=" at a tie is tested too
+    values = rng.integers(0, 5, size=(5, 4, 3)) / 4.0
+    values[0, 0, 0] = 1.0
+    reference = rng.random((5, 4, 3)) < 0.4
+    for thresholds in (5, 9, 101):
+        steps, fpr, tpr = M.pointing_roc(values, reference, "absolute", thresholds=thresholds)
+        assert steps.shape == fpr.shape == tpr.shape == (thresholds,)
+        for t, f, p in zip(steps, fpr, tpr):
+            assert p == (values[reference] >= t).mean() and f == (values[~reference] >= t).mean()
+    # a threshold sweep of every distinct value integrates to the AUC
+    steps, fpr, tpr = M.pointing_roc(values, reference, "absolute", thresholds=5)
+    assert M.roc_area(fpr, tpr) == pytest.approx(pairwise_auc(values.ravel(), reference.ravel()), abs=1e-12)
+
+
+def test_correlations_hand_values():
+    from SegXAILib.attribution.sanity import similarity
+
+    # deviations (-1.5, -0.5, 0.5, 1.5) and (-1.5, 0.5, -0.5, 1.5): r = 4 / 5
+    assert M._pearson([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8, abs=1e-15)
+    assert M._pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0, abs=1e-15)
+    assert M._pearson([1, 1, 1], [1, 2, 3]) == 0.0 and M._pearson([1, 2, 3], [5, 5, 5]) == 0.0
+    # Spearman with a tie: ranks (1, 2.5, 2.5, 4) and (1, 3, 2, 4): r = 4.5 / sqrt(4.5 * 5) = 3 / sqrt(10)
+    a = torch.tensor([1.0, 2.0, 2.0, 3.0])
+    b = torch.tensor([1.0, 3.0, 2.0, 4.0])
+    result = similarity(a, b)
+    assert result["spearman"] == pytest.approx(3 / np.sqrt(10), abs=1e-15)
+    # |a| ranks: the same; Pearson of the values: deviations (-1, 0, 0, 1), (-1.5, .5, -.5, 1.5)
+    assert result["spearman_abs"] == pytest.approx(3 / np.sqrt(10), abs=1e-15)
+    assert result["pearson"] == pytest.approx(3 / np.sqrt(2 * 5), abs=1e-15)
+    assert similarity(a, torch.ones(4)) == {"spearman_abs": 0.0, "spearman": 0.0, "pearson": 0.0}
 
 
 def test_region_dice_hand_values():
@@ -242,7 +287,8 @@ def test_randomisation_similarity_and_timing(region_case):
     # measured: spearman 0.16, pearson -0.03; spearman_abs stays 0.9996: outside the region both
     # maps are exactly 0 (tied ranks), which |a|-rank similarity cannot tell apart
     assert result["layers"] == 2 and result["spearman"] < 0.5 and abs(result["pearson"]) < 0.5
-    assert M.randomisation_similarity(network, card, x, forward.target, "random", seed=0)["spearman_abs"] == 1.0
+    # the random map does not depend on the model: identical maps (float64: 1 up to rounding)
+    assert M.randomisation_similarity(network, card, x, forward.target, "random", seed=0)["spearman_abs"] == pytest.approx(1.0, abs=1e-12)
     # the network itself is left alone
     assert float(network.conv1.bias[0].detach()) == 0.5
     attribution, record = M.timed(lambda: get_method("vanilla_gradient")(forward).attribute(x))

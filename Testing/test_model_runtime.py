@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ from SegXAILib.models.inference import count_windows, sliding_window_logits
 from SegXAILib.progress import CancelToken, Cancelled
 
 from conftest import GRIDS, grid_matrix, write_unet_card, write_voxelwise_card
+
+RESOURCE_MODELS = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 
 
 def smooth_volume(shape, seed=0) -> np.ndarray:
@@ -39,14 +42,15 @@ def test_card_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda c: c.pop("classes"), "missing field 'classes'"),
-        (lambda c: c["architecture"].update(format="onnx"), "architecture.format"),
-        (lambda c: c["inference"].update(patch_size=[16, 16]), "patch_size"),
-        (lambda c: c["inference"].update(overlap=1.5), "overlap"),
-        (lambda c: c["preprocessing"].update(intensity=[{"kind": "ct_window", "center": 40}]), "missing \\['width'\\]"),
-        (lambda c: c["preprocessing"].update(spacing=[1, -1, 1]), "spacing"),
-        (lambda c: c.update(output_activation="relu"), "output_activation"),
-        (lambda c: c["classes"].pop(), "background and at least one class"),
+        (lambda c: c.pop("classes"), "json: classes: Field required"),
+        (lambda c: c["architecture"].update(format="onnx"), "architecture.format: "),
+        (lambda c: c["inference"].update(patch_size=[16, 16]), "inference.patch_size: "),
+        (lambda c: c["inference"].update(overlap=1.5), "inference.overlap: "),
+        (lambda c: c["preprocessing"].update(intensity=[{"kind": "ct_window", "center": 40}]),
+         "preprocessing.intensity.0.width: Field required"),
+        (lambda c: c["preprocessing"].update(spacing=[1, -1, 1]), "preprocessing.spacing.1: "),
+        (lambda c: c.update(output_activation="relu"), "output_activation: "),
+        (lambda c: c["classes"].pop(), "classes: must list the background and at least one class"),
     ],
 )
 def test_bad_cards_name_the_field(tmp_path, change, message):
@@ -56,6 +60,60 @@ def test_bad_cards_name_the_field(tmp_path, change, message):
     path.write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(SegXAIInputError, match=message):
         load_model_card(path)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        # wrong type
+        (lambda c: c["classes"][1].update(color="red"), "classes.1.color: Input should be a valid list, got 'red'"),
+        (lambda c: c["inference"].update(overlap="0.5"), "inference.overlap: Input should be a valid number"),
+        (lambda c: c.update(name=3), "name: Input should be a valid string, got 3"),
+        (lambda c: c["inference"].update(patch_size=[16, 16, True]), "inference.patch_size.2: Input should be a valid number"),
+        # missing
+        (lambda c: c["architecture"].pop("weights"), "architecture.weights: Field required for format 'monai'"),
+        (lambda c: c.pop("inference"), "inference: Field required"),
+        (lambda c: c["classes"][0].pop("name"), "classes.0.name: Field required"),
+        # bad value
+        (lambda c: c["classes"][1].update(color=[0, 0, 256]), "classes.1.color.2: Input should be less than or equal to 255"),
+        (lambda c: c["inference"].update(patch_size=[16, 16.5, 16]), "inference.patch_size.1: Input should be a whole number"),
+        (lambda c: c["preprocessing"].update(orientation="RA"), "preprocessing.orientation: "),
+        (lambda c: c["preprocessing"].update(intensity=[{"kind": "zscore", "center": 40}]),
+         "preprocessing.intensity.0.center: Extra inputs are not permitted for kind 'zscore'"),
+        (lambda c: c["preprocessing"].update(intensity=[{"kind": "zscore", "bogus": 1}]), "preprocessing.intensity.0.bogus: Extra inputs"),
+        (lambda c: c.update(schema_version=2), "schema_version: Input should be 1, got 2"),
+    ],
+)
+def test_card_schema_names_the_field(tmp_path, change, message):
+    path = write_unet_card(tmp_path / "m")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    change(data)
+    path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(SegXAIInputError, match=f"^model card {re.escape(str(path))}: {re.escape(message)}"):
+        load_model_card(path)
+
+
+def test_card_keeps_its_json_as_written(tmp_path):
+    """Validation does not rewrite values (the checksum hashes the card as written): an integer
+    spacing stays an integer, unknown keys stay, a single intensity step becomes a list of one."""
+    path = write_unet_card(tmp_path / "m")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["preprocessing"].update(spacing=[1, 2, 3], intensity={"kind": "affine", "scale": 2, "offset": 0})
+    data["architecture"]["note"] = "kept"
+    card = model_card_from_dict(data, path)
+    assert card.preprocessing["spacing"] == [1, 2, 3] and all(type(v) is int for v in card.preprocessing["spacing"])
+    assert card.preprocessing["intensity"] == [{"kind": "affine", "scale": 2, "offset": 0}]
+    assert card.architecture["note"] == "kept"
+    with pytest.raises(SegXAIInputError, match="expected a JSON object"):
+        model_card_from_dict([], path)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("folder", sorted(p.parent.name for p in RESOURCE_MODELS.glob("*/model_card.json")))
+def test_shipped_cards_validate(folder):
+    path = RESOURCE_MODELS / folder / "model_card.json"
+    card = load_model_card(path)
+    # shipped cards were written by ModelCard.save: what loads is exactly what is on disk
+    assert card.to_dict() == json.loads(path.read_text(encoding="utf-8"))
 
 
 def test_card_that_is_not_json(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -15,7 +16,9 @@ from SegXAILib.image import Image, SegXAIInputError
 from SegXAILib.io import read_image
 from SegXAILib.metrics import dice_score
 from SegXAILib.topology.cohort import (
+    COHORT_FORMAT,
     COHORT_SEED_BASE,
+    COHORT_VERSION,
     DEEPBET_GRID,
     LESION_GRID,
     Degradation,
@@ -219,7 +222,48 @@ def test_read_cohort_errors(tmp_path):
     with pytest.raises(SegXAIInputError, match="not valid JSON"):
         read_cohort(tmp_path)
     (tmp_path / "cohort.json").write_text(json.dumps({"format": "other"}), encoding="utf-8")
-    with pytest.raises(SegXAIInputError, match="'format'"):
+    with pytest.raises(SegXAIInputError, match="cohort.json: format: Input should be 'segxai-qa-cohort'"):
+        read_cohort(tmp_path)
+
+
+def _cohort_document() -> dict:
+    return {"format": COHORT_FORMAT, "version": COHORT_VERSION, "model": {"checksum": "sha256:abc", "name": "m"},
+            "methods": {"gradcam_plusplus": {}}, "class_name": "lesion", "note": "kept",
+            "cases": [{"case_id": "a", "dice": 0.5, "status": "ok"}, {"case_id": "b", "dice": 1, "status": "ok"}]}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        # wrong type
+        (lambda d: d["cases"][1].update(dice="0.9"), "cases.1.dice: Input should be a valid number, got '0.9'"),
+        (lambda d: d.update(methods=["gradcam"]), "methods: Input should be an object, got list"),
+        (lambda d: d["model"].update(checksum=None), "model.checksum: Input should be a valid string, got None"),
+        # missing
+        (lambda d: d.pop("class_name"), "class_name: Field required"),
+        (lambda d: d["cases"][0].pop("status"), "cases.0.status: Field required"),
+        (lambda d: d["model"].pop("checksum"), "model.checksum: Field required"),
+        # bad value
+        (lambda d: d.update(version=COHORT_VERSION + 1), f"version: Input should be {COHORT_VERSION}"),
+        (lambda d: d.update(format="segxai-risk-model"), f"format: Input should be '{COHORT_FORMAT}'"),
+    ],
+)
+def test_read_cohort_schema_names_the_field(tmp_path, change, message):
+    document = _cohort_document()
+    change(document)
+    path = tmp_path / "cohort.json"
+    path.write_text(json.dumps(document), encoding="utf-8")
+    with pytest.raises(SegXAIInputError, match=f"^cohort {re.escape(str(path))}: {re.escape(message)}"):
+        read_cohort(tmp_path)
+
+
+def test_read_cohort_returns_the_json_as_written(tmp_path):
+    document = _cohort_document()
+    (tmp_path / "cohort.json").write_text(json.dumps(document), encoding="utf-8")
+    read = read_cohort(tmp_path)
+    assert read == document and type(read["cases"][1]["dice"]) is int
+    (tmp_path / "cohort.json").write_text("[1]", encoding="utf-8")
+    with pytest.raises(SegXAIInputError, match="expected a JSON object"):
         read_cohort(tmp_path)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from SegXAILib.topology.risk import RiskModel, calibrate_risk_model, saliency_cu
 T = 40
 A_TRUE, K_TRUE, Z0_TRUE = 0.92, 2.5, -0.4
 METHOD, CHECKSUM = "guided_gradcam", "sha256:abc123"
+RESOURCE_MODELS = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 
 
 def _cohort(n: int, seed: int, dice_noise: float = 0.01, latent_noise: float = 0.0):
@@ -218,7 +221,7 @@ def test_load_rejects_corrupted_field(fitted, tmp_path, field, value):
     data[field] = value
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(SegXAIInputError, match=f"{path}.*'{field}'"):
+    with pytest.raises(SegXAIInputError, match=f"{re.escape(str(path))}: {field}: "):
         RiskModel.load(path)
 
 
@@ -229,8 +232,52 @@ def test_load_rejects_missing_field(fitted, tmp_path, field):
     del data[field]
     path = tmp_path / "missing.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(SegXAIInputError, match=f"'{field}' is missing"):
+    with pytest.raises(SegXAIInputError, match=f"{re.escape(str(path))}: {field}: Field required"):
         RiskModel.load(path)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        # wrong type
+        (lambda d: d.update(n_cases=True), "n_cases: Input should be a valid integer, got True"),
+        (lambda d: d.update(thresholds=[0.0, "0.5"]), "thresholds.1: Input should be a valid number, got '0.5'"),
+        (lambda d: d.update(operating_points="high"), "operating_points: Input should be an object, got 'high'"),
+        # missing
+        (lambda d: d.pop("format"), "format: Field required"),
+        (lambda d: d.pop("calibration_pc1"), "calibration_pc1: Field required"),
+        # bad value
+        (lambda d: d.update(cut_high=1.0, cut_low=0.5), "cut_low: must not be below cut_high (1.0), got 0.5"),
+        (lambda d: d.update(pca_components=[[1.0] * T, [1.0]]), "pca_components: rows must all have the same length"),
+        (lambda d: d.update(explained_variance_ratio=[0.5] * 7), "explained_variance_ratio: must have 3 entries"),
+        (lambda d: d.update(pca_mean=[]), "pca_mean: List should have at least 1 item"),
+        (lambda d: d.update(pc1_convention="lower"), "pc1_convention: Input should be 'higher_pc1_higher_dice'"),
+    ],
+)
+def test_schema_names_the_field(fitted, tmp_path, change, message):
+    model, _ = fitted
+    assert model.pca_components.shape[0] == 3  # the "3 entries" above
+    data = model.to_dict()
+    change(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(SegXAIInputError, match=f"^risk model {re.escape(str(path))}: {re.escape(message)}"):
+        RiskModel.load(path)
+
+
+def test_unknown_keys_are_ignored_and_non_objects_rejected(fitted):
+    model, _ = fitted
+    data = {**model.to_dict(), "comment": "written by hand"}
+    assert RiskModel.from_dict(data).to_dict() == model.to_dict()
+    with pytest.raises(SegXAIInputError, match="risk model <dict>: expected a JSON object"):
+        RiskModel.from_dict([1, 2])
+
+
+@pytest.mark.parametrize("path", sorted(RESOURCE_MODELS.glob("*/risk_*.json")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_risk_models_validate(path):
+    model = RiskModel.load(path)
+    # what loads is what is on disk (integers compare equal to their floats)
+    assert model.to_dict() == json.loads(path.read_text(encoding="utf-8"))
 
 
 def test_load_rejects_unreadable(tmp_path):

@@ -99,17 +99,16 @@ def randomise_module(module: torch.nn.Module, generator: torch.Generator, init: 
             parameter.copy_(draw.to(parameter.device, parameter.dtype))
 
 
-def _ranks(values: np.ndarray) -> np.ndarray:
-    from scipy.stats import rankdata
+def _correlation(a: np.ndarray, b: np.ndarray, ranks: bool = False) -> float:
+    """Pearson (:func:`scipy.stats.pearsonr`) or, with ``ranks``, Spearman
+    (:func:`scipy.stats.spearmanr`: Pearson of the average ranks, ties share their rank)
+    correlation of two flat arrays; 0 when either is constant (undefined there: SciPy
+    returns NaN with a warning), e.g. a map that randomisation zeroed."""
+    from scipy.stats import pearsonr, spearmanr
 
-    return rankdata(values)
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a = a - a.mean()
-    b = b - b.mean()
-    denominator = float(np.sqrt((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / denominator) if denominator > 0 else 0.0
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return 0.0
+    return float((spearmanr if ranks else pearsonr)(a, b).statistic)
 
 
 def similarity(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
@@ -117,9 +116,9 @@ def similarity(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]
     a = reference.detach().double().cpu().numpy().ravel()
     b = other.detach().double().cpu().numpy().ravel()
     return {
-        "spearman_abs": _pearson(_ranks(np.abs(a)), _ranks(np.abs(b))),
-        "spearman": _pearson(_ranks(a), _ranks(b)),
-        "pearson": _pearson(a, b),
+        "spearman_abs": _correlation(np.abs(a), np.abs(b), ranks=True),
+        "spearman": _correlation(a, b, ranks=True),
+        "pearson": _correlation(a, b),
     }
 
 

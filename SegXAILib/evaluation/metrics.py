@@ -246,40 +246,48 @@ def _reference_mask(reference, shape) -> np.ndarray:
 
 
 def pointing_auc(attribution, reference, variant: str = "absolute") -> float:
-    """ROC-AUC of the voxel map as a detector of the ``reference`` mask's voxels: the
-    probability that a reference voxel outranks an outside voxel (ties count one half), i.e.
-    the area under the ROC swept over every threshold (Mann-Whitney U / (n1 n0))."""
-    from scipy.stats import rankdata
+    """ROC-AUC of the voxel map as a detector of the ``reference`` mask's voxels
+    (:func:`sklearn.metrics.roc_auc_score`): the probability that a reference voxel outranks an
+    outside voxel (ties count one half), i.e. the Mann-Whitney U / (n1 n0).
+
+    Raises :class:`SegXAIInputError` when the mask holds one class only (the AUC is undefined;
+    scikit-learn would raise a ``ValueError``)."""
+    from sklearn.metrics import roc_auc_score
 
     values = spatial_map(attribution, variant)
     mask = _reference_mask(reference, values.shape)
-    ranks = rankdata(values.ravel())
-    positives = mask.ravel()
-    n1, n0 = int(positives.sum()), int((~positives).sum())
-    return float((ranks[positives].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    return float(roc_auc_score(mask.ravel(), values.ravel()))
 
 
 def pointing_roc(attribution, reference, variant: str = "absolute", thresholds: int = 101
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Paper 002's ROC: at thresholds ``t`` in ``linspace(0, 1, thresholds)`` on the
     normalised map (:func:`normalise`), TPR and FPR of ``map >= t`` against the reference.
-    Returns ``(thresholds, fpr, tpr)``; average TPR / FPR over cases, then integrate."""
+    Returns ``(thresholds, fpr, tpr)``, each shape ``(thresholds,)``; average TPR / FPR over
+    cases, then integrate (:func:`roc_area`).
+
+    The points are read off :func:`sklearn.metrics.roc_curve` (one point per distinct value):
+    the point of ``t`` is that of the smallest value ``>= t``, which flags the same voxels."""
+    from sklearn.metrics import roc_curve
+
     values = normalise(spatial_map(attribution, variant), variant)
     mask = _reference_mask(reference, values.shape)
     steps = np.linspace(0.0, 1.0, int(thresholds))
-    inside, outside = values[mask], values[~mask]
-    tpr = np.array([(inside >= t).mean() for t in steps])
-    fpr = np.array([(outside >= t).mean() for t in steps])
-    return steps, fpr, tpr
+    fpr, tpr, cuts = roc_curve(mask.ravel(), values.ravel(), drop_intermediate=False)
+    # cuts decrease from +inf (nothing flagged): the last cut >= t; never before index 0
+    index = np.searchsorted(-cuts, -steps, side="right") - 1
+    return steps, fpr[index], tpr[index]
 
 
 def roc_area(fpr: np.ndarray, tpr: np.ndarray) -> float:
-    """Trapezoidal area under a ROC given at decreasing FPR (threshold sweep), closed at (0, 0)
-    and (1, 1)."""
+    """Trapezoidal area (:func:`sklearn.metrics.auc`) under a ROC given at any order of FPR
+    (e.g. a threshold sweep, FPR decreasing), closed at (0, 0) and (1, 1)."""
+    from sklearn.metrics import auc
+
     order = np.argsort(fpr, kind="stable")
-    x = np.concatenate([[0.0], np.asarray(fpr)[order], [1.0]])
-    y = np.concatenate([[0.0], np.asarray(tpr)[order], [1.0]])
-    return float(_trapezoid(y, x))
+    x = np.concatenate([[0.0], np.asarray(fpr, dtype=np.float64)[order], [1.0]])
+    y = np.concatenate([[0.0], np.asarray(tpr, dtype=np.float64)[order], [1.0]])
+    return float(auc(x, y))
 
 
 # ---- region overlap (002, XRAI-style) ----------------------------------------------------------
@@ -393,10 +401,14 @@ def faithfulness_correlation(
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a = np.asarray(a, float) - np.mean(a)
-    b = np.asarray(b, float) - np.mean(b)
-    denominator = float(np.sqrt((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / denominator) if denominator > 0 else 0.0
+    """Pearson correlation (:func:`scipy.stats.pearsonr`); 0 when either input is constant
+    (undefined there: SciPy returns NaN with a warning)."""
+    from scipy.stats import pearsonr
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return 0.0
+    return float(pearsonr(a, b).statistic)
 
 
 # ---- sensitivity, complexity (003) -------------------------------------------------------------

@@ -32,9 +32,13 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from ..image import SegXAIInputError
+from ..validation import problem, validate
 
 __all__ = ["ModelCard", "ClassInfo", "load_model_card", "sha256_of", "INTENSITY_KINDS", "ARCHITECTURE_FORMATS"]
 
@@ -170,115 +174,175 @@ class ModelCard:
         return "\n".join(lines)
 
 
-def _require(data: dict, key: str, kind: type | tuple, where: str) -> Any:
-    if key not in data:
-        raise SegXAIInputError(f"{where}: missing field {key!r}")
-    value = data[key]
-    if not isinstance(value, kind):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise SegXAIInputError(f"{where}: field {key!r} must be {names}, got {type(value).__name__}")
+# ---- schema (pydantic): validates a card's JSON; the ModelCard is built from the raw JSON ------
+# strict: no coercion ("3" is not a number, true is not an integer), as the hand checks were;
+# unknown keys are allowed (an architecture may name loader options such as network_key),
+# except in intensity steps, whose keys depend on the kind
+_STRICT = ConfigDict(strict=True, extra="allow")
+
+
+def _whole(value: float) -> float:
+    if not float(value).is_integer():
+        raise problem("Input should be a whole number")
     return value
 
 
-def _check_triplet(value: Any, where: str, integer: bool) -> None:
-    ok = isinstance(value, list) and len(value) == 3 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value
-    )
-    if ok and integer:
-        ok = all(float(v).is_integer() for v in value)
-    if not ok:
-        raise SegXAIInputError(f"{where}: expected three positive {'integers' if integer else 'numbers'}, got {value!r}")
+_Positive = Annotated[float, Field(gt=0)]
+_PositiveWhole = Annotated[float, Field(gt=0), AfterValidator(_whole)]
+# formats -> architecture fields they need
+_ARCHITECTURE_NEEDS = {"monai": ("name", "weights"), "torchscript": ("file",), "bundle": ("path",)}
+
+
+class _ArchitectureSchema(BaseModel):
+    model_config = _STRICT
+
+    format: Literal[ARCHITECTURE_FORMATS]  # type: ignore[valid-type]  # first: the validators below read it
+    name: Optional[str] = Field(None, validate_default=True)
+    weights: Optional[str] = Field(None, validate_default=True)
+    file: Optional[str] = Field(None, validate_default=True)
+    path: Optional[str] = Field(None, validate_default=True)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    sha256: Optional[str] = None
+
+    @field_validator("name", "weights", "file", "path")
+    @classmethod
+    def _needed_by_format(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        fmt = info.data.get("format")
+        if value is None and info.field_name in _ARCHITECTURE_NEEDS.get(fmt, ()):
+            raise PydanticCustomError("missing", f"Field required for format {fmt!r}")
+        return value
+
+
+class _ClassSchema(BaseModel):
+    model_config = _STRICT
+
+    name: str
+    color: Annotated[list[Annotated[int, Field(ge=0, le=255)]], Field(min_length=3, max_length=3)] = [128, 128, 128]
+
+
+_INTENSITY_KEYS = ("nonzero", "center", "width", "lower", "upper", "b_min", "b_max", "clip", "scale", "offset")
+
+
+class _IntensitySchema(BaseModel):
+    """One step; which of the optional fields a step may / must have depends on its kind
+    (:data:`INTENSITY_KINDS`)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    kind: Literal[tuple(INTENSITY_KINDS)]  # type: ignore[valid-type]  # first: the validators below read it
+    channels: Optional[list[Annotated[int, Field(ge=0)]]] = None
+    nonzero: Optional[bool] = Field(None, validate_default=True)
+    center: Optional[float] = Field(None, validate_default=True)
+    width: Optional[Annotated[float, Field(gt=0)]] = Field(None, validate_default=True)
+    lower: Optional[float] = Field(None, validate_default=True)
+    upper: Optional[float] = Field(None, validate_default=True)
+    b_min: Optional[float] = Field(None, validate_default=True)
+    b_max: Optional[float] = Field(None, validate_default=True)
+    clip: Optional[bool] = Field(None, validate_default=True)
+    scale: Optional[float] = Field(None, validate_default=True)
+    offset: Optional[float] = Field(None, validate_default=True)
+
+    @field_validator(*_INTENSITY_KEYS)
+    @classmethod
+    def _fits_the_kind(cls, value: Any, info: ValidationInfo) -> Any:
+        kind = info.data.get("kind")
+        if kind is None:  # the kind itself is wrong: reported once, there
+            return value
+        required, optional = INTENSITY_KINDS[kind]
+        if value is None and info.field_name in required:
+            raise PydanticCustomError("missing", f"Field required for kind {kind!r}")
+        if value is not None and info.field_name not in required + optional:
+            raise PydanticCustomError("extra_forbidden", f"Extra inputs are not permitted for kind {kind!r}")
+        return value
+
+
+class _PreprocessingSchema(BaseModel):
+    model_config = _STRICT
+
+    orientation: Optional[Annotated[str, Field(min_length=3, max_length=3)]] = None  # axis codes, e.g. RAS
+    spacing: Optional[Annotated[list[_Positive], Field(min_length=3, max_length=3)]] = None
+    intensity: list[_IntensitySchema] = Field(default_factory=list)
+
+    @field_validator("intensity", mode="before")
+    @classmethod
+    def _one_step(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value  # a single step may stand alone
+
+
+class _InferenceSchema(BaseModel):
+    model_config = _STRICT
+
+    patch_size: Annotated[list[_PositiveWhole], Field(min_length=3, max_length=3)]
+    overlap: Annotated[float, Field(ge=0, lt=1)] = 0.25
+    blend: Literal[BLEND_MODES] = "gaussian"  # type: ignore[valid-type]
+    sw_batch_size: Annotated[int, Field(ge=1)] = 1
+
+
+class _CardSchema(BaseModel):
+    model_config = _STRICT
+
+    name: str
+    architecture: _ArchitectureSchema
+    input_channels: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    classes: list[_ClassSchema]
+    output_activation: Literal[ACTIVATIONS] = "softmax"  # type: ignore[valid-type]
+    preprocessing: Optional[_PreprocessingSchema] = None
+    inference: _InferenceSchema
+    version: Any = "0"  # any JSON value, kept as its str()
+    description: str = ""
+    provenance: Optional[dict[str, Any]] = None
+    metrics: Optional[dict[str, Any]] = None
+    schema_version: Literal[CARD_SCHEMA_VERSION] = CARD_SCHEMA_VERSION  # type: ignore[valid-type]
+
+    @field_validator("classes")
+    @classmethod
+    def _background_and_one(cls, value: list[_ClassSchema]) -> list[_ClassSchema]:
+        if len(value) < 2:
+            raise PydanticCustomError("too_short", "must list the background and at least one class")
+        return value
 
 
 def model_card_from_dict(data: dict[str, Any], path: Path | None = None) -> ModelCard:
-    """Validate a card's JSON content; errors name the card and the field."""
-    where = f"model card {path}" if path else "model card"
-    if not isinstance(data, dict):
-        raise SegXAIInputError(f"{where}: expected a JSON object")
-    name = _require(data, "name", str, where)
-    architecture = _require(data, "architecture", dict, where)
-    fmt = architecture.get("format")
-    if fmt not in ARCHITECTURE_FORMATS:
-        raise SegXAIInputError(f"{where}: architecture.format must be one of {ARCHITECTURE_FORMATS}, got {fmt!r}")
-    if fmt == "monai":
-        _require(architecture, "name", str, f"{where} architecture")
-        _require(architecture, "weights", str, f"{where} architecture")
-        if not isinstance(architecture.setdefault("kwargs", {}), dict):
-            raise SegXAIInputError(f"{where}: architecture.kwargs must be an object")
-    elif fmt == "torchscript":
-        _require(architecture, "file", str, f"{where} architecture")
-    else:
-        _require(architecture, "path", str, f"{where} architecture")
-    channels = _require(data, "input_channels", list, where)
-    if not channels or not all(isinstance(c, str) and c for c in channels):
-        raise SegXAIInputError(f"{where}: input_channels must be a non-empty list of names")
-    raw_classes = _require(data, "classes", list, where)
-    classes = []
-    for index, entry in enumerate(raw_classes):
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise SegXAIInputError(f"{where}: classes[{index}] must be an object with a 'name'")
-        color = entry.get("color", [128, 128, 128])
-        if not (isinstance(color, list) and len(color) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in color)):
-            raise SegXAIInputError(f"{where}: classes[{index}].color must be three integers 0-255")
-        classes.append(ClassInfo(entry["name"], tuple(color)))  # type: ignore[arg-type]
-    if len(classes) < 2:
-        raise SegXAIInputError(f"{where}: classes must list the background and at least one class")
-    activation = data.get("output_activation", "softmax")
-    if activation not in ACTIVATIONS:
-        raise SegXAIInputError(f"{where}: output_activation must be one of {ACTIVATIONS}, got {activation!r}")
+    """Validate a card's JSON content (:class:`_CardSchema`) and build the card.
 
+    Raises
+    ------
+    SegXAIInputError
+        Naming the card and every offending field path, e.g. ``classes.1.color.0``.
+
+    Notes
+    -----
+    The card keeps the JSON's own ``architecture`` / ``preprocessing`` / ``inference`` objects
+    (with the defaults filled in, as before): :meth:`ModelCard.checksum` hashes them, so the
+    validated (coerced) values must not replace them.
+    """
+    where = f"model card {path}" if path else "model card"
+    validate(_CardSchema, data, where)
+    architecture = data["architecture"]
+    if architecture["format"] == "monai":
+        architecture.setdefault("kwargs", {})
     preprocessing = data.get("preprocessing", {}) or {}
-    if not isinstance(preprocessing, dict):
-        raise SegXAIInputError(f"{where}: preprocessing must be an object")
-    if preprocessing.get("spacing") is not None:
-        _check_triplet(preprocessing["spacing"], f"{where} preprocessing.spacing", integer=False)
-    orientation = preprocessing.get("orientation")
-    if orientation is not None and (not isinstance(orientation, str) or len(orientation) != 3):
-        raise SegXAIInputError(f"{where}: preprocessing.orientation must be axis codes such as 'RAS'")
     intensity = preprocessing.setdefault("intensity", [])
     if isinstance(intensity, dict):
-        intensity = preprocessing["intensity"] = [intensity]
-    for index, step in enumerate(intensity):
-        kind = step.get("kind") if isinstance(step, dict) else None
-        if kind not in INTENSITY_KINDS:
-            raise SegXAIInputError(
-                f"{where}: preprocessing.intensity[{index}].kind must be one of {sorted(INTENSITY_KINDS)}, got {kind!r}"
-            )
-        required, optional = INTENSITY_KINDS[kind]
-        missing = [key for key in required if key not in step]
-        unknown = set(step) - set(required) - set(optional) - {"kind", "channels"}
-        if missing or unknown:
-            raise SegXAIInputError(
-                f"{where}: preprocessing.intensity[{index}] ({kind}) missing {missing} / unknown {sorted(unknown)}"
-            )
-
-    inference = data.get("inference")
-    if not isinstance(inference, dict):
-        raise SegXAIInputError(f"{where}: missing field 'inference' (patch_size, overlap)")
-    _check_triplet(inference.get("patch_size"), f"{where} inference.patch_size", integer=True)
-    overlap = inference.setdefault("overlap", 0.25)
-    if not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
-        raise SegXAIInputError(f"{where}: inference.overlap must be in [0, 1), got {overlap!r}")
-    if inference.setdefault("blend", "gaussian") not in BLEND_MODES:
-        raise SegXAIInputError(f"{where}: inference.blend must be one of {BLEND_MODES}")
+        preprocessing["intensity"] = [intensity]
+    inference = data["inference"]
+    inference.setdefault("overlap", 0.25)
+    inference.setdefault("blend", "gaussian")
     inference.setdefault("sw_batch_size", 1)
-
-    schema = data.get("schema_version", CARD_SCHEMA_VERSION)
-    if schema != CARD_SCHEMA_VERSION:
-        raise SegXAIInputError(f"{where}: schema_version {schema} is not supported (expected {CARD_SCHEMA_VERSION})")
+    classes = [ClassInfo(entry["name"], tuple(entry.get("color", [128, 128, 128]))) for entry in data["classes"]]
     return ModelCard(
-        name=name,
+        name=data["name"],
         architecture=architecture,
-        input_channels=list(channels),
-        classes=classes,
+        input_channels=list(data["input_channels"]),
+        classes=classes,  # type: ignore[arg-type]
         preprocessing=preprocessing,
         inference=inference,
-        output_activation=activation,
+        output_activation=data.get("output_activation", "softmax"),
         version=str(data.get("version", "0")),
         description=str(data.get("description", "")),
         provenance=dict(data.get("provenance", {}) or {}),
         metrics=dict(data.get("metrics", {}) or {}),
-        schema_version=schema,
+        schema_version=data.get("schema_version", CARD_SCHEMA_VERSION),
         path=path.resolve() if path else None,
     )
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from ..image import SegXAIInputError
 from ..io import read_image
 from ..progress import CancelToken, ProgressCallback, report, sub_progress
+from ..validation import validate
 
 __all__ = [
     "COHORT_FORMAT",
@@ -38,8 +40,45 @@ COHORT_MODELS = ("lesions", "deepbet")
 CHANNEL_REDUCTION = "sum"
 
 
+class _CohortModelSchema(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    checksum: str
+
+
+class _CohortCaseSchema(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    dice: float
+    status: str
+
+
+class _CohortSchema(BaseModel):
+    """What :func:`read_cohort` checks in ``cohort.json`` (strict types; other keys are kept)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    format: Literal[COHORT_FORMAT]  # type: ignore[valid-type]
+    version: Literal[COHORT_VERSION]  # type: ignore[valid-type]
+    model: _CohortModelSchema
+    methods: dict[str, Any]
+    cases: list[_CohortCaseSchema]
+    class_name: str
+
+
 def read_cohort(cohort_dir: str | Path) -> dict[str, Any]:
-    """Read and check ``cohort.json`` of a cohort folder (errors name the file and field)."""
+    """Read and check ``cohort.json`` of a cohort folder (:class:`_CohortSchema`).
+
+    Returns
+    -------
+    document : dict
+        The JSON as written (validation does not rewrite it).
+
+    Raises
+    ------
+    SegXAIInputError
+        Naming the file and every offending field path, e.g. ``cases.3.dice``.
+    """
     cohort_dir = Path(cohort_dir)
     path = cohort_dir / "cohort.json"
     if not cohort_dir.is_dir():
@@ -50,18 +89,7 @@ def read_cohort(cohort_dir: str | Path) -> dict[str, Any]:
         raise SegXAIInputError(f"cohort {path}: cannot be read ({error.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise SegXAIInputError(f"cohort {path}: not valid JSON ({error})") from None
-    if not isinstance(document, dict) or document.get("format") != COHORT_FORMAT:
-        raise SegXAIInputError(f"cohort {path}: field 'format' must be {COHORT_FORMAT!r}")
-    if document.get("version") != COHORT_VERSION:
-        raise SegXAIInputError(f"cohort {path}: field 'version' must be {COHORT_VERSION}, got {document.get('version')!r}")
-    for name, kind in (("model", dict), ("methods", dict), ("cases", list), ("class_name", str)):
-        if not isinstance(document.get(name), kind):
-            raise SegXAIInputError(f"cohort {path}: field {name!r} is missing or not a {kind.__name__}")
-    if not isinstance(document["model"].get("checksum"), str):
-        raise SegXAIInputError(f"cohort {path}: field 'model.checksum' is missing")
-    for case in document["cases"]:
-        if not isinstance(case, dict) or not isinstance(case.get("dice"), (int, float)) or "status" not in case:
-            raise SegXAIInputError(f"cohort {path}: every case needs 'dice' and 'status'")
+    validate(_CohortSchema, document, f"cohort {path}")
     return document
 
 

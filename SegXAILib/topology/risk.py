@@ -34,13 +34,15 @@ import os
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Optional
 
 import numpy as np
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from ..attribution.postprocess import normalise_000
 from ..image import SegXAIInputError
 from ..io import atomic_path
+from ..validation import problem, validate
 from .euler import euler_characteristic_curve
 
 __all__ = [
@@ -362,100 +364,135 @@ class RiskModel:
 
 # --------------------------------------------------------------------------- validation
 
-_FLOAT_FIELDS = (
-    "sigmoid_a", "sigmoid_k", "sigmoid_lambda0", "insufficient_quantile", "insufficient_dice",
-    "sensitivity_target", "specificity_target", "logistic_intercept", "logistic_coef",
-    "pc1_center", "pc1_scale", "auroc", "auroc_cv_mean", "auroc_cv_std",
-)
-_INT_FIELDS = ("version", "cv_folds", "seed", "n_cases", "n_insufficient")
-_STR_FIELDS = ("sigmoid_status", "method", "model_checksum", "pc1_convention")
-_DICT_FIELDS = ("operating_points", "method_parameters")
-_CUT_FIELDS = ("cut_high", "cut_low")
+# strict: no coercion ("3" is not a number, true is not an integer); keys the model does not
+# know are ignored, as before
+_Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+_Vector = Annotated[list[_Finite], Field(min_length=1)]
 
 
-def _field_error(source: str, name: str, problem: str) -> SegXAIInputError:
-    return SegXAIInputError(f"risk model {source}: field {name!r} {problem}")
+def _rectangular(rows: list[list[float]]) -> list[list[float]]:
+    if len({len(row) for row in rows}) > 1:
+        raise problem("rows must all have the same length")
+    return rows
 
 
-def _array(data: dict, name: str, ndim: int, source: str) -> np.ndarray:
-    try:
-        array = np.asarray(data[name], dtype=np.float64)
-    except (TypeError, ValueError):
-        raise _field_error(source, name, f"must be a {ndim}D array of numbers") from None
-    if array.ndim != ndim or array.size == 0:
-        raise _field_error(source, name, f"must be a non-empty {ndim}D array, got shape {array.shape}")
-    if not np.all(np.isfinite(array)):
-        raise _field_error(source, name, "must contain finite numbers only")
-    return array
+_Matrix = Annotated[list[_Vector], Field(min_length=1), AfterValidator(_rectangular)]
+
+
+def _length(info: ValidationInfo, name: str) -> int | None:
+    """Length of an already-validated vector field (None when it failed)."""
+    value = info.data.get(name)
+    return None if value is None else len(value)
+
+
+class _RiskModelSchema(BaseModel):
+    """The JSON of a :class:`RiskModel` (:meth:`RiskModel.to_dict`). Field order matters: the
+    shape checks compare with fields validated before them."""
+
+    # protected_namespaces=(): "model_checksum" is a field, not pydantic's model_ API (pydantic < 2.10 warns)
+    model_config = ConfigDict(strict=True, extra="ignore", protected_namespaces=())
+
+    format: Literal[RISK_MODEL_FORMAT]  # type: ignore[valid-type]
+    version: Literal[RISK_MODEL_VERSION]  # type: ignore[valid-type]
+    thresholds: _Vector
+    pca_mean: _Vector
+    pca_components: _Matrix
+    explained_variance_ratio: _Vector
+    sigmoid_a: _Finite
+    sigmoid_k: _Finite
+    sigmoid_lambda0: _Finite
+    sigmoid_status: str
+    insufficient_quantile: _Finite
+    insufficient_dice: _Finite
+    cut_high: Optional[_Finite]  # null = -inf (empty band below)
+    cut_low: Optional[_Finite]
+    sensitivity_target: _Finite
+    specificity_target: _Finite
+    operating_points: dict[str, Any]
+    logistic_intercept: _Finite
+    logistic_coef: _Finite
+    pc1_center: _Finite
+    pc1_scale: Annotated[_Finite, Field(gt=0)]
+    auroc: _Finite
+    auroc_cv_mean: _Finite
+    auroc_cv_std: _Finite
+    cv_folds: int
+    seed: int
+    method: str
+    method_parameters: dict[str, Any]
+    model_checksum: str
+    n_cases: int
+    n_insufficient: int
+    curve_quantile_levels: _Vector
+    curve_quantiles: _Matrix
+    calibration_pc1: _Vector
+    calibration_dice: _Vector
+    pc1_convention: Literal[PC1_CONVENTION]  # type: ignore[valid-type]
+
+    @field_validator("pca_mean")
+    @classmethod
+    def _like_thresholds(cls, value: list[float], info: ValidationInfo) -> list[float]:
+        t = _length(info, "thresholds")
+        if t is not None and len(value) != t:
+            raise problem(f"must have {t} entries like thresholds, got {len(value)}")
+        return value
+
+    @field_validator("pca_components")
+    @classmethod
+    def _columns_like_thresholds(cls, value: list[list[float]], info: ValidationInfo) -> list[list[float]]:
+        t = _length(info, "thresholds")
+        if t is not None and len(value[0]) != t:
+            raise problem(f"must have {t} columns like thresholds, got {len(value[0])}")
+        return value
+
+    @field_validator("explained_variance_ratio")
+    @classmethod
+    def _one_per_component(cls, value: list[float], info: ValidationInfo) -> list[float]:
+        k = _length(info, "pca_components")
+        if k is not None and len(value) != k:
+            raise problem(f"must have {k} entries (one per row of pca_components), got {len(value)}")
+        return value
+
+    @field_validator("cut_low")
+    @classmethod
+    def _not_below_cut_high(cls, value: Optional[float], info: ValidationInfo) -> Optional[float]:
+        high = info.data.get("cut_high", -math.inf)
+        high = -math.inf if high is None else high
+        if (-math.inf if value is None else value) < high:
+            raise problem(f"must not be below cut_high ({high})")
+        return value
+
+    @field_validator("curve_quantiles")
+    @classmethod
+    def _levels_by_thresholds(cls, value: list[list[float]], info: ValidationInfo) -> list[list[float]]:
+        q, t = _length(info, "curve_quantile_levels"), _length(info, "thresholds")
+        shape = (len(value), len(value[0]))
+        if q is not None and t is not None and shape != (q, t):
+            raise problem(f"must have shape ({q}, {t}) (curve_quantile_levels, thresholds), got {shape}")
+        return value
+
+    @field_validator("calibration_pc1", "calibration_dice")
+    @classmethod
+    def _one_per_case(cls, value: list[float], info: ValidationInfo) -> list[float]:
+        n = info.data.get("n_cases")
+        if n is not None and len(value) != n:
+            raise problem(f"must have n_cases = {n} entries, got {len(value)}")
+        return value
 
 
 def _from_dict(cls: type, data: Any, source: str) -> RiskModel:
-    if not isinstance(data, dict):
-        raise SegXAIInputError(f"risk model {source}: expected a JSON object")
-    if data.get("format") != RISK_MODEL_FORMAT:
-        raise _field_error(source, "format", f"must be {RISK_MODEL_FORMAT!r}, got {data.get('format')!r}")
-    for f in fields(cls):
-        if f.name not in data:
-            raise _field_error(source, f.name, "is missing")
+    schema = validate(_RiskModelSchema, data, f"risk model {source}")
     values: dict[str, Any] = {}
-    for name in _INT_FIELDS:
-        value = data[name]
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _field_error(source, name, f"must be an integer, got {value!r}")
-        values[name] = value
-    if values["version"] != RISK_MODEL_VERSION:
-        raise _field_error(source, "version", f"must be {RISK_MODEL_VERSION}, got {values['version']!r}")
-    for name in _FLOAT_FIELDS:
-        value = data[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise _field_error(source, name, f"must be a finite number, got {value!r}")
-        values[name] = float(value)
-    for name in _CUT_FIELDS:
-        value = data[name]
-        if value is None:
-            values[name] = -math.inf
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise _field_error(source, name, f"must be a finite number or null, got {value!r}")
-        else:
-            values[name] = float(value)
-    for name in _STR_FIELDS:
-        if not isinstance(data[name], str):
-            raise _field_error(source, name, f"must be a string, got {data[name]!r}")
-        values[name] = data[name]
-    for name in _DICT_FIELDS:
-        if not isinstance(data[name], dict):
-            raise _field_error(source, name, f"must be an object, got {data[name]!r}")
-        values[name] = data[name]
-    if values["pc1_convention"] != PC1_CONVENTION:
-        raise _field_error(source, "pc1_convention", f"must be {PC1_CONVENTION!r}")
-    thresholds = _array(data, "thresholds", 1, source)
-    mean = _array(data, "pca_mean", 1, source)
-    components = _array(data, "pca_components", 2, source)
-    ratio = _array(data, "explained_variance_ratio", 1, source)
-    t = thresholds.size
-    if mean.shape != (t,):
-        raise _field_error(source, "pca_mean", f"must have shape ({t},) like thresholds, got {mean.shape}")
-    if components.shape[1] != t:
-        raise _field_error(source, "pca_components", f"must have {t} columns like thresholds, got {components.shape}")
-    if ratio.shape != (components.shape[0],):
-        raise _field_error(source, "explained_variance_ratio", f"must have {components.shape[0]} entries")
-    levels = _array(data, "curve_quantile_levels", 1, source)
-    quantiles = _array(data, "curve_quantiles", 2, source)
-    if quantiles.shape != (levels.size, t):
-        raise _field_error(source, "curve_quantiles", f"must have shape ({levels.size}, {t}), got {quantiles.shape}")
-    calibration_pc1 = _array(data, "calibration_pc1", 1, source)
-    calibration_dice = _array(data, "calibration_dice", 1, source)
-    if calibration_pc1.shape != (values["n_cases"],) or calibration_dice.shape != (values["n_cases"],):
-        raise _field_error(source, "calibration_pc1", f"and 'calibration_dice' must have n_cases = {values['n_cases']} entries")
-    if values["cut_high"] > values["cut_low"]:
-        raise _field_error(source, "cut_high", "must not exceed cut_low")
-    if values["pc1_scale"] <= 0:
-        raise _field_error(source, "pc1_scale", "must be positive")
-    return cls(
-        thresholds=thresholds, pca_mean=mean, pca_components=components,
-        explained_variance_ratio=ratio, curve_quantile_levels=levels, curve_quantiles=quantiles,
-        calibration_pc1=calibration_pc1, calibration_dice=calibration_dice, **values,
-    )
+    for f in fields(cls):
+        value = getattr(schema, f.name)
+        if isinstance(value, list):
+            value = np.asarray(value, dtype=np.float64)
+        elif f.name in ("cut_high", "cut_low"):
+            value = -math.inf if value is None else float(value)
+        elif isinstance(value, float):
+            value = float(value)
+        values[f.name] = value
+    return cls(**values)
 
 
 # --------------------------------------------------------------------------- calibration
