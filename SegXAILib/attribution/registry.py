@@ -7,12 +7,13 @@ their options from :func:`method_specs`; nothing else needs to know the classes.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from typing import Any
 
 from ..image import SegXAIInputError
 from .base import Attribution, Parameter
 
-__all__ = ["available_methods", "get_method", "method_specs", "parse_params"]
+__all__ = ["available_methods", "get_method", "method_specs", "check_params", "parse_params"]
 
 #: modules whose Attribution subclasses (with a ``name``) form the registry
 _METHOD_MODULES = ("gradient", "guided", "cam", "perturbation", "shap", "patterns", "lrp")
@@ -35,7 +36,7 @@ def available_methods() -> list[str]:
 def get_method(name: str) -> type[Attribution]:
     methods = _registry()
     if name not in methods:
-        raise SegXAIInputError(f"--method {name!r}: unknown; available: {', '.join(methods)}")
+        raise SegXAIInputError(f"method {name!r}: unknown; available: {', '.join(methods)}")
     return methods[name]
 
 
@@ -56,15 +57,60 @@ def method_specs() -> list[dict[str, Any]]:
     ]
 
 
-def parse_params(method: str, pairs: list[str]) -> dict[str, Any]:
-    """``["n_samples=10", "noise_level=0.2"]`` -> typed, checked keyword arguments of ``method``."""
+def check_params(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` checked against ``method``'s :class:`~SegXAILib.attribution.base.Parameter` s:
+    the keyword arguments its ``attribute`` takes, typed.
+
+    Every key must name a parameter of the method (a parameter dict meant for something else,
+    e.g. a whole provenance record, is refused rather than silently dropped). Values go
+    through :meth:`Parameter.check`: JSON numbers and text are coerced to the parameter's
+    type, ranges and choices are checked; objects a parameter declares (tensors, images) are
+    passed on for the method to check.
+
+    Parameters
+    ----------
+    method : str
+        A registry name (:func:`available_methods`).
+    params : Mapping[str, Any]
+        Parameter name -> value.
+
+    Returns
+    -------
+    dict
+        The checked values, in the order given.
+
+    Raises
+    ------
+    SegXAIInputError
+        An unknown method, a key the method does not take (the message lists those it
+        takes), or a value of the wrong type or out of range.
+    """
     parameters: dict[str, Parameter] = {p.name: p for p in get_method(method).parameters}
+    if not isinstance(params, Mapping):
+        raise SegXAIInputError(f"params of method {method!r}: expected a mapping of parameter names to values, "
+                               f"got {type(params).__name__}")
+    unknown = [key for key in params if key not in parameters]
+    if unknown:
+        names = ", ".join(repr(key) for key in unknown)
+        takes = ", ".join(parameters) or "no parameters"
+        plural = "s" if len(unknown) > 1 else ""
+        raise SegXAIInputError(f"method {method!r} has no parameter{plural} {names}; it takes {takes}")
     values: dict[str, Any] = {}
+    for key, value in params.items():
+        try:
+            values[key] = parameters[key].check(value)
+        except SegXAIInputError as error:
+            raise SegXAIInputError(f"method {method!r}: {error}") from None
+    return values
+
+
+def parse_params(method: str, pairs: list[str]) -> dict[str, Any]:
+    """``["n_samples=10", "noise_level=0.2"]`` -> typed, checked keyword arguments of ``method``
+    (:func:`check_params`; a name given twice keeps its last value)."""
+    texts: dict[str, str] = {}
     for pair in pairs:
         if "=" not in pair:
-            raise SegXAIInputError(f"--param {pair!r}: expected NAME=VALUE")
+            raise SegXAIInputError(f"params of method {method!r}: expected NAME=VALUE, got {pair!r}")
         key, text = pair.split("=", 1)
-        if key not in parameters:
-            raise SegXAIInputError(f"--param {key!r}: {method} takes {', '.join(parameters) or 'no parameters'}")
-        values[key] = parameters[key].parse(text)
-    return values
+        texts[key] = text
+    return check_params(method, texts)
