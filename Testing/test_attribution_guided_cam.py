@@ -388,8 +388,9 @@ def test_unsupported_activation_raises_naming_it(make, type_name):
     forward = make_forward(network, (4, 4, 4), ClassTarget(1, random_mask((4, 4, 4), 0.5, 0)))
     x = torch.randn(1, 1, 4, 4, 4)
     for method in (GuidedBackprop, Deconvolution, GuidedGradCAM):
+        kwargs = {"layer": "0"} if method is GuidedGradCAM else {}  # only the CAM has a layer
         with pytest.raises(SegXAIInputError, match=rf"'1\.1' \({type_name}\)"):
-            method(forward).attribute(x, layer="0")
+            method(forward).attribute(x, **kwargs)
     # nothing is left hooked
     assert not any(m._forward_hooks for m in network.modules())
 

@@ -142,7 +142,7 @@ def test_agg2exp_matrices_graph_outliers_and_fit_on(cohort, tmp_path):
 
 
 @pytest.mark.parametrize("arguments, names", [
-    (["--methods", "no_such_method"], "--method"),
+    (["--methods", "no_such_method"], "method 'no_such_method': unknown"),
     (["--methods", "vanilla_gradient", "--param", "n_samples=3"], "--param"),
     (["--methods", "vanilla_gradient", "--param", "smoothgrad.n_samples=3"], "--param"),
     (["--methods", "smoothgrad", "--param", "smoothgrad.n_samples=zero"], "n_samples"),

@@ -145,13 +145,14 @@ def test_explain_normalised_is_in_unit_range(tmp_path, parotid_case):
 @pytest.mark.parametrize(
     "extra, expected",
     [
-        (["--method", "no_such_method"], "--method 'no_such_method': unknown"),
+        (["--method", "no_such_method"], "method 'no_such_method': unknown"),
         (["--method", "expected_gradients"], "needs reference volumes"),
         (["--method", "smoothgrad", "--param", "n_samples"], "expected NAME=VALUE"),
-        (["--method", "smoothgrad", "--param", "samples=3"], "--param 'samples'"),
+        (["--method", "smoothgrad", "--param", "samples=3"], "method 'smoothgrad' has no parameter 'samples'"),
         (["--method", "smoothgrad", "--param", "n_samples=many"], "parameter n_samples: expected int"),
         (["--method", "smoothgrad", "--param", "n_samples=0"], "parameter n_samples: must be >= 1"),
-        (["--method", "vanilla_gradient", "--param", "n_samples=2"], "vanilla_gradient takes no parameters"),
+        (["--method", "vanilla_gradient", "--param", "n_samples=2"],
+         "method 'vanilla_gradient' has no parameter 'n_samples'; it takes no parameters"),
         (["--method", "vanilla_gradient", "--target", "everything"], "--target 'everything'"),
         (["--method", "vanilla_gradient", "--target", "instance:first"], "--target 'instance:first'"),
         (["--method", "vanilla_gradient", "--target", "class:tumour"], "no class 'tumour'"),

@@ -190,7 +190,7 @@ def test_score_case_refuses_other_model(risk_path):
     [
         (["qa", "cohort", "--model", "parotid", "--out", "{tmp}/c"], "--model"),
         (["qa", "cohort", "--model", "lesions", "--cases", "0", "--out", "{tmp}/c"], "--cases"),
-        (["qa", "cohort", "--model", "lesions", "--method", "nope", "--out", "{tmp}/c"], "--method 'nope'"),
+        (["qa", "cohort", "--model", "lesions", "--method", "nope", "--out", "{tmp}/c"], "method 'nope': unknown"),
         (["qa", "cohort", "--model", "lesions", "--method", "smoothgrad:bogus=1", "--out", "{tmp}/c"], "bogus"),
         (["qa", "cohort", "--model", "deepbet", "--method", "guided_gradcam", "--out", "{tmp}/c"], "--method guided_gradcam"),
         (["qa", "calibrate", "--cohort", "{tmp}/absent", "--method", METHOD, "--out", "{tmp}/r.json"], "--cohort"),

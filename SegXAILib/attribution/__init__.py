@@ -8,7 +8,7 @@ from .api import AttributionResult, TargetSpec, explain, instance_labels
 from .base import Attribution, Parameter
 from .forward import SegmentationForward
 from .postprocess import POSTPROCESSING, normalise_000, postprocess
-from .registry import check_params, available_methods, get_method, method_specs, parse_params
+from .registry import available_methods, check_params, get_method, method_specs, parse_params
 from .targets import ClassTarget, ClassThresholdTarget, InstanceTarget, RegionTarget, Target, VoxelTarget
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "available_methods",
     "get_method",
     "method_specs",
+    "check_params",
     "parse_params",
     "Target",
     "ClassTarget",

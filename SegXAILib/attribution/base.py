@@ -8,9 +8,11 @@ model grid and returning a map of the same shape. Shared keyword names: ``batch_
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, Optional
 
+import numpy as np
 import torch
 
 from ..image import SegXAIInputError
@@ -24,8 +26,11 @@ __all__ = ["Attribution", "Parameter", "batched", "generator_for", "check_inputs
 class Parameter:
     """One parameter of a method, as front ends show it (CLI ``--param``, Slicer forms).
 
-    ``kind`` is ``"int"``, ``"float"``, ``"bool"``, ``"choice"`` or ``"str"``; ``minimum`` /
-    ``maximum`` bound numbers; ``choices`` lists the values of a choice.
+    ``kind`` is ``"int"``, ``"float"``, ``"bool"``, ``"choice"``, ``"str"`` or ``"object"``
+    (a value only Python code can pass, e.g. reference volumes; no text form); ``minimum`` /
+    ``maximum`` bound numbers; ``choices`` lists the values of a choice. ``objects`` are the
+    Python types a caller may pass instead of a value of ``kind`` (tensors, images, a number
+    for a named baseline): they go to the method unchecked, and the method checks them.
     """
 
     name: str
@@ -35,9 +40,12 @@ class Parameter:
     minimum: Optional[float] = None
     maximum: Optional[float] = None
     choices: tuple = ()
+    objects: tuple = ()
 
     def parse(self, text: str) -> Any:
         """A value from its text (``"20"``, ``"0.1"``, ``"true"``, ``"min"``), checked."""
+        if self.kind == "object":
+            raise SegXAIInputError(f"parameter {self.name}: takes {self._object_names()} from Python code, not text")
         try:
             if self.kind == "int":
                 value: Any = int(text)
@@ -54,6 +62,44 @@ class Parameter:
         return self.check(value)
 
     def check(self, value: Any) -> Any:
+        """``value`` as the method takes it: text parsed (:meth:`parse`), JSON numbers coerced
+        (``3.0`` -> 3 for an int, ``1`` -> 1.0 for a float), then range and choice checked;
+        a value of one of ``objects`` is returned unchecked.
+
+        Raises
+        ------
+        SegXAIInputError
+            A value of another type, out of range, or not one of the choices.
+        """
+        # bool is an int in Python: True is no sample count, and no number for a baseline
+        is_bool = isinstance(value, (bool, np.bool_))
+        if self.objects and not (is_bool and self.kind != "bool") and isinstance(value, self.objects):
+            return value
+        if value is None and self.default is None:
+            return None
+        if isinstance(value, str) and self.kind in ("int", "float", "bool", "object"):
+            return self.parse(value)
+        if self.kind == "int":
+            integral = isinstance(value, (int, np.integer)) or (
+                isinstance(value, (float, np.floating)) and float(value).is_integer())
+            if is_bool or not integral:
+                raise SegXAIInputError(f"parameter {self.name}: expected int, got {value!r}")
+            value = int(value)
+        elif self.kind == "float":
+            if is_bool or not isinstance(value, (int, float, np.integer, np.floating)) or not math.isfinite(value):
+                raise SegXAIInputError(f"parameter {self.name}: expected a finite float, got {value!r}")
+            value = float(value)
+        elif self.kind == "bool":
+            if not is_bool and not (isinstance(value, (int, np.integer)) and value in (0, 1)):
+                raise SegXAIInputError(f"parameter {self.name}: expected bool, got {value!r}")
+            value = bool(value)
+        elif self.kind in ("str", "choice"):
+            if not isinstance(value, str):
+                expected = f"one of {list(self.choices)}" if self.kind == "choice" else "str"
+                raise SegXAIInputError(
+                    f"parameter {self.name}: expected {expected}{self._or_objects()}, got {value!r}")
+        elif self.kind == "object":
+            raise SegXAIInputError(f"parameter {self.name}: expected {self._object_names()}, got {type(value).__name__}")
         if self.kind == "choice" and value not in self.choices:
             raise SegXAIInputError(f"parameter {self.name}: expected one of {list(self.choices)}, got {value!r}")
         if self.minimum is not None and value < self.minimum:
@@ -61,6 +107,12 @@ class Parameter:
         if self.maximum is not None and value > self.maximum:
             raise SegXAIInputError(f"parameter {self.name}: must be <= {self.maximum}, got {value}")
         return value
+
+    def _object_names(self) -> str:
+        return " or ".join(t.__name__ for t in self.objects) or "a Python object"
+
+    def _or_objects(self) -> str:
+        return f" or {self._object_names()}" if self.objects else ""
 
 
 def check_inputs(inputs: torch.Tensor) -> torch.Tensor:

@@ -328,16 +328,49 @@ _LAYER = Parameter(
 
 
 class _CAM(Attribution):
-    """A CAM of ``layer``, broadcast to every input channel; guided variants multiply it by
-    the guided-backprop map."""
+    """A CAM of ``layer``, broadcast to every input channel."""
 
     cam_kind: ClassVar[str] = "gradcam"
-    guided: ClassVar[bool] = False
     parameters = (_LAYER,)
 
     def layers(self, inputs: torch.Tensor, layer: str = "bottleneck_decoder") -> list[str]:
         """The dotted names of the layers ``layer`` selects for ``inputs`` ``(1, C, D, H, W)``."""
         return resolve_layers(self.forward.network, layer, int(inputs.shape[1]), self.forward.card.patch_size, inputs.device)
+
+    def _cam(self, inputs: torch.Tensor, layer: str, progress: Optional[ProgressCallback],
+             cancel: Optional[CancelToken]) -> torch.Tensor:
+        """The CAM ``(1, 1, D, H, W)`` of checked ``inputs`` ``(1, C, D, H, W)``."""
+        cam = windowed_cam(self.forward, inputs, self.layers(inputs, layer), self.cam_kind, cancel)
+        report(progress, 1.0, self.name)
+        return cam
+
+    def attribute(
+        self,
+        inputs: torch.Tensor,
+        layer: str = "bottleneck_decoder",
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> torch.Tensor:
+        """The map ``(1, C, D, H, W)`` of ``inputs`` ``(1, C, D, H, W)`` (model grid).
+
+        Parameters
+        ----------
+        layer : str
+            ``"final"``, ``"bottleneck_decoder"``, ``"all_conv"`` or a dotted module name.
+
+        Returns
+        -------
+        torch.Tensor
+            The CAM (one map for the volume) repeated over the ``C`` input channels.
+        """
+        inputs = check_inputs(inputs)
+        return self._cam(inputs, layer, progress, cancel).repeat(1, inputs.shape[1], 1, 1, 1)
+
+
+class _GuidedCAM(_CAM):
+    """The guided-backprop map (:class:`GuidedBackprop`) times the CAM of ``layer``."""
+
+    parameters = (_LAYER, _AGGREGATION, _BATCH)
 
     def attribute(
         self,
@@ -347,7 +380,6 @@ class _CAM(Attribution):
         batch_size: int = 4,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
-        **_: object,
     ) -> torch.Tensor:
         """The map ``(1, C, D, H, W)`` of ``inputs`` ``(1, C, D, H, W)`` (model grid).
 
@@ -356,21 +388,15 @@ class _CAM(Attribution):
         layer : str
             ``"final"``, ``"bottleneck_decoder"``, ``"all_conv"`` or a dotted module name.
         aggregation, batch_size
-            Guided variants only: of the guided-backprop map (see :class:`GuidedBackprop`).
+            Of the guided-backprop map (see :class:`GuidedBackprop`).
 
         Returns
         -------
         torch.Tensor
-            The CAM (one map for the volume) repeated over the ``C`` input channels; for the
-            guided variants, the guided map (per channel) times the CAM.
+            The guided map (per channel) times the CAM.
         """
         inputs = check_inputs(inputs)
-        names = self.layers(inputs, layer)
-        cam_progress = sub_progress(progress, 0.5, 1.0) if self.guided else progress
-        cam = windowed_cam(self.forward, inputs, names, self.cam_kind, cancel)
-        report(cam_progress, 1.0, self.name)
-        if not self.guided:
-            return cam.repeat(1, inputs.shape[1], 1, 1, 1)
+        cam = self._cam(inputs, layer, sub_progress(progress, 0.5, 1.0), cancel)
         guided = GuidedBackprop(self.forward).attribute(
             inputs, aggregation=aggregation, batch_size=batch_size, progress=sub_progress(progress, 0.0, 0.5), cancel=cancel
         )
@@ -394,20 +420,16 @@ class GradCAMPlusPlus(_CAM):
     cam_kind = "gradcam_plusplus"
 
 
-class GuidedGradCAM(_CAM):
+class GuidedGradCAM(_GuidedCAM):
     """Guided Grad-CAM (paper 000): guided backprop map x upsampled Grad-CAM."""
 
     name = "guided_gradcam"
     summary = "guided backprop times Grad-CAM"
-    guided = True
-    parameters = (_LAYER, _AGGREGATION, _BATCH)
 
 
-class GuidedGradCAMPlusPlus(_CAM):
+class GuidedGradCAMPlusPlus(_GuidedCAM):
     """Guided Grad-CAM++: guided backprop map x upsampled Grad-CAM++."""
 
     name = "guided_gradcam_plusplus"
     summary = "guided backprop times Grad-CAM++"
     cam_kind = "gradcam_plusplus"
-    guided = True
-    parameters = (_LAYER, _AGGREGATION, _BATCH)

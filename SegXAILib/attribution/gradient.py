@@ -90,7 +90,7 @@ class VanillaGradient(Attribution):
     summary = "gradient of the target with respect to the input"
 
     def attribute(self, inputs: torch.Tensor, progress: Optional[ProgressCallback] = None,
-                  cancel: Optional[CancelToken] = None, **_: object) -> torch.Tensor:
+                  cancel: Optional[CancelToken] = None) -> torch.Tensor:
         inputs = check_inputs(inputs)
         if cancel is not None:
             cancel.raise_if_cancelled()
@@ -106,7 +106,7 @@ class GradientXInput(Attribution):
     summary = "input times gradient"
 
     def attribute(self, inputs: torch.Tensor, progress: Optional[ProgressCallback] = None,
-                  cancel: Optional[CancelToken] = None, **_: object) -> torch.Tensor:
+                  cancel: Optional[CancelToken] = None) -> torch.Tensor:
         inputs = check_inputs(inputs)
         return inputs * VanillaGradient(self.forward).attribute(inputs, progress=progress, cancel=cancel)
 
@@ -136,7 +136,6 @@ class SmoothGrad(Attribution):
         seed: Optional[int] = 0,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
-        **_: object,
     ) -> torch.Tensor:
         inputs = check_inputs(inputs)
         if n_samples < 1:
@@ -159,7 +158,8 @@ class IntegratedGradients(Attribution):
     name = "integrated_gradients"
     summary = "path integral of gradients from a baseline (zero, min, max, black_white)"
     parameters = (
-        Parameter("baselines", "choice", "zero", "baseline volume", choices=BASELINES),
+        Parameter("baselines", "choice", "zero", "baseline volume (from Python also a number or a tensor of the "
+                  "input's shape)", choices=BASELINES, objects=(int, float, torch.Tensor)),
         Parameter("n_steps", "int", 25, "Riemann steps along the path", minimum=1),
         _BATCH,
     )
@@ -172,7 +172,6 @@ class IntegratedGradients(Attribution):
         batch_size: int = 4,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
-        **_: object,
     ) -> torch.Tensor:
         inputs = check_inputs(inputs)
         if n_steps < 1:
@@ -203,7 +202,13 @@ class ExpectedGradients(Attribution):
     name = "expected_gradients"
     summary = "integrated gradients averaged over reference volumes and random path points"
     stochastic = True
-    parameters = (Parameter("n_samples", "int", 20, "(reference, alpha) draws", minimum=1), _BATCH, _SEED)
+    parameters = (
+        Parameter("references", "object", None, "reference volumes (N, C, D, H, W) on the model grid (explain: also "
+                  "a list of images on the input grid)", objects=(torch.Tensor, list, tuple)),
+        Parameter("n_samples", "int", 20, "(reference, alpha) draws", minimum=1),
+        _BATCH,
+        _SEED,
+    )
 
     def attribute(
         self,
@@ -214,7 +219,6 @@ class ExpectedGradients(Attribution):
         seed: Optional[int] = 0,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
-        **_: object,
     ) -> torch.Tensor:
         inputs = check_inputs(inputs)
         if references is None:

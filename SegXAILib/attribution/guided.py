@@ -335,7 +335,6 @@ class _ModifiedBackward(Attribution):
         batch_size: int = 4,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
-        **_: object,
     ) -> torch.Tensor:
         """The map ``(1, C, D, H, W)`` of ``inputs`` ``(1, C, D, H, W)`` (model grid).
 

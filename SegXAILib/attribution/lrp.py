@@ -469,7 +469,6 @@ class LRP(Attribution):
         stabilizer: float = 1e-6,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
-        **_: object,
     ) -> torch.Tensor:
         """The input relevance ``(1, C, D, H, W)`` of ``inputs`` ``(1, C, D, H, W)`` (model grid).
 

@@ -71,7 +71,8 @@ class Occlusion(Attribution):
     parameters = (
         Parameter("window", "int", 8, "cube side in model-grid voxels", minimum=1),
         Parameter("stride", "int", 8, "step between cubes in voxels (<= window, so every voxel is covered)", minimum=1),
-        Parameter("baseline", "float", 0.0, "value of the occluded voxels (model-grid intensities)"),
+        Parameter("baseline", "float", 0.0, "value of the occluded voxels (model-grid intensities; from Python also "
+                  "a tensor of the input's shape)", objects=(torch.Tensor,)),
         Parameter("per_channel", "bool", False, "occlude each input channel separately (one map per channel)"),
         Parameter("batch_size", "int", 8, "occluded volumes per forward pass", minimum=1),
     )
@@ -86,7 +87,6 @@ class Occlusion(Attribution):
         batch_size: int = 8,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
-        **_: object,
     ) -> torch.Tensor:
         inputs = check_inputs(inputs)
         if window < 1 or stride < 1:
@@ -157,7 +157,6 @@ class RandomBaseline(Attribution):
         seed: Optional[int] = 0,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
-        **_: object,
     ) -> torch.Tensor:
         inputs = check_inputs(inputs)
         if cancel is not None:

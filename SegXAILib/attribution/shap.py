@@ -369,9 +369,13 @@ _FEATURE_PARAMETERS = (
               choices=FEATURE_KINDS),
     Parameter("cubes", "int", 8, "with features=cubes: cubes per axis (8 -> 512 cubes, paper 003)", minimum=1),
     Parameter("connected", "bool", False, "with features=semantic: each 26-connected region of a label is a feature"),
-    Parameter("baseline", "str", "zero", "value of absent features: zero, min, max (per channel) or a number"),
+    Parameter("baseline", "str", "zero", "value of absent features: zero, min, max (per channel) or a number (from "
+              "Python also a tensor of the input's shape)", objects=(int, float, torch.Tensor)),
     Parameter("per_channel", "bool", False, "each input channel of a supervoxel is its own feature"),
     Parameter("batch_size", "int", 8, "perturbed volumes per forward pass", minimum=1),
+    Parameter("feature_mask", "object", None, "an integer map (D, H, W) of any supervoxels, overriding features",
+              objects=(torch.Tensor, np.ndarray)),
+    Parameter("restrict", "bool", True, "leave out the features the target cannot see"),
 )
 
 
@@ -386,9 +390,9 @@ class KernelSHAP(Attribution):
     semantic features. ``ridge`` > 0 adds an L2 penalty (paper 003's "penalised ridge
     regression"); 0 (default) keeps the exactness guarantee.
 
-    Besides the registry parameters, ``attribute`` takes ``feature_mask`` (an integer map
-    ``(D, H, W)``: any supervoxels) and ``restrict`` (default True: leave out the features
-    the target cannot see). After a call, ``self.feature_ids`` holds the id map and
+    ``feature_mask`` (an integer map ``(D, H, W)``: any supervoxels; from Python only)
+    overrides ``features``; ``restrict`` (default True) leaves out the features the target
+    cannot see. After a call, ``self.feature_ids`` holds the id map and
     ``self.values`` the players' values.
     """
 
@@ -400,8 +404,9 @@ class KernelSHAP(Attribution):
         Parameter("n_samples", "int", 0, "coalitions evaluated (0: 200 semantic / 1000 cubes, paper 003)", minimum=0),
         Parameter("ridge", "float", 0.0, "L2 penalty of the regression (0: exact when all coalitions fit the budget)",
                   minimum=0.0),
-        *_FEATURE_PARAMETERS[3:],
+        *_FEATURE_PARAMETERS[3:6],
         Parameter("seed", "int", 0, "seed of the coalition sampling"),
+        *_FEATURE_PARAMETERS[6:],
     )
 
     def attribute(
@@ -420,7 +425,6 @@ class KernelSHAP(Attribution):
         restrict: bool = True,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
-        **_: object,
     ) -> torch.Tensor:
         inputs = check_inputs(inputs)
         if batch_size < 1:
@@ -464,7 +468,6 @@ class SupervoxelOcclusion(Attribution):
         restrict: bool = True,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
-        **_: object,
     ) -> torch.Tensor:
         inputs = check_inputs(inputs)
         if batch_size < 1:
