@@ -26,7 +26,7 @@ from .forward import SegmentationForward
 from .registry import check_params, get_method
 from .targets import ClassTarget, ClassThresholdTarget, InstanceTarget, RegionTarget, Target, VoxelTarget
 
-__all__ = ["TargetSpec", "AttributionResult", "explain", "instance_labels"]
+__all__ = ["TargetSpec", "AttributionResult", "explain", "prepare_target", "instance_labels"]
 
 
 @dataclass
@@ -178,6 +178,30 @@ def _prediction_labels(prediction: Segmentation, image: Image, card, model_shape
     return labels
 
 
+def prepare_target(
+    image: Image,
+    model: LoadedModel,
+    target: Union[TargetSpec, str],
+    prediction: Optional[Segmentation] = None,
+    amp: bool = False,
+    window_batch: int = 1,
+) -> tuple[torch.Tensor, np.ndarray, Target]:
+    """The model-grid input ``x`` ``(1, C, D, H, W)``, its IJK-to-RAS matrix and the resolved
+    target, from ``prediction``'s model-grid labels or, without it, one prediction here."""
+    spec = TargetSpec.parse(target) if isinstance(target, str) else target
+    card, device = model.card, model.device
+    x, model_affine = model_input(image, card, device)
+    if prediction is not None:
+        labels = _prediction_labels(prediction, image, card, tuple(x.shape[2:]))
+    else:
+        with torch.no_grad():
+            from ..models.windows import WindowedForward
+
+            logits = WindowedForward(model.network, card, x.shape[2:], amp=amp)(x, window_batch=window_batch)
+            labels = activate(logits, card)[0].argmax(0).cpu()
+    return x, model_affine, _resolve_target(spec, image, model, x, model_affine, labels)
+
+
 def explain(
     image: Image,
     model: LoadedModel,
@@ -221,16 +245,7 @@ def explain(
 
     start = time.perf_counter()
     report(progress, 0.0, "preprocessing")
-    x, model_affine = model_input(image, card, device)
-    if prediction is not None:
-        labels = _prediction_labels(prediction, image, card, tuple(x.shape[2:]))
-    else:
-        with torch.no_grad():
-            from ..models.windows import WindowedForward
-
-            logits = WindowedForward(model.network, card, x.shape[2:], amp=amp)(x, window_batch=window_batch)
-            labels = activate(logits, card)[0].argmax(0).cpu()
-    resolved = _resolve_target(spec, image, model, x, model_affine, labels)
+    x, model_affine, resolved = prepare_target(image, model, spec, prediction, amp, window_batch)
     timings["prediction"] = time.perf_counter() - start
 
     references = params.get("references")

@@ -40,7 +40,6 @@ __all__ = [
     "local_matrix",
     "class_rois",
     "CaseImportance",
-    "agg2exp_case",
     "global_matrix",
     "top_k_graph",
     "draw_graph",
@@ -187,93 +186,6 @@ def _mask_on(image: Image, mask: Union[Image, np.ndarray], name: str) -> np.ndar
     if array.shape != image.spatial_shape:
         raise SegXAIInputError(f"RoI {name!r}: shape {array.shape} differs from the image's {image.spatial_shape}")
     return array
-
-
-def agg2exp_case(
-    image: Image,
-    model,
-    method: str = "smoothgrad",
-    params: Optional[Mapping[str, Any]] = None,
-    classes: Optional[Sequence[str]] = None,
-    extra_rois: Optional[Mapping[str, Union[Image, np.ndarray]]] = None,
-    reference: Optional[Union[Image, np.ndarray]] = None,
-    variants: Sequence[str] = IMPORTANCE_VARIANTS,
-    case: str = "",
-    keep_maps: bool = False,
-    window_batch: int = 1,
-    progress: Optional[ProgressCallback] = None,
-    cancel: Optional[CancelToken] = None,
-) -> CaseImportance:
-    """Explain every class of one case and aggregate the maps over the RoIs.
-
-    Parameters
-    ----------
-    image : Image
-        ``(C, I, J, K)``, channels in the card's order.
-    model : LoadedModel
-    method, params
-        The attribution method (a registry name) and its parameters.
-    classes : list of str, optional
-        The classes to explain (rows); default every class of the card, background included.
-        A class the model does not predict on this case gets a row of NaN.
-    extra_rois : dict name -> mask, optional
-        More columns: masks on the image's grid (``Image`` or array), e.g. user-drawn regions.
-    reference : Image or array, optional
-        A reference label map (class indices) on the image's grid: adds a column
-        ``reference:<class>`` per foreground class present, and the Dice of every foreground
-        class's prediction.
-    variants : sequence of ``absolute``, ``positive``, ``negative``
-    """
-    from ..attribution.api import TargetSpec, explain
-    from ..metrics import dice_score
-    from ..models.inference import segment
-
-    start = time.perf_counter()
-    names = list(model.card.class_names)
-    classes = list(classes) if classes is not None else names
-    unknown = [c for c in classes if c not in names]
-    if unknown:
-        raise SegXAIInputError(f"classes: {unknown} are not among the model's classes {names}")
-    for variant in variants:
-        if variant not in IMPORTANCE_VARIANTS:
-            raise SegXAIInputError(f"variants: expected any of {IMPORTANCE_VARIANTS}, got {variant!r}")
-    report(progress, 0.0, "segmenting")
-    segmentation = segment(image, model, progress=sub_progress(progress, 0.0, 0.1), cancel=cancel)
-    labels = segmentation.labels.array[0]
-    rois = class_rois(labels, names)
-    dice: dict[str, float] = {}
-    if reference is not None:
-        truth = _mask_on(image, reference, "reference").astype(np.int64)
-        for index, name in enumerate(names[1:], start=1):
-            dice[name] = dice_score(labels == index, truth == index)
-            if bool((truth == index).any()):
-                rois[f"reference:{name}"] = truth == index
-    for name, mask in (extra_rois or {}).items():
-        if name in rois:
-            raise SegXAIInputError(f"RoI name {name!r} is already used (class names and reference:<class> are taken)")
-        rois[name] = _mask_on(image, mask, name) > 0
-
-    maps: dict[str, Optional[np.ndarray]] = {}
-    kept: dict[str, Image] = {}
-    for position, name in enumerate(classes):
-        step = sub_progress(progress, 0.1 + 0.9 * position / len(classes), 0.1 + 0.9 * (position + 1) / len(classes))
-        if not bool(rois[name].any()):
-            maps[name] = None
-            continue
-        try:
-            result = explain(image, model, method, target=TargetSpec("class", class_name=name), params=dict(params or {}),
-                             window_batch=window_batch, progress=step, cancel=cancel)
-        except SegXAIInputError as error:
-            if "predicts no voxel" not in str(error):
-                raise
-            maps[name] = None  # predicted on the input grid but not on the model grid (resampling)
-            continue
-        maps[name] = result.maps.array
-        if keep_maps:
-            kept[name] = result.maps
-    matrices = {variant: local_matrix(maps, rois, variant) for variant in variants}
-    report(progress, 1.0, "agg2exp")
-    return CaseImportance(case, matrices, dice, time.perf_counter() - start, kept)
 
 
 # ---- cohort ------------------------------------------------------------------------------------

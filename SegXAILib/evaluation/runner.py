@@ -91,21 +91,14 @@ def method_name(key: str) -> str:
     return key.split("@", 1)[0]
 
 
-def _prepare(image: Image, model, class_name: str, window_batch: int):
-    """Model-grid input, the clean prediction, the class target and its forward."""
-    from ..attribution.api import TargetSpec, _resolve_target
+def _prepare(image: Image, model, class_name: str, window_batch: int, prediction=None):
+    """Model-grid input, the class target (from ``prediction`` when given) and its forward."""
+    from ..attribution.api import TargetSpec, prepare_target
     from ..attribution.forward import SegmentationForward
-    from ..models.inference import activate
-    from ..models.preprocessing import model_input
-    from ..models.windows import WindowedForward
 
-    card = model.card
-    x, affine = model_input(image, card, model.device)
-    with torch.no_grad():
-        logits = WindowedForward(model.network, card, x.shape[2:])(x, window_batch=window_batch)
-        labels = activate(logits, card)[0].argmax(0).cpu()
-    target = _resolve_target(TargetSpec("class", class_name=class_name), image, model, x, affine, labels)
-    forward = SegmentationForward(model.network, card, x.shape[2:], target, window_batch=window_batch)
+    x, _, target = prepare_target(image, model, TargetSpec("class", class_name=class_name), prediction,
+                                  window_batch=window_batch)
+    forward = SegmentationForward(model.network, model.card, x.shape[2:], target, window_batch=window_batch)
     return x, target, forward
 
 
@@ -123,6 +116,7 @@ def evaluate_case(
     reference: Optional[Image] = None,
     config: Optional[EvaluationConfig] = None,
     case: str = "",
+    prediction=None,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -131,10 +125,20 @@ def evaluate_case(
     A key may be ``NAME@LABEL`` (e.g. ``kernel_shap@cubes``) to score one method with several
     parameter sets; rows then carry the whole key as the method.
 
+    ``prediction``: the case's :class:`~SegXAILib.models.Segmentation` (the class target is
+    resolved from it instead of predicting again). Attributions run in exact float32.
+
     Returns ``(rows, details)``: one row per (method, variant) with the :data:`COLUMNS`
     (NaN where a metric was not run or needs the reference), and the curves / records per
     method for the JSON.
     """
+    from ..models.inference import exact_float32
+
+    with exact_float32(model.device):  # the pipeline's precision policy for attributions
+        return _evaluate_case(image, model, methods, reference, config, case, prediction, progress, cancel)
+
+
+def _evaluate_case(image, model, methods, reference, config, case, prediction, progress, cancel):
     from ..attribution.api import _model_grid_mask
     from ..attribution.registry import get_method
 
@@ -143,7 +147,7 @@ def evaluate_case(
     methods.setdefault("random", {})
     # a key is a method name, or NAME@LABEL to score one method under several settings
     classes = {name: get_method(method_name(name)) for name in methods}
-    x, target, forward = _prepare(image, model, config.class_name, config.window_batch)
+    x, target, forward = _prepare(image, model, config.class_name, config.window_batch, prediction)
     truth = None
     if reference is not None:
         if not reference.same_grid(image):

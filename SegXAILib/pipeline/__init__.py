@@ -16,6 +16,7 @@ from .settings import (
     QASettings,
 )
 from .steps import (
+    agg2exp_case,
     ModelCache,
     agg2exp_matrix,
     check_channels,
@@ -71,6 +72,7 @@ __all__ = [
     "lesion_rows",
     "resolve_risk_model",
     "score_qa",
+    "agg2exp_case",
     "agg2exp_matrix",
     "segment_case",
 ]

@@ -40,6 +40,7 @@ __all__ = [
     "lesion_rows",
     "resolve_risk_model",
     "score_qa",
+    "agg2exp_case",
     "agg2exp_matrix",
 ]
 
@@ -406,43 +407,89 @@ def score_qa(
 # ---------------------------------------------------------------------------- Agg2Exp
 
 
-def agg2exp_matrix(
+def agg2exp_case(
     case: Case,
     model: LoadedModel,
-    rois: Optional[Mapping[str, np.ndarray]] = None,
+    classes: Optional[Sequence[str]] = None,
+    rois: Optional[Mapping[str, Any]] = None,
+    variants: Optional[Sequence[str]] = None,
+    name: str = "",
+    keep_maps: bool = False,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
 ):
-    """Paper 003's local importance matrix of the case
-    (:class:`~SegXAILib.evaluation.ImportanceMatrix`).
+    """Paper 003's RoI importance of the case (:class:`~SegXAILib.evaluation.CaseImportance`).
 
-    Rows: every class of the card explained with ``settings.agg2exp.method`` and its class
-    target (a class-level map of the case is reused when made exactly so; a class without a
-    predicted voxel gets a row of NaN). Columns: the predicted classes, ``reference:<structure>``
-    with a reference, then ``rois`` (name -> ``(I, J, K)`` bool on the input grid).
+    Rows: ``classes`` (every class of the card by default, background included), each
+    explained with ``settings.agg2exp.method`` and its class target; a class map of the case
+    made exactly so is reused, and a class without a predicted voxel gets a row of NaN.
+    Columns: the predicted classes, ``reference:<class>`` for every foreground class present in
+    ``case.reference`` (class indices; its Dice per class is kept), then ``rois`` (name ->
+    mask on the input grid, an Image or an array). ``variants``: absolute / positive /
+    negative mass (``settings.agg2exp.mode`` by default).
     """
-    from ..evaluation import class_rois, local_matrix
+    import time
+
+    from ..evaluation import CaseImportance, class_rois, local_matrix
+    from ..evaluation.agg2exp import IMPORTANCE_VARIANTS, _mask_on
+    from ..metrics import dice_score
     from ..progress import sub_progress
 
+    start = time.perf_counter()
     settings = case.settings.agg2exp
-    card = model.card
-    columns = class_rois(case.segmentation.labels.array[0], card.class_names)
+    names = list(model.card.class_names)
+    classes = list(classes) if classes is not None else names
+    unknown = [c for c in classes if c not in names]
+    if unknown:
+        raise SegXAIInputError(f"classes: {unknown} are not among the model's classes {names}")
+    variants = list(variants) if variants is not None else [settings.mode]
+    for variant in variants:
+        if variant not in IMPORTANCE_VARIANTS:
+            raise SegXAIInputError(f"variants: expected any of {IMPORTANCE_VARIANTS}, got {variant!r}")
+    labels = case.segmentation.labels.array[0]
+    columns = class_rois(labels, names)
+    dice: dict[str, float] = {}
     if case.reference is not None:
-        columns[f"reference:{case.structure}"] = case.reference.array[0] != 0
-    for name, mask in (rois or {}).items():
-        mask = np.asarray(mask, bool)
-        if mask.shape != tuple(case.image.spatial_shape):
-            raise SegXAIInputError(f"agg2exp roi {name!r}: shape {mask.shape} is not the image's {case.image.spatial_shape}")
-        columns[name] = mask
-    rows: dict[str, Optional[np.ndarray]] = {}
-    for position, class_name in enumerate(card.class_names):
+        truth = case.reference.array[0].astype(np.int64)
+        for index, class_name in enumerate(names[1:], start=1):
+            dice[class_name] = dice_score(labels == index, truth == index)
+            if bool((truth == index).any()):
+                columns[f"reference:{class_name}"] = truth == index
+    for roi, mask in (rois or {}).items():
+        if roi in columns:
+            raise SegXAIInputError(f"RoI name {roi!r} is already used (class names and reference:<class> are taken)")
+        columns[roi] = _mask_on(case.image, mask, roi) > 0
+    maps: dict[str, Optional[np.ndarray]] = {}
+    kept: dict[str, Image] = {}
+    for position, class_name in enumerate(classes):
         target = f"class:{class_name}"
-        reused = next((r for r in case.maps.values() if _same_map(r, settings.method, settings.params, target)), None)
-        if reused is None and case.segmentation.mask(position).any():
+        result = next((r for r in case.maps.values() if _same_map(r, settings.method, settings.params, target)), None)
+        if result is None and columns[class_name].any():
             method = MethodSettings(method=settings.method, params=settings.params, target=target)
-            reused = explain_map(case.image, model, case.segmentation, method, class_name,
-                                 case.settings.precision.window_batch,
-                                 sub_progress(progress, position / len(card.class_names),
-                                              (position + 1) / len(card.class_names)), cancel)
-        rows[class_name] = None if reused is None else reused.maps.array
-    return local_matrix(rows, columns, settings.mode)
+            step = sub_progress(progress, position / len(classes), (position + 1) / len(classes))
+            try:
+                result = explain_map(case.image, model, case.segmentation, method, class_name,
+                                     case.settings.precision.window_batch, step, cancel)
+            except SegXAIInputError as error:
+                if "predicts no voxel" not in str(error):
+                    raise
+                # predicted on the input grid but not on the model grid (resampling): no row
+        maps[class_name] = None if result is None else result.maps.array
+        if keep_maps and result is not None:
+            kept[class_name] = result.maps
+    matrices = {variant: local_matrix(maps, columns, variant) for variant in variants}
+    report(progress, 1.0, "Agg2Exp")
+    return CaseImportance(name, matrices, dice, time.perf_counter() - start, kept)
+
+
+def agg2exp_matrix(
+    case: Case,
+    model: LoadedModel,
+    rois: Optional[Mapping[str, Any]] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+):
+    """The case's Agg2Exp matrix of ``settings.agg2exp.mode`` over every class
+    (:func:`agg2exp_case`), as :class:`~SegXAILib.evaluation.ImportanceMatrix`."""
+    mode = case.settings.agg2exp.mode
+    return agg2exp_case(case, model, rois=rois, variants=[mode], progress=progress, cancel=cancel).matrices[mode]

@@ -164,22 +164,24 @@ def condense(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def agg2exp(models, n_cases, log) -> dict[str, Any]:
-    from SegXAILib.evaluation.agg2exp import OutlierModel, agg2exp_case, global_matrix, top_k_graph
-    from SegXAILib.models import load_model
-    from SegXAILib.pipeline import resolve_model_card
+    from SegXAILib.evaluation.agg2exp import OutlierModel, global_matrix, top_k_graph
+    from SegXAILib.pipeline import Agg2ExpSettings, CaseSettings, InstanceSettings, agg2exp_case, load_case_model, start_case
 
     results = {}
     for name in models:
         if not name.startswith("parotid"):
             continue
-        model = load_model(resolve_model_card(name), device="cpu")
+        settings = CaseSettings(model=name, device="cpu", instances=InstanceSettings(enabled=False),
+                                agg2exp=Agg2ExpSettings(enabled=True, method="smoothgrad", params={"n_samples": 10}))
+        model = load_case_model(settings)
         cases = []
         start = time.perf_counter()
         for index in range(n_cases):
             image, reference, rod = make_case(name, FIRST_SEED + index)
             rois = {"rod": rod} if bool(rod.array.any()) else {}
-            cases.append(agg2exp_case(image, model, "smoothgrad", {"n_samples": 10}, extra_rois=rois, reference=reference,
-                                      variants=("absolute", "positive"), case=f"seed{FIRST_SEED + index}"))
+            case = start_case(image, model, settings, reference=reference)
+            cases.append(agg2exp_case(case, model, rois=rois, variants=("absolute", "positive"),
+                                      name=f"seed{FIRST_SEED + index}"))
         matrix = global_matrix([c.matrices["absolute"] for c in cases])
         # the last case scored against the others (needs at least 2 others)
         forest = OutlierModel(100, 0).fit([c.matrices["absolute"] for c in cases[:-1]]) if len(cases) >= 3 else None
