@@ -59,12 +59,6 @@ class AsModule(torch.nn.Module):
         return self.f(x)
 
 
-@pytest.fixture(autouse=True)
-def registered(monkeypatch):
-    # the coordinator adds "perturbation" to the registry; keep the tests independent of it
-    monkeypatch.setattr(registry, "_METHOD_MODULES", tuple(dict.fromkeys((*registry._METHOD_MODULES, "perturbation"))))
-
-
 # ---- occlusion ---------------------------------------------------------------------------------
 def test_occlusion_of_a_linear_model_is_w_times_x():
     shape = (4, 5, 3)

@@ -340,6 +340,46 @@ def test_sigmoid_fallback_is_explicit():
     assert np.isfinite([model.sigmoid_a, model.sigmoid_k, model.sigmoid_lambda0]).all()
 
 
+def _no_convergence(*args, **kwargs):
+    raise RuntimeError("Optimal parameters not found: Number of calls to function has reached maxfev = 5000.")
+
+
+def _infeasible(*args, **kwargs):
+    raise ValueError("x0 is infeasible")
+
+
+def _non_finite(f, xdata, ydata, p0, **kwargs):
+    return np.full(3, np.nan), np.full((3, 3), np.nan)
+
+
+@pytest.mark.parametrize("failing_fit", [_no_convergence, _infeasible, _non_finite])
+def test_forced_sigmoid_fallback_estimates_the_calibration_mean_dice(monkeypatch, tmp_path, failing_fit):
+    """Every start of the least-squares sigmoid fit fails (curve_fit raises, as when it does not
+    converge within maxfev, or returns non-finite parameters): the documented constant
+    fallback, k = 0 and A = 2 mean(Dice), so that every curve's estimate is the calibration
+    mean Dice, at lambda0 = median(PC1), with a warning; the rest of the model is unaffected."""
+    import scipy.optimize
+
+    curves, dice, _, _ = _cohort(60, seed=5)
+    monkeypatch.setattr(scipy.optimize, "curve_fit", failing_fit)  # risk.py imports it at call time
+    with pytest.warns(RuntimeWarning, match="sigmoid fit of Dice on PC1 failed"):
+        model = calibrate_risk_model(curves, dice, default_thresholds(T), METHOD, None, CHECKSUM)
+    assert model.sigmoid_status == "fallback_constant"
+    assert model.sigmoid_k == 0.0
+    assert model.sigmoid_a == pytest.approx(2 * np.mean(dice), rel=1e-12)
+    pc1 = np.array([model.project(c) for c in curves])
+    assert model.sigmoid_lambda0 == pytest.approx(np.median(pc1), abs=1e-9 * np.abs(pc1).max())
+    for curve in (curves[0], curves[-1], _cohort(1, seed=8)[0][0]):  # any curve: the mean Dice
+        assert model.score(curve, METHOD, CHECKSUM)["estimated_dice"] == pytest.approx(np.mean(dice), rel=1e-12)
+    # the PC1 detector does not depend on the sigmoid: same cuts and AUROC as a fitted model
+    monkeypatch.undo()
+    fitted = calibrate_risk_model(curves, dice, default_thresholds(T), METHOD, None, CHECKSUM)
+    assert fitted.sigmoid_status == "fitted"
+    assert (model.cut_high, model.cut_low, model.auroc) == (fitted.cut_high, fitted.cut_low, fitted.auroc)
+    loaded = RiskModel.load(model.save(tmp_path / "fallback.json"))
+    assert loaded.sigmoid_status == "fallback_constant" and loaded.sigmoid_k == 0.0
+
+
 def test_saliency_curve_matches_hand_normalisation():
     rng = np.random.default_rng(7)
     saliency = rng.normal(size=(5, 6, 4))
