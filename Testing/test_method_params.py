@@ -21,17 +21,13 @@ from conftest import make_forward, tiny_unet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-#: methods whose ``attribute`` still has ``**_`` here: patterns.py is changed on its own branch
-#: (issue 13); drop this when both are merged (the strict xfail then fails as a reminder)
-PENDING = {"pattern_net", "pattern_attribution"}
 #: the keywords every ``attribute`` takes besides the registry parameters
 COMMON = ("self", "inputs", "progress", "cancel")
 
 
-def every_method(pending: bool = False) -> list:
-    """All registry names; with ``pending``, the methods of :data:`PENDING` as strict xfails."""
-    mark = pytest.mark.xfail(strict=True, reason="patterns.py drops unknown keywords until its fix is merged")
-    return [pytest.param(name, marks=mark) if pending and name in PENDING else name for name in available_methods()]
+def every_method() -> list:
+    """All registry names."""
+    return list(available_methods())
 
 
 def parameter_cases() -> list[tuple[str, object]]:
@@ -48,7 +44,7 @@ def tiny():
 
 # ---- the signatures ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", every_method(pending=True))
+@pytest.mark.parametrize("name", every_method())
 def test_attribute_takes_exactly_the_registry_parameters(name):
     cls = get_method(name)
     signature = inspect.signature(cls.attribute)
@@ -61,7 +57,7 @@ def test_attribute_takes_exactly_the_registry_parameters(name):
         assert signature.parameters[p.name].default == p.default, p.name
 
 
-@pytest.mark.parametrize("name", every_method(pending=True))
+@pytest.mark.parametrize("name", every_method())
 def test_attribute_refuses_an_unknown_keyword(tiny, name):
     forward, x = tiny
     method = get_method(name)(forward)

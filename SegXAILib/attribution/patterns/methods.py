@@ -25,6 +25,7 @@ _PATTERNS = Parameter(
     "patterns", "str", "",
     "patterns file (default: patterns_<estimator>.pt beside the model card, made by 'segxai patterns fit'); "
     "'input' fits them on the explained volume itself",
+    objects=(os.PathLike, PatternSet),
 )
 _START = Parameter(
     "start", "choice", "value",
