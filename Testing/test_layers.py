@@ -14,7 +14,7 @@ PACKAGE = ROOT / "SegXAILib"
 
 #: layer of each top-level module or sub-package of SegXAILib (lower imports nothing higher)
 LAYERS = {
-    "__init__": 0, "image": 0, "io": 0, "progress": 0, "metrics": 0, "sample_data": 0, "phantoms": 0,
+    "__init__": 0, "image": 0, "io": 0, "validation": 0, "progress": 0, "metrics": 0, "sample_data": 0, "phantoms": 0,
     "models": 1,
     "attribution": 2,
     "instances": 3, "topology": 3, "evaluation": 3, "uncertainty": 3, "counterfactual": 3,

@@ -15,23 +15,18 @@ import pytest
 from SegXAILib.image import Image, SegXAIInputError
 from SegXAILib.io import read_image
 from SegXAILib.metrics import dice_score
-from SegXAILib.topology.cohort import (
-    COHORT_FORMAT,
+from SegXAILib.phantoms.degradations import (
     COHORT_SEED_BASE,
-    COHORT_VERSION,
     DEEPBET_GRID,
     LESION_GRID,
     Degradation,
-    MethodSpec,
-    build_cohort,
-    calibrate_cohort,
-    case_saliency,
-    cohort_curves,
     degrade_image,
     motion_blur,
     plan_cases,
-    read_cohort,
 )
+from SegXAILib.pipeline import MethodSettings
+from SegXAILib.pipeline.cohort import build_cohort
+from SegXAILib.topology.cohort import COHORT_FORMAT, COHORT_VERSION, calibrate_cohort, cohort_curves, read_cohort
 from SegXAILib.topology.euler import default_thresholds
 from SegXAILib.topology.risk import RiskModel, saliency_curve
 
@@ -115,19 +110,19 @@ def test_degrade_image_keeps_geometry_and_is_seeded():
     np.testing.assert_allclose(sigma, 0.2 * ranges, rtol=0.1)
 
 
-def test_method_spec_parse():
-    spec = MethodSpec.parse("smoothgrad:n_samples=3,seed=7")
-    assert spec == MethodSpec("smoothgrad", {"n_samples": 3, "seed": 7})
-    assert MethodSpec.parse("guided_gradcam") == MethodSpec("guided_gradcam", {})
+def test_method_settings_parse():
+    spec = MethodSettings.parse("smoothgrad:n_samples=3,seed=7")
+    assert spec == MethodSettings(method="smoothgrad", params={"n_samples": 3, "seed": 7})
+    assert MethodSettings.parse("guided_gradcam") == MethodSettings(method="guided_gradcam")
     with pytest.raises(SegXAIInputError, match="no_such_method"):
-        MethodSpec.parse("no_such_method")
+        MethodSettings.parse("no_such_method")
     with pytest.raises(SegXAIInputError, match="bogus"):
-        MethodSpec.parse("smoothgrad:bogus=1")
+        MethodSettings.parse("smoothgrad:bogus=1")
 
 
 # --- a tiny real cohort ------------------------------------------------------------------
 
-METHODS = [MethodSpec("gradcam_plusplus")]
+METHODS = [MethodSettings(method="gradcam_plusplus")]
 
 
 @pytest.fixture(scope="module")
@@ -281,21 +276,32 @@ def test_build_cohort_rejects_bad_arguments(tmp_path):
 
 
 def test_shipped_risk_model_scores_the_demo_case(lesion_model):
+    """The pipeline's QA step on the demo's whole case, recomputed independently: the map by
+    ``explain`` with the risk model's recorded parameters (channel sum), the curve and PC1 by
+    the risk model's own algebra."""
+    from SegXAILib.attribution import explain
     from SegXAILib.demo import demo_case
-    from SegXAILib.topology import bundled_risk_model, score_case
+    from SegXAILib.pipeline import CaseSettings, InstanceSettings, QASettings, run_case
+    from SegXAILib.topology import bundled_risk_model
 
     risk = RiskModel.load(bundled_risk_model("lesions", "guided_gradcam"))
     assert risk.method == "guided_gradcam"
     assert risk.model_checksum == lesion_model.card.checksum()
     assert risk.n_cases >= 10 and 0.0 <= risk.auroc <= 1.0
     image, lesions = demo_case()  # the demo's whole case, as run_demo builds it
-    scored = score_case(image, lesion_model, risk)
-    assert scored.result["band"] in {"low", "moderate", "high"}
-    assert scored.result["band"] == risk.band(scored.result["pc1"])
-    # independent recomputation of the score from the returned map and mask
-    curve = saliency_curve(scored.saliency, scored.mask, risk.thresholds)
-    np.testing.assert_array_equal(curve, scored.curve)
-    assert scored.result["pc1"] == pytest.approx(float((curve - risk.pca_mean) @ risk.pca_components[0]))
-    assert 0.0 <= scored.result["estimated_dice"] <= risk.sigmoid_a + 1e-12
+    settings = CaseSettings(model="lesions", device="cpu", instances=InstanceSettings(enabled=False),
+                            qa=QASettings(risk_model="bundled:lesions/guided_gradcam"))
+    case = run_case(image, lesion_model, settings)
+    qa = case.qa
+    assert qa.risk["band"] in {"low", "moderate", "high"}
+    assert qa.risk["band"] == risk.band(qa.risk["pc1"])
+    oracle = explain(image, lesion_model, "guided_gradcam", target="class:lesion",
+                     params=risk.method_parameters["params"], amp=False)
+    saliency = oracle.maps.array.astype(np.float64).sum(axis=0).astype(np.float32)
+    np.testing.assert_allclose(qa.saliency, saliency, rtol=0, atol=1e-6 * float(np.abs(saliency).max()))
+    curve = saliency_curve(qa.saliency, case.mask, risk.thresholds)
+    np.testing.assert_array_equal(curve, qa.curve)
+    assert qa.risk["pc1"] == pytest.approx(float((curve - risk.pca_mean) @ risk.pca_components[0]))
+    assert 0.0 <= qa.risk["estimated_dice"] <= risk.sigmoid_a + 1e-12
     # the demo contour is a good one (Dice ~0.9, above the calibration's insufficient cut)
-    assert dice_score(scored.mask, lesions.array[0] > 0) > risk.insufficient_dice
+    assert dice_score(case.mask, lesions.array[0] > 0) > risk.insufficient_dice

@@ -23,7 +23,6 @@ correlation against Dice (SciPy).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -31,7 +30,6 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from ..image import Image, SegXAIInputError
-from ..progress import CancelToken, ProgressCallback, report, sub_progress
 
 __all__ = [
     "IMPORTANCE_VARIANTS",

@@ -7,7 +7,8 @@ arguments; :func:`degrade_image` applies them to any image (the deepbet cohort's
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+import math
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np

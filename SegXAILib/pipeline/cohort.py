@@ -26,7 +26,7 @@ import io as _io
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from ..topology.cohort import CHANNEL_REDUCTION, COHORT_FORMAT, COHORT_MODELS, C
 from .run import add_maps, start_case
 from .settings import CaseSettings, InstanceSettings, MethodSettings
 from .steps import channel_sum, load_case_model
+
+if TYPE_CHECKING:
+    from ..phantoms.degradations import DegradationGrid
 
 __all__ = ["default_methods", "method_record", "build_cohort"]
 

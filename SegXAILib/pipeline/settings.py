@@ -73,7 +73,10 @@ class MethodSettings(_Strict):
 
         name, _, rest = text.partition(":")
         params = parse_params(name, [p for p in rest.split(",") if p]) if rest else {}
-        return cls(method=name, params=params)
+        try:
+            return cls(method=name, params=params)
+        except ValidationError as error:
+            raise SegXAIInputError(validation_message(f"method {text!r}", error)) from None
 
 
 class InstanceSettings(_Strict):

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..image import SegXAIInputError
 from ..io import read_image
-from ..progress import CancelToken, ProgressCallback, report, sub_progress
+from ..progress import CancelToken, ProgressCallback, report
 from ..validation import validate
 
 __all__ = [
