@@ -2,7 +2,7 @@
 
 See METHODS.md section 6 (QA risk from persistent homology): :mod:`.euler` (curves),
 :mod:`.risk` (the risk model), :mod:`.cohort` (calibration cohorts, scoring a case),
-:mod:`.plots` (PNG plots), :mod:`.commands` (``segxai qa``).
+:mod:`.plots` (PNG plots).
 """
 
 from .euler import (
