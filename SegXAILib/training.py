@@ -294,7 +294,7 @@ def train_demo_models(
     names = list(names or DEMO_MODELS)
     unknown = [n for n in names if n not in DEMO_MODELS]
     if unknown:
-        raise SegXAIInputError(f"--models: unknown {unknown}; choose from {sorted(DEMO_MODELS)}")
+        raise SegXAIInputError(f"names: unknown {unknown}; choose from {sorted(DEMO_MODELS)}")
     cards = {}
     for position, name in enumerate(names):
         folder, card_factory, cases, train_seeds, heldout_seeds, config = DEMO_MODELS[name]

@@ -222,3 +222,35 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_library_errors_are_given_the_options_names():
+    """Library messages start with the parameter; a command names the option the user typed. Only
+    a whole leading word is replaced (not ``trust=True`` or ``model.0``); other errors pass unchanged."""
+    from SegXAILib.cli.common import options_named
+    from SegXAILib.image import SegXAIInputError
+
+    def raised(message: str, *parameters: str, **renamed: str) -> str:
+        with pytest.raises(SegXAIInputError) as error, options_named(*parameters, **renamed):
+            raise SegXAIInputError(message)
+        return str(error.value)
+
+    assert raised("window_batch 0: must be >= 1", "window_batch") == "--window-batch 0: must be >= 1"
+    assert raised("target: no class 'x'", "target") == "--target: no class 'x'"
+    assert raised("cohort_dir /a: no such folder", cohort_dir="--cohort") == "--cohort /a: no such folder"
+    assert raised("seed", "seed") == "--seed"
+    for message in ("trust=True is needed", "model.0: not supported", "device_name 'x': bad", "weights w: no such file",
+                    "the target is empty"):
+        assert raised(message, "trust", "model", "device", "target") == message
+
+
+def test_untrusted_bundle_names_the_option(tmp_path, capsys):
+    card = tmp_path / "bundle" / "model_card.json"
+    (card.parent / "configs").mkdir(parents=True)
+    card.write_text(json.dumps({
+        "name": "bundle", "architecture": {"format": "bundle", "path": "."}, "input_channels": ["ch0"],
+        "classes": [{"name": "background"}, {"name": "thing"}], "inference": {"patch_size": [16, 16, 16]},
+    }), encoding="utf-8")
+    assert main(["info", str(card), "--load"]) == 2
+    err = capsys.readouterr().err
+    assert "--trust-bundle" in err and "MONAI bundle" in err

@@ -204,7 +204,7 @@ def test_calibration_reads_the_cohort(tiny_cohort):
         assert value == case["dice"]
     with pytest.raises(SegXAIInputError, match="too few calibration cases"):
         calibrate_cohort(out, "gradcam_plusplus")
-    with pytest.raises(SegXAIInputError, match="--method 'guided_gradcam'"):
+    with pytest.raises(SegXAIInputError, match="^method 'guided_gradcam'"):
         cohort_curves(out, "guided_gradcam", thresholds)
 
 

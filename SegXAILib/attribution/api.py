@@ -73,14 +73,14 @@ class TargetSpec:
         except (IndexError, ValueError):
             pass
         raise SegXAIInputError(
-            f"--target {text!r}: expected class:NAME, class_threshold:NAME:T, instance:ID, region:MASK or voxel:R,A,S"
+            f"target {text!r}: expected class:NAME, class_threshold:NAME:T, instance:ID, region:MASK or voxel:R,A,S"
         )
 
     def class_index(self, class_names: list[str]) -> int:
         if not self.class_name:
             return 1
         if self.class_name not in class_names:
-            raise SegXAIInputError(f"--target: no class {self.class_name!r}; the model's classes are {class_names}")
+            raise SegXAIInputError(f"target: no class {self.class_name!r}; the model's classes are {class_names}")
         return class_names.index(self.class_name)
 
 
@@ -135,7 +135,7 @@ def _resolve_target(spec: TargetSpec, image: Image, model: LoadedModel, x: torch
     if spec.kind == "class":
         mask = labels == c
         if not bool(mask.any()):
-            raise SegXAIInputError(f"--target class:{card.class_names[c]}: the model predicts no voxel of this class")
+            raise SegXAIInputError(f"target class:{card.class_names[c]}: the model predicts no voxel of this class")
         return ClassTarget(c, mask)
     if spec.kind == "class_threshold":
         return ClassThresholdTarget(c, spec.threshold)
@@ -144,20 +144,20 @@ def _resolve_target(spec: TargetSpec, image: Image, model: LoadedModel, x: torch
         instances = instance_labels(on_input.array[0] == c)
         if not 1 <= spec.instance_id <= instances.max():
             raise SegXAIInputError(
-                f"--target instance:{spec.instance_id}: the prediction has {int(instances.max())} instance(s) of "
+                f"target instance:{spec.instance_id}: the prediction has {int(instances.max())} instance(s) of "
                 f"{card.class_names[c]!r} (ids 1.. by decreasing size)"
             )
         return InstanceTarget(c, _model_grid_mask(instances == spec.instance_id, image, card), instance_id=spec.instance_id)
     if spec.kind == "region":
         if spec.mask is None or not spec.mask.same_grid(image):
-            raise SegXAIInputError("--target region: the mask must be on the input image's grid")
+            raise SegXAIInputError("target region: the mask must be on the input image's grid")
         return RegionTarget(c, _model_grid_mask(spec.mask.array[0] > 0, image, card))
     if spec.kind == "voxel":
         # the model-grid voxel whose centre is nearest to the point
         inverse = np.linalg.inv(model_affine)
         index = np.round(inverse[:3, :3] @ np.asarray(spec.ras, float) + inverse[:3, 3]).astype(int)
         return VoxelTarget(c, tuple(index), tuple(x.shape[2:]))
-    raise SegXAIInputError(f"--target kind {spec.kind!r} is not one of class, class_threshold, instance, region, voxel")
+    raise SegXAIInputError(f"target kind {spec.kind!r} is not one of class, class_threshold, instance, region, voxel")
 
 
 def _prediction_labels(prediction: Segmentation, image: Image, card, model_shape: tuple[int, ...]) -> torch.Tensor:

@@ -44,6 +44,7 @@ __all__ = [
     "matrix_figure",
     "OutlierModel",
     "spearman_with_dice",
+    "cohort_outliers",
 ]
 
 IMPORTANCE_VARIANTS = ("absolute", "positive", "negative")
@@ -359,3 +360,59 @@ def spearman_with_dice(scores: Sequence[float], dice: Sequence[float]) -> dict[s
         return {"rho": float("nan"), "p_value": float("nan"), "n": n}
     result = spearmanr(a[ok], b[ok])
     return {"rho": float(result.statistic), "p_value": float(result.pvalue), "n": n}
+
+
+def cohort_outliers(
+    results: Sequence[CaseImportance],
+    variant: str = "absolute",
+    classes: Sequence[str] = (),
+    reference: Optional[Sequence[CaseImportance]] = None,
+    n_estimators: int = 100,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Outlier scores of a cohort's cases (:class:`OutlierModel`) and their Spearman correlation
+    with Dice (:func:`spearman_with_dice`).
+
+    Parameters
+    ----------
+    results : sequence of CaseImportance
+        The cases to score (:func:`agg2exp_case`), with distinct ``case`` names.
+    variant : str
+        Which importance matrices (one of :data:`IMPORTANCE_VARIANTS`).
+    classes : sequence of str
+        The classes whose scores are correlated with their Dice, in this order (the model's
+        foreground classes); a class with no Dice in any case is left out.
+    reference : sequence of CaseImportance, optional
+        The reference cohort the forests are fitted on; default ``results`` (in-sample scores).
+    n_estimators, seed
+        Of the Isolation Forests.
+
+    Returns
+    -------
+    dict
+        ``fitted_rows`` (class -> reference rows fitted), ``scores`` (case -> class -> score,
+        NaN where a class has no full row) and ``spearman_vs_dice`` (class -> ``{"rho",
+        "p_value", "n"}``, plus ``"mean over classes"``: each case's mean score over its classes
+        against its mean Dice, when any class has a Dice); or only ``skipped`` (why) when the
+        reference cohort cannot fit a forest (fewer than 2 full rows for every class).
+    """
+    fitted = results if reference is None else reference
+    for case in fitted:
+        if variant not in case.matrices:
+            name = "results" if reference is None else "reference"
+            raise SegXAIInputError(f"{name}: case {case.case!r} has no {variant!r} importance matrix")
+    try:
+        forest = OutlierModel(n_estimators, seed).fit([r.matrices[variant] for r in fitted])
+    except SegXAIInputError as error:
+        return {"skipped": str(error)}
+    scores = {r.case: forest.score(r.matrices[variant]) for r in results}
+    correlations = {}
+    for name in classes:
+        if any(name in r.dice for r in results):
+            correlations[name] = spearman_with_dice([scores[r.case].get(name, np.nan) for r in results],
+                                                    [r.dice.get(name, np.nan) for r in results])
+    if correlations:
+        mean_scores = [np.nanmean(list(scores[r.case].values())) if scores[r.case] else np.nan for r in results]
+        mean_dice = [np.mean(list(r.dice.values())) if r.dice else np.nan for r in results]
+        correlations["mean over classes"] = spearman_with_dice(mean_scores, mean_dice)
+    return {"fitted_rows": forest.fitted_on, "scores": scores, "spearman_vs_dice": correlations}

@@ -61,23 +61,23 @@ class EvaluationConfig:
     def check(self) -> "EvaluationConfig":
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown or not self.metrics:
-            raise SegXAIInputError(f"--metrics: unknown {unknown}; choose from {', '.join(METRICS)}")
+            raise SegXAIInputError(f"metrics: unknown {unknown}; choose from {', '.join(METRICS)}")
         bad = [v for v in self.variants if v not in M.VARIANTS]
         if bad or not self.variants:
-            raise SegXAIInputError(f"--variants: unknown {bad}; choose from {', '.join(M.VARIANTS)}")
+            raise SegXAIInputError(f"variants: unknown {bad}; choose from {', '.join(M.VARIANTS)}")
         if not 0 < self.fidelity_step <= 0.5:
-            raise SegXAIInputError(f"--fidelity-step {self.fidelity_step}: must be in (0, 0.5]")
+            raise SegXAIInputError(f"fidelity_step {self.fidelity_step}: must be in (0, 0.5]")
         if self.fidelity_score not in ("target", "dice"):
-            raise SegXAIInputError(f"--fidelity-score {self.fidelity_score!r}: expected target or dice")
-        for name, value, low in (("--n-subsets", self.n_subsets, 2), ("--sensitivity-samples", self.sensitivity_samples, 1),
-                                 ("--slic-segments", self.slic_segments, 2), ("--batch-size", self.batch_size, 1),
-                                 ("--window-batch", self.window_batch, 1)):
+            raise SegXAIInputError(f"fidelity_score {self.fidelity_score!r}: expected target or dice")
+        for name, value, low in (("n_subsets", self.n_subsets, 2), ("sensitivity_samples", self.sensitivity_samples, 1),
+                                 ("slic_segments", self.slic_segments, 2), ("batch_size", self.batch_size, 1),
+                                 ("window_batch", self.window_batch, 1)):
             if value < low:
                 raise SegXAIInputError(f"{name} {value}: must be >= {low}")
         if not 0 < self.subset_fraction < 1:
-            raise SegXAIInputError(f"--subset-fraction {self.subset_fraction}: must be in (0, 1)")
+            raise SegXAIInputError(f"subset_fraction {self.subset_fraction}: must be in (0, 1)")
         if not self.noise_level >= 0:
-            raise SegXAIInputError(f"--noise-level {self.noise_level}: must be >= 0")
+            raise SegXAIInputError(f"noise_level {self.noise_level}: must be >= 0")
         return self
 
     @property
@@ -151,9 +151,9 @@ def _evaluate_case(image, model, methods, reference, config, case, prediction, p
     truth = None
     if reference is not None:
         if not reference.same_grid(image):
-            raise SegXAIInputError("--reference: the mask must be on the input image's grid")
+            raise SegXAIInputError("reference: the mask must be on the input image's grid")
         if not bool((reference.array[0] > 0).any()):
-            raise SegXAIInputError("--reference: the mask is empty")
+            raise SegXAIInputError("reference: the mask is empty")
         truth = _model_grid_mask(reference.array[0] > 0, image, model.card).numpy()
         if not truth.any() or truth.all():
             truth = None  # vanished or fills the model grid after resampling: no pointing

@@ -6,7 +6,7 @@ from .aggregation import AGGREGATIONS, instance_saliency, instance_smoothgrad
 from .experiments import context_experiment, context_figure, transplant_experiment
 from .gradcam import instance_gradcam_plusplus
 from .instances import Instance, find_instances, instance_at
-from .table import classify_instances, compare_groups, lesion_table
+from .table import classify_instances, compare_groups, lesion_rows, lesion_table
 
 __all__ = [
     "Instance",
@@ -17,6 +17,7 @@ __all__ = [
     "AGGREGATIONS",
     "instance_gradcam_plusplus",
     "lesion_table",
+    "lesion_rows",
     "classify_instances",
     "compare_groups",
     "context_experiment",

@@ -26,7 +26,7 @@ from scipy import ndimage
 from ..image import Image, SegXAIInputError
 from .instances import Instance, _grid_matrix, find_instances
 
-__all__ = ["lesion_table", "classify_instances", "compare_groups", "GROUPS"]
+__all__ = ["lesion_table", "classify_instances", "lesion_rows", "compare_groups", "GROUPS"]
 
 GROUPS = ("TP", "FP", "FN", "TN")
 
@@ -308,6 +308,78 @@ def classify_instances(
         "tn_radius_mm": float(radius),
         "tn_volume_mm3": float(tn_volume_mm3),
     }
+
+
+def lesion_rows(
+    instances: Sequence[Instance],
+    labels: np.ndarray,
+    grid: Image,
+    saliency: Optional[Mapping[int, Mapping[str, Image]]] = None,
+    reference_mask: Optional[np.ndarray] = None,
+) -> list[dict]:
+    """The lesion list of a prediction (``segxai lesions``): one row per predicted instance, then
+    one per reference lesion that no instance touches.
+
+    Parameters
+    ----------
+    instances : sequence of Instance
+        The predicted instances, from :func:`~SegXAILib.instances.find_instances`.
+    labels : numpy.ndarray
+        ``(I, J, K)`` their ids (0 = background), on ``grid``.
+    grid : Image
+        The labels' grid (the input image).
+    saliency : dict, optional
+        ``{instance id: {aggregation: map (C, I, J, K)}}`` for the explained instances
+        (:func:`~SegXAILib.instances.instance_saliency`), on ``grid``; every explained instance
+        has the same aggregations.
+    reference_mask : numpy.ndarray, optional
+        ``(I, J, K)`` reference lesions (non-zero) on ``grid``: the predicted rows get their group
+        (TP / FP, :func:`classify_instances`) and the missed reference lesions are added (FN).
+
+    Returns
+    -------
+    list of dict
+        ``id, group, reference_id, voxels, volume_mm3, centroid_ras, mean_probability``; an
+        explained instance also has ``saliency``: ``{aggregation: {channel: {peak_positive,
+        peak_negative, peak_positive_local, peak_negative_local}}}`` (:func:`lesion_table`). An FN
+        row has ``id`` and ``mean_probability`` None, its reference component's id as
+        ``reference_id`` and that component's bounding box (``bbox_start``, ``bbox_stop``).
+        ``group`` is None without a reference.
+    """
+    saliency = dict(saliency or {})
+    groups: dict[int, str] = {}
+    false_negatives: list[dict] = []
+    if reference_mask is not None:
+        reference = np.asarray(reference_mask) != 0
+        classes = classify_instances(labels, reference, grid, n_tn=0)
+        groups = {i: "TP" for i in classes["TP"]["ids"]} | {i: "FP" for i in classes["FP"]["ids"]}
+        # the same components (and ids) as classify_instances' reference labels
+        _, reference_instances = find_instances(reference, grid=grid)
+        for component in reference_instances:
+            if component.id in classes["FN"]["ids"]:
+                entry = component.to_dict()
+                false_negatives.append({"id": None, "group": "FN", "reference_id": entry.pop("id"), **entry,
+                                        "mean_probability": None})
+    by_id = {instance.id: instance for instance in instances}
+    explained = [i for i in saliency if i in by_id]
+    aggregations = list(saliency[explained[0]]) if explained else []
+    # one table per aggregation, over every explained instance with its own map
+    tables = {aggregation: {row["id"]: row for row in lesion_table(
+        [by_id[i] for i in explained], labels, {i: saliency[i][aggregation] for i in explained}, grid)}
+        for aggregation in aggregations}
+    rows = []
+    for instance in instances:
+        row = instance.to_dict()
+        row.pop("bbox_start"), row.pop("bbox_stop")
+        row = {"id": row.pop("id"), "group": groups.get(instance.id), "reference_id": None, **row}
+        if instance.id in explained:
+            row["saliency"] = {aggregation: {name: {key: values[key] for key in
+                                                    ("peak_positive", "peak_negative", "peak_positive_local",
+                                                     "peak_negative_local")}
+                                             for name, values in tables[aggregation][instance.id]["channels"].items()}
+                               for aggregation in aggregations}
+        rows.append(row)
+    return rows + false_negatives
 
 
 def compare_groups(peaks: Mapping[str, Sequence[float]]) -> list[dict]:

@@ -55,15 +55,15 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     try:
         resolved = torch.device(name)
     except RuntimeError:
-        raise SegXAIInputError(f"--device {device!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+        raise SegXAIInputError(f"device {device!r}: expected auto, cpu, cuda, cuda:N or mps") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise SegXAIInputError(f"--device {device!r}: CUDA is not available on this machine")
+        raise SegXAIInputError(f"device {device!r}: CUDA is not available on this machine")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise SegXAIInputError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+        raise SegXAIInputError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
     if resolved.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise SegXAIInputError(f"--device {device!r}: Apple MPS is not available on this machine")
+        raise SegXAIInputError(f"device {device!r}: Apple MPS is not available on this machine")
     if resolved.type not in ("cpu", "cuda", "mps"):
-        raise SegXAIInputError(f"--device {device!r}: expected auto, cpu, cuda, cuda:N or mps")
+        raise SegXAIInputError(f"device {device!r}: expected auto, cpu, cuda, cuda:N or mps")
     return resolved
 
 
@@ -146,7 +146,7 @@ def _load_bundle(card: ModelCard, trust: bool) -> torch.nn.Module:
     if not trust:
         raise SegXAIInputError(
             f"MONAI bundle {folder}: bundle configs can run arbitrary code; load it only if you trust "
-            "its source, with trust=True (CLI: --trust-bundle)"
+            "its source, with trust=True"
         )
     from monai.bundle import ConfigParser
 

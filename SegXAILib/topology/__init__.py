@@ -2,7 +2,8 @@
 
 See METHODS.md section 6 (QA risk from persistent homology): :mod:`.euler` (curves),
 :mod:`.risk` (the risk model), :mod:`.cohort` (reading and calibrating cohorts),
-:mod:`.plots` (PNG plots). Scoring a case is the pipeline's QA step
+Risk plots are
+in :mod:`SegXAILib.report.risk_plots`; scoring a case is the pipeline's QA step
 (:func:`SegXAILib.pipeline.score_qa`); building a cohort is :mod:`SegXAILib.pipeline.cohort`.
 """
 

@@ -82,7 +82,7 @@ def read_cohort(cohort_dir: str | Path) -> dict[str, Any]:
     cohort_dir = Path(cohort_dir)
     path = cohort_dir / "cohort.json"
     if not cohort_dir.is_dir():
-        raise SegXAIInputError(f"--cohort {cohort_dir}: no such folder")
+        raise SegXAIInputError(f"cohort_dir {cohort_dir}: no such folder")
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
@@ -116,7 +116,7 @@ def cohort_curves(
     document = read_cohort(cohort_dir)
     if method not in document["methods"]:
         raise SegXAIInputError(
-            f"--method {method!r}: the cohort {cohort_dir} has saliency maps for {sorted(document['methods'])}"
+            f"method {method!r}: the cohort {cohort_dir} has saliency maps for {sorted(document['methods'])}"
         )
     usable = [c for c in document["cases"] if c["status"] == "ok"]
     curves, dice, ids = [], [], []

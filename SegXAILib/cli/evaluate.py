@@ -26,8 +26,18 @@ from typing import Any, Optional
 
 from ..image import SegXAIInputError
 from ..io import IMAGE_SUFFIXES
+from .common import device_option, load_case_model, model_help, options_named, progress_bar, trust_option
 
 __all__ = ["add_commands", "CaseFiles", "parse_cases", "parse_method_params"]
+
+#: the options of ``segxai evaluate`` by the EvaluationConfig field (or evaluate_case parameter) they set
+_EVALUATE_OPTIONS = dict(
+    {name: "--" + name.replace("_", "-") for name in (
+        "metrics", "variants", "fidelity_score", "fidelity_step", "baseline", "n_subsets", "subset_fraction",
+        "sensitivity_samples", "noise_level", "slic_segments", "slic_compactness", "batch_size", "window_batch",
+        "seed", "reference")},
+    class_name="--class", randomisation_cascading="--cascading",
+)
 
 
 @dataclass
@@ -138,7 +148,7 @@ def _write_text(path: Path, text: str) -> Path:
 
 
 def _json(data: Any) -> str:
-    from .runner import json_ready
+    from ..evaluation.runner import json_ready
 
     return json.dumps(json_ready(data), indent=2, default=str) + "\n"
 
@@ -174,37 +184,37 @@ def _command_line() -> str:
 # ---- segxai evaluate ---------------------------------------------------------------------------
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .. import __version__
-    from ..cli import progress_bar
+    from ..evaluation.runner import METRICS, EvaluationConfig, csv_table, evaluate_case, markdown_tables, summarise
     from ..io import check_writable_dir
-    from ..models import load_model
     from ..progress import sub_progress
-    from .runner import METRICS, EvaluationConfig, csv_table, evaluate_case, markdown_tables, summarise
 
     card, cases = _card_and_cases(args)
     params = parse_method_params(args.methods, list(args.param or []))
     params.setdefault("random", {})
-    config = EvaluationConfig(
-        metrics=METRICS if args.metrics.strip() == "all" else tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
-        variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
-        class_name=args.class_name, fidelity_score=args.fidelity_score, fidelity_step=args.fidelity_step,
-        baseline=args.baseline, n_subsets=args.n_subsets, subset_fraction=args.subset_fraction,
-        sensitivity_samples=args.sensitivity_samples, noise_level=args.noise_level, slic_segments=args.slic_segments,
-        slic_compactness=args.slic_compactness, randomisation_cascading=args.cascading, batch_size=args.batch_size,
-        window_batch=args.window_batch, seed=args.seed,
-    ).check()
+    with options_named(**_EVALUATE_OPTIONS):
+        config = EvaluationConfig(
+            metrics=METRICS if args.metrics.strip() == "all" else tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
+            variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
+            class_name=args.class_name, fidelity_score=args.fidelity_score, fidelity_step=args.fidelity_step,
+            baseline=args.baseline, n_subsets=args.n_subsets, subset_fraction=args.subset_fraction,
+            sensitivity_samples=args.sensitivity_samples, noise_level=args.noise_level, slic_segments=args.slic_segments,
+            slic_compactness=args.slic_compactness, randomisation_cascading=args.cascading, batch_size=args.batch_size,
+            window_batch=args.window_batch, seed=args.seed,
+        ).check()
     if not math.isfinite(config.baseline):
         raise SegXAIInputError(f"--baseline {args.baseline}: must be a finite number")
     for case in cases:  # every file readable and on its grid before anything is written
         _read_case(case, card)
     out_dir = check_writable_dir(args.out)
-    model = load_model(card, device=args.device, trust=args.trust_bundle)
+    model = load_case_model(card, args)
     rows, details = [], []
     with progress_bar("evaluate", not args.quiet) as progress:
         for index, case in enumerate(cases):
             image, reference = _read_case(case, card)
-            case_rows, case_details = evaluate_case(
-                image, model, params, reference, config, case=case.name,
-                progress=sub_progress(progress, index / len(cases), (index + 1) / len(cases)))
+            with options_named(**_EVALUATE_OPTIONS):
+                case_rows, case_details = evaluate_case(
+                    image, model, params, reference, config, case=case.name,
+                    progress=sub_progress(progress, index / len(cases), (index + 1) / len(cases)))
             rows.extend({"model": card.name, **row} for row in case_rows)
             details.append(case_details)
     summary = summarise(rows)
@@ -240,30 +250,29 @@ def _parse_rois(pairs: list[str]) -> dict[str, Path]:
     return rois
 
 
-def _load_fit_on(path: str):
-    from .agg2exp import CaseImportance
+def _load_fit_on(path: str, variant: str):
+    from ..evaluation.agg2exp import CaseImportance
 
     file = Path(path)
     if not file.is_file():
         raise SegXAIInputError(f"--fit-on {path}: no such file")
     try:
         document = json.loads(file.read_text(encoding="utf-8"))
-        return [CaseImportance.from_dict(c) for c in document["cases"]]
+        cohort = [CaseImportance.from_dict(c) for c in document["cases"]]
     except (ValueError, KeyError, TypeError) as error:
         raise SegXAIInputError(f"--fit-on {path}: not an agg2exp.json written by segxai agg2exp ({error})") from None
+    if any(variant not in case.matrices for case in cohort):
+        raise SegXAIInputError(f"--fit-on {path}: has no {variant!r} matrices")
+    return cohort
 
 
 def _cmd_agg2exp(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from .. import __version__
     from ..attribution import parse_params
-    from ..cli import progress_bar
+    from ..evaluation.agg2exp import IMPORTANCE_VARIANTS, agg2exp_case, cohort_outliers, draw_graph, global_matrix
+    from ..evaluation.agg2exp import top_k_graph
     from ..io import check_writable_dir, read_image, write_image
-    from ..models import load_model
     from ..progress import sub_progress
-    from .agg2exp import IMPORTANCE_VARIANTS, OutlierModel, agg2exp_case, draw_graph, global_matrix
-    from .agg2exp import spearman_with_dice, top_k_graph
 
     card, cases = _card_and_cases(args)
     parse_method_params(args.method, [])  # the method exists and is usable from the command line
@@ -284,7 +293,7 @@ def _cmd_agg2exp(args: argparse.Namespace) -> int:
     if args.n_estimators < 1:
         raise SegXAIInputError(f"--n-estimators {args.n_estimators}: must be >= 1")
     shared_rois = _parse_rois(list(args.roi or []))
-    reference_cohort = _load_fit_on(args.fit_on) if args.fit_on else None
+    reference_cohort = _load_fit_on(args.fit_on, args.graph_variant) if args.fit_on else None
 
     def read(case):
         image, reference = _read_case(case, card)
@@ -300,7 +309,7 @@ def _cmd_agg2exp(args: argparse.Namespace) -> int:
     for case in cases:  # every file readable and on its grid before anything is written
         read(case)
     out_dir = check_writable_dir(args.out)
-    model = load_model(card, device=args.device, trust=args.trust_bundle)
+    model = load_case_model(card, args)
 
     results = []
     with progress_bar("agg2exp", not args.quiet) as progress:
@@ -330,33 +339,15 @@ def _cmd_agg2exp(args: argparse.Namespace) -> int:
     written.append(draw_graph(graph, out_dir / "graph.png",
                               f"{card.name}: top-{args.top_k} incoming edges ({args.graph_variant}, {args.method})"))
 
-    fitted = reference_cohort if reference_cohort is not None else results
     outliers: dict[str, Any] = {"fitted_on": args.fit_on or "this run's cases (in-sample scores)",
-                                "reference_cases": len(fitted), "variant": args.graph_variant,
-                                "n_estimators": args.n_estimators, "seed": args.seed}
-    try:
-        forest = OutlierModel(args.n_estimators, args.seed).fit([r.matrices[args.graph_variant] for r in fitted])
-    except SegXAIInputError as error:
-        forest = None
-        outliers["skipped"] = str(error)
-    except KeyError:
-        raise SegXAIInputError(f"--fit-on {args.fit_on}: has no {args.graph_variant!r} matrices") from None
-    if forest is not None:
-        scores = {r.case: forest.score(r.matrices[args.graph_variant]) for r in results}
-        outliers["fitted_rows"] = forest.fitted_on
-        outliers["scores"] = scores
-        correlations = {}
-        for name in card.class_names[1:]:
-            if any(name in r.dice for r in results):
-                correlations[name] = spearman_with_dice([scores[r.case].get(name, np.nan) for r in results],
-                                                        [r.dice.get(name, np.nan) for r in results])
-        if correlations:
-            mean_scores = [np.nanmean(list(scores[r.case].values())) if scores[r.case] else np.nan for r in results]
-            mean_dice = [np.mean(list(r.dice.values())) if r.dice else np.nan for r in results]
-            correlations["mean over classes"] = spearman_with_dice(mean_scores, mean_dice)
-        outliers["spearman_vs_dice"] = correlations
+                                "reference_cases": len(reference_cohort if reference_cohort is not None else results),
+                                "variant": args.graph_variant, "n_estimators": args.n_estimators, "seed": args.seed}
+    with options_named(reference="--fit-on"):
+        outliers.update(cohort_outliers(results, args.graph_variant, card.class_names[1:], reference_cohort,
+                                        n_estimators=args.n_estimators, seed=args.seed))
+    if "scores" in outliers:
         lines = ["case," + ",".join(card.class_names if classes is None else classes)]
-        for case_name, per_class in scores.items():
+        for case_name, per_class in outliers["scores"].items():
             lines.append(case_name + "," + ",".join("" if not math.isfinite(v) else repr(v) for v in per_class.values()))
         written.append(_write_text(out_dir / "outliers.csv", "\n".join(lines) + "\n"))
     for result in results:
@@ -378,8 +369,6 @@ def _cmd_agg2exp(args: argparse.Namespace) -> int:
 
 # ---- parsers -----------------------------------------------------------------------------------
 def _common(command: argparse.ArgumentParser) -> None:
-    from ..cli import device_option, model_help
-
     command.add_argument("--model", required=True, help=model_help())
     command.add_argument("--images", nargs="+", required=True, metavar="CASE",
                          help="cases: a folder with one <channel>.nii.gz per model input channel (optional "
@@ -389,11 +378,11 @@ def _common(command: argparse.ArgumentParser) -> None:
     command.add_argument("--out", required=True, type=Path, help="output folder")
     command.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     command.add_argument("--window-batch", type=int, default=1, metavar="N", help="sliding windows per network call")
-    command.add_argument("--trust-bundle", action="store_true", help="allow MONAI bundles (their configs can run code)")
+    trust_option(command)
     device_option(command)
 
 
-def add_commands(commands) -> None:
+def add_commands(commands: argparse._SubParsersAction) -> None:
     """Add ``evaluate`` and ``agg2exp`` to the ``segxai`` sub-parsers."""
     evaluate = commands.add_parser(
         "evaluate", help="score attribution methods (fidelity, pointing, region Dice, faithfulness, sensitivity, "

@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 
 from ..image import SegXAIInputError
+from .common import device_option, load_case_model, model_help, options_named, progress_bar, trust_option
 
 __all__ = ["add_commands"]
 
@@ -41,14 +42,14 @@ def _fraction(name: str, value: float, closed_right: bool = False) -> float:
 
 
 def _cmd_cohort(args: argparse.Namespace) -> int:
-    from ..cli import progress_bar
-    from .cohort import COHORT_MODELS, MethodSpec, build_cohort, default_methods, read_cohort
+    from ..topology.cohort import COHORT_MODELS, MethodSpec, build_cohort, default_methods, read_cohort
 
     if args.model not in COHORT_MODELS:
         raise SegXAIInputError(f"--model {args.model!r}: expected one of {', '.join(COHORT_MODELS)}")
     _positive_int("--cases", args.cases)
     _positive_int("--seed", args.seed, 0)
-    methods = [MethodSpec.parse(text) for text in args.method] if args.method else default_methods(args.model)
+    with options_named("method"):
+        methods = [MethodSpec.parse(text) for text in args.method] if args.method else default_methods(args.model)
     if args.model == "deepbet":
         refused = [m.name for m in methods if m.name in _EAGER_ONLY]
         if refused:
@@ -56,7 +57,8 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
                 f"--method {refused[0]}: deepbet is a TorchScript network; module hooks (Grad-CAM) and backward "
                 "rules (guided backprop, deconvolution) cannot run on it; use the gradient family"
             )
-    with progress_bar(f"qa cohort ({args.model})", not args.quiet) as progress:
+    with progress_bar(f"qa cohort ({args.model})", not args.quiet) as progress, \
+            options_named("device", "seed", n_cases="--cases", methods="--method"):
         path = build_cohort(args.out, args.model, n_cases=args.cases, methods=methods, seed=args.seed,
                             device=args.device, progress=progress)
     document = read_cohort(path.parent)
@@ -78,9 +80,8 @@ def _check_out_file(name: str, path: Path, suffix: str) -> Path:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from ..cli import progress_bar
-    from .cohort import calibrate_cohort, read_cohort
-    from .plots import write_risk_plots
+    from ..topology.cohort import calibrate_cohort, read_cohort
+    from ..topology.plots import write_risk_plots
 
     out = _check_out_file("--out", args.out, ".json")
     _positive_int("--thresholds", args.thresholds, 2)
@@ -89,10 +90,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     _fraction("--insufficient-quantile", args.insufficient_quantile)
     _fraction("--sensitivity", args.sensitivity, closed_right=True)
     _fraction("--specificity", args.specificity, closed_right=True)
-    document = read_cohort(args.cohort)
+    with options_named(cohort_dir="--cohort"):
+        document = read_cohort(args.cohort)
     if args.method not in document["methods"]:
         raise SegXAIInputError(f"--method {args.method!r}: the cohort {args.cohort} has maps for {sorted(document['methods'])}")
-    with progress_bar("qa calibrate", not args.quiet) as progress:
+    with progress_bar("qa calibrate", not args.quiet) as progress, \
+            options_named("method", "seed", "cv_folds", "insufficient_quantile", cohort_dir="--cohort",
+                          n_thresholds="--thresholds", sensitivity_target="--sensitivity",
+                          specificity_target="--specificity"):
         model, _, _, _ = calibrate_cohort(
             args.cohort, args.method, n_thresholds=args.thresholds, progress=progress,
             insufficient_quantile=args.insufficient_quantile, sensitivity_target=args.sensitivity,
@@ -119,13 +124,11 @@ def _cmd_score(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .. import __version__
-    from ..cli import progress_bar
     from ..io import atomic_path, check_writable_dir, read_channels, write_image
-    from ..models import load_model
     from ..progress import sub_progress
-    from .cohort import resolve_qa_model, score_case
-    from .plots import write_risk_plots
-    from .risk import RiskModel
+    from ..topology.cohort import resolve_qa_model, score_case
+    from ..topology.plots import write_risk_plots
+    from ..topology.risk import RiskModel
 
     risk = RiskModel.load(args.risk)
     if args.method is not None and args.method != risk.method:
@@ -145,7 +148,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         )
     out_dir = check_writable_dir(args.out) if args.out is not None else None
     image = read_channels(args.images, card.input_channels)
-    model = load_model(card, device=args.device, trust=args.trust_bundle)
+    model = load_case_model(card, args)
     start = time.perf_counter()
     with progress_bar(f"qa score ({risk.method})", not args.quiet) as progress:
         scored = score_case(image, model, risk, progress=sub_progress(progress, 0.0, 1.0))
@@ -189,10 +192,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(commands) -> None:
+def add_commands(commands: argparse._SubParsersAction) -> None:
     """Add ``segxai qa {cohort,calibrate,score}`` to the ``segxai`` sub-parsers."""
-    from ..cli import device_option, model_help
-
     qa = commands.add_parser("qa", help="QA risk scores from the topology of saliency maps (cohort, calibrate, score)")
     qa_commands = qa.add_subparsers(dest="qa_command", required=True, metavar="QA_COMMAND")
 
@@ -227,6 +228,6 @@ def add_commands(commands) -> None:
     score.add_argument("--risk", required=True, type=Path, help="risk model JSON (segxai qa calibrate)")
     score.add_argument("--method", default=None, help="optional: must be the risk model's attribution method")
     score.add_argument("--out", type=Path, default=None, help="folder for qa_score.json, the mask, the map and the plots")
-    score.add_argument("--trust-bundle", action="store_true", help="allow MONAI bundles (their configs can run code)")
+    trust_option(score)
     device_option(score)
     score.set_defaults(run=_cmd_score)

@@ -24,6 +24,7 @@ import argparse
 from pathlib import Path
 
 from ..image import SegXAIInputError
+from .common import device_option, load_case_model, model_help, options_named, progress_bar, trust_option
 
 __all__ = ["add_commands", "find_cases"]
 
@@ -96,7 +97,7 @@ def find_cases(folder: Path, channels: list[str]) -> list[tuple[str, list[Path]]
 
 
 def _estimators(text: str) -> tuple[str, ...]:
-    from .patterns import ESTIMATORS
+    from ..attribution.patterns import ESTIMATORS
 
     if text == "both":
         return ESTIMATORS
@@ -106,11 +107,9 @@ def _estimators(text: str) -> tuple[str, ...]:
 
 
 def _cmd_patterns_fit(args: argparse.Namespace) -> int:
-    from ..cli import progress_bar
+    from ..attribution.patterns import fit_patterns
     from ..io import check_writable_dir, read_channels
-    from ..models import load_model
     from ..pipeline import resolve_model_card
-    from .patterns import fit_patterns
 
     # everything checkable before the work, so that bad input writes nothing
     estimators = _estimators(args.estimator)
@@ -125,12 +124,13 @@ def _cmd_patterns_fit(args: argparse.Namespace) -> int:
         out_dir = check_writable_dir(args.out)
     else:
         out_dir = check_writable_dir(card.path.parent, create=False)
-    model = load_model(card, device=args.device, trust=args.trust_bundle)
+    model = load_case_model(card, args)
 
     def reader(paths):
         return lambda: read_channels(paths, card.input_channels)
 
-    with progress_bar("patterns fit", not args.quiet) as progress:
+    with progress_bar("patterns fit", not args.quiet) as progress, \
+            options_named("max_volumes", "max_windows", "window_batch", "seed", estimators="--estimator"):
         sets = fit_patterns(model, [reader(paths) for _, paths in cases], estimators, max_volumes=args.max_volumes,
                             max_windows=args.max_windows, window_batch=args.window_batch, seed=args.seed,
                             progress=progress)
@@ -141,10 +141,8 @@ def _cmd_patterns_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(commands) -> None:
+def add_commands(commands: argparse._SubParsersAction) -> None:
     """Add ``segxai patterns fit`` to the sub-parsers ``commands``."""
-    from ..cli import device_option, model_help
-
     patterns = commands.add_parser("patterns", help="PatternNet / PatternAttribution patterns of a model")
     actions = patterns.add_subparsers(dest="patterns_command", required=True, metavar="ACTION")
     fit = actions.add_parser(
@@ -163,6 +161,6 @@ def add_commands(commands) -> None:
     fit.add_argument("--window-batch", type=int, default=1, metavar="N", help="sliding windows per network call")
     fit.add_argument("--out", type=Path, default=None, metavar="FOLDER",
                      help="where to write patterns_<estimator>.pt (default: the model card's folder)")
-    fit.add_argument("--trust-bundle", action="store_true", help="allow MONAI bundles (their configs can run code)")
+    trust_option(fit)
     device_option(fit)
     fit.set_defaults(run=_cmd_patterns_fit)

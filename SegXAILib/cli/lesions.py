@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import case_card, case_options, progress_bar
 from ..image import SegXAIInputError
+from .common import case_card, case_options, load_case_model, progress_bar
+
+__all__ = ["add_commands"]
 
 
 def _parse_instance_ids(text: str) -> list[int]:
@@ -43,7 +45,7 @@ def _class_index(card, class_name: str) -> int:
 
 def _check_lesions_arguments(args: argparse.Namespace):
     """Everything that can be checked before reading images: returns (card, ids, click, aggregations)."""
-    from . import AGGREGATIONS
+    from ..instances import AGGREGATIONS
 
     ids = _parse_instance_ids(args.instances) if args.instances is not None else None
     click = _parse_click(args.click) if args.click is not None else None
@@ -96,10 +98,8 @@ def _cmd_lesions(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .. import __version__
-    from . import classify_instances, find_instances, instance_at, instance_saliency, lesion_table
-    from ..io import atomic_path, check_writable_dir, read_channels, read_image
-    from ..io import write_image
-    from ..models import load_model
+    from ..instances import find_instances, instance_at, instance_saliency, lesion_rows
+    from ..io import atomic_path, check_writable_dir, read_channels, read_image, write_image
     from ..models.inference import segment
     from ..progress import sub_progress
 
@@ -116,7 +116,7 @@ def _cmd_lesions(args: argparse.Namespace) -> int:
                 f"--reference {args.reference}: not on the input image's grid (shape {reference.spatial_shape} vs "
                 f"{image.spatial_shape}, or a different position / spacing / orientation); resample it first"
             )
-    model = load_model(card, device=args.device, trust=args.trust_bundle)
+    model = load_case_model(card, args)
     class_name = card.class_names[class_index]
     with progress_bar("lesions", not args.quiet) as progress:
         segmentation = segment(image, model, progress=sub_progress(progress, 0.0, 0.2))
@@ -139,18 +139,6 @@ def _cmd_lesions(args: argparse.Namespace) -> int:
                 chosen = [instance_at(labels, image, click, radius_mm=args.click_radius)]
             except SegXAIInputError as error:
                 raise SegXAIInputError(f"--click {args.click}: {error}") from None
-        groups: dict[int, str] = {}
-        false_negatives: list[dict] = []
-        if reference is not None:
-            classes = classify_instances(labels, reference.array[0] != 0, image, n_tn=0)
-            groups = {i: "TP" for i in classes["TP"]["ids"]} | {i: "FP" for i in classes["FP"]["ids"]}
-            _, reference_instances = find_instances(reference.array[0] != 0, grid=image)
-            for component in reference_instances:
-                if component.id in classes["FN"]["ids"]:
-                    entry = component.to_dict()
-                    false_negatives.append({"id": None, "group": "FN", "reference_id": entry.pop("id"), **entry,
-                                            "mean_probability": None})
-
         maps = instance_saliency(
             image, model, labels, chosen, class_index=class_index, aggregations=aggregations,
             n_samples=args.n_samples, noise_level=args.noise_level, batch_size=args.batch_size, seed=args.seed,
@@ -158,29 +146,12 @@ def _cmd_lesions(args: argparse.Namespace) -> int:
         )
         progress(1.0, "done")
 
-    rows = []
-    by_id = {instance.id: instance for instance in instances}
-    tables = {}
-    for aggregation in aggregations:
-        selected = [by_id[i] for i in chosen]
-        if selected:
-            table = lesion_table(selected, labels, {i: maps[i][aggregation] for i in chosen}, image)
-            tables[aggregation] = {row["id"]: row for row in table}
-    for instance in instances:
-        row = instance.to_dict()
-        row.pop("bbox_start"), row.pop("bbox_stop")
-        row = {"id": row.pop("id"), "group": groups.get(instance.id), "reference_id": None, **row}
-        if instance.id in chosen:
-            row["saliency"] = {aggregation: {name: {"peak_positive": values["peak_positive"],
-                                                    "peak_negative": values["peak_negative"],
-                                                    "peak_positive_local": values["peak_positive_local"],
-                                                    "peak_negative_local": values["peak_negative_local"]}
-                                             for name, values in tables[aggregation][instance.id]["channels"].items()}
-                               for aggregation in aggregations}
-            row["files"] = {aggregation: {name: f"instance{instance.id}_{aggregation}_{name}.nii.gz"
+    rows = lesion_rows(instances, labels, image, {i: maps[i] for i in chosen},
+                       reference_mask=None if reference is None else reference.array[0] != 0)
+    for row in rows:
+        if row["id"] in chosen:
+            row["files"] = {aggregation: {name: f"instance{row['id']}_{aggregation}_{name}.nii.gz"
                                           for name in image.channel_names} for aggregation in aggregations}
-        rows.append(row)
-    rows.extend(false_negatives)
     extra = [f"peak_{sign}_{aggregation}_{name}" for aggregation in aggregations for name in image.channel_names
              for sign in ("positive", "negative")] if chosen else []
 
@@ -266,17 +237,16 @@ def _cmd_lesion_context(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .. import __version__
+    from ..instances import context_experiment, context_figure, find_instances, instance_at, transplant_experiment
     from ..io import atomic_path, check_writable_dir, read_channels, read_image, write_image
-    from ..models import load_model
     from ..models.inference import segment
     from ..progress import sub_progress
     from ..report.figures import save_figure
-    from . import context_experiment, context_figure, find_instances, instance_at, transplant_experiment
 
     card, class_index, background, margins, targets = _check_context_arguments(args)
     out_dir = check_writable_dir(args.out)
     image = read_channels(args.images, card.input_channels)
-    model = load_model(card, device=args.device, trust=args.trust_bundle)
+    model = load_case_model(card, args)
     class_name = card.class_names[class_index]
     steps = 1 + len(targets) * len(margins)
     with progress_bar("lesion-context", not args.quiet) as progress:
@@ -370,7 +340,8 @@ def _cmd_lesion_context(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(commands) -> None:
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Add ``lesions`` and ``lesion-context`` to the ``segxai`` sub-parsers."""
     lesions = commands.add_parser(
         "lesions", help="instances of a lesion prediction: label map, lesion table, instance saliency"
     )
@@ -393,7 +364,6 @@ def add_commands(commands) -> None:
     lesions.add_argument("--min-voxels", type=int, default=1, metavar="N", help="drop smaller instances (default 1)")
     lesions.add_argument("--window-batch", type=int, default=1, metavar="N", help="sliding windows per network call")
     lesions.set_defaults(run=_cmd_lesions)
-
 
     context = commands.add_parser(
         "lesion-context", help="context experiment (restore a lesion's surroundings ring by ring) and transplants"

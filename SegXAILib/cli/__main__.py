@@ -1,0 +1,7 @@
+"""``python -m SegXAILib.cli``: the ``segxai`` command."""
+
+import sys
+
+from .app import main
+
+sys.exit(main())

@@ -1,0 +1,107 @@
+"""What the ``segxai`` commands share: the progress bar, the options every model command takes,
+and the translation of library errors (which name parameters) into the options the user typed."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from ..image import SegXAIInputError
+from ..progress import ProgressCallback
+
+__all__ = ["progress_bar", "model_help", "device_option", "trust_option", "case_options", "case_card",
+           "options_named", "load_case_model"]
+
+
+@contextmanager
+def progress_bar(description: str, enabled: bool = True) -> Iterator[ProgressCallback]:
+    """A tqdm bar driven by a SegXAI progress callback (fractions 0..1)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=1000, desc=description, disable=not enabled, bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+
+    def update(fraction: float, message: str = "") -> None:
+        target = int(round(fraction * 1000))
+        if target > bar.n:
+            bar.update(target - bar.n)
+        if message:
+            bar.set_postfix_str(message, refresh=False)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def model_help() -> str:
+    from ..sample_data import BUNDLED_MODELS
+
+    return f"a model card file or folder, or a bundled model: {', '.join(BUNDLED_MODELS)}"
+
+
+def device_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+
+
+def trust_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--trust-bundle", action="store_true", help="allow MONAI bundles (their configs can run code)")
+
+
+def case_options(command: argparse.ArgumentParser) -> None:
+    """The options every command that runs a model on one case takes."""
+    command.add_argument("images", nargs="+", metavar="IMAGE", help="one image per model input channel, in the card's order")
+    command.add_argument("--model", required=True, help=model_help())
+    command.add_argument("--out", required=True, type=Path, help="output folder")
+    trust_option(command)
+    device_option(command)
+
+
+def case_card(args: argparse.Namespace):
+    """The model card of ``--model``, checked against the number of IMAGE arguments."""
+    from ..pipeline import resolve_model_card
+
+    card = resolve_model_card(args.model)
+    if len(args.images) != len(card.input_channels):
+        raise SegXAIInputError(
+            f"model {card.name!r} takes {len(card.input_channels)} image(s) "
+            f"({', '.join(card.input_channels)}), got {len(args.images)}"
+        )
+    return card
+
+
+@contextmanager
+def options_named(*parameters: str, **renamed: str) -> Iterator[None]:
+    """Errors of the library calls inside the block name the command's options.
+
+    Library messages start with the parameter they reject (``window_batch 0: must be >= 1``,
+    ``target 'x': expected ...``), but the user of a command typed an option. A message that starts
+    with one of ``parameters`` (option ``--`` + the name with dashes) or with a key of ``renamed``
+    (option: its value, e.g. ``cohort_dir="--cohort"``) is raised again starting with the option
+    instead; any other error passes unchanged.
+    """
+    options = {name: "--" + name.replace("_", "-") for name in parameters} | renamed
+    try:
+        yield
+    except SegXAIInputError as error:
+        message = str(error)
+        # the whole leading word, followed by a space, a colon or nothing (not ``trust=True``, ``model.0``)
+        head = re.match(r"([A-Za-z_]\w*)(?=[ :]|$)", message)
+        if head is None or head.group(1) not in options:
+            raise
+        raise SegXAIInputError(options[head.group(1)] + message[head.end():]) from None
+
+
+def load_case_model(card, args: argparse.Namespace):
+    """:func:`~SegXAILib.models.load_model` of ``card`` with the command's ``--device`` and
+    ``--trust-bundle``, its errors naming those options."""
+    from ..models import load_model
+
+    # the library refuses an untrusted bundle naming its ``trust`` parameter; here the option is named
+    if card.format == "bundle" and not args.trust_bundle:
+        raise SegXAIInputError(f"--model {args.model}: a MONAI bundle, whose configs can run arbitrary code; "
+                               "pass --trust-bundle if you trust its source")
+    with options_named("device"):
+        return load_model(card, device=args.device, trust=args.trust_bundle)

@@ -1,0 +1,51 @@
+"""``segxai segment`` (one case's segmentation) and ``segxai info`` (a model card)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import case_options, load_case_model, model_help, progress_bar, trust_option
+
+__all__ = ["add_commands"]
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from ..io import check_writable_dir
+    from ..pipeline import resolve_model_card, segment_case, write_segmentation
+
+    check_writable_dir(args.out)
+    model = load_case_model(resolve_model_card(args.model), args)
+    with progress_bar("segment", not args.quiet) as progress:
+        _, segmentation = segment_case(args.images, model, progress=progress)
+    written = write_segmentation(segmentation, args.out, suffix=args.suffix)
+    for role, path in written.items():
+        print(f"{role}: {path}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from ..pipeline import resolve_model_card
+
+    card = resolve_model_card(args.model)
+    print(card.summary())
+    if args.load:
+        model = load_case_model(card, args)
+        parameters = sum(p.numel() for p in model.network.parameters())
+        print(f"  parameters   : {parameters:,}")
+    print(f"  checksum     : {card.checksum()}")
+    print(f"  card         : {card.path}")
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Add ``segment`` and ``info`` to the ``segxai`` sub-parsers."""
+    segment = commands.add_parser("segment", help="segment an image (one file or DICOM folder per input channel)")
+    case_options(segment)
+    segment.add_argument("--suffix", default=".nii.gz", choices=[".nii.gz", ".nii", ".nrrd", ".mha"], help="output format")
+    segment.set_defaults(run=_cmd_segment)
+
+    info = commands.add_parser("info", help="describe a model from its card")
+    info.add_argument("model", metavar="MODEL", help=model_help())
+    info.add_argument("--load", action="store_true", help="also build the network and count its parameters")
+    trust_option(info)
+    info.set_defaults(run=_cmd_info, device="cpu")  # --load builds the network on the CPU
