@@ -96,10 +96,22 @@ class AttributionResult:
     model_checksum: str
     device: str
     timings: dict[str, float] = field(default_factory=dict)
+    postprocessing: str = "signed"
+
+    def postprocessed(self, kind: str) -> "AttributionResult":
+        """The same result with :func:`~SegXAILib.attribution.postprocess` ``kind`` applied to
+        the maps (``signed`` leaves them as they are)."""
+        from dataclasses import replace
+
+        from .postprocess import postprocess
+
+        return replace(self, maps=self.maps.with_array(postprocess(self.maps.array, kind), self.maps.channel_names),
+                       postprocessing=kind)
 
     def metadata(self) -> dict[str, Any]:
         return {
             "method": self.method,
+            "postprocessing": self.postprocessing,
             "parameters": {k: v for k, v in self.parameters.items() if not isinstance(v, torch.Tensor)},
             "target": self.target,
             "model": self.model,

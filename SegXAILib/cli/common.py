@@ -13,7 +13,7 @@ from ..image import SegXAIInputError
 from ..progress import ProgressCallback
 
 __all__ = ["progress_bar", "model_help", "device_option", "trust_option", "case_options", "case_card",
-           "options_named", "load_case_model"]
+           "options_named", "load_case_model", "case_settings"]
 
 
 @contextmanager
@@ -94,9 +94,23 @@ def options_named(*parameters: str, **renamed: str) -> Iterator[None]:
         raise SegXAIInputError(options[head.group(1)] + message[head.end():]) from None
 
 
+def case_settings(args: argparse.Namespace, **fields):
+    """The :class:`~SegXAILib.pipeline.CaseSettings` of a command: ``--model``, ``--device``,
+    ``--trust-bundle`` and ``fields``; validation errors name the settings' fields."""
+    from ..models import resolve_device
+    from ..pipeline import CaseSettings
+
+    device = getattr(args, "device", "auto")
+    with options_named("device"):
+        resolve_device(device)  # an unknown or absent device is named by its option, before any work
+    values = {"model": str(args.model), "device": device,
+              "trust_bundle": bool(getattr(args, "trust_bundle", False)), **fields}
+    return CaseSettings.from_dict(values, "options")
+
+
 def load_case_model(card, args: argparse.Namespace):
-    """:func:`~SegXAILib.models.load_model` of ``card`` with the command's ``--device`` and
-    ``--trust-bundle``, its errors naming those options."""
+    """The network of ``card`` (through the pipeline's loader) with the command's ``--device``
+    and ``--trust-bundle``, its errors naming those options."""
     from ..models import load_model
 
     # the library refuses an untrusted bundle naming its ``trust`` parameter; here the option is named

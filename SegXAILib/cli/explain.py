@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from ..image import SegXAIInputError
-from .common import case_card, case_options, load_case_model, options_named, progress_bar
+from ..progress import sub_progress
+from .common import case_card, case_options, case_settings, load_case_model, options_named, progress_bar
 
 __all__ = ["add_commands"]
 
@@ -41,44 +42,27 @@ def _check_explain_arguments(args: argparse.Namespace):
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    import json
-
-    import numpy as np
-
-    from .. import __version__
-    from ..attribution import explain, get_method, postprocess
-    from ..io import atomic_path, check_writable_dir, read_channels, write_image
+    from ..io import check_writable_dir
+    from ..pipeline import MethodSettings, add_maps, read_case_images, start_case, write_case
 
     with options_named(*_OPTIONS):
         params, spec, card = _check_explain_arguments(args)
+    method = MethodSettings(method=args.method, params=params, target=args.target)
+    settings = case_settings(args, methods=[method],
+                             instances={"enabled": False}, precision={"window_batch": args.window_batch})
     out_dir = check_writable_dir(args.out)
     model = load_case_model(card, args)
-    image = read_channels(args.images, card.input_channels)
+    image = read_case_images(args.images, card)
     with progress_bar(f"explain ({args.method})", not args.quiet) as progress, options_named(*_OPTIONS):
-        result = explain(image, model, args.method, target=spec, params=params, window_batch=args.window_batch,
-                         progress=progress)
-    maps = result.maps.with_array(postprocess(result.maps.array, args.postprocess), result.maps.channel_names)
-    written = {}
-    for name in maps.channel_names:
-        written[name] = write_image(maps.channel(name), out_dir / f"{args.method}_{name}{args.suffix}")
-    metadata = result.metadata()
-    sidecar = {
-        **metadata,
-        "seed": metadata["parameters"].get("seed") if get_method(args.method).stochastic else None,
-        "postprocessing": args.postprocess,
-        "window_batch": args.window_batch,
-        "inputs": {name: str(Path(path).resolve()) for name, path in zip(card.input_channels, args.images)},
-        "files": {name: path.name for name, path in written.items()},
-        "value_range": {name: [float(np.min(maps.channel(name).array)), float(np.max(maps.channel(name).array))]
-                        for name in maps.channel_names},
-        "segxai_version": __version__,
-    }
-    sidecar_path = out_dir / f"{args.method}.json"
-    with atomic_path(sidecar_path) as temporary:
-        temporary.write_text(json.dumps(sidecar, indent=2, default=str) + "\n", encoding="utf-8")
-    for name, path in written.items():
-        print(f"{name}: {path}")
-    print(f"metadata: {sidecar_path}")
+        case = start_case(image, model, settings, progress=sub_progress(progress, 0.0, 0.1))
+        add_maps(case, model, progress=sub_progress(progress, 0.1, 1.0))
+    name = settings.methods[0].name
+    case.maps[name] = case.maps[name].postprocessed(args.postprocess)
+    manifest = write_case(case, out_dir, suffix=args.suffix)
+    for channel in image.channel_names:
+        print(f"{channel}: {out_dir / 'maps' / f'{name}_{channel}{args.suffix}'}")
+    print(f"metadata: {out_dir / 'maps' / f'{name}.json'}")
+    print(f"manifest: {manifest}")
     return 0
 
 

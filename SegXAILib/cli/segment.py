@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import argparse
 
-from .common import case_options, load_case_model, model_help, progress_bar, trust_option
+from .common import case_card, case_options, case_settings, load_case_model, model_help, progress_bar, trust_option
 
 __all__ = ["add_commands"]
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
     from ..io import check_writable_dir
-    from ..pipeline import resolve_model_card, segment_case, write_segmentation
+    from ..pipeline import read_case_images, read_manifest, start_case, write_case
 
+    settings = case_settings(args, instances={"enabled": False})
+    card = case_card(args)
     check_writable_dir(args.out)
-    model = load_case_model(resolve_model_card(args.model), args)
+    model = load_case_model(card, args)
+    image = read_case_images(args.images, card)
     with progress_bar("segment", not args.quiet) as progress:
-        _, segmentation = segment_case(args.images, model, progress=progress)
-    written = write_segmentation(segmentation, args.out, suffix=args.suffix)
-    for role, path in written.items():
-        print(f"{role}: {path}")
+        case = start_case(image, model, settings, progress=progress)
+    manifest = write_case(case, args.out, suffix=args.suffix)
+    for entry in read_manifest(args.out, verify=False)["files"]:
+        print(f"{entry['role']}: {args.out / entry['path']}")
+    print(f"manifest: {manifest}")
     return 0
 
 

@@ -37,7 +37,7 @@ class MethodSettings(_Strict):
     """One class-level attribution map: a registry method, its parameters and its target.
 
     ``target`` is a target text (``class:NAME``, ``class_threshold:NAME:T``, ``instance:ID``,
-    ``voxel:R,A,S``); empty means the case's structure (``class:<CaseSettings.class_name>``).
+    ``region:MASKFILE``, ``voxel:R,A,S``); empty means the case's structure (``class:<CaseSettings.class_name>``).
     ``label`` names the map in outputs (``maps/<label>_<channel>.nii.gz``); the method name by
     default, so that one method can appear twice with other parameters.
     """
@@ -56,8 +56,6 @@ class MethodSettings(_Strict):
         checked = check_params(self.method, self.params)
         if checked != self.params:
             object.__setattr__(self, "params", checked)
-        if self.target.startswith("region:"):
-            raise ValueError("target region:MASK needs a mask image; give it through the Python API")
         return self
 
     @property
@@ -195,9 +193,16 @@ class CaseSettings(_Strict):
             raise ValueError(f"methods: map name(s) {duplicated} appear twice; give each a distinct label")
         if self.qa.method and self.qa.method not in names:
             raise ValueError(f"qa.method {self.qa.method!r} is not one of the methods {names}")
-        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
-            raise ValueError(f"device {self.device!r}: expected auto, cpu, cuda, cuda:N or mps")
         return self
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        import re
+
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError(f"{value!r}: expected auto, cpu, cuda, cuda:N or mps")
+        return value
 
     # ---- construction ---------------------------------------------------------------
     @classmethod

@@ -146,10 +146,10 @@ def _versions() -> dict[str, str]:
 
 
 def write_case(case: Case, out_dir: Union[str, Path], cancel: Optional[CancelToken] = None,
-               extra_files: Optional[Mapping[str, Union[str, Path]]] = None) -> Path:
+               extra_files: Optional[Mapping[str, Union[str, Path]]] = None, suffix: str = ".nii.gz") -> Path:
     """Write ``case`` into ``out_dir`` (the layout in the module docstring); returns the
     manifest's path. ``extra_files`` (role -> path inside ``out_dir``) are listed in the
-    manifest too."""
+    manifest too; ``suffix`` is the image format (``.nii.gz``, ``.nrrd``, ``.mha``...)."""
     out_dir = check_writable_dir(out_dir)
     image, card = case.image, case.card
     files: dict[str, Path] = {}
@@ -158,18 +158,21 @@ def write_case(case: Case, out_dir: Union[str, Path], cancel: Optional[CancelTok
         if cancel is not None:
             cancel.raise_if_cancelled()
 
-    files.update(write_segmentation(case.segmentation, out_dir))
+    files.update(write_segmentation(case.segmentation, out_dir, suffix))
     if case.maps:
         check_writable_dir(out_dir / "maps")
     for name, result in case.maps.items():
         check()
         for channel in image.channel_names:
             files[f"map:{name}:{channel}"] = write_image(result.maps.channel(channel),
-                                                         out_dir / "maps" / f"{name}_{channel}.nii.gz")
-        files[f"map:{name}:metadata"] = write_json(result.metadata(), out_dir / "maps" / f"{name}.json")
+                                                         out_dir / "maps" / f"{name}_{channel}{suffix}")
+        metadata = {**result.metadata(), "files": {c: f"{name}_{c}{suffix}" for c in image.channel_names},
+                    "value_range": {c: [float(np.min(result.maps.channel(c).array)),
+                                        float(np.max(result.maps.channel(c).array))] for c in image.channel_names}}
+        files[f"map:{name}:metadata"] = write_json(metadata, out_dir / "maps" / f"{name}.json")
     if case.instance_labels is not None:
         files["instances"] = write_image(case.instance_labels.with_array(case.instance_labels.array.astype(np.uint16)),
-                                         out_dir / "instances.nii.gz")
+                                         out_dir / f"instances{suffix}")
         if case.instance_maps:
             check_writable_dir(out_dir / "instances")
         for identifier, per_aggregation in case.instance_maps.items():
@@ -177,7 +180,7 @@ def write_case(case: Case, out_dir: Union[str, Path], cancel: Optional[CancelTok
             for aggregation, maps in per_aggregation.items():
                 for channel in image.channel_names:
                     files[f"instance:{identifier}:{aggregation}:{channel}"] = write_image(
-                        maps.channel(channel), out_dir / "instances" / f"instance{identifier}_{aggregation}_{channel}.nii.gz")
+                        maps.channel(channel), out_dir / "instances" / f"instance{identifier}_{aggregation}_{channel}{suffix}")
         settings = case.settings.instances
         lesions = {"structure": case.structure, "min_voxels": settings.min_voxels,
                    "saliency": {"method": "instance_smoothgrad", "aggregations": list(settings.aggregations),
@@ -192,7 +195,7 @@ def write_case(case: Case, out_dir: Union[str, Path], cancel: Optional[CancelTok
     if case.qa is not None:
         files["qa"] = write_json(case.qa.to_dict(), out_dir / "qa.json")
         files["qa_saliency"] = write_image(image.with_array(case.qa.saliency[None], ("saliency",)),
-                                           out_dir / "qa_saliency.nii.gz")
+                                           out_dir / f"qa_saliency{suffix}")
     if case.agg2exp is not None:
         files["agg2exp"] = write_json(case.agg2exp.to_dict(), out_dir / "agg2exp.json")
     for role, path in (extra_files or {}).items():
