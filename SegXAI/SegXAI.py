@@ -1,9 +1,11 @@
 """SegXAI: explain and quality-check 3D segmentation models in 3D Slicer.
 
-Module / Widget / Logic / Test of the scripted module. The Logic's computing and node-making
-core lives in :mod:`SegXAILib.mrml.logic` (Qt-free), so ``SegXAILogic(scene).process(...)``
-also runs headless with the slicer-core wheel; the Qt imports below are guarded for that
-case, and only the Module, Widget and Test need Slicer's GUI.
+Module / Widget / Logic / Test of the scripted module. The Logic is a thin caller of the case
+pipeline (:mod:`SegXAILib.pipeline`: settings, ``run_case`` and its steps) and of the Qt-free
+node-making in :mod:`SegXAILib.mrml.logic`, so ``SegXAILogic(scene).process(...)`` also runs
+headless with the slicer-core wheel; the Qt imports below are guarded for that case, and only
+the Module, Widget and Test need Slicer's GUI. Beside this file: ``SegXAIInstaller.py`` (the
+first-run dependency install) and ``SegXAIMethodForm.py`` (the method's parameter form).
 """
 
 import json
@@ -23,7 +25,6 @@ def _addCheckoutToPath():
 _addCheckoutToPath()
 
 try:  # inside 3D Slicer
-    import ctk
     import qt
     import slicer
     import vtk
@@ -66,19 +67,6 @@ except ImportError:  # headless: slicer-core (MRML without Qt) or no Slicer at a
 
 #: model input channels the panel offers selectors for
 MAX_CHANNELS = 4
-#: packages SegXAILib needs besides Slicer's own numpy / SimpleITK / vtk and PyTorch
-PIP_REQUIREMENTS = [
-    "monai>=1.3",
-    "einops>=0.7",
-    "gudhi>=3.8",
-    "scipy>=1.10",
-    "scikit-image>=0.21",
-    "scikit-learn>=1.3",
-    "tqdm>=4.60",
-    "matplotlib>=3.7",
-]
-#: packages Slicer ships: never replaced by an install
-SLICER_OWNED = ("numpy", "SimpleITK", "vtk")
 
 
 #
@@ -156,7 +144,8 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._methodEditors = {}
+        self._methodForm = None
+        self._methodSpecs = {}
         self._pollTimer = None
         self._clickNode = None
         self._dependenciesChecked = False
@@ -174,7 +163,9 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                self.ui.inputVolume3Label]
         self._channelSelectors = [self.ui.inputVolume0Selector, self.ui.inputVolume1Selector,
                                   self.ui.inputVolume2Selector, self.ui.inputVolume3Selector]
-        self._methodLayout = qt.QFormLayout(self.ui.methodParametersFrame)
+        from SegXAIMethodForm import MethodForm
+
+        self._methodForm = MethodForm(self.ui.methodParametersFrame)
         self.ui.inputsCollapsibleButton.collapsed = False
         self.ui.explainCollapsibleButton.collapsed = False
         self.ui.lesionsCollapsibleButton.collapsed = True  # opened when there are lesions
@@ -232,12 +223,9 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for device, label in devices:
             self.ui.deviceComboBox.addItem(label, device)
         self.ui.methodComboBox.clear()
-        try:
-            from SegXAILib.attribution import method_specs
+        from SegXAIMethodForm import methodSpecs
 
-            self._methodSpecs = {spec["name"]: spec for spec in method_specs()}
-        except ImportError:
-            self._methodSpecs = {}
+        self._methodSpecs = methodSpecs()
         for name in self._methodSpecs:
             self.ui.methodComboBox.addItem(name, name)
 
@@ -301,7 +289,7 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _card(self):
         """The chosen model card (None when it cannot be read yet)."""
         try:
-            return self.logic.engine.card(self._modelChoice())
+            return self.logic.modelCard(self._modelChoice())
         except Exception as error:  # a half-typed path, a broken card: say why, do not raise
             self.ui.modelInfoLabel.text = str(error)
             return None
@@ -352,85 +340,47 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onMethodChanged(self, *args):
         """Rebuild the parameter form from the registry's description of the method."""
+        from SegXAIMethodForm import savedParameters
+
         name = self.ui.methodComboBox.currentData
-        while self._methodLayout.count():
-            item = self._methodLayout.takeAt(0)
-            if item.widget():
-                item.widget().deleteLater()
-        self._methodEditors = {}
         spec = self._methodSpecs.get(name)
         if spec is None:
+            self._methodForm.build(None, {})
             return
         self.ui.methodSummaryLabel.text = spec["summary"]
         saved = {}
         if self._parameterNode and self._parameterNode.method == name:  # the saved values are this method's
-            try:
-                saved = json.loads(self._parameterNode.methodParameters or "{}")
-            except ValueError:
-                saved = {}
+            saved = savedParameters(self._parameterNode.methodParameters)
         elif self._parameterNode:
             self._parameterNode.method = name
             self._parameterNode.methodParameters = "{}"
-        for parameter in spec["parameters"]:
-            editor = self._parameterEditor(parameter, saved.get(parameter["name"], parameter["default"]))
-            if editor is None:
-                continue
-            editor.toolTip = parameter["help"]
-            self._methodLayout.addRow(parameter["name"], editor)
-            self._methodEditors[parameter["name"]] = (parameter, editor)
-
-    @staticmethod
-    def _parameterEditor(parameter, value):
-        kind = parameter["kind"]
-        if kind == "int":
-            editor = qt.QSpinBox()
-            editor.minimum = int(parameter["minimum"]) if parameter["minimum"] is not None else -(2**31)
-            editor.maximum = int(parameter["maximum"]) if parameter["maximum"] is not None else 2**31 - 1
-            editor.value = int(value) if value is not None else 0
-        elif kind == "float":
-            editor = ctk.ctkDoubleSpinBox()
-            editor.decimals = 4
-            editor.minimum = float(parameter["minimum"]) if parameter["minimum"] is not None else -1e9
-            editor.maximum = float(parameter["maximum"]) if parameter["maximum"] is not None else 1e9
-            editor.value = float(value) if value is not None else 0.0
-        elif kind == "bool":
-            editor = qt.QCheckBox()
-            editor.checked = bool(value)
-        elif kind == "choice":
-            editor = qt.QComboBox()
-            for choice in parameter["choices"]:
-                editor.addItem(str(choice))
-            editor.currentText = str(value)
-        else:
-            if value is not None and not isinstance(value, str):
-                return None  # tensors, lists: console only
-            editor = qt.QLineEdit()
-            editor.text = value or ""
-        return editor
+        self._methodForm.build(spec, saved)
 
     def _methodParameters(self):
-        values = {}
-        for name, (parameter, editor) in self._methodEditors.items():
-            kind = parameter["kind"]
-            if kind == "int":
-                values[name] = int(editor.value)
-            elif kind == "float":
-                values[name] = float(editor.value)
-            elif kind == "bool":
-                values[name] = bool(editor.checked)
-            elif kind == "choice":
-                values[name] = editor.currentText
-            elif editor.text:
-                values[name] = editor.text
+        """The form's values, saved in the parameter node."""
+        values = self._methodForm.values()
         if self._parameterNode:
             self._parameterNode.methodParameters = json.dumps(values)
         return values
+
+    def _caseSettings(self, withMethod=False):
+        """The case settings of the parameter node's choices (the chosen method's map with
+        ``withMethod``); the Logic validates them."""
+        node = self._parameterNode
+        model = node.modelCardPath if node.model == "file" else node.model
+        target = "" if node.target == "class" else f"instance:{node.instanceId}"
+        methods, params = [], None
+        if withMethod:
+            methods, params = [node.method], {node.method: self._methodParameters()}
+        # QA is its own step (computeQA): the case's settings name only what was computed
+        return self.logic.caseSettings(model, methods, params, target=target, device=node.device or "auto",
+                                       qaMethod="")
 
     def updateButtons(self, *args):
         card = self._card() if self.logic is not None else None
         busy = self.logic is not None and self.logic.busy
         ready = card is not None and all(self._inputVolumes(card)) and len(card.input_channels) <= MAX_CHANNELS
-        segmented = self.logic is not None and self.logic.result is not None
+        segmented = self.logic is not None and self.logic.case is not None
         self.ui.segmentButton.enabled = ready and not busy
         self.ui.explainButton.enabled = segmented and not busy
         self.ui.pickLesionButton.enabled = segmented
@@ -442,7 +392,9 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Install what is missing, on the main thread, after the user confirms."""
         if self._dependenciesChecked:
             return True
-        ok = self.logic.ensureDependencies(confirm=True)
+        import SegXAIInstaller
+
+        ok = SegXAIInstaller.ensureDependencies(confirm=True)
         self._dependenciesChecked = ok
         return ok
 
@@ -493,17 +445,16 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Segmentation failed.", waitCursor=True):
             if not self.ensureDependencies():
                 return
-            card = self._card()
-            volumes = self._inputVolumes(card)
-            image = self.logic.imageFromVolumes(volumes, card)
-            model, device = self._modelChoice(), self.ui.deviceComboBox.currentData or "auto"
+            settings = self._caseSettings()
+            volumes = self._inputVolumes(self.logic.modelCard(settings.model))
             self.logic.forgetCase()
+            image = self.logic.caseImage(volumes, settings)
             self._run("Segment", lambda progress, cancel: self.logic.computeSegmentation(
-                image, model, device, progress=progress, cancel=cancel),
-                lambda result: self._showSegmentation(result, volumes[0]))
+                image, settings, progress=progress, cancel=cancel),
+                lambda case: self._showSegmentation(volumes[0]))
 
-    def _showSegmentation(self, result, referenceVolume):
-        nodes = self.logic.showSegmentation(result, referenceVolume)
+    def _showSegmentation(self, referenceVolume):
+        nodes = self.logic.showSegmentation(referenceVolume)
         if nodes.lesion_table is not None:
             self.ui.lesionTableView.setMRMLTableNode(nodes.lesion_table)
             self.ui.lesionsCollapsibleButton.collapsed = False
@@ -511,14 +462,12 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onExplain(self):
         with slicer.util.tryWithErrorDisplay("Explanation failed.", waitCursor=True):
-            method = self.ui.methodComboBox.currentData
-            params = {method: self._methodParameters()}
-            target = "" if self.ui.targetComboBox.currentData == "class" else f"instance:{self.ui.instanceSpinBox.value}"
-            device = self.ui.deviceComboBox.currentData or "auto"
+            methods = self._caseSettings(withMethod=True).methods
+            names = [m.name for m in methods]
             display, opacity = self.ui.displayComboBox.currentData, self.ui.opacitySliderWidget.value
-            self._run(f"Explain ({method})", lambda progress, cancel: self.logic.computeExplanation(
-                [method], params, target, device, progress=progress, cancel=cancel),
-                lambda result: self.logic.showExplanations(display=display, opacity=opacity))
+            self._run(f"Explain ({', '.join(names)})", lambda progress, cancel: self.logic.computeExplanation(
+                methods, progress=progress, cancel=cancel),
+                lambda case: self.logic.showExplanations(display=display, opacity=opacity, maps=names))
 
     def onPickLesionToggled(self, checked):
         interaction = slicer.app.applicationLogic().GetInteractionNode()
@@ -539,10 +488,9 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Pick lesion failed.", waitCursor=True):
             instanceId = self.logic.instanceAtClick(self._clickNode)
             self.ui.instanceSpinBox.value = instanceId
-            device = self.ui.deviceComboBox.currentData or "auto"
             display, opacity = self.ui.displayComboBox.currentData, self.ui.opacitySliderWidget.value
             self._run(f"Lesion {instanceId} saliency", lambda progress, cancel: self.logic.computeInstanceSaliency(
-                instanceId, device, progress=progress, cancel=cancel),
+                instanceId, progress=progress, cancel=cancel),
                 lambda result: self.logic.showInstanceSaliency(instanceId, display=display, opacity=opacity))
 
     def onLesionSelected(self):
@@ -561,14 +509,15 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onQA(self):
         with slicer.util.tryWithErrorDisplay("QA failed.", waitCursor=True):
             riskModel = self.ui.riskModelPathLineEdit.currentPath or None
-            device = self.ui.deviceComboBox.currentData or "auto"
-            method = self.ui.methodComboBox.currentData
+            # without a risk model: the EC curve of the chosen method's map when it was computed
+            method = self._parameterNode.method if self._parameterNode else ""
+            method = method if method in self.logic.case.maps else ""
             self._run("QA", lambda progress, cancel: self.logic.computeQA(
-                riskModel, method, device, progress=progress, cancel=cancel), self._showQA)
+                riskModel, method, progress=progress, cancel=cancel), self._showQA)
 
-    def _showQA(self, result):
-        nodes = self.logic.showQA(riskModelName=os.path.basename(self.ui.riskModelPathLineEdit.currentPath or ""))
-        risk = self.logic.result.risk
+    def _showQA(self, qa):
+        nodes = self.logic.showQA()
+        risk = qa.risk
         if risk is None:
             self.ui.riskBandLabel.text = "EC curve only (no risk model chosen)"
         else:
@@ -583,22 +532,34 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class SegXAILogic(ScriptedLoadableModuleLogic):
-    """Everything the module computes, usable without the panel (Python console, batch).
+    """Everything the module runs, usable without the panel (Python console, batch).
 
-    ``SegXAILogic().process(inputVolumes, model="lesions", methods=["smoothgrad"])`` runs a
-    whole case; the compute* methods run in the worker (no MRML), the show* methods make the
+    A thin caller of the case pipeline (:mod:`SegXAILib.pipeline`): :meth:`caseSettings` turns
+    the panel's choices into a validated :class:`~SegXAILib.pipeline.CaseSettings`,
+    :meth:`process` runs a whole case (``run_case``) and shows it, the compute* methods run
+    the pipeline's incremental steps in the worker (no MRML) and the show* methods make the
     nodes (main thread). ``scene`` defaults to ``slicer.mrmlScene``; give one headless.
+
+    Attributes
+    ----------
+    models : SegXAILib.pipeline.ModelCache
+        The loaded network, kept between jobs and cases.
+    case : SegXAILib.pipeline.Case or None
+        The current case.
+    nodes : SegXAILib.mrml.logic.CaseNodes or None
+        The nodes showing it.
+    referenceVolume : vtkMRMLScalarVolumeNode or None
+        The first input volume (the geometry of every node made).
     """
 
     def __init__(self, scene=None):
         ScriptedLoadableModuleLogic.__init__(self)
         self._scene = scene
-        self._engine = None
+        self._models = None
         self._worker = None
-        self.result = None
+        self.case = None
         self.nodes = None
         self.referenceVolume = None
-        self._model = "lesions"
 
     # ---- plumbing ---------------------------------------------------------------------------
     @property
@@ -610,12 +571,14 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
         return slicer.mrmlScene
 
     @property
-    def engine(self):
-        if self._engine is None:
-            from SegXAILib.mrml.logic import CaseEngine
+    def models(self):
+        # made on first use: the panel (and this Logic) exist before the dependencies the
+        # pipeline imports (torch, pydantic) are installed
+        if self._models is None:
+            from SegXAILib.pipeline import ModelCache
 
-            self._engine = CaseEngine()
-        return self._engine
+            self._models = ModelCache()
+        return self._models
 
     def getParameterNode(self):
         return SegXAIParameterNode(super().getParameterNode())
@@ -654,162 +617,241 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
             self._worker = None
 
     def forgetCase(self):
-        self.result, self.nodes, self.referenceVolume = None, None, None
+        self.case, self.nodes, self.referenceVolume = None, None, None
 
-    # ---- dependencies (main thread) ---------------------------------------------------------
-    def missingRequirements(self):
-        """The PIP_REQUIREMENTS (and torch) that cannot be imported here."""
-        import importlib.util
+    # ---- settings -----------------------------------------------------------------------------
+    @staticmethod
+    def modelCard(model):
+        """The model card of a bundled name, a card file or folder, or a ModelCard."""
+        from SegXAILib.pipeline import resolve_model_card
 
-        modules = {"monai": "monai", "einops": "einops", "gudhi": "gudhi", "scipy": "scipy",
-                   "scikit-image": "skimage", "scikit-learn": "sklearn", "tqdm": "tqdm", "matplotlib": "matplotlib"}
-        missing = [r for r in PIP_REQUIREMENTS if importlib.util.find_spec(modules[r.split(">")[0]]) is None]
-        if importlib.util.find_spec("torch") is None:
-            missing.insert(0, "torch")
-        return missing
+        return resolve_model_card(model)
 
-    def ensureDependencies(self, confirm=True):
-        """Install PyTorch (through the PyTorch extension's PyTorchUtils when present) and the
-        other packages (``slicer.packaging.pip_ensure``, else ``slicer.util.pip_install``) with
-        the user's confirmation. Slicer's numpy, SimpleITK and vtk are pinned to the installed
-        versions so that no install replaces them. Returns True when everything is importable."""
-        import importlib.metadata
+    @staticmethod
+    def caseSettings(model="lesions", methods=(), params=None, target="", device="auto", riskModel=None,
+                     qaMethod=None, instances=None, aggregation="max", instanceParams=None, className="",
+                     trustBundle=False):
+        """Validated :class:`~SegXAILib.pipeline.CaseSettings` from the panel's choices.
 
-        missing = self.missingRequirements()
-        if not missing:
-            return True
-        import slicer
+        Parameters
+        ----------
+        model : str, path or ModelCard
+            A bundled model (``lesions``, ``parotid-S2``...) or a model card file / folder.
+        methods : sequence of str or MethodSettings
+            Class-level maps: registry names (``segxai methods``), each with
+            ``params[name]`` and ``target``, or ready MethodSettings.
+        params : dict, optional
+            ``{method: {parameter: value}}``; a method that is not in ``methods`` or a parameter
+            the method does not take is an error.
+        target : str
+            The maps' target (``class:NAME``, ``instance:ID``...); the structure's class when empty.
+        device : str
+            ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        riskModel : str or path, optional
+            A QA risk model JSON file, or ``bundled:<model>/<method>``.
+        qaMethod : str, optional
+            Without a risk model, the map whose EC curve QA shows: the first of ``methods``
+            when None, no QA when ``""``.
+        instances : sequence of int, optional
+            Instances (1 = largest) that get an instance map; none when None.
+        aggregation : str
+            The instance maps' aggregation, ``max`` (paper 001 eq. 3) or ``mean`` (eq. 2).
+        instanceParams : dict, optional
+            Further :class:`~SegXAILib.pipeline.InstanceSettings` fields (``n_samples``,
+            ``noise_level``, ``batch_size``, ``seed``, ``min_voxels``, ``shell_mm``).
+        className : str
+            The structure (the model's first foreground class when empty).
+        trustBundle : bool
+            Allow MONAI bundles (their configs execute code).
 
-        if "torch" in missing:
-            try:
-                import PyTorchUtils
+        Raises
+        ------
+        SegXAIInputError
+            Any invalid choice, naming the setting.
+        """
+        from SegXAILib.image import SegXAIInputError
+        from SegXAILib.models.card import ModelCard
+        from SegXAILib.pipeline import CaseSettings, MethodSettings
 
-                torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-                if torchLogic.installTorch(askConfirmation=confirm, torchVersionRequirement=">=2.1") is None:
-                    return False
-            except ImportError:
-                if confirm and not slicer.util.confirmOkCancelDisplay(
-                        "SegXAI needs PyTorch. Install the CPU/CUDA build pip chooses now? (Installing the PyTorch "
-                        "extension from the Extensions Manager picks the right CUDA build.)"):
-                    return False
-                slicer.util.pip_install("torch>=2.1")
-            missing.remove("torch")
-        if missing:
-            pins = []
-            for package in SLICER_OWNED:
-                try:
-                    pins.append(f"{package}=={importlib.metadata.version(package)}")
-                except importlib.metadata.PackageNotFoundError:
-                    pass
-            constraints = os.path.join(slicer.app.temporaryPath, "SegXAI-constraints.txt")
-            with open(constraints, "w", encoding="utf-8") as handle:
-                handle.write("\n".join(pins) + "\n")
-            packaging = getattr(slicer, "packaging", None)
-            if packaging is not None and hasattr(packaging, "pip_ensure"):
-                packaging.pip_ensure(missing, requester="SegXAI", constraints=constraints)
+        params = dict(params or {})
+        if isinstance(model, ModelCard):
+            if model.path is None:
+                raise SegXAIInputError("model: a ModelCard without a file; give its path")
+            model = model.path
+        entries = []
+        for method in methods:
+            if isinstance(method, MethodSettings):
+                entries.append(method.model_dump())
             else:
-                if confirm and not slicer.util.confirmOkCancelDisplay(
-                        "SegXAI needs these Python packages: " + ", ".join(missing) + ". Install them now?"):
-                    return False
-                slicer.util.pip_install(missing + ["-c", constraints])
-        return not self.missingRequirements()
+                entries.append({"method": str(method), "params": dict(params.get(method) or {}), "target": target})
+        unknown = sorted(set(params) - {entry["method"] for entry in entries})
+        if unknown:  # never dropped: a parameter dict meant for another method is a mistake
+            raise SegXAIInputError(f"params: {unknown} are not among the methods {[e['method'] for e in entries]}")
+        if riskModel:
+            qa = {"risk_model": str(riskModel)}
+        else:
+            first = (entries[0].get("label") or entries[0]["method"]) if entries else ""
+            qa = {"method": first if qaMethod is None else qaMethod}
+        chosen = {"ids": [int(i) for i in instances] if instances is not None else [],
+                  "aggregations": [aggregation], **dict(instanceParams or {})}
+        return CaseSettings.from_dict({"model": str(model), "class_name": className, "methods": entries,
+                                       "instances": chosen, "qa": qa, "device": device,
+                                       "trust_bundle": bool(trustBundle)}, source="settings")
+
+    def caseImage(self, inputVolumes, settings):
+        """The input volumes (main thread) as one ``(C, I, J, K)`` image in the card's order; the
+        first becomes the reference volume of the nodes to come."""
+        from SegXAILib.mrml.logic import case_image
+
+        image = case_image(inputVolumes, self.modelCard(settings.model))
+        self.referenceVolume = inputVolumes[0]
+        return image
 
     # ---- computing (worker thread: no MRML here) --------------------------------------------
-    def imageFromVolumes(self, inputVolumes, card):
-        """The input volumes (main thread) as one multi-channel image in the card's order."""
-        from SegXAILib.mrml import channel_image_from_volume_nodes
+    def computeSegmentation(self, image, settings, progress=None, cancel=None):
+        """Start a case: its one prediction, instances and lesion table (``start_case``)."""
+        from SegXAILib.pipeline import start_case
 
-        volumes = list(inputVolumes)
-        if len(volumes) != len(card.input_channels) or not all(volumes):
-            raise ValueError(f"model {card.name} needs {len(card.input_channels)} input volume(s): "
-                             f"{', '.join(card.input_channels)}")
-        self.referenceVolume = volumes[0]
-        return channel_image_from_volume_nodes(volumes, card.input_channels)
+        model = self.models.get(settings)
+        self.case = start_case(image, model, settings, progress=progress, cancel=cancel)
+        return self.case
 
-    def computeSegmentation(self, image, model, device="auto", progress=None, cancel=None):
-        self.result = self.engine.segment(image, model, device, progress=progress, cancel=cancel)
-        self._model = model
-        return self.result
+    def computeExplanation(self, methods, progress=None, cancel=None):
+        """Class-level maps of ``methods`` (MethodSettings, e.g. ``caseSettings(...).methods``,
+        or their dicts) into the case (``add_maps``); a map of the same name is replaced."""
+        from SegXAILib.pipeline import MethodSettings, add_maps
 
-    def computeExplanation(self, methods, params=None, target="", device="auto", progress=None, cancel=None):
-        self._requireCase()
-        return self.engine.explain(self.result, self._model, methods, params, target=target, device=device,
-                                   progress=progress, cancel=cancel)
+        case = self._requireCase()
+        entries = [m.model_dump() if isinstance(m, MethodSettings) else dict(m) for m in methods]
+        names = [entry.get("label") or entry.get("method", "") for entry in entries]
+        # validated as part of the case's settings, which keep naming the case's maps (QA's
+        # qa.method must be one of them)
+        settings = self._settingsWith(methods=[m.model_dump() for m in case.settings.methods if m.name not in names]
+                                      + entries)
+        add_maps(case, self.models.get(case.settings), [settings.method(name) for name in names],
+                 progress=progress, cancel=cancel)
+        case.settings = settings
+        return case
 
-    def computeInstanceSaliency(self, instanceId, device="auto", progress=None, cancel=None, **kwargs):
-        self._requireCase()
-        return self.engine.instance_saliency(self.result, self._model, int(instanceId), device=device,
-                                             progress=progress, cancel=cancel, **kwargs)
+    def computeInstanceSaliency(self, instanceId, progress=None, cancel=None):
+        """The instance map of one instance (``add_instance_maps``) under the case's instance
+        settings; returns ``{aggregation: Image (C, I, J, K)}``."""
+        from SegXAILib.image import SegXAIInputError
+        from SegXAILib.pipeline import add_instance_maps
 
-    def computeQA(self, riskModel=None, method="", device="auto", progress=None, cancel=None):
-        self._requireCase()
-        return self.engine.qa(self.result, self._model, risk_model=riskModel, method=method, device=device,
-                              progress=progress, cancel=cancel)
+        case = self._requireCase()
+        instanceId = int(instanceId)
+        if not 1 <= instanceId <= len(case.instances):
+            raise SegXAIInputError(f"instance {instanceId}: the prediction has {len(case.instances)} instance(s) of "
+                                   f"{case.structure!r}")
+        add_instance_maps(case, self.models.get(case.settings), [instanceId], progress=progress, cancel=cancel)
+        ids = case.settings.instances.ids
+        if ids is not None and instanceId not in ids:
+            case.settings = self._settingsWith(instances={**case.settings.instances.model_dump(),
+                                                          "ids": [*ids, instanceId]})
+        return case.instance_maps[instanceId]
+
+    def computeQA(self, riskModel=None, method="", progress=None, cancel=None):
+        """The QA of the structure (``add_qa``): with ``riskModel`` its risk band, else the EC
+        curve of the map ``method`` (the first map of the case when empty)."""
+        from SegXAILib.pipeline import add_qa
+
+        case = self._requireCase()
+        if riskModel:
+            qa = {"risk_model": str(riskModel)}
+        else:
+            qa = {"method": method or next(iter(case.maps), "")}
+        previous = case.settings
+        case.settings = self._settingsWith(qa=qa)
+        try:
+            add_qa(case, self.models.get(case.settings), progress=progress, cancel=cancel)
+        except BaseException:
+            case.settings = previous  # the settings keep describing what the case holds
+            raise
+        return case.qa
+
+    def _settingsWith(self, **changes):
+        """The case's settings with ``changes`` (JSON-ready fields), validated."""
+        from SegXAILib.pipeline import CaseSettings
+
+        return CaseSettings.from_dict({**self.case.settings.to_dict(), **changes}, source="settings")
 
     def _requireCase(self):
-        if self.result is None:
-            raise ValueError("segment a case first")
+        if self.case is None:
+            from SegXAILib.image import SegXAIInputError
+
+            raise SegXAIInputError("no case: segment the input volumes first")
+        return self.case
 
     # ---- nodes (main thread) ----------------------------------------------------------------
-    def showSegmentation(self, result=None, referenceVolume=None):
+    def showSegmentation(self, referenceVolume=None):
         from SegXAILib.mrml.logic import show_segmentation
 
         self.referenceVolume = referenceVolume or self.referenceVolume
-        self.nodes = show_segmentation(self.scene, result or self.result, reference_volume=self.referenceVolume)
+        self.nodes = show_segmentation(self.scene, self._requireCase(), reference_volume=self.referenceVolume)
         return self.nodes
 
-    def showExplanations(self, display="normalised", opacity=0.5):
+    def showExplanations(self, display="normalised", opacity=0.5, maps=None):
+        """Saliency volumes of the case's maps (``maps``: their names, all by default)."""
         from SegXAILib.mrml.logic import show_explanations
 
-        return show_explanations(self.scene, self.result, self.nodes, reference_volume=self.referenceVolume,
-                                 display=display, opacity=opacity)
+        return show_explanations(self.scene, self._requireCase(), self.nodes, reference_volume=self.referenceVolume,
+                                 display=display, opacity=opacity, maps=maps)
 
     def showInstanceSaliency(self, instanceId, display="normalised", opacity=0.5):
         from SegXAILib.mrml.logic import show_instance_saliency
 
-        return show_instance_saliency(self.scene, self.result, int(instanceId), self.nodes,
+        return show_instance_saliency(self.scene, self._requireCase(), int(instanceId), self.nodes,
                                       reference_volume=self.referenceVolume, display=display, opacity=opacity)
 
-    def showQA(self, riskModelName=""):
+    def showQA(self):
         from SegXAILib.mrml.logic import show_qa
 
-        return show_qa(self.scene, self.result, self.nodes, risk_model_name=riskModelName)
+        return show_qa(self.scene, self._requireCase(), self.nodes)
 
     def instanceAtClick(self, markupsNode, radiusMm=5.0):
         """The instance id under the last point of ``markupsNode`` (a click in a slice view)."""
+        from SegXAILib.image import SegXAIInputError
         from SegXAILib.mrml import instance_from_markup
 
-        self._requireCase()
-        return instance_from_markup(markupsNode, self.result.instance_labels, radius_mm=radiusMm)
+        case = self._requireCase()
+        if case.instance_labels is None:
+            raise SegXAIInputError("the case has no instances (settings.instances.enabled is false)")
+        return instance_from_markup(markupsNode, case.instance_labels, radius_mm=radiusMm)
 
     # ---- one call -----------------------------------------------------------------------------
-    def process(self, inputVolumes, model="lesions", methods=(), params=None, target="", device="auto",
-                riskModel=None, instances=(), display="normalised", progress=None, cancel=None):
-        """Segment, explain (``methods``), instance saliency (``instances``) and QA for one case.
+    def process(self, inputVolumes, settings=None, display="normalised", progress=None, cancel=None, **choices):
+        """Run one case through the pipeline (``run_case``) and show it.
 
         Parameters
         ----------
         inputVolumes : list of vtkMRMLScalarVolumeNode
             One per model input channel, in the card's order (``lesions``: FLAIR, T1).
-        model : str
-            A bundled model (``lesions``, ``parotid-S2``...) or a model card file.
-        methods : list of str
-            Attribution methods (``segxai methods``); ``params`` {method: {name: value}}.
-        riskModel : str, optional
-            A QA risk model JSON file.
+        settings : SegXAILib.pipeline.CaseSettings, optional
+            What to run. Instead, the keywords of :meth:`caseSettings` (``model="lesions",
+            methods=["smoothgrad"], instances=[1], riskModel=...``).
+        display : str
+            ``normalised`` (paper 000, 17 % threshold) or ``signed``.
 
         Returns
         -------
         SegXAILib.mrml.logic.CaseNodes
-            The segmentation, instances, saliency volumes, lesion table, QA table and chart.
+            The segmentation, instances, saliency volumes, lesion table, QA table and chart;
+            the case itself is ``self.case``.
         """
+        from SegXAILib.image import SegXAIInputError
         from SegXAILib.mrml.logic import process
+        from SegXAILib.pipeline import CaseSettings
 
+        if settings is None:
+            settings = self.caseSettings(**choices)
+        elif choices:
+            raise SegXAIInputError(f"process: give settings or the choices {sorted(choices)}, not both")
+        elif not isinstance(settings, CaseSettings):
+            raise SegXAIInputError(f"settings: expected CaseSettings (see caseSettings), got {type(settings).__name__}")
+        self.case, self.nodes = process(self.scene, inputVolumes, settings, model=self.models.get(settings),
+                                        display=display, progress=progress, cancel=cancel)
         self.referenceVolume = inputVolumes[0]
-        self._model = model
-        self.result, self.nodes = process(self.scene, inputVolumes, model=model, methods=methods, params=params,
-                                          target=target, device=device, risk_model=riskModel, instances=instances,
-                                          display=display, engine=self.engine, progress=progress, cancel=cancel)
         return self.nodes
 
 
@@ -852,10 +894,10 @@ class SegXAITest(ScriptedLoadableModuleTest):
         nodes = logic.process(volumes, model="lesions", methods=["vanilla_gradient"], instances=[1], device="cpu")
         grid = volume_node_to_image(volumes[0])
         mask = segment_mask(nodes.segmentation, "lesion", grid)
-        self.assertTrue(np.array_equal(mask, logic.result.segmentation.mask(1)))
+        self.assertTrue(np.array_equal(mask, logic.case.mask))
         self.assertGreater(dice_score(mask, phantom.truth), 0.7)
         self.assertEqual(len(nodes.saliency["vanilla_gradient"]), 2)
-        self.assertEqual(nodes.lesion_table.GetNumberOfRows(), len(logic.result.instances))
+        self.assertEqual(nodes.lesion_table.GetNumberOfRows(), len(logic.case.instances))
         self.assertEqual(nodes.chart.GetNumberOfPlotSeriesNodes(), 1)
         composite = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceCompositeNode()
         self.assertEqual(composite.GetForegroundVolumeID(), nodes.instance_saliency[1][0].GetID())
@@ -874,12 +916,12 @@ class SegXAITest(ScriptedLoadableModuleTest):
 
         phantom, volumes = self._sampleVolumes()
         logic = SegXAILogic()
-        card = logic.engine.card("lesions")
-        image = logic.imageFromVolumes(volumes, card)
+        settings = logic.caseSettings("lesions", device="cpu")
+        image = logic.caseImage(volumes, settings)
+        slow = logic.caseSettings("lesions", ["smoothgrad"], {"smoothgrad": {"n_samples": 200}}, device="cpu").methods
         outcomes = []
-        logic.submit(lambda p, c: logic.computeSegmentation(image, "lesions", "cpu", p, c), lambda v, e: outcomes.append(e))
-        logic.submit(lambda p, c: logic.computeExplanation(["smoothgrad"], {"smoothgrad": {"n_samples": 200}},
-                                                           device="cpu", progress=p, cancel=c),
+        logic.submit(lambda p, c: logic.computeSegmentation(image, settings, p, c), lambda v, e: outcomes.append(e))
+        logic.submit(lambda p, c: logic.computeExplanation(slow, progress=p, cancel=c),
                      lambda v, e: outcomes.append(e))
         deadline = time.time() + 300
         while len(outcomes) < 1 and time.time() < deadline:
@@ -898,12 +940,13 @@ class SegXAITest(ScriptedLoadableModuleTest):
         self.assertIsNone(outcomes[0])
         self.assertIsInstance(outcomes[1], Cancelled)
         self.delayDisplay(f"Cancelled after {time.time() - start:.2f} s")
-        logic.submit(lambda p, c: logic.computeExplanation(["vanilla_gradient"], device="cpu", progress=p, cancel=c),
+        quick = logic.caseSettings("lesions", ["vanilla_gradient"], device="cpu").methods
+        logic.submit(lambda p, c: logic.computeExplanation(quick, progress=p, cancel=c),
                      lambda v, e: outcomes.append(e))
         while len(outcomes) < 3 and time.time() < deadline:
             for onDone, value, error in logic.poll()[1]:
                 onDone(value, error)
             slicer.app.processEvents()
         self.assertIsNone(outcomes[2])
-        self.assertEqual(logic.engine.loads, 1)  # the worker kept the model loaded across the three jobs
+        self.assertEqual(logic.models.loads, 1)  # the worker kept the model loaded across the three jobs
         logic.stopWorker()

@@ -1,11 +1,16 @@
-"""The Slicer module without a Slicer GUI: the file compiles and imports headless, its UI file
-and code agree, the CMake files list everything, and the Logic runs on a slicer-core scene."""
+"""The Slicer module without a Slicer GUI: the files compile and import headless, its UI file
+and code agree, the CMake files list everything, the installer reads SegXAILib's own
+dependency list, the method form keeps every registry default, and the Logic (a thin caller of
+the case pipeline) runs on a slicer-core scene."""
 
 from __future__ import annotations
 
 import ast
+import importlib.util
+import math
 import re
 import time
+import tomllib
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
@@ -18,6 +23,8 @@ from SegXAILib.image import Image, SegXAIInputError
 ROOT = Path(__file__).resolve().parent.parent
 MODULE = ROOT / "SegXAI"
 SOURCE = (MODULE / "SegXAI.py").read_text(encoding="utf-8")
+#: the module's Python files beside SegXAI.py (Slicer puts the module folder on sys.path)
+HELPERS = ("SegXAIInstaller", "SegXAIMethodForm")
 UI = ElementTree.parse(MODULE / "Resources" / "UI" / "SegXAI.ui").getroot()
 
 
@@ -37,6 +44,14 @@ def cmake_list(text: str, variable: str, substitutions: dict[str, str]) -> set[s
 # ---------------------------------------------------------------------------- the file
 
 
+def load_helper(name: str):
+    """A helper module of SegXAI/ imported from its file, as Slicer imports it."""
+    spec = importlib.util.spec_from_file_location(name, MODULE / f"{name}.py")
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
 def test_module_compiles_and_has_the_four_classes():
     tree = ast.parse(SOURCE, filename="SegXAI.py")
     compile(tree, "SegXAI.py", "exec")
@@ -45,6 +60,15 @@ def test_module_compiles_and_has_the_four_classes():
     wrapper = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SegXAIParameterNode")
     assert any(isinstance(d, ast.Name) and d.id == "parameterNodeWrapper" for d in wrapper.decorator_list)
     assert "slicer.util.tryWithErrorDisplay" in SOURCE
+    # the installer and the method form live beside it, not in it
+    for name in HELPERS:
+        compile((MODULE / f"{name}.py").read_text(encoding="utf-8"), f"{name}.py", "exec")
+        assert f"import {name}" in SOURCE or f"from {name} import" in SOURCE, name
+    logic = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SegXAILogic")
+    methods = {n.name for n in logic.body if isinstance(n, ast.FunctionDef)}
+    assert not {"missingRequirements", "ensureDependencies"} & methods
+    assert "_parameterEditor" not in {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    assert "PIP_REQUIREMENTS" not in SOURCE and "SLICER_OWNED" not in SOURCE  # no copy of the dependency list
 
 
 def ui_widgets() -> dict[str, str]:
@@ -117,6 +141,100 @@ def test_extension_adds_the_module():
     assert re.search(r"^add_subdirectory\(SegXAI\)$", text, re.M), "top-level CMakeLists.txt lacks add_subdirectory(SegXAI)"
 
 
+def test_extension_installs_pyproject_beside_the_package():
+    """The installer reads the dependency list from the pyproject.toml beside SegXAILib: the
+    extension installs it in the folder that holds the package (and copies it in the build tree)."""
+    text = (ROOT / "SegXAILib" / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert re.search(r"slicerMacroBuildScriptedModule\(.*WITH_SUBDIR", text, re.S)  # the package is a subfolder
+    assert re.search(r"install\(\s*FILES \$\{CMAKE_CURRENT_SOURCE_DIR\}/\.\./pyproject\.toml\s+"
+                     r"DESTINATION \$\{Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR\}\s", text)
+    assert re.search(r"configure_file\(\s*\$\{CMAKE_CURRENT_SOURCE_DIR\}/\.\./pyproject\.toml\s+"
+                     r"\$\{CMAKE_BINARY_DIR\}/\$\{Slicer_QTSCRIPTEDMODULES_LIB_DIR\}/pyproject\.toml", text)
+
+
+# ---------------------------------------------------------------------------- the installer
+
+#: what the installer never installs with pip: PyTorch (the PyTorch extension) and Slicer's own
+EXCLUDED = {"torch", "numpy", "simpleitk", "vtk"}
+
+
+def distribution(requirement: str) -> str:
+    return re.match(r"[A-Za-z0-9._-]+", requirement).group(0).lower()
+
+
+def pyproject_dependencies() -> list[str]:
+    """``[project] dependencies`` of the pyproject.toml beside the SegXAILib being tested."""
+    import SegXAILib
+
+    with open(Path(SegXAILib.__file__).resolve().parents[1] / "pyproject.toml", "rb") as handle:
+        return tomllib.load(handle)["project"]["dependencies"]
+
+
+def test_installer_requirements_are_pyprojects_dependencies():
+    installer = load_helper("SegXAIInstaller")
+    dependencies = pyproject_dependencies()
+    assert installer.pipRequirements() == [r for r in dependencies if distribution(r) not in EXCLUDED]
+    assert [installer.torchRequirement()] == [r for r in dependencies if distribution(r) == "torch"]
+    # everything is installed here, and found under its import name (scikit-image -> skimage)
+    assert installer.missingRequirements() == []
+
+
+def test_installer_falls_back_to_the_distribution_metadata(monkeypatch, tmp_path):
+    installer = load_helper("SegXAIInstaller")
+    metadata = ["torch>=2.1", "monai>=1.3", "numpy>=1.24", "SimpleITK>=2.3", "scikit-image>=0.21",
+                'pytest>=7.4; extra == "test"', "tqdm>=4.60; python_version >= '3'", "old>=1; python_version < '3'"]
+    monkeypatch.setattr(installer.importlib.metadata, "requires",
+                        lambda name: metadata if name == "SegXAILib" else None)
+    # a pyproject.toml of another project beside the package is not SegXAILib's
+    other = tmp_path / "pyproject.toml"
+    other.write_text('[project]\nname = "other"\ndependencies = ["requests"]\n', encoding="utf-8")
+    monkeypatch.setattr(installer, "pyprojectPath", lambda: str(other))
+    # extras (test) and requirements whose marker does not hold here are not installed
+    assert installer.pipRequirements() == ["monai>=1.3", "scikit-image>=0.21", "tqdm>=4.60; python_version >= '3'"]
+    assert installer.torchRequirement() == "torch>=2.1"
+    assert installer.importName("scikit-image>=0.21") == "skimage"
+
+
+# ---------------------------------------------------------------------------- the method form
+
+
+def test_method_form_sends_every_registry_default_unchanged():
+    """Each editor the form builds holds its parameter's default in range and reads back that
+    default (a float spin box keeps only its decimals), so an untouched form sends the defaults."""
+    from types import SimpleNamespace
+
+    from SegXAILib.attribution import check_params
+
+    form = load_helper("SegXAIMethodForm")
+    specs = form.methodSpecs()
+    assert specs
+    edited = 0
+    for name, spec in specs.items():
+        sent = {}
+        for parameter in spec["parameters"]:
+            made = form.editorSpec(parameter, parameter["default"])
+            if made is None:
+                continue
+            class_name, items, properties = made
+            editor = SimpleNamespace(**properties)
+            if class_name in ("QSpinBox", "ctkDoubleSpinBox"):
+                assert properties["minimum"] <= properties["value"] <= properties["maximum"], (name, parameter)
+            if class_name == "ctkDoubleSpinBox":
+                editor.value = round(editor.value, properties["decimals"])
+            if class_name == "QComboBox":
+                assert properties["currentText"] in items
+            given, value = form.editorValue(parameter, editor)
+            if given:
+                sent[parameter["name"]] = value
+                assert value == parameter["default"] and type(value) is type(parameter["default"]), (name, parameter)
+                edited += 1
+        assert check_params(name, sent) == sent
+    assert edited > 0
+    # LRP's epsilon (1e-6) is shown with enough decimals to stay 1e-6
+    assert round(1e-6, form.floatDecimals(1e-6)) == 1e-6 and round(1e-6, 4) == 0.0
+    assert form.savedParameters("not json") == {} and form.savedParameters('{"n_samples": 3}') == {"n_samples": 3}
+
+
 # ---------------------------------------------------------------------------- the Logic headless
 
 slicer = pytest.importorskip("slicer")
@@ -142,18 +260,48 @@ def case(tmp_path):
                                 patch=(8, 8, 8))
     scene = mrml.headless_scene()
     bright = np.zeros((12, 10, 8), np.float32)
-    bright[1:5, 1:5, 1:4] = 100.0  # lesion 1 (48 voxels)
-    bright[8:10, 6:9, 5:7] = 100.0  # lesion 2 (12 voxels)
-    dark = 100.0 - bright  # as channel 0 it would segment the background
+    bright[1:5, 1:5, 1:4] = 1.0  # lesion 1 (48 voxels)
+    bright[8:10, 6:9, 5:7] = 1.0  # lesion 2 (12 voxels)
+    # varied intensities inside the lesions (all > 50): the saliency maps have structure
+    bright *= np.random.default_rng(7).uniform(60.0, 140.0, bright.shape).astype(np.float32)
+    dark = 100.0 - bright  # as channel 0 it would segment the background (lesions < 50 there)
     grid = grid_matrix("oblique")
     volumes = [mrml.image_to_volume_node(Image(a[None], grid), scene, name) for a, name in ((bright, "A"), (dark, "B"))]
-    return scene, volumes, card, bright > 50
+    return scene, volumes, card, bright > 50, Image(np.stack([bright, dark]), grid, ("ch0", "ch1"))
+
+
+def test_case_settings_are_validated_and_keep_every_parameter(module, case):
+    from SegXAILib.pipeline import CaseSettings
+
+    _, _, card, _, _ = case
+    logic = module.SegXAILogic
+    settings = logic.caseSettings(card, ["smoothgrad", "vanilla_gradient"], {"smoothgrad": {"n_samples": 3}},
+                                  device="cpu", instances=[2], aggregation="mean", instanceParams={"n_samples": 5})
+    assert [m.method for m in settings.methods] == ["smoothgrad", "vanilla_gradient"]
+    assert settings.methods[0].params == {"n_samples": 3}
+    assert settings.model == str(card) and settings.device == "cpu"
+    assert settings.instances.ids == [2] and settings.instances.aggregations == ["mean"]
+    assert settings.instances.n_samples == 5
+    assert settings.qa.method == "smoothgrad" and settings.qa.risk_model is None  # the first map's EC curve
+    assert CaseSettings.from_json(settings.to_json()) == settings
+    assert logic.caseSettings(card, ["smoothgrad"], qaMethod="").qa.method == ""
+    assert logic.caseSettings(card, riskModel="risk.json").qa.risk_model == "risk.json"
+    assert logic.caseSettings(card).instances.ids == []  # no instance map unless asked
+    # an unknown parameter, a parameter dict for a method not chosen, a bad field: errors naming them
+    with pytest.raises(SegXAIInputError, match="n_sample"):
+        logic.caseSettings(card, ["smoothgrad"], {"smoothgrad": {"n_sample": 3}})
+    with pytest.raises(SegXAIInputError, match="params.*gradcam"):
+        logic.caseSettings(card, ["smoothgrad"], {"gradcam": {"layer": "final"}})
+    with pytest.raises(SegXAIInputError, match="instances.nsamples"):
+        logic.caseSettings(card, instanceParams={"nsamples": 3})
+    with pytest.raises(SegXAIInputError, match="device"):
+        logic.caseSettings(card, device="gpu")
 
 
 def test_logic_process_runs_on_a_slicer_core_scene(module, case):
     from SegXAILib import mrml
 
-    scene, volumes, card, truth = case
+    scene, volumes, card, truth, _ = case
     logic = module.SegXAILogic(scene)
     nodes = logic.process(volumes, model=card, methods=["vanilla_gradient"], instances=[2], device="cpu")
     grid = mrml.volume_node_to_image(volumes[0])
@@ -161,16 +309,19 @@ def test_logic_process_runs_on_a_slicer_core_scene(module, case):
     assert np.array_equal(mrml.segment_mask(nodes.segmentation, "bright", grid), truth)
     assert nodes.instances.GetSegmentation().GetNumberOfSegments() == 2
     assert len(nodes.saliency["vanilla_gradient"]) == 2  # one map per input channel
-    assert mrml.table_node_columns(nodes.lesion_table)["voxels"] == [48, 12]
-    assert mrml.table_node_columns(nodes.lesion_table)["saliency"] == ["vanilla_gradient", "instance"]
+    lesions = mrml.table_node_columns(nodes.lesion_table)
+    assert lesions["voxels"] == [48, 12]
+    # lesion 2's row carries its instance map's saliency; lesion 1 has no instance map
+    shares = lesions["saliency max ch0 share_inside"]
+    assert math.isnan(shares[0]) and 0.0 <= shares[1] <= 1.0
     # the instance map is the foreground of every slice view, which is centred on lesion 2
     foreground = nodes.instance_saliency[2][0]
     assert all(c.GetForegroundVolumeID() == foreground.GetID() for c in mrml.slice_composite_nodes(scene))
     red = scene.GetSingletonNode("Red", "vtkMRMLSliceNode").GetSliceToRAS()
-    assert np.allclose([red.GetElement(r, 3) for r in range(3)], logic.result.instances[1].centroid_ras)
+    assert np.allclose([red.GetElement(r, 3) for r in range(3)], logic.case.instances[1].centroid_ras)
     # a click on lesion 2 finds it
     click = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "click")
-    click.AddControlPointWorld(*logic.result.instances[1].centroid_ras.tolist())
+    click.AddControlPointWorld(*logic.case.instances[1].centroid_ras.tolist())
     assert logic.instanceAtClick(click) == 2
     assert nodes.chart.GetNumberOfPlotSeriesNodes() == 1
     assert mrml.table_node_columns(nodes.qa_table)["band"] == ["no risk model"]
@@ -180,24 +331,38 @@ def test_logic_process_runs_on_a_slicer_core_scene(module, case):
 
 
 def test_logic_risk_band_goes_to_the_segment_and_the_qa_table(module, case, tmp_path):
+    """The band, PC1 and EC curve shown equal those of the risk model's map made here directly
+    with the attribution API (no Logic, no pipeline): gradient x input of the class, its
+    channels summed, the curve inside the per-voxel model's exact prediction."""
     from SegXAILib import mrml
-    from SegXAILib.models import load_model_card
-    from SegXAILib.topology import RiskModel, calibrate_risk_model, default_thresholds
+    from SegXAILib.attribution import explain
+    from SegXAILib.models import load_model, load_model_card
+    from SegXAILib.topology import RiskModel, calibrate_risk_model, default_thresholds, saliency_curve
 
-    scene, volumes, card, _ = case
+    scene, volumes, card, truth, image = case
+    checksum = load_model_card(card).checksum()
     rng = np.random.default_rng(0)
     thresholds = default_thresholds(20)
+    recipe = {"params": {}, "target": "class:bright", "channel_reduction": "sum"}
     risk = calibrate_risk_model(rng.normal(size=(16, 20)).cumsum(axis=1), rng.uniform(0.3, 0.9, 16), thresholds,
-                                method="gradient_x_input", method_parameters={},
-                                model_checksum=load_model_card(card).checksum(), cv_folds=2)
+                                method="gradient_x_input", method_parameters=recipe, model_checksum=checksum,
+                                cv_folds=2)
     path = risk.save(tmp_path / "risk.json")
     logic = module.SegXAILogic(scene)
-    nodes = logic.process(volumes, model=card, riskModel=str(path), device="cpu")
-    assert "gradient_x_input" in logic.result.explanations  # the risk model's method was run for it
+    nodes = logic.process(volumes, logic.caseSettings(card, riskModel=str(path), device="cpu"))
+
+    # the oracle: the risk model's map computed directly, its curve and its score
+    direct = explain(image, load_model(load_model_card(card), device="cpu"), "gradient_x_input",
+                     target="class:bright", params={})
+    summed = direct.maps.array.astype(np.float64).sum(axis=0)
+    risk = RiskModel.load(path)
+    curve = saliency_curve(summed.astype(np.float32), truth, risk.thresholds)
+    expected = risk.score(curve, "gradient_x_input", checksum, method_parameters=recipe)
+    assert np.allclose(logic.case.qa.saliency, summed, rtol=1e-6, atol=1e-6 * np.abs(summed).max())
+
     table = mrml.table_node_columns(scene.GetFirstNodeByName("SegXAI EC curves table"))
-    curve = np.array(table["bright (gradient_x_input)"])
     assert np.allclose(table["threshold"], thresholds) and np.allclose(table["calibration mean"], risk.pca_mean)
-    expected = RiskModel.load(path).score(curve, "gradient_x_input", load_model_card(card).checksum())
+    assert np.array_equal(table["bright (gradient_x_input)"], curve)
     assert mrml.segment_risk_tags(nodes.segmentation, "bright")["band"] == expected["band"]
     qa = mrml.table_node_columns(nodes.qa_table)
     assert qa["band"] == [expected["band"]] and qa["pc1"] == pytest.approx([expected["pc1"]])
@@ -206,37 +371,48 @@ def test_logic_risk_band_goes_to_the_segment_and_the_qa_table(module, case, tmp_
 def test_worker_keeps_the_model_loaded_and_cancels(module, case):
     from SegXAILib.progress import Cancelled
 
-    scene, volumes, card, _ = case
+    scene, volumes, card, _, _ = case
     logic = module.SegXAILogic(scene)
-    loaded = logic.engine.card(card)
-    image = logic.imageFromVolumes(volumes, loaded)
+    # instance maps with many samples, one per backward: a job long enough to cancel
+    settings = logic.caseSettings(card, device="cpu", aggregation="mean",
+                                  instanceParams={"n_samples": 100000, "batch_size": 1})
+    image = logic.caseImage(volumes, settings)
+    methods = logic.caseSettings(card, ["vanilla_gradient"], device="cpu").methods
     outcomes = []
 
     def record(value, error):
         outcomes.append((value, error))
 
-    logic.submit(lambda p, c: logic.computeSegmentation(image, card, "cpu", p, c), record)
-    logic.submit(lambda p, c: logic.computeExplanation(["vanilla_gradient"], device="cpu", progress=p, cancel=c), record)
-    logic.submit(lambda p, c: logic.computeInstanceSaliency(7, "cpu", progress=p, cancel=c), record)
+    logic.submit(lambda p, c: logic.computeSegmentation(image, settings, p, c), record)
+    logic.submit(lambda p, c: logic.computeExplanation(methods, progress=p, cancel=c), record)
+    logic.submit(lambda p, c: logic.computeInstanceSaliency(7, progress=p, cancel=c), record)
+    logic.submit(lambda p, c: logic.computeQA(progress=p, cancel=c), record)
     logic.waitForWorker(60)
-    assert outcomes[0][1] is None and outcomes[1][1] is None
+    assert outcomes[0][1] is None and outcomes[1][1] is None and outcomes[3][1] is None
     assert isinstance(outcomes[2][1], SegXAIInputError)  # errors come back to the GUI thread
-    assert logic.engine.loads == 1  # one network for all jobs
+    assert logic.models.loads == 1  # one network for all jobs
+    # the case's settings name its map and the QA that was run on it
+    assert [m.name for m in logic.case.settings.methods] == ["vanilla_gradient"]
+    assert logic.case.settings.qa.method == "vanilla_gradient" and outcomes[3][0] is logic.case.qa
     # a long job stops soon after Cancel
-    logic.submit(lambda p, c: logic.computeInstanceSaliency(1, "cpu", progress=p, cancel=c, n_samples=100000,
-                                                           batch_size=1), record)
-    while logic.poll()[0][0] <= 0.0:
-        time.sleep(0.01)
+    logic.submit(lambda p, c: logic.computeInstanceSaliency(1, progress=p, cancel=c), record)
+    deadline = time.monotonic() + 60
+    while not logic.poll()[0][1].startswith("instance maps") and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the job runs (the progress shown before is the QA job's)
     started = time.perf_counter()
     logic.cancel()
     logic.waitForWorker(60)
     latency = time.perf_counter() - started
-    assert isinstance(outcomes[3][1], Cancelled)
+    assert isinstance(outcomes[4][1], Cancelled)
+    assert 1 not in logic.case.instance_maps
     print(f"cancel latency {latency:.3f} s")
+    assert logic.models.loads == 1
     logic.stopWorker()
 
 
 def test_logic_refuses_a_wrong_number_of_inputs(module, case):
-    scene, volumes, card, _ = case
-    with pytest.raises(SegXAIInputError, match="one volume node per model input channel|takes 2"):
+    scene, volumes, card, _, _ = case
+    with pytest.raises(SegXAIInputError, match="takes 2 input volume"):
         module.SegXAILogic(scene).process(volumes[:1], model=card, device="cpu")
+    with pytest.raises(SegXAIInputError, match="no case"):
+        module.SegXAILogic(scene).computeQA()
