@@ -32,7 +32,7 @@ import traceback
 from pathlib import Path
 from typing import IO, Any, Optional, Sequence
 
-__all__ = ["main", "build_parser", "add_arguments", "run_engine", "GRACE_S", "EXIT_CANCELLED", "EXIT_BAD_INPUT"]
+__all__ = ["main", "build_parser", "add_arguments", "run_engine", "run_process", "GRACE_S", "EXIT_CANCELLED", "EXIT_BAD_INPUT"]
 
 EXIT_BAD_INPUT = 2
 EXIT_CANCELLED = 130
@@ -180,8 +180,8 @@ def _run(args: argparse.Namespace, progress, cancel) -> Path:
     return write_case(case, out, cancel=cancel)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_process(args: argparse.Namespace) -> int:
+    """:func:`run_engine` as a process's whole work: a cancelled run exits at once."""
     code = run_engine(args)
     if code == EXIT_CANCELLED:
         # the interpreter's teardown (torch, MONAI) can take seconds on a busy machine: a
@@ -190,6 +190,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_process(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ import pytest
 from SegXAILib.cli import main
 from SegXAILib.image import Image, SegXAIInputError
 from SegXAILib.io import read_image, write_image
-from SegXAILib.topology.cohort import COHORT_FORMAT, COHORT_VERSION, MethodSpec, calibrate_cohort, method_record
-from SegXAILib.topology.plots import ec_curve_figure, write_risk_plots
+from SegXAILib.pipeline import MethodSettings, read_manifest
+from SegXAILib.pipeline.cohort import method_record
+from SegXAILib.report.risk_plots import ec_curve_figure, write_risk_plots
+from SegXAILib.topology.cohort import COHORT_FORMAT, COHORT_VERSION, calibrate_cohort
 from SegXAILib.topology.risk import RiskModel, _sigmoid, saliency_curve
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -76,7 +78,7 @@ def synthetic_cohort(tmp_path_factory, lesion_card):
     document = {
         "format": COHORT_FORMAT, "version": COHORT_VERSION, "complete": True, "class_name": "lesion",
         "model": {"name": "lesions", "card_name": lesion_card.name, "checksum": lesion_card.checksum()},
-        "methods": {METHOD: method_record(MethodSpec(METHOD, PARAMS), "lesion")},
+        "methods": {METHOD: method_record(MethodSettings(method=METHOD, params=PARAMS), "lesion")},
         "cases": cases,
     }
     (out / "cohort.json").write_text(json.dumps(document), encoding="utf-8")
@@ -136,12 +138,14 @@ def test_score_cli(crop_case, risk_path, tmp_path, capsys):
     assert main(["-q", "qa", "score", *map(str, crop_case), "--model", "lesions", "--risk", str(risk_path),
                  "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    result = json.loads((out / "qa_score.json").read_text(encoding="utf-8"))
+    result = json.loads((out / "qa.json").read_text(encoding="utf-8"))
     risk = RiskModel.load(risk_path)
     assert f"risk band: {result['band']}" in text and "PC1 score:" in text and "estimated Dice:" in text
-    # recompute the score from the written mask and saliency map
-    mask = read_image(out / "qa_mask.nii.gz")
-    saliency = read_image(out / f"qa_saliency_{METHOD}.nii.gz")
+    assert result["method"] == METHOD and result["structure"] == "lesion"
+    # recompute the score from the written contour (the lesion class of the label map) and saliency map
+    labels = read_image(out / "labels.nii.gz")
+    mask = labels.with_array((labels.array == 1).astype(np.uint8))
+    saliency = read_image(out / "qa_saliency.nii.gz")
     flair = read_image(crop_case[0])
     assert mask.same_grid(flair) and saliency.same_grid(flair)
     curve = saliency_curve(saliency.array[0], mask.array[0] > 0, risk.thresholds)
@@ -150,9 +154,13 @@ def test_score_cli(crop_case, risk_path, tmp_path, capsys):
     assert result["band"] == risk.band(result["pc1"]) and result["band"] in {"low", "moderate", "high"}
     expected = _sigmoid(np.array([result["pc1"]]), risk.sigmoid_a, risk.sigmoid_k, risk.sigmoid_lambda0)[0]
     assert result["estimated_dice"] == pytest.approx(expected)
-    assert result["model_checksum"] == risk.model_checksum and result["predicted_voxels"] == int(mask.array.sum())
+    manifest = read_manifest(out)  # every file's checksum verified
+    assert manifest["model"]["checksum"] == risk.model_checksum
+    assert manifest["summary"]["structure_voxels"] == int(mask.array.sum())
+    assert manifest["settings"]["qa"]["risk_model"] == str(risk_path.resolve())
     for name in ("qa_ec_curve.png", "qa_roc.png", "qa_dice_pc1.png"):
         assert_png(out / name)
+        assert name in {entry["path"] for entry in manifest["files"]}
 
 
 def test_score_refuses_another_model_or_method(crop_case, risk_path, tmp_path, capsys):
@@ -174,15 +182,16 @@ def test_score_refuses_another_model_or_method(crop_case, risk_path, tmp_path, c
     assert files_under(out) == []
 
 
-def test_score_case_refuses_other_model(risk_path):
-    from SegXAILib.models import load_model
-    from SegXAILib.pipeline import resolve_model_card
-    from SegXAILib.topology import score_case
+def test_pipeline_qa_refuses_a_risk_model_of_another_model(risk_path):
+    from SegXAILib.pipeline import CaseSettings, InstanceSettings, QASettings, load_case_model, run_case
 
-    risk = RiskModel.load(risk_path)
-    parotid = load_model(resolve_model_card("parotid-S2"), device="cpu")
-    with pytest.raises(SegXAIInputError, match="checksum"):
-        score_case(Image(np.zeros((1, 8, 8, 8), np.float32), np.eye(4)), parotid, risk)
+    settings = CaseSettings(model="parotid-S2", device="cpu", instances=InstanceSettings(enabled=False),
+                            qa=QASettings(risk_model=str(risk_path)))
+    parotid = load_case_model(settings)
+    image = Image(np.zeros((1, 8, 8, 8), np.float32), np.eye(4))
+    image.array[0, 2:6, 2:6, 2:6] = 1000.0  # something for the model to segment, or QA has no contour
+    with pytest.raises(SegXAIInputError, match="checksum|no 'parotid' voxel|predicts no"):
+        run_case(image, parotid, settings)
 
 
 @pytest.mark.parametrize(

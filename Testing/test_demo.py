@@ -121,3 +121,37 @@ def test_agg2exp_matrix_rows_share_the_mass(demo_dir):
     for row in matrix["values"]:
         assert row[columns.index("background")] + row[columns.index("lesion")] == pytest.approx(1.0, abs=1e-6)
         assert all(0.0 <= value <= 1.0 for value in row)
+
+
+def test_the_case_folder_manifest_verifies(demo_dir):
+    from SegXAILib.pipeline import read_manifest
+
+    manifest = read_manifest(demo_dir)  # every file's SHA-256 checked
+    listed = {entry["path"] for entry in manifest["files"]}
+    written = {p.relative_to(demo_dir).as_posix() for p in demo_dir.rglob("*") if p.is_file()}
+    figures = {p for p in written if p.startswith("figures/")}
+    assert listed == written - figures - {"case.json"}
+    assert {"report", "scene", "qa", "lesions", "agg2exp"} <= {entry["role"] for entry in manifest["files"]}
+    assert manifest["settings"]["qa"]["risk_model"] == "bundled:lesions/guided_gradcam"
+
+
+def test_the_demo_equals_the_pipeline(demo_dir, case):
+    """The demo is a caller of the pipeline: its written maps, lesion table and QA equal a
+    ``run_case`` of the quick-demo settings on the same case through the Python API."""
+    from SegXAILib.pipeline import CaseSettings, run_case
+
+    image, truth = case
+    api = run_case(image, None, CaseSettings.quick_demo(device="cpu"), reference=truth)
+    for name, result in api.maps.items():
+        for channel in image.channel_names:
+            expected = result.maps.channel(channel).array[0]
+            written = read_image(demo_dir / "maps" / f"{name}_{channel}.nii.gz").array[0]
+            assert float(np.abs(written - expected).max()) <= 1e-6 * float(np.abs(expected).max()), name
+    for identifier, maps in api.instance_maps.items():
+        expected = maps["max"].channel("FLAIR").array[0]
+        written = read_image(demo_dir / "instances" / f"instance{identifier}_max_FLAIR.nii.gz").array[0]
+        assert float(np.abs(written - expected).max()) <= 1e-6 * float(np.abs(expected).max())
+    rows = json.loads((demo_dir / "lesions.json").read_text(encoding="utf-8"))["instances"]
+    assert [(r["id"], r["group"], r["voxels"]) for r in rows] == [(r["id"], r["group"], r["voxels"]) for r in api.lesions]
+    qa = json.loads((demo_dir / "qa.json").read_text(encoding="utf-8"))
+    assert qa["band"] == api.qa.risk["band"] and qa["pc1"] == pytest.approx(api.qa.risk["pc1"], rel=1e-9)

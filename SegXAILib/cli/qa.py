@@ -14,12 +14,11 @@ A risk model applied to another model (card checksum) or attribution method is r
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 from ..image import SegXAIInputError
-from .common import device_option, load_case_model, model_help, options_named, progress_bar, trust_option
+from .common import case_settings, device_option, load_case_model, model_help, options_named, progress_bar, trust_option
 
 __all__ = ["add_commands"]
 
@@ -42,16 +41,18 @@ def _fraction(name: str, value: float, closed_right: bool = False) -> float:
 
 
 def _cmd_cohort(args: argparse.Namespace) -> int:
-    from ..topology.cohort import COHORT_MODELS, MethodSpec, build_cohort, default_methods, read_cohort
+    from ..pipeline import MethodSettings
+    from ..pipeline.cohort import build_cohort, default_methods
+    from ..topology.cohort import COHORT_MODELS, read_cohort
 
     if args.model not in COHORT_MODELS:
         raise SegXAIInputError(f"--model {args.model!r}: expected one of {', '.join(COHORT_MODELS)}")
     _positive_int("--cases", args.cases)
     _positive_int("--seed", args.seed, 0)
     with options_named("method"):
-        methods = [MethodSpec.parse(text) for text in args.method] if args.method else default_methods(args.model)
+        methods = [MethodSettings.parse(text) for text in args.method] if args.method else default_methods(args.model)
     if args.model == "deepbet":
-        refused = [m.name for m in methods if m.name in _EAGER_ONLY]
+        refused = [m.method for m in methods if m.method in _EAGER_ONLY]
         if refused:
             raise SegXAIInputError(
                 f"--method {refused[0]}: deepbet is a TorchScript network; module hooks (Grad-CAM) and backward "
@@ -81,7 +82,7 @@ def _check_out_file(name: str, path: Path, suffix: str) -> Path:
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from ..topology.cohort import calibrate_cohort, read_cohort
-    from ..topology.plots import write_risk_plots
+    from ..report.risk_plots import write_risk_plots
 
     out = _check_out_file("--out", args.out, ".json")
     _positive_int("--thresholds", args.thresholds, 2)
@@ -119,15 +120,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    import time
-
-    import numpy as np
-
-    from .. import __version__
-    from ..io import atomic_path, check_writable_dir, read_channels, write_image
-    from ..progress import sub_progress
-    from ..topology.cohort import resolve_qa_model, score_case
-    from ..topology.plots import write_risk_plots
+    from ..io import check_writable_dir
+    from ..pipeline import read_case_images, resolve_model_card, run_case, write_case
+    from ..report.risk_plots import write_risk_plots
     from ..topology.risk import RiskModel
 
     risk = RiskModel.load(args.risk)
@@ -135,60 +130,31 @@ def _cmd_score(args: argparse.Namespace) -> int:
         raise SegXAIInputError(
             f"--method {args.method!r}: the risk model {args.risk} was calibrated with {risk.method!r} saliency maps"
         )
-    card = resolve_qa_model(args.model)
+    card = resolve_model_card(args.model)
     if card.checksum() != risk.model_checksum:
         raise SegXAIInputError(
             f"--risk {args.risk}: calibrated for model checksum {risk.model_checksum[:16]}..., but --model "
             f"{args.model} ({card.name}) has checksum {card.checksum()[:16]}...; calibrate a risk model for this model"
         )
-    if len(args.images) != len(card.input_channels):
-        raise SegXAIInputError(
-            f"model {card.name!r} takes {len(card.input_channels)} image(s) "
-            f"({', '.join(card.input_channels)}), got {len(args.images)}"
-        )
+    structure = str(risk.method_parameters.get("target", "")).partition(":")[2]
+    settings = case_settings(args, class_name=structure, instances={"enabled": False},
+                             qa={"risk_model": str(Path(args.risk).resolve())})
     out_dir = check_writable_dir(args.out) if args.out is not None else None
-    image = read_channels(args.images, card.input_channels)
+    image = read_case_images(args.images, card)
     model = load_case_model(card, args)
-    start = time.perf_counter()
     with progress_bar(f"qa score ({risk.method})", not args.quiet) as progress:
-        scored = score_case(image, model, risk, progress=sub_progress(progress, 0.0, 1.0))
-    seconds = time.perf_counter() - start
-    result = scored.result
+        case = run_case(image, model, settings, progress=progress)
+    result = case.qa.risk
     print(f"PC1 score: {result['pc1']:.6g}")
     print(f"risk band: {result['band']}")
     print(f"estimated Dice: {result['estimated_dice']:.3f}")
     print(f"P(insufficient): {result['insufficient_probability']:.3f}")
     if out_dir is None:
         return 0
-    written = {
-        "mask": write_image(image.with_array(scored.mask.astype(np.uint8)[None], ("mask",)), out_dir / "qa_mask.nii.gz"),
-        "saliency": write_image(image.with_array(scored.saliency[None], (risk.method,)),
-                                out_dir / f"qa_saliency_{risk.method}.nii.gz"),
-    }
-    written.update(write_risk_plots(out_dir, risk, scored.curve, result, prefix="qa_"))
-    document = {
-        **result,
-        "curve": scored.curve.tolist(),
-        "thresholds": risk.thresholds.tolist(),
-        "predicted_voxels": int(scored.mask.sum()),
-        "method": risk.method,
-        "method_parameters": risk.method_parameters,
-        "model": card.name,
-        "model_checksum": card.checksum(),
-        "risk_model": str(Path(args.risk).resolve()),
-        "risk_model_auroc": {"training": risk.auroc, "cross_validated": risk.auroc_cv_mean},
-        "cut_points": {"high": None if not math.isfinite(risk.cut_high) else risk.cut_high,
-                       "low": None if not math.isfinite(risk.cut_low) else risk.cut_low},
-        "inputs": {name: str(Path(path).resolve()) for name, path in zip(card.input_channels, args.images)},
-        "files": {role: path.name for role, path in written.items()},
-        "seconds": round(seconds, 2),
-        "segxai_version": __version__,
-    }
-    path = out_dir / "qa_score.json"
-    with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    for item in [path, *written.values()]:
-        print(item)
+    plots = write_risk_plots(out_dir, risk, case.qa.curve, result, prefix="qa_")
+    manifest = write_case(case, out_dir, extra_files={f"plot:{k}": v for k, v in plots.items()})
+    print(out_dir / "qa.json")
+    print(manifest)
     return 0
 
 
@@ -227,7 +193,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     score.add_argument("--model", required=True, help=model_help() + ", or deepbet")
     score.add_argument("--risk", required=True, type=Path, help="risk model JSON (segxai qa calibrate)")
     score.add_argument("--method", default=None, help="optional: must be the risk model's attribution method")
-    score.add_argument("--out", type=Path, default=None, help="folder for qa_score.json, the mask, the map and the plots")
+    score.add_argument("--out", type=Path, default=None, help="case folder: qa.json, the segmentation, the map, the plots and case.json")
     trust_option(score)
     device_option(score)
     score.set_defaults(run=_cmd_score)

@@ -2,7 +2,9 @@
 
 Every front end (the CLI, ``segxai run``, the demo, the Slicer Logic, cohort building) builds
 a :class:`CaseSettings` and hands it to :func:`~SegXAILib.pipeline.run_case`; nothing else
-decides what a run does. Settings round-trip through JSON (:meth:`CaseSettings.to_json`,
+decides what a run does. From JSON or a dict (:meth:`CaseSettings.from_dict`) a bad value is a
+:class:`~SegXAILib.image.SegXAIInputError` naming the field path; built from Python, pydantic's
+``ValidationError`` (a ``ValueError`` too) names it. Settings round-trip through JSON (:meth:`CaseSettings.to_json`,
 :meth:`CaseSettings.from_json`, :meth:`CaseSettings.load`). An unknown key anywhere, an
 unknown method, or a parameter the method does not take is an error naming it.
 """

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 
 from ..image import SegXAIInputError
-from .risk import RiskModel, _sigmoid
+from ..topology.risk import RiskModel, _sigmoid
 
 __all__ = ["ec_curve_figure", "roc_figure", "dice_figure", "write_risk_plots"]
 
