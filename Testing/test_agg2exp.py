@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from conftest import write_voxelwise_card
-from SegXAILib.evaluation.agg2exp import (CaseImportance, ImportanceMatrix, OutlierModel, agg2exp_case, class_rois,
-                                          draw_graph, global_matrix, local_matrix, roi_importance, spearman_with_dice,
-                                          top_k_graph)
+from SegXAILib.evaluation.agg2exp import (IMPORTANCE_VARIANTS, CaseImportance, ImportanceMatrix, OutlierModel,
+                                          class_rois, draw_graph, global_matrix, local_matrix, roi_importance,
+                                          spearman_with_dice, top_k_graph)
 from SegXAILib.image import Image, SegXAIInputError
 
 
@@ -134,10 +134,15 @@ def test_outlier_scores_flag_a_planted_anomaly_and_correlate_with_dice():
 def test_agg2exp_case_on_a_per_voxel_model(tmp_path):
     # logit_1 = x, logit_0 = 0 voxel by voxel: the class target of "bright" is sum of x over the
     # predicted voxels, so its vanilla gradient is exactly the class mask (one-hot row, context
-    # use 1); background's target is a sum of zeros: no mass, a row of NaN
+    # use 1); background's target is a sum of zeros: no mass, a row of NaN. Through the case
+    # pipeline: one prediction (start_case), then agg2exp_case
     from SegXAILib.models import load_model
+    from SegXAILib.pipeline import Agg2ExpSettings, CaseSettings, InstanceSettings, agg2exp_case, start_case
 
-    model = load_model(write_voxelwise_card(tmp_path / "model"), device="cpu")
+    card = write_voxelwise_card(tmp_path / "model")
+    model = load_model(card, device="cpu")
+    settings = CaseSettings(model=str(card), device="cpu", instances=InstanceSettings(enabled=False),
+                            agg2exp=Agg2ExpSettings(enabled=True, method="vanilla_gradient"))
     rng = np.random.default_rng(3)
     array = rng.uniform(-1.0, -0.1, size=(1, 12, 10, 8)).astype(np.float32)
     array[0, 3:6, 2:5, 2:5] = 1.0
@@ -146,8 +151,10 @@ def test_agg2exp_case_on_a_per_voxel_model(tmp_path):
     truth[3:6, 2:5, 2:6] = 1  # one slab more than the prediction
     user = np.zeros((12, 10, 8), np.uint8)
     user[4, 3, 3] = 1
-    result = agg2exp_case(image, model, "vanilla_gradient", classes=None, extra_rois={"user": user}, reference=truth,
-                          case="c0", keep_maps=True)
+    case = start_case(image, model, settings, reference=image.with_array(truth[None]))
+    result = agg2exp_case(case, model, classes=None, rois={"user": user}, variants=IMPORTANCE_VARIANTS, name="c0",
+                          keep_maps=True)
+    assert result.case == "c0"
     matrix = result.matrices["absolute"]
     assert matrix.rows == ["background", "bright"]
     assert matrix.columns == ["background", "bright", "reference:bright", "user"]
@@ -161,11 +168,11 @@ def test_agg2exp_case_on_a_per_voxel_model(tmp_path):
     again = CaseImportance.from_dict(json.loads(json.dumps(result.to_dict(), default=str).replace("NaN", "null")))
     np.testing.assert_allclose(again.matrices["absolute"].row("bright"), matrix.row("bright"))
     with pytest.raises(SegXAIInputError):
-        agg2exp_case(image, model, "vanilla_gradient", classes=["tumour"])
+        agg2exp_case(case, model, classes=["tumour"])
     with pytest.raises(SegXAIInputError):
-        agg2exp_case(image, model, "vanilla_gradient", extra_rois={"bright": user})
+        agg2exp_case(case, model, rois={"bright": user})
     with pytest.raises(SegXAIInputError):
-        agg2exp_case(image, model, "vanilla_gradient", extra_rois={"small": np.zeros((3, 3, 3))})
+        agg2exp_case(case, model, rois={"small": np.zeros((3, 3, 3))})
 
 
 def test_matrix_figure_writes_every_cell():

@@ -1,7 +1,8 @@
 """``segxai lesions``: the instance label map, the lesion table and the instance saliency maps
 on the input grid (equal to :func:`SegXAILib.instances.instance_smoothgrad` through the Python
-API), ``--click`` picking the instance under a RAS point, and bad input -> exit 2 with nothing
-written. Case: the bundled lesion model on a 48x48x32 crop of a lesion phantom."""
+API), ``--click`` picking the instance under a RAS point, the case pipeline's layout with a
+``case.json`` whose checksums verify and whose rows are the pipeline's, and bad input -> exit 2
+with nothing written. Case: the bundled lesion model on a 48x48x32 crop of a lesion phantom."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 from SegXAILib.cli import main
 from SegXAILib.image import Image
 from SegXAILib.io import read_channels, read_image, write_image
+from SegXAILib.pipeline import read_manifest
 
 
 def files_under(path: Path) -> list[Path]:
@@ -96,8 +98,10 @@ def test_table_and_instances_without_saliency(tmp_path, case, prediction):
     assert len(rows) == len(document["instances"])
     assert [int(r["id"]) for r in rows if r["id"]] == [i.id for i in instances]
     assert not any(name.startswith("peak_") for name in rows[0])
-    assert document["selected"] == [] and document["saliency"] is None
-    assert sorted(p.name for p in out.iterdir()) == ["instances.nii.gz", "lesions.csv", "lesions.json"]
+    assert document["selected"] == [] and not (out / "instances").exists()
+    # the case pipeline's layout: the prediction, the instances, the table and the manifest
+    assert sorted(p.name for p in out.iterdir()) == ["case.json", "instances.nii.gz", "labels.nii.gz", "lesions.csv",
+                                                     "lesions.json", "probability_lesion.nii.gz", "segmentation.json"]
 
 
 def test_click_max_map_equals_python(tmp_path, case, model, prediction):
@@ -117,7 +121,9 @@ def test_click_max_map_equals_python(tmp_path, case, model, prediction):
     assert run_lesions(case, out, f"--click={ras}", "--click-radius", 10, "--n-samples", 1, "--seed", 3,
                        "--batch-size", 16, "--aggregation", "max") == 0
     document, rows = read_table(out)
-    assert document["selected"] == [chosen.id] and document["selection"] == "click"
+    assert document["selected"] == [chosen.id]
+    selection = read_manifest(out)["settings"]["instances"]
+    assert selection["ids"] is None and selection["click_ras"] == pytest.approx(list(chosen.centroid_ras), abs=1e-4)
 
     x, model_affine = model_input(image, model.card, "cpu")
     mask = _model_grid_mask(labels == chosen.id, image, model.card)
@@ -125,7 +131,7 @@ def test_click_max_map_equals_python(tmp_path, case, model, prediction):
     saliency = instance_smoothgrad(forward, x, n_samples=1, noise_level=0.1, aggregation="max", batch_size=16, seed=3)
     expected = to_input_grid(saliency[0].detach().numpy(), model_affine, image, tuple(image.channel_names))
     for channel, name in enumerate(("FLAIR", "T1")):
-        written = read_image(out / f"instance{chosen.id}_max_{name}.nii.gz")
+        written = read_image(out / "instances" / f"instance{chosen.id}_max_{name}.nii.gz")
         assert written.spatial_shape == image.spatial_shape
         np.testing.assert_allclose(written.ijk_to_ras, image.ijk_to_ras, atol=1e-4)
         reference = expected.array[channel]
@@ -140,7 +146,7 @@ def test_click_max_map_equals_python(tmp_path, case, model, prediction):
         assert float(csv_row[f"peak_positive_max_{name}"]) == pytest.approx(peaks["peak_positive"])
     others = [r for r in rows if r["id"] and r["id"] != str(chosen.id)]
     assert others and all(r["peak_positive_max_FLAIR"] == "" for r in others)
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # atomic writes: no temporary left
     del torch
 
 
@@ -150,16 +156,75 @@ def test_instances_mean_and_max(tmp_path, case, prediction):
     out = tmp_path / "out"
     assert run_lesions(case, out, "--instances", chosen, "--aggregation", "mean,max", "--n-samples", 1,
                        "--batch-size", 32) == 0
-    names = {p.name for p in out.iterdir()}
+    names = {p.name for p in (out / "instances").iterdir()}
     for aggregation in ("mean", "max"):
         for channel in ("FLAIR", "T1"):
             assert f"instance{chosen}_{aggregation}_{channel}.nii.gz" in names
-            assert read_image(out / f"instance{chosen}_{aggregation}_{channel}.nii.gz").same_grid(image)
+            assert read_image(out / "instances" / f"instance{chosen}_{aggregation}_{channel}.nii.gz").same_grid(image)
     document, _ = read_table(out)
     row = next(r for r in document["instances"] if r["id"] == chosen)
     assert set(row["saliency"]) == {"mean", "max"}
     # the max over the instance's voxels dominates their mean: the peaks say so
     assert row["saliency"]["max"]["FLAIR"]["peak_positive"] >= row["saliency"]["mean"]["FLAIR"]["peak_positive"] - 1e-6
+
+
+def same_values(ours, theirs, path="row") -> None:
+    """``ours`` (read back from JSON: NaN as null) equals ``theirs`` (the Python API's rows):
+    ints and texts exactly, floats to float32 rounding (the maps are float32; sums of them are
+    taken in float64)."""
+    if isinstance(theirs, dict):
+        assert isinstance(ours, dict) and set(ours) == set(theirs), path
+        for key in theirs:
+            same_values(ours[key], theirs[key], f"{path}.{key}")
+    elif isinstance(theirs, (list, tuple)):
+        assert isinstance(ours, list) and len(ours) == len(theirs), path
+        for n, (a, b) in enumerate(zip(ours, theirs)):
+            same_values(a, b, f"{path}[{n}]")
+    elif isinstance(theirs, float) and not isinstance(theirs, bool):
+        if np.isnan(theirs):
+            assert ours is None, path
+        else:
+            assert ours == pytest.approx(theirs, rel=1e-6, abs=1e-12), path
+    else:
+        assert ours == theirs, path
+
+
+def test_case_manifest_verifies_and_rows_equal_the_pipeline(tmp_path, case, model, prediction):
+    """The folder is write_case's: case.json lists every file with a checksum that verifies
+    (and a changed file fails), and lesions.json's rows are pipeline.lesion_rows of the same
+    case run through the Python API (start_case + add_instance_maps)."""
+    from SegXAILib.image import SegXAIInputError
+    from SegXAILib.pipeline import CaseSettings, InstanceSettings, add_instance_maps, lesion_rows, start_case
+
+    image, labels, instances = prediction
+    chosen = instances[-1].id
+    out = tmp_path / "out"
+    assert run_lesions(case, out, "--reference", case["reference"], "--instances", chosen, "--aggregation", "max",
+                       "--n-samples", 1, "--batch-size", 16, "--seed", 2) == 0
+
+    manifest = read_manifest(out)  # verifies every file's SHA-256
+    listed = {entry["path"] for entry in manifest["files"]}
+    on_disk = {p.relative_to(out).as_posix() for p in files_under(out)} - {"case.json"}
+    assert listed == on_disk
+    assert {"labels.nii.gz", "instances.nii.gz", "lesions.json", "lesions.csv",
+            f"instances/instance{chosen}_max_FLAIR.nii.gz", f"instances/instance{chosen}_max_T1.nii.gz"} <= listed
+
+    settings = CaseSettings(model="lesions", device="cpu", instances=InstanceSettings(
+        ids=[chosen], aggregations=["max"], n_samples=1, batch_size=16, seed=2))
+    assert manifest["settings"] == settings.to_dict()
+    reference = read_image(case["reference"])
+    python_case = add_instance_maps(start_case(image, model, settings, reference=reference), model)
+    expected = lesion_rows(python_case)
+    assert [row["group"] for row in expected].count("FN") == sum(r["id"] is None for r in expected)
+    assert "saliency" in next(r for r in expected if r["id"] == chosen)
+    document, rows = read_table(out)
+    same_values(document["instances"], expected, "instances")
+    assert len(rows) == len(expected)
+
+    # a changed file no longer verifies
+    (out / "lesions.csv").write_text("changed\n", encoding="utf-8")
+    with pytest.raises(SegXAIInputError, match="lesions.csv"):
+        read_manifest(out)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -170,6 +235,8 @@ def test_instances_mean_and_max(tmp_path, case, prediction):
     (["--click", "1,2"], "--click"),
     (["--aggregation", "median"], "--aggregation"),
     (["--n-samples", "0"], "--n-samples"),
+    (["--click-radius", "-1"], "--click-radius"),
+    (["--device", "tpu"], "--device"),
     (["--reference", "OTHER_GRID"], "not on the input image's grid"),
     (["--reference", "missing.nii.gz"], "no such file"),
 ])

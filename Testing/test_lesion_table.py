@@ -211,6 +211,56 @@ def test_classify_instances_hand_made_case():
     assert not np.array_equal(other["TN"]["labels"], tn["labels"])
 
 
+def test_lesion_rows_groups_missed_lesions_and_saliency_values():
+    """The lesion table of a hand-made case: TP / FP groups, the missed reference lesion as an
+    FN row, and per aggregation and channel the peaks and the shares of a map whose values are
+    placed by hand (one voxel 2 mm from the instance along K: in a 2 mm shell, not in 1 mm)."""
+    from SegXAILib.instances.table import LESION_SALIENCY_KEYS, lesion_rows
+
+    prediction, reference, _ = _case()
+    matrix = geometry_matrix((1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3))
+    grid = Image(np.zeros((1, *prediction.shape), np.float32), matrix)
+    probabilities = np.where(prediction, 0.75, 0.0)
+    labels, instances = find_instances(prediction, probabilities, grid=grid)
+    tp_id, fp_id = int(labels[7, 7, 7]), int(labels[6, 23, 13])
+    s = np.zeros(prediction.shape)
+    s[labels == tp_id] = 1.0             # 48 voxels
+    s[7, 7, 9] = 0.5                     # K-neighbour of (7, 7, 8): 2 mm away
+    s[25, 25, 18] = 2.0
+    s[0, 0, 0] = -3.0
+    maps = {"max": Image(s[None], matrix, channel_names=("FLAIR",)),
+            "mean": Image(0.5 * s[None], matrix, channel_names=("FLAIR",))}
+    rows = lesion_rows(instances, labels, grid, {tp_id: maps}, reference_mask=reference, shell_mm=2.0)
+
+    assert [r["id"] for r in rows] == [i.id for i in instances] + [None]
+    by_id = {r["id"]: r for r in rows}
+    assert by_id[tp_id]["group"] == "TP" and by_id[fp_id]["group"] == "FP"
+    assert by_id[fp_id]["voxels"] == 27 and by_id[fp_id]["volume_mm3"] == pytest.approx(54.0)
+    assert by_id[tp_id]["mean_probability"] == pytest.approx(0.75) and "saliency" not in by_id[fp_id]
+    missed = rows[-1]
+    assert missed["group"] == "FN" and missed["voxels"] == 27 and missed["mean_probability"] is None
+    np.testing.assert_allclose(missed["centroid_ras"], [21.0, 6.0, 12.0])  # voxel (21, 6, 6), K spacing 2
+    assert set(missed) == {"id", "group", "reference_id", "voxels", "volume_mm3", "centroid_ras", "mean_probability"}
+
+    saliency = by_id[tp_id]["saliency"]
+    assert list(saliency) == ["max", "mean"]
+    for aggregation, scale in (("max", 1.0), ("mean", 0.5)):
+        entry = saliency[aggregation]["FLAIR"]
+        assert tuple(entry) == LESION_SALIENCY_KEYS
+        total = 48 + 0.5 + 2.0
+        assert entry["peak_positive"] == pytest.approx(2.0 * scale)
+        assert entry["peak_negative"] == pytest.approx(-3.0 * scale)
+        assert entry["peak_positive_local"] == pytest.approx(1.0 * scale)
+        assert entry["peak_negative_local"] == 0.0
+        assert entry["share_inside"] == pytest.approx(48 / total)
+        assert entry["share_shell"] == pytest.approx(0.5 / total)
+        assert entry["share_outside"] == pytest.approx(2.0 / total)
+    narrow = lesion_rows(instances, labels, grid, {tp_id: maps}, shell_mm=1.0)
+    entry = next(r for r in narrow if r["id"] == tp_id)["saliency"]["max"]["FLAIR"]
+    assert entry["share_shell"] == 0.0 and entry["share_outside"] == pytest.approx(2.5 / total)
+    assert all(r["group"] is None for r in narrow) and len(narrow) == len(instances)  # no reference: no groups
+
+
 def test_classify_instances_too_many_spheres():
     prediction, reference, _ = _case()
     body = np.zeros(prediction.shape, bool)

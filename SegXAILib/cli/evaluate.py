@@ -11,6 +11,11 @@ A *case* on the command line (``--images``) is either
 
 ``--reference`` gives one reference mask per case, in the order of ``--images``, overriding
 the folders' ``reference`` files. Everything is checked before any model runs.
+
+Each case is predicted once through the case pipeline (:func:`SegXAILib.pipeline.predict`,
+:func:`~SegXAILib.pipeline.start_case`) and every attribution reuses that prediction:
+``evaluate`` scores the methods with :func:`~SegXAILib.evaluation.evaluate_case`, ``agg2exp``
+builds the matrices with :func:`SegXAILib.pipeline.agg2exp_case`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any, Optional
 
 from ..image import SegXAIInputError
 from ..io import IMAGE_SUFFIXES
+from .case_settings import settings_from_options
 from .common import device_option, load_case_model, model_help, options_named, progress_bar, trust_option
 
 __all__ = ["add_commands", "CaseFiles", "parse_cases", "parse_method_params"]
@@ -177,6 +183,17 @@ def _read_case(case: CaseFiles, card):
     return image, reference
 
 
+def _case_settings(args: argparse.Namespace, **fields: Any):
+    """The pipeline settings of a command's cases: the model, the device, the window batch and
+    ``fields`` (no instances: neither command needs them)."""
+    return settings_from_options(
+        {"model": str(args.model), "device": args.device, "trust_bundle": args.trust_bundle,
+         "instances": {"enabled": False}, "precision": {"window_batch": args.window_batch}, **fields},
+        {"device": "--device", "precision.window_batch": "--window-batch", "agg2exp.method": "--method",
+         "agg2exp.params": "--param", "agg2exp": "--param"},
+    )
+
+
 def _command_line() -> str:
     return "segxai " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
 
@@ -186,6 +203,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .. import __version__
     from ..evaluation.runner import METRICS, EvaluationConfig, csv_table, evaluate_case, markdown_tables, summarise
     from ..io import check_writable_dir
+    from ..pipeline import predict
     from ..progress import sub_progress
 
     card, cases = _card_and_cases(args)
@@ -203,6 +221,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         ).check()
     if not math.isfinite(config.baseline):
         raise SegXAIInputError(f"--baseline {args.baseline}: must be a finite number")
+    settings = _case_settings(args)
     for case in cases:  # every file readable and on its grid before anything is written
         _read_case(case, card)
     out_dir = check_writable_dir(args.out)
@@ -211,10 +230,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     with progress_bar("evaluate", not args.quiet) as progress:
         for index, case in enumerate(cases):
             image, reference = _read_case(case, card)
+            step = sub_progress(progress, index / len(cases), (index + 1) / len(cases))
+            # the case's one prediction; every method's class target is resolved from it
+            segmentation = predict(image, model, settings, progress=sub_progress(step, 0.0, 0.1))
             with options_named(**_EVALUATE_OPTIONS):
                 case_rows, case_details = evaluate_case(
-                    image, model, params, reference, config, case=case.name,
-                    progress=sub_progress(progress, index / len(cases), (index + 1) / len(cases)))
+                    image, model, params, reference, config, case=case.name, prediction=segmentation,
+                    progress=sub_progress(step, 0.1, 1.0))
             rows.extend({"model": card.name, **row} for row in case_rows)
             details.append(case_details)
     summary = summarise(rows)
@@ -269,9 +291,9 @@ def _load_fit_on(path: str, variant: str):
 def _cmd_agg2exp(args: argparse.Namespace) -> int:
     from .. import __version__
     from ..attribution import parse_params
-    from ..evaluation.agg2exp import IMPORTANCE_VARIANTS, agg2exp_case, cohort_outliers, draw_graph, global_matrix
-    from ..evaluation.agg2exp import top_k_graph
+    from ..evaluation.agg2exp import IMPORTANCE_VARIANTS, cohort_outliers, draw_graph, global_matrix, top_k_graph
     from ..io import check_writable_dir, read_image, write_image
+    from ..pipeline import agg2exp_case, start_case
     from ..progress import sub_progress
 
     card, cases = _card_and_cases(args)
@@ -293,6 +315,7 @@ def _cmd_agg2exp(args: argparse.Namespace) -> int:
     if args.n_estimators < 1:
         raise SegXAIInputError(f"--n-estimators {args.n_estimators}: must be >= 1")
     shared_rois = _parse_rois(list(args.roi or []))
+    settings = _case_settings(args, agg2exp={"enabled": True, "method": args.method, "params": params})
     reference_cohort = _load_fit_on(args.fit_on, args.graph_variant) if args.fit_on else None
 
     def read(case):
@@ -315,9 +338,11 @@ def _cmd_agg2exp(args: argparse.Namespace) -> int:
     with progress_bar("agg2exp", not args.quiet) as progress:
         for index, case in enumerate(cases):
             image, reference, rois = read(case)
-            result = agg2exp_case(image, model, args.method, params, classes, rois, reference, variants,
-                                  case=case.name, keep_maps=args.save_maps, window_batch=args.window_batch,
-                                  progress=sub_progress(progress, index / len(cases), (index + 1) / len(cases)))
+            step = sub_progress(progress, index / len(cases), (index + 1) / len(cases))
+            # the case's one prediction, then every class explained with it
+            pipeline_case = start_case(image, model, settings, reference=reference, progress=sub_progress(step, 0.0, 0.1))
+            result = agg2exp_case(pipeline_case, model, classes=classes, rois=rois, variants=variants, name=case.name,
+                                  keep_maps=args.save_maps, progress=sub_progress(step, 0.1, 1.0))
             results.append(result)
             if args.save_maps:
                 folder = check_writable_dir(out_dir / "maps" / case.name)

@@ -1,5 +1,10 @@
 """``segxai lesions`` and ``segxai lesion-context``: instances of a lesion prediction, their
-table and saliency, and the context / transplant experiments (paper 001, METHODS section 3)."""
+table and saliency, and the context / transplant experiments (paper 001, METHODS section 3).
+
+Both run the case pipeline (:mod:`SegXAILib.pipeline`): ``lesions`` is ``start_case`` +
+``add_instance_maps`` + ``write_case`` (its output folder is the pipeline's layout, with a
+``case.json`` manifest); ``lesion-context`` takes the prediction and its instances from
+``start_case`` and runs the experiments of :mod:`SegXAILib.instances.experiments`."""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from ..image import SegXAIInputError
+from .case_settings import fields_named, settings_from_options
 from .common import case_card, case_options, load_case_model, progress_bar
 
 __all__ = ["add_commands"]
@@ -34,18 +40,10 @@ def _parse_click(text: str, option: str = "--click") -> tuple[float, float, floa
     return point  # type: ignore[return-value]
 
 
-def _class_index(card, class_name: str) -> int:
-    """``--class NAME`` -> its index (default: the first foreground class)."""
-    if not class_name:
-        return 1
-    if class_name not in card.class_names[1:]:
-        raise SegXAIInputError(f"--class {class_name!r}: the model's foreground classes are {card.class_names[1:]}")
-    return card.class_names.index(class_name)
-
-
 def _check_lesions_arguments(args: argparse.Namespace):
-    """Everything that can be checked before reading images: returns (card, ids, click, aggregations)."""
+    """Everything that can be checked before reading images: returns (card, settings)."""
     from ..instances import AGGREGATIONS
+    from ..pipeline import structure_index
 
     ids = _parse_instance_ids(args.instances) if args.instances is not None else None
     click = _parse_click(args.click) if args.click is not None else None
@@ -53,57 +51,46 @@ def _check_lesions_arguments(args: argparse.Namespace):
     if not aggregations or any(a not in AGGREGATIONS for a in aggregations):
         raise SegXAIInputError(f"--aggregation {args.aggregation!r}: expected mean, max or mean,max")
     aggregations = sorted(set(aggregations), key=aggregations.index)
-    for name, value, low in (("--n-samples", args.n_samples, 1), ("--batch-size", args.batch_size, 1),
-                             ("--min-voxels", args.min_voxels, 0), ("--window-batch", args.window_batch, 1)):
-        if value < low:
-            raise SegXAIInputError(f"{name} {value}: must be >= {low}")
-    if not args.noise_level >= 0:
-        raise SegXAIInputError(f"--noise-level {args.noise_level}: must be >= 0")
-    if not args.click_radius >= 0:
-        raise SegXAIInputError(f"--click-radius {args.click_radius}: must be >= 0")
     if args.reference is not None and not Path(args.reference).exists():
         raise SegXAIInputError(f"--reference {args.reference}: no such file")
     card = case_card(args)
-    class_index = _class_index(card, args.class_name)
-    return card, ids, click, aggregations, class_index
+    # without --instances or --click no instance gets maps (ids [] rather than every instance)
+    settings = settings_from_options({
+        "model": str(args.model), "device": args.device, "trust_bundle": args.trust_bundle,
+        "class_name": args.class_name,
+        "instances": {"ids": ids if ids is not None else (None if click is not None else []), "click_ras": click,
+                      "click_radius_mm": args.click_radius, "aggregations": aggregations,
+                      "n_samples": args.n_samples, "noise_level": args.noise_level, "batch_size": args.batch_size,
+                      "seed": args.seed, "min_voxels": args.min_voxels},
+        "precision": {"window_batch": args.window_batch},
+    }, _lesions_options(args))
+    with fields_named(_lesions_options(args)):
+        structure_index(card, settings.class_name)
+    return card, settings
 
 
-LESION_CSV_COLUMNS = ("id", "group", "reference_id", "voxels", "volume_mm3", "centroid_r", "centroid_a", "centroid_s",
-                      "mean_probability")
-
-
-def _lesion_csv(rows: list[dict], extra: list[str]) -> str:
-    import csv
-    import io as _io
-
-    buffer = _io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*LESION_CSV_COLUMNS, *extra])
-    for row in rows:
-        r, a, s = row["centroid_ras"]
-        base = [row.get("id"), row.get("group"), row.get("reference_id"), row["voxels"], row["volume_mm3"], r, a, s,
-                row.get("mean_probability")]
-        flat = {}
-        for aggregation, channels in (row.get("saliency") or {}).items():
-            for channel, values in channels.items():
-                flat[f"peak_positive_{aggregation}_{channel}"] = values["peak_positive"]
-                flat[f"peak_negative_{aggregation}_{channel}"] = values["peak_negative"]
-        writer.writerow(["" if v is None else v for v in [*base, *(flat.get(c) for c in extra)]])
-    return buffer.getvalue()
+def _lesions_options(args: argparse.Namespace) -> dict[str, str]:
+    """The options of ``segxai lesions`` / ``lesion-context`` by the settings field they set."""
+    options = {"device": "--device", "class_name": "--class", "instances.click_radius_mm": "--click-radius",
+               "instances.n_samples": "--n-samples", "instances.noise_level": "--noise-level",
+               "instances.batch_size": "--batch-size", "instances.seed": "--seed",
+               "instances.min_voxels": "--min-voxels", "precision.window_batch": "--window-batch",
+               "reference": "--reference"}
+    if getattr(args, "instances", None) is not None:
+        options["instances.ids"] = f"--instances {args.instances}"
+    if getattr(args, "instance", None) is not None:
+        options["instances.ids"] = f"--instance {args.instance}"
+    if getattr(args, "click", None) is not None:
+        options["instances.click_ras"] = f"--click {args.click}"
+    return options
 
 
 def _cmd_lesions(args: argparse.Namespace) -> int:
-    import json
-
-    import numpy as np
-
-    from .. import __version__
-    from ..instances import find_instances, instance_at, instance_saliency, lesion_rows
-    from ..io import atomic_path, check_writable_dir, read_channels, read_image, write_image
-    from ..models.inference import segment
+    from ..io import check_writable_dir, read_channels, read_image
+    from ..pipeline import add_instance_maps, read_manifest, start_case, write_case
     from ..progress import sub_progress
 
-    card, ids, click, aggregations, class_index = _check_lesions_arguments(args)
+    card, settings = _check_lesions_arguments(args)
     out_dir = check_writable_dir(args.out)
     image = read_channels(args.images, card.input_channels)
     reference = None
@@ -117,77 +104,17 @@ def _cmd_lesions(args: argparse.Namespace) -> int:
                 f"{image.spatial_shape}, or a different position / spacing / orientation); resample it first"
             )
     model = load_case_model(card, args)
-    class_name = card.class_names[class_index]
-    with progress_bar("lesions", not args.quiet) as progress:
-        segmentation = segment(image, model, progress=sub_progress(progress, 0.0, 0.2))
-        probabilities = segmentation.probabilities.array[class_index]
-        labels, instances = find_instances(segmentation.mask(class_index), probabilities, min_voxels=args.min_voxels,
-                                           grid=image)
-        chosen: list[int] = []
-        if ids is not None:
-            unknown = [i for i in ids if i > len(instances)]
-            if unknown:
-                raise SegXAIInputError(
-                    f"--instances: no instance {', '.join(map(str, unknown))}; the prediction has {len(instances)} "
-                    f"instance(s) of {class_name!r} (ids 1.. by decreasing size, at least {args.min_voxels} voxels)"
-                )
-            chosen = ids
-        elif click is not None:
-            if not instances:
-                raise SegXAIInputError(f"--click: the prediction has no instance of {class_name!r}")
-            try:
-                chosen = [instance_at(labels, image, click, radius_mm=args.click_radius)]
-            except SegXAIInputError as error:
-                raise SegXAIInputError(f"--click {args.click}: {error}") from None
-        maps = instance_saliency(
-            image, model, labels, chosen, class_index=class_index, aggregations=aggregations,
-            n_samples=args.n_samples, noise_level=args.noise_level, batch_size=args.batch_size, seed=args.seed,
-            window_batch=args.window_batch, progress=sub_progress(progress, 0.2, 1.0),
-        )
+    with progress_bar("lesions", not args.quiet) as progress, fields_named(_lesions_options(args)):
+        case = start_case(image, model, settings, reference=reference, progress=sub_progress(progress, 0.0, 0.2))
+        add_instance_maps(case, model, progress=sub_progress(progress, 0.2, 1.0))
         progress(1.0, "done")
+    manifest = write_case(case, out_dir)
 
-    rows = lesion_rows(instances, labels, image, {i: maps[i] for i in chosen},
-                       reference_mask=None if reference is None else reference.array[0] != 0)
-    for row in rows:
-        if row["id"] in chosen:
-            row["files"] = {aggregation: {name: f"instance{row['id']}_{aggregation}_{name}.nii.gz"
-                                          for name in image.channel_names} for aggregation in aggregations}
-    extra = [f"peak_{sign}_{aggregation}_{name}" for aggregation in aggregations for name in image.channel_names
-             for sign in ("positive", "negative")] if chosen else []
-
-    written = [write_image(image.with_array(labels.astype(np.uint16)[None], ("instances",)), out_dir / "instances.nii.gz")]
-    for identifier in chosen:
-        for aggregation in aggregations:
-            saliency_image = maps[identifier][aggregation]
-            for name in image.channel_names:
-                written.append(write_image(saliency_image.channel(name),
-                                           out_dir / f"instance{identifier}_{aggregation}_{name}.nii.gz"))
-    document = {
-        "model": card.name,
-        "model_checksum": card.checksum(),
-        "class_name": class_name,
-        "inputs": {name: str(Path(path).resolve()) for name, path in zip(card.input_channels, args.images)},
-        "reference": None if args.reference is None else str(Path(args.reference).resolve()),
-        "min_voxels": args.min_voxels,
-        "selected": chosen,
-        "selection": "instances" if ids is not None else ("click" if click is not None else None),
-        "click_ras": None if click is None else list(click),
-        "saliency": None if not chosen else {
-            "method": "instance_smoothgrad", "aggregations": aggregations, "n_samples": args.n_samples,
-            "noise_level": args.noise_level, "batch_size": args.batch_size, "seed": args.seed,
-            "grid": "model grid, mapped onto the input grid",
-        },
-        "instances": rows,
-        "segxai_version": __version__,
-    }
-    for name, text in (("lesions.json", json.dumps(document, indent=2, default=str) + "\n"),
-                       ("lesions.csv", _lesion_csv(rows, extra))):
-        with atomic_path(out_dir / name) as temporary:
-            temporary.write_text(text, encoding="utf-8")
-        written.append(out_dir / name)
-    print(f"{len(instances)} instance(s) of {class_name!r}" + (f"; saliency of {chosen}" if chosen else ""))
-    for path in written:
-        print(path)
+    chosen = list(case.instance_maps)
+    print(f"{len(case.instances)} instance(s) of {case.structure!r}" + (f"; saliency of {chosen}" if chosen else ""))
+    for entry in read_manifest(out_dir, verify=False)["files"]:
+        print(out_dir / entry["path"])
+    print(manifest)
     return 0
 
 
@@ -196,21 +123,18 @@ def _parse_points(option: str, texts: list[str]) -> list[tuple[float, float, flo
 
 
 def _check_context_arguments(args: argparse.Namespace):
-    """Checks before any image is read: returns (card, class_index, background, margins, targets)."""
+    """Checks before any image is read: returns (card, settings, class_index, background, margins, targets)."""
+    from ..pipeline import structure_index
+
     chosen = [name for name, value in (("--instance", args.instance), ("--click", args.click),
                                        ("--lesion-mask", args.lesion_mask)) if value is not None]
     if len(chosen) != 1:
         raise SegXAIInputError("lesion-context: give exactly one of --instance ID, --click R,A,S or --lesion-mask FILE")
-    if args.instance is not None and args.instance < 1:
-        raise SegXAIInputError(f"--instance {args.instance}: expected an instance id >= 1 (1 = largest)")
-    if args.click is not None:
-        _parse_click(args.click)
+    click = _parse_click(args.click) if args.click is not None else None
     if args.lesion_mask is not None and not Path(args.lesion_mask).exists():
         raise SegXAIInputError(f"--lesion-mask {args.lesion_mask}: no such file")
     if args.steps < 0:
         raise SegXAIInputError(f"--steps {args.steps}: must be >= 0")
-    if not args.click_radius >= 0:
-        raise SegXAIInputError(f"--click-radius {args.click_radius}: must be >= 0")
     background: str | float = args.background
     if args.background not in ("zero", "min"):
         try:
@@ -225,8 +149,16 @@ def _check_context_arguments(args: argparse.Namespace):
         raise SegXAIInputError(f"--margin {args.margin!r}: expected distances in mm >= 0 separated by commas, e.g. 0,5")
     targets = _parse_points("--transplant", args.transplant)
     card = case_card(args)
-    class_index = _class_index(card, args.class_name)
-    return card, class_index, background, margins, targets
+    # the prediction and its instances (no instance maps); --instance / --click select one
+    settings = settings_from_options({
+        "model": str(args.model), "device": args.device, "trust_bundle": args.trust_bundle,
+        "class_name": args.class_name,
+        "instances": {"ids": [args.instance] if args.instance is not None else (None if click is not None else []),
+                      "click_ras": click, "click_radius_mm": args.click_radius, "min_voxels": args.min_voxels},
+    }, _lesions_options(args))
+    with fields_named(_lesions_options(args)):
+        class_index = structure_index(card, settings.class_name)
+    return card, settings, class_index, background, margins, targets
 
 
 def _cmd_lesion_context(args: argparse.Namespace) -> int:
@@ -237,13 +169,13 @@ def _cmd_lesion_context(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .. import __version__
-    from ..instances import context_experiment, context_figure, find_instances, instance_at, transplant_experiment
+    from ..instances import context_experiment, context_figure, transplant_experiment
     from ..io import atomic_path, check_writable_dir, read_channels, read_image, write_image
-    from ..models.inference import segment
+    from ..pipeline import select_instances, start_case
     from ..progress import sub_progress
     from ..report.figures import save_figure
 
-    card, class_index, background, margins, targets = _check_context_arguments(args)
+    card, settings, class_index, background, margins, targets = _check_context_arguments(args)
     out_dir = check_writable_dir(args.out)
     image = read_channels(args.images, card.input_channels)
     model = load_case_model(card, args)
@@ -263,24 +195,13 @@ def _cmd_lesion_context(args: argparse.Namespace) -> int:
             selection = {"lesion_mask": str(Path(args.lesion_mask).resolve())}
             context_share = 1.0
         else:
-            segmentation = segment(image, model, progress=sub_progress(progress, 0.0, 0.1))
-            labels, instances = find_instances(segmentation.mask(class_index),
-                                               segmentation.probabilities.array[class_index],
-                                               min_voxels=args.min_voxels, grid=image)
-            if not instances:
-                raise SegXAIInputError(f"the prediction has no instance of {class_name!r}")
-            if args.instance is not None:
-                if args.instance > len(instances):
-                    raise SegXAIInputError(f"--instance {args.instance}: the prediction has {len(instances)} "
-                                           f"instance(s) of {class_name!r}")
-                identifier = args.instance
-            else:
-                try:
-                    identifier = instance_at(labels, image, _parse_click(args.click), radius_mm=args.click_radius)
-                except SegXAIInputError as error:
-                    raise SegXAIInputError(f"--click {args.click}: {error}") from None
-            lesion = labels == identifier
-            selection = {"instance": identifier, "click_ras": None if args.click is None else _parse_click(args.click)}
+            with fields_named(_lesions_options(args)):
+                case = start_case(image, model, settings, progress=sub_progress(progress, 0.0, 0.1))
+                if not case.instances:
+                    raise SegXAIInputError(f"the prediction has no instance of {class_name!r}")
+                identifier = select_instances(case)[0]
+            lesion = case.instance_labels.array[0] == identifier
+            selection = {"instance": identifier, "click_ras": None if args.click is None else list(settings.instances.click_ras)}
             progress(0.1, f"instance {identifier}")
             context_share = 0.9
         # transplants first: a target off the grid fails before the longer context experiment

@@ -8,6 +8,9 @@
 * :func:`classify_instances`: TP / FP instances of the prediction, FN components of the
   reference, TN spheres of the mean reference lesion volume drawn (seeded) inside a body
   mask, away from both masks.
+* :func:`lesion_rows`: the lesion table of a prediction (the rows of ``lesions.json`` /
+  ``lesions.csv``): geometry, TP / FP / FN group against a reference, and the
+  :func:`lesion_table` values of each explained instance's own maps.
 * :func:`compare_groups`: two-sided Mann-Whitney U tests between every pair of groups of
   peak values.
 
@@ -26,7 +29,7 @@ from scipy import ndimage
 from ..image import Image, SegXAIInputError
 from .instances import Instance, _grid_matrix, find_instances
 
-__all__ = ["lesion_table", "classify_instances", "lesion_rows", "compare_groups", "GROUPS"]
+__all__ = ["lesion_table", "classify_instances", "lesion_rows", "compare_groups", "GROUPS", "LESION_SALIENCY_KEYS"]
 
 GROUPS = ("TP", "FP", "FN", "TN")
 
@@ -310,15 +313,23 @@ def classify_instances(
     }
 
 
+#: the saliency values each lesion row carries per aggregation and channel (:func:`lesion_rows`)
+LESION_SALIENCY_KEYS = ("peak_positive", "peak_negative", "peak_positive_local", "peak_negative_local",
+                        "share_inside", "share_shell", "share_outside")
+
+
 def lesion_rows(
     instances: Sequence[Instance],
     labels: np.ndarray,
     grid: Image,
     saliency: Optional[Mapping[int, Mapping[str, Image]]] = None,
     reference_mask: Optional[np.ndarray] = None,
+    shell_mm: float = 5.0,
 ) -> list[dict]:
-    """The lesion list of a prediction (``segxai lesions``): one row per predicted instance, then
-    one per reference lesion that no instance touches.
+    """The lesion table of a prediction: one row per predicted instance, then one per reference
+    lesion that no instance touches. The one row builder of the library: the case pipeline's
+    lesion table (:func:`SegXAILib.pipeline.lesion_rows`, ``lesions.json`` / ``lesions.csv``)
+    is this function of the case.
 
     Parameters
     ----------
@@ -330,21 +341,25 @@ def lesion_rows(
         The labels' grid (the input image).
     saliency : dict, optional
         ``{instance id: {aggregation: map (C, I, J, K)}}`` for the explained instances
-        (:func:`~SegXAILib.instances.instance_saliency`), on ``grid``; every explained instance
-        has the same aggregations.
+        (:func:`~SegXAILib.instances.instance_saliency`), on ``grid``. Ids that are not among
+        ``instances`` are ignored.
     reference_mask : numpy.ndarray, optional
         ``(I, J, K)`` reference lesions (non-zero) on ``grid``: the predicted rows get their group
         (TP / FP, :func:`classify_instances`) and the missed reference lesions are added (FN).
+    shell_mm : float
+        The shell of :func:`lesion_table` (mm) for the ``*_local`` peaks and the shares.
 
     Returns
     -------
     list of dict
         ``id, group, reference_id, voxels, volume_mm3, centroid_ras, mean_probability``; an
-        explained instance also has ``saliency``: ``{aggregation: {channel: {peak_positive,
-        peak_negative, peak_positive_local, peak_negative_local}}}`` (:func:`lesion_table`). An FN
-        row has ``id`` and ``mean_probability`` None, its reference component's id as
-        ``reference_id`` and that component's bounding box (``bbox_start``, ``bbox_stop``).
-        ``group`` is None without a reference.
+        explained instance also has ``saliency``: ``{aggregation: {channel: {key: value}}}`` with
+        the keys :data:`LESION_SALIENCY_KEYS` (``peak_positive``, ``peak_negative``,
+        ``peak_positive_local``, ``peak_negative_local``, ``share_inside``, ``share_shell``,
+        ``share_outside``; :func:`lesion_table` of the instance's own map: the peaks over the
+        whole map, the ``*_local`` peaks over the instance and its shell, the shares of the
+        positive mass). An FN row has ``id`` and ``mean_probability`` None and its reference
+        component's id as ``reference_id``. ``group`` is None without a reference.
     """
     saliency = dict(saliency or {})
     groups: dict[int, str] = {}
@@ -357,29 +372,36 @@ def lesion_rows(
         _, reference_instances = find_instances(reference, grid=grid)
         for component in reference_instances:
             if component.id in classes["FN"]["ids"]:
-                entry = component.to_dict()
-                false_negatives.append({"id": None, "group": "FN", "reference_id": entry.pop("id"), **entry,
-                                        "mean_probability": None})
+                false_negatives.append({"id": None, "group": "FN", "reference_id": int(component.id),
+                                        **_geometry_entry(component), "mean_probability": None})
     by_id = {instance.id: instance for instance in instances}
     explained = [i for i in saliency if i in by_id]
-    aggregations = list(saliency[explained[0]]) if explained else []
-    # one table per aggregation, over every explained instance with its own map
-    tables = {aggregation: {row["id"]: row for row in lesion_table(
-        [by_id[i] for i in explained], labels, {i: saliency[i][aggregation] for i in explained}, grid)}
-        for aggregation in aggregations}
+    # the aggregations in order of first appearance; one table per aggregation, over the
+    # explained instances that have a map of it (each with its own map)
+    aggregations = list(dict.fromkeys(a for i in explained for a in saliency[i]))
+    tables: dict[str, dict[int, dict]] = {}
+    for aggregation in aggregations:
+        having = [i for i in explained if aggregation in saliency[i]]
+        table = lesion_table([by_id[i] for i in having], labels, {i: saliency[i][aggregation] for i in having}, grid,
+                             shell_mm=shell_mm)
+        tables[aggregation] = {row["id"]: row for row in table}
     rows = []
     for instance in instances:
-        row = instance.to_dict()
-        row.pop("bbox_start"), row.pop("bbox_stop")
-        row = {"id": row.pop("id"), "group": groups.get(instance.id), "reference_id": None, **row}
+        row = {"id": int(instance.id), "group": groups.get(instance.id), "reference_id": None,
+               **_geometry_entry(instance),
+               "mean_probability": None if instance.mean_probability is None else float(instance.mean_probability)}
         if instance.id in explained:
-            row["saliency"] = {aggregation: {name: {key: values[key] for key in
-                                                    ("peak_positive", "peak_negative", "peak_positive_local",
-                                                     "peak_negative_local")}
+            row["saliency"] = {aggregation: {name: {key: values[key] for key in LESION_SALIENCY_KEYS}
                                              for name, values in tables[aggregation][instance.id]["channels"].items()}
-                               for aggregation in aggregations}
+                               for aggregation in aggregations if instance.id in tables[aggregation]}
         rows.append(row)
     return rows + false_negatives
+
+
+def _geometry_entry(instance: Instance) -> dict:
+    """``voxels, volume_mm3, centroid_ras`` of a row (JSON-ready)."""
+    return {"voxels": int(instance.voxels), "volume_mm3": float(instance.volume_mm3),
+            "centroid_ras": [float(v) for v in instance.centroid_ras]}
 
 
 def compare_groups(peaks: Mapping[str, Sequence[float]]) -> list[dict]:

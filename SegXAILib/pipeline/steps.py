@@ -36,7 +36,6 @@ __all__ = [
     "find_case_instances",
     "select_instances",
     "explain_instances",
-    "reference_groups",
     "lesion_rows",
     "resolve_risk_model",
     "score_qa",
@@ -260,67 +259,17 @@ def explain_instances(
         )
 
 
-def reference_groups(case: Case) -> tuple[dict[int, str], list[dict]]:
-    """With ``case.reference``: TP / FP per predicted instance (paper 001's overlap rule) and
-    one row per reference lesion the prediction missed (FN)."""
-    from ..instances import classify_instances, find_instances
-
-    if case.reference is None or case.instance_labels is None:
-        return {}, []
-    truth = case.reference.array[0] != 0
-    classes = classify_instances(case.instance_labels.array[0], truth, case.image, n_tn=0)
-    groups = {i: "TP" for i in classes["TP"]["ids"]} | {i: "FP" for i in classes["FP"]["ids"]}
-    _, components = find_instances(truth, grid=case.image)
-    missed = []
-    for component in components:
-        if component.id in classes["FN"]["ids"]:
-            entry = component.to_dict()
-            entry.pop("bbox_start"), entry.pop("bbox_stop")
-            missed.append({"id": None, "group": "FN", "reference_id": entry.pop("id"), **entry, "mean_probability": None})
-    return groups, missed
-
-
-#: the saliency values each lesion row carries per aggregation and channel
-LESION_SALIENCY_KEYS = ("peak_positive", "peak_negative", "peak_positive_local", "peak_negative_local",
-                        "share_inside", "share_shell", "share_outside")
-
-
 def lesion_rows(case: Case) -> list[dict]:
-    """The lesion table: one row per predicted instance, then one per missed reference lesion.
-
-    Each row: ``id, group (TP / FP / FN or None), reference_id, voxels, volume_mm3,
-    centroid_ras, mean_probability`` and, for an instance with instance maps, ``saliency``:
-    ``{aggregation: {channel: {peak_positive, peak_negative, peak_positive_local,
-    peak_negative_local, share_inside, share_shell, share_outside}}}``
-    (:func:`~SegXAILib.instances.lesion_table`: ``*_local`` over the instance and its shell,
-    the others over the whole map).
-    """
-    from ..instances import lesion_table
+    """The case's lesion table: :func:`SegXAILib.instances.lesion_rows` of its instances, their
+    instance maps, its reference and ``settings.instances.shell_mm`` (one row per predicted
+    instance, then one per missed reference lesion; [] without instances)."""
+    from ..instances import lesion_rows as instance_rows
 
     if case.instance_labels is None:
         return []
-    labels = case.instance_labels.array[0]
-    groups, missed = reference_groups(case)
-    by_aggregation: dict[str, dict[int, dict]] = {}
-    with_maps = [i for i in case.instances if i.id in case.instance_maps]
-    for aggregation in case.settings.instances.aggregations:
-        if with_maps:
-            table = lesion_table(with_maps, labels, {i.id: case.instance_maps[i.id][aggregation] for i in with_maps},
-                                 case.image, shell_mm=case.settings.instances.shell_mm)
-            by_aggregation[aggregation] = {row["id"]: row for row in table}
-    rows = []
-    for instance in case.instances:
-        entry = instance.to_dict()
-        entry.pop("bbox_start"), entry.pop("bbox_stop")
-        row = {"id": entry.pop("id"), "group": groups.get(instance.id), "reference_id": None, **entry}
-        if instance.id in case.instance_maps:
-            row["saliency"] = {
-                aggregation: {channel: {key: values[key] for key in LESION_SALIENCY_KEYS}
-                              for channel, values in rows_by_id[instance.id]["channels"].items()}
-                for aggregation, rows_by_id in by_aggregation.items()
-            }
-        rows.append(row)
-    return rows + missed
+    return instance_rows(case.instances, case.instance_labels.array[0], case.image, case.instance_maps,
+                         reference_mask=None if case.reference is None else case.reference.array[0] != 0,
+                         shell_mm=case.settings.instances.shell_mm)
 
 
 # ---------------------------------------------------------------------------- QA

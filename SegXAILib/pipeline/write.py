@@ -31,11 +31,11 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 
 from ..image import SegXAIInputError
+from ..instances.table import LESION_SALIENCY_KEYS
 from ..io import atomic_path, check_writable_dir, write_image
 from ..models import Segmentation
 from ..progress import CancelToken
 from .case import Case
-from .steps import LESION_SALIENCY_KEYS
 
 __all__ = ["MANIFEST", "MANIFEST_FORMAT", "write_case", "write_segmentation", "write_json", "read_manifest",
            "add_to_manifest", "lesion_csv", "file_sha256"]
@@ -115,7 +115,7 @@ def write_segmentation(segmentation: Segmentation, out_dir: Union[str, Path], su
 
 def lesion_csv(rows: list[dict], channels: list[str], aggregations: list[str]) -> str:
     """The lesion table as CSV: one row per lesion, ``<key>_<aggregation>_<channel>`` columns
-    for the saliency values of :data:`~SegXAILib.pipeline.steps.LESION_SALIENCY_KEYS`."""
+    for the saliency values of :data:`~SegXAILib.instances.table.LESION_SALIENCY_KEYS`."""
     base = ("id", "group", "reference_id", "voxels", "volume_mm3", "centroid_r", "centroid_a", "centroid_s",
             "mean_probability")
     has_maps = any(row.get("saliency") for row in rows)
