@@ -530,9 +530,9 @@ def test_fitting_on_images_progress_cancel_and_seed(tiny_model):
     token.cancel()
     with pytest.raises(Cancelled):
         fit_patterns(tiny_model, images, cancel=token)
-    with pytest.raises(SegXAIInputError, match="--max-volumes"):
+    with pytest.raises(SegXAIInputError, match="^max_volumes 0"):
         fit_patterns(tiny_model, images, max_volumes=0)
-    with pytest.raises(SegXAIInputError, match="--estimator"):
+    with pytest.raises(SegXAIInputError, match="^estimator "):
         fit_patterns(tiny_model, images, ("quadratic",))
 
 

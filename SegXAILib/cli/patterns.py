@@ -130,7 +130,7 @@ def _cmd_patterns_fit(args: argparse.Namespace) -> int:
         return lambda: read_channels(paths, card.input_channels)
 
     with progress_bar("patterns fit", not args.quiet) as progress, \
-            options_named("max_volumes", "max_windows", "window_batch", "seed", estimators="--estimator"):
+            options_named("max_volumes", "max_windows", "window_batch", "seed", "estimator", estimators="--estimator"):
         sets = fit_patterns(model, [reader(paths) for _, paths in cases], estimators, max_volumes=args.max_volumes,
                             max_windows=args.max_windows, window_batch=args.window_batch, seed=args.seed,
                             progress=progress)

@@ -70,7 +70,7 @@ def fit_patterns_on_tensors(
     """
     for estimator in estimators:
         if estimator not in ESTIMATORS:
-            raise SegXAIInputError(f"--estimator {estimator!r}: expected one of {', '.join(ESTIMATORS)} or both")
+            raise SegXAIInputError(f"estimator {estimator!r}: expected one of {', '.join(ESTIMATORS)} or both")
     if not volumes:
         raise SegXAIInputError("patterns: no volumes to fit on")
     if window_batch < 1:
@@ -147,7 +147,7 @@ def fit_patterns(
     images = list(images)
     if max_volumes is not None:
         if max_volumes < 1:
-            raise SegXAIInputError(f"--max-volumes {max_volumes}: must be >= 1")
+            raise SegXAIInputError(f"max_volumes {max_volumes}: must be >= 1")
         if len(images) > max_volumes:
             chosen = np.sort(np.random.default_rng(seed).choice(len(images), size=max_volumes, replace=False))
             images = [images[int(i)] for i in chosen]
