@@ -177,7 +177,7 @@ def _run(args: argparse.Namespace, progress, cancel) -> Path:
     case = run_case(image, model, settings, reference=reference, progress=sub_progress(progress, 0.0, 0.97),
                     cancel=cancel)
     progress(0.97, "writing")
-    return write_case(case, out, cancel=cancel)
+    return write_case(case, out, cancel=cancel, inputs=dict(zip(card.input_channels, args.images)))
 
 
 def run_process(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from SegXAILib.cli import main
+from SegXAILib.pipeline import read_manifest
 from SegXAILib.io import read_channels, read_image, write_image
 
 BENCHMARK = Path(__file__).resolve().parent / "Benchmarks" / "bench_attribution.py"
@@ -63,14 +64,15 @@ def run_explain(images, model_name, method, out, *extra) -> int:
 def check_outputs(images, out, method, result, suffix=".nii.gz", transform=lambda v: v):
     reference = read_image(images[0])
     for channel, name in enumerate(result.maps.channel_names):
-        written = read_image(out / f"{method}_{name}{suffix}")
+        written = read_image(out / "maps" / f"{method}_{name}{suffix}")
         np.testing.assert_allclose(written.ijk_to_ras, reference.ijk_to_ras, atol=1e-4)
         assert written.spatial_shape == reference.spatial_shape
         expected = transform(result.maps.array[channel])
         scale = float(np.abs(expected).max())
         assert scale > 0, "the map should not be all zeros"
         np.testing.assert_allclose(written.array[0], expected, rtol=1e-5, atol=1e-6 * scale)
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    assert not [p for p in out.rglob(".*")]  # no temporary files left
+    read_manifest(out)  # every written file is listed with its checksum
 
 
 @pytest.mark.parametrize("method, params", [("vanilla_gradient", {}), ("smoothgrad", {"n_samples": 2})])
@@ -81,17 +83,18 @@ def test_explain_parotid_phantom(tmp_path, parotid_case, models, method, params)
     result = python_maps([parotid_case], models["parotid-S6"], method, params)
     assert result.maps.channel_names == ("CT",)
     check_outputs([parotid_case], out, method, result)
-    sidecar = json.loads((out / f"{method}.json").read_text(encoding="utf-8"))
+    sidecar = json.loads((out / "maps" / f"{method}.json").read_text(encoding="utf-8"))
     assert sidecar["method"] == method
     assert sidecar["parameters"] == json.loads(json.dumps(result.metadata()["parameters"]))
     assert sidecar["postprocessing"] == "signed"
     assert sidecar["target"]["class_name"] == "gland" and sidecar["target"]["spec"] == "class"
-    assert sidecar["inputs"] == {"CT": str(parotid_case.resolve())}
+    manifest = read_manifest(out)
+    assert manifest["inputs"] == {"CT": str(parotid_case.resolve())}
     assert sidecar["files"] == {"CT": f"{method}_CT.nii.gz"}
     assert sidecar["model"] == "segxai-parotid-S6" and sidecar["model_checksum"]
     from SegXAILib import __version__
 
-    assert sidecar["segxai_version"] == __version__
+    assert manifest["versions"]["segxai"] == __version__
     if method == "smoothgrad":
         assert sidecar["parameters"]["n_samples"] == 2
         assert sidecar["seed"] == 0 and sidecar["parameters"]["seed"] == 0
@@ -107,7 +110,7 @@ def test_explain_lesion_sample(tmp_path, lesion_case, models, method, params):
     result = python_maps(lesion_case, models["lesions"], method, params, target="class:lesion")
     assert result.maps.channel_names == ("FLAIR", "T1")
     check_outputs(lesion_case, out, method, result)
-    sidecar = json.loads((out / f"{method}.json").read_text(encoding="utf-8"))
+    sidecar = json.loads((out / "maps" / f"{method}.json").read_text(encoding="utf-8"))
     assert sidecar["channels"] == ["FLAIR", "T1"]
     assert set(sidecar["files"]) == {"FLAIR", "T1"}
     if method == "smoothgrad":
@@ -128,7 +131,7 @@ def test_explain_postprocessing_suffix_and_region_target(tmp_path, parotid_case,
     result = python_maps([parotid_case], models["parotid-S6"], "gradient_x_input", {},
                          target=TargetSpec.parse(f"region:{mask_path}:gland"))
     check_outputs([parotid_case], out, "gradient_x_input", result, suffix=".nrrd", transform=np.abs)
-    sidecar = json.loads((out / "gradient_x_input.json").read_text(encoding="utf-8"))
+    sidecar = json.loads((out / "maps" / "gradient_x_input.json").read_text(encoding="utf-8"))
     assert sidecar["postprocessing"] == "absolute" and sidecar["target"]["spec"] == "region"
     assert sidecar["target"]["kind"] == "RegionTarget"
 
@@ -136,7 +139,7 @@ def test_explain_postprocessing_suffix_and_region_target(tmp_path, parotid_case,
 def test_explain_normalised_is_in_unit_range(tmp_path, parotid_case):
     out = tmp_path / "out"
     assert run_explain([parotid_case], "parotid-S6", "vanilla_gradient", out, "--postprocess", "normalised") == 0
-    values = read_image(out / "vanilla_gradient_CT.nii.gz").array
+    values = read_image(out / "maps" / "vanilla_gradient_CT.nii.gz").array
     assert values.min() >= 0.0 and values.max() == pytest.approx(1.0)
 
 

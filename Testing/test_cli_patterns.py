@@ -73,9 +73,10 @@ def test_fit_writes_both_estimators_beside_the_card_and_explain_uses_them(card, 
     out = tmp_path / "explained"
     assert main(["-q", "explain", *map(str, case), "--model", str(card), "--method", "pattern_attribution",
                  "--target", f"region:{mask_path}", "--out", str(out)]) == 0
-    sidecar = json.loads((out / "pattern_attribution.json").read_text(encoding="utf-8"))
+    sidecar = json.loads((out / "maps" / "pattern_attribution.json").read_text(encoding="utf-8"))
     assert sidecar["method"] == "pattern_attribution" and sidecar["parameters"]["estimator"] == "two_component"
-    assert {p.name for p in out.glob("*.nii.gz")} == {"pattern_attribution_ch0.nii.gz", "pattern_attribution_ch1.nii.gz"}
+    assert {p.name for p in (out / "maps").glob("*.nii.gz")} == {"pattern_attribution_ch0.nii.gz",
+                                                             "pattern_attribution_ch1.nii.gz"}
 
 
 def test_flat_layout_one_estimator_max_volumes_and_out(card, tmp_path):

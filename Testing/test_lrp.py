@@ -550,11 +550,11 @@ def test_cli_explain_lrp_and_methods(tmp_path, lesion_case, capsys):
     common = ["-q", "explain", *map(str, files), "--model", "lesions", "--method", "lrp", "--device", "cpu",
               "--target", "instance:1"]
     assert main([*common, "--param", "composite=epsilon_plus", "--out", str(out)]) == 0
-    sidecar = json.loads((out / "lrp.json").read_text(encoding="utf-8"))
+    sidecar = json.loads((out / "maps" / "lrp.json").read_text(encoding="utf-8"))
     assert sidecar["method"] == "lrp" and sidecar["parameters"]["composite"] == "epsilon_plus"
     expected = explain(image, model, "lrp", TargetSpec("instance", instance_id=1), {"composite": "epsilon_plus"})
     for channel, name in enumerate(("FLAIR", "T1")):
-        written = read_image(out / f"lrp_{name}.nii.gz")
+        written = read_image(out / "maps" / f"lrp_{name}.nii.gz")
         scale = float(np.abs(expected.maps.array[channel]).max())
         np.testing.assert_allclose(written.array[0], expected.maps.array[channel], rtol=1e-5, atol=1e-6 * scale)
     bad = tmp_path / "bad"

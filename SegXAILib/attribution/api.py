@@ -109,8 +109,10 @@ class AttributionResult:
                        postprocessing=kind)
 
     def metadata(self) -> dict[str, Any]:
+        stochastic = get_method(self.method).stochastic
         return {
             "method": self.method,
+            "seed": self.parameters.get("seed") if stochastic else None,
             "postprocessing": self.postprocessing,
             "parameters": {k: v for k, v in self.parameters.items() if not isinstance(v, torch.Tensor)},
             "target": self.target,

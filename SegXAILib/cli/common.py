@@ -64,11 +64,7 @@ def case_card(args: argparse.Namespace):
     from ..pipeline import resolve_model_card
 
     card = resolve_model_card(args.model)
-    if len(args.images) != len(card.input_channels):
-        raise SegXAIInputError(
-            f"model {card.name!r} takes {len(card.input_channels)} image(s) "
-            f"({', '.join(card.input_channels)}), got {len(args.images)}"
-        )
+    card.check_input_count(len(args.images), "image(s)")
     return card
 
 

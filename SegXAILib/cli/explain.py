@@ -58,7 +58,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         add_maps(case, model, progress=sub_progress(progress, 0.1, 1.0))
     name = settings.methods[0].name
     case.maps[name] = case.maps[name].postprocessed(args.postprocess)
-    manifest = write_case(case, out_dir, suffix=args.suffix)
+    manifest = write_case(case, out_dir, suffix=args.suffix, inputs=dict(zip(card.input_channels, args.images)))
     for channel in image.channel_names:
         print(f"{channel}: {out_dir / 'maps' / f'{name}_{channel}{args.suffix}'}")
     print(f"metadata: {out_dir / 'maps' / f'{name}.json'}")

@@ -108,7 +108,7 @@ def _cmd_lesions(args: argparse.Namespace) -> int:
         case = start_case(image, model, settings, reference=reference, progress=sub_progress(progress, 0.0, 0.2))
         add_instance_maps(case, model, progress=sub_progress(progress, 0.2, 1.0))
         progress(1.0, "done")
-    manifest = write_case(case, out_dir)
+    manifest = write_case(case, out_dir, inputs=dict(zip(case.card.input_channels, args.images)))
 
     chosen = list(case.instance_maps)
     print(f"{len(case.instances)} instance(s) of {case.structure!r}" + (f"; saliency of {chosen}" if chosen else ""))

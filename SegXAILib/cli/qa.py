@@ -152,7 +152,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     if out_dir is None:
         return 0
     plots = write_risk_plots(out_dir, risk, case.qa.curve, result, prefix="qa_")
-    manifest = write_case(case, out_dir, extra_files={f"plot:{k}": v for k, v in plots.items()})
+    manifest = write_case(case, out_dir, extra_files={f"plot:{k}": v for k, v in plots.items()},
+                          inputs=dict(zip(card.input_channels, args.images)))
     print(out_dir / "qa.json")
     print(manifest)
     return 0

@@ -20,7 +20,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     image = read_case_images(args.images, card)
     with progress_bar("segment", not args.quiet) as progress:
         case = start_case(image, model, settings, progress=progress)
-    manifest = write_case(case, args.out, suffix=args.suffix)
+    manifest = write_case(case, args.out, suffix=args.suffix, inputs=dict(zip(card.input_channels, args.images)))
     for entry in read_manifest(args.out, verify=False)["files"]:
         print(f"{entry['role']}: {args.out / entry['path']}")
     print(f"manifest: {manifest}")

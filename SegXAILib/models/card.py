@@ -126,6 +126,15 @@ class ModelCard:
         base = self.path.parent if self.path is not None else Path.cwd()
         return (base / relative).resolve()
 
+    def check_input_count(self, count: int, what: str = "image(s)") -> None:
+        """An error unless ``count`` inputs (images, volume nodes, channels) match the card's
+        input channels; the one check every front end and step makes."""
+        if count != len(self.input_channels):
+            raise SegXAIInputError(
+                f"model {self.name!r} takes {len(self.input_channels)} {what} "
+                f"({', '.join(self.input_channels)}), got {count}"
+            )
+
     def checksum(self) -> str:
         """SHA-256 of the card's canonical JSON and of the weights it names: identifies the model.
 

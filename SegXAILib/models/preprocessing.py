@@ -75,12 +75,7 @@ def preprocess(image: Image, card: ModelCard):
     """
     from monai.data import MetaTensor
 
-    expected = len(card.input_channels)
-    if image.num_channels != expected:
-        raise SegXAIInputError(
-            f"model {card.name!r} takes {expected} channel(s) ({', '.join(card.input_channels)}), "
-            f"got {image.num_channels} ({', '.join(image.channel_names)})"
-        )
+    card.check_input_count(image.num_channels, "channel(s)")
     x = _to_model_grid(image, card, "bilinear")
     x = intensity_transform(card)(x)
     if not isinstance(x, MetaTensor):

@@ -282,12 +282,8 @@ def case_image(input_volumes: Sequence, card) -> Image:
     from ..pipeline import check_channels
     from .nodes import channel_image_from_volume_nodes
 
-    volumes = list(input_volumes)
-    if len(volumes) != len(card.input_channels) or not all(volumes):
-        raise SegXAIInputError(
-            f"model {card.name!r} takes {len(card.input_channels)} input volume(s) "
-            f"({', '.join(card.input_channels)}), got {len([v for v in volumes if v])}"
-        )
+    volumes = [volume for volume in input_volumes if volume]
+    card.check_input_count(len(volumes), "input volume(s)")
     return check_channels(channel_image_from_volume_nodes(volumes, card.input_channels), card)
 
 

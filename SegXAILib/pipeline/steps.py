@@ -98,11 +98,7 @@ class ModelCache:
 
 def check_channels(image: Image, card: ModelCard) -> Image:
     """``image`` if it has one channel per model input, else an error naming both counts."""
-    if image.num_channels != len(card.input_channels):
-        raise SegXAIInputError(
-            f"model {card.name!r} takes {len(card.input_channels)} input volume(s) "
-            f"({', '.join(card.input_channels)}), got {image.num_channels}"
-        )
+    card.check_input_count(image.num_channels, "input volume(s)")
     return image
 
 
@@ -110,11 +106,7 @@ def read_case_images(paths: Sequence[Union[str, Path]], card: ModelCard) -> Imag
     """One file (or DICOM series folder) per model input channel, in the card's order."""
     from ..io import read_channels
 
-    if len(paths) != len(card.input_channels):
-        raise SegXAIInputError(
-            f"model {card.name!r} takes {len(card.input_channels)} image(s) "
-            f"({', '.join(card.input_channels)}), got {len(paths)}"
-        )
+    card.check_input_count(len(paths), "image(s)")
     return read_channels(list(paths), card.input_channels)
 
 

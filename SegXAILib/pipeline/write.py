@@ -146,10 +146,12 @@ def _versions() -> dict[str, str]:
 
 
 def write_case(case: Case, out_dir: Union[str, Path], cancel: Optional[CancelToken] = None,
-               extra_files: Optional[Mapping[str, Union[str, Path]]] = None, suffix: str = ".nii.gz") -> Path:
+               extra_files: Optional[Mapping[str, Union[str, Path]]] = None, suffix: str = ".nii.gz",
+               inputs: Optional[Mapping[str, Union[str, Path]]] = None) -> Path:
     """Write ``case`` into ``out_dir`` (the layout in the module docstring); returns the
     manifest's path. ``extra_files`` (role -> path inside ``out_dir``) are listed in the
-    manifest too; ``suffix`` is the image format (``.nii.gz``, ``.nrrd``, ``.mha``...)."""
+    manifest too; ``suffix`` is the image format (``.nii.gz``, ``.nrrd``, ``.mha``...);
+    ``inputs`` (channel -> file) records where the images came from."""
     out_dir = check_writable_dir(out_dir)
     image, card = case.image, case.card
     files: dict[str, Path] = {}
@@ -207,6 +209,7 @@ def write_case(case: Case, out_dir: Union[str, Path], cancel: Optional[CancelTok
         "model": {"name": card.name, "version": card.version, "checksum": card.checksum()},
         "structure": case.structure,
         "device": case.device,
+        "inputs": {name: str(Path(path).resolve()) for name, path in (inputs or {}).items()},
         "grid": {"shape": list(image.spatial_shape), "spacing_mm": [float(s) for s in image.spacing],
                  "ijk_to_ras": image.ijk_to_ras.tolist(), "channels": list(image.channel_names)},
         "summary": _summary(case),
