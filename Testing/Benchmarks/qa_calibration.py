@@ -5,7 +5,7 @@ Run from the repository root (about 20 minutes on 2 CPU cores)::
     nice -n 10 python Testing/Benchmarks/qa_calibration.py [--lesion-cases 30] [--deepbet-cases 20]
         [--seed 0] [--work DIR] [--out Testing/Benchmarks/results] [--ship]
 
-Builds two cohorts with :func:`SegXAILib.topology.cohort.build_cohort`:
+Builds two cohorts with :func:`SegXAILib.pipeline.cohort.build_cohort`:
 
 * ``lesions``: the bundled lesion model on lesion phantoms (held-out seeds from 10000 on)
   with graded degradations (``LESION_GRID``: noise, bias field, lesion contrast, resolution,
@@ -47,7 +47,8 @@ from bench_attribution import write_results  # noqa: E402
 
 from SegXAILib.image import SegXAIInputError  # noqa: E402
 from SegXAILib.io import atomic_path  # noqa: E402
-from SegXAILib.topology.cohort import build_cohort, calibrate_cohort, read_cohort  # noqa: E402
+from SegXAILib.pipeline.cohort import build_cohort  # noqa: E402
+from SegXAILib.topology.cohort import calibrate_cohort, read_cohort  # noqa: E402
 
 SHIPPED = ROOT / "Resources" / "Models" / "lesions" / "risk_guided_gradcam.json"
 
