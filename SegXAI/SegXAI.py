@@ -629,7 +629,7 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def caseSettings(model="lesions", methods=(), params=None, target="", device="auto", riskModel=None,
-                     qaMethod=None, instances=None, aggregation="max", instanceParams=None, className="",
+                     qaMethod=None, instances=None, aggregation="mean", instanceParams=None, className="",
                      trustBundle=False):
         """Validated :class:`~SegXAILib.pipeline.CaseSettings` from the panel's choices.
 
@@ -655,7 +655,8 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
         instances : sequence of int, optional
             Instances (1 = largest) that get an instance map; none when None.
         aggregation : str
-            The instance maps' aggregation, ``max`` (paper 001 eq. 3) or ``mean`` (eq. 2).
+            The instance maps' aggregation, ``mean`` (paper 001 eq. 2, one backward per noise
+            sample; the panel's default) or ``max`` (eq. 3, one per lesion voxel and sample).
         instanceParams : dict, optional
             Further :class:`~SegXAILib.pipeline.InstanceSettings` fields (``n_samples``,
             ``noise_level``, ``batch_size``, ``seed``, ``min_voxels``, ``shell_mm``).

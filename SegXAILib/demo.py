@@ -22,7 +22,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .image import Image
+from .image import Image, SegXAIInputError
 from .io import check_writable_dir, write_image
 from .metrics import dice_score
 from .pipeline import Case, CaseSettings
@@ -129,7 +129,9 @@ def run_demo(
     from .pipeline import add_to_manifest, load_case_model, run_case, write_case
 
     settings = settings or DemoSettings()
-    case_settings = settings.case.model_copy(update={"device": device})
+    case_settings = CaseSettings.from_dict({**settings.case.to_dict(), "device": device}, "demo settings")
+    if not (case_settings.instances.enabled and case_settings.qa.risk_model and case_settings.agg2exp.enabled):
+        raise SegXAIInputError("demo settings: the report needs instances, a QA risk model and Agg2Exp enabled")
     out_dir = check_writable_dir(out_dir)
     timings: dict[str, float] = {}
 
@@ -143,7 +145,9 @@ def run_demo(
     start = time.perf_counter()
     model = load_case_model(case_settings)
     timings["load model"] = time.perf_counter() - start
-    case = run_case(image, model, case_settings, reference=truth_labels, rois=_anatomy_rois(phantom),
+    # the reference is the lesion class (the phantom's label map numbers each inserted lesion)
+    reference = image.with_array(phantom.truth.astype(np.uint8)[None], ("reference",))
+    case = run_case(image, model, case_settings, reference=reference, rois=_anatomy_rois(phantom),
                     progress=sub_progress(progress, 0.02, 0.88), cancel=cancel)
     timings.update(case.timings)
     dice = dice_score(case.mask, phantom.truth)

@@ -1,7 +1,7 @@
 """The engine process: ``segxai run SETTINGS.json IMAGE... --out DIR`` (or ``python -m SegXAILib.engine``).
 
-GUIs (the Slicer module, the browser viewer) launch this process so that heavy work never runs
-in their interpreter, as SlicerMONAIAuto3DSeg launches its inference. It runs
+It is what GUIs (the Slicer module, the browser viewer) are to launch so that heavy work never
+runs in their interpreter, as SlicerMONAIAuto3DSeg launches its inference. It runs
 :func:`~SegXAILib.pipeline.run_case` and :func:`~SegXAILib.pipeline.write_case` and prints one
 JSON object per line on standard output:
 

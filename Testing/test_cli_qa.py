@@ -199,6 +199,7 @@ def test_pipeline_qa_refuses_a_risk_model_of_another_model(risk_path):
     [
         (["qa", "cohort", "--model", "parotid", "--out", "{tmp}/c"], "--model"),
         (["qa", "cohort", "--model", "lesions", "--cases", "0", "--out", "{tmp}/c"], "--cases"),
+        (["qa", "cohort", "--model", "lesions", "--device", "gpu", "--out", "{tmp}/c"], "--device 'gpu'"),
         (["qa", "cohort", "--model", "lesions", "--method", "nope", "--out", "{tmp}/c"], "method 'nope': unknown"),
         (["qa", "cohort", "--model", "lesions", "--method", "smoothgrad:bogus=1", "--out", "{tmp}/c"], "bogus"),
         (["qa", "cohort", "--model", "deepbet", "--method", "guided_gradcam", "--out", "{tmp}/c"], "--method guided_gradcam"),

@@ -175,3 +175,45 @@ def test_case_folder_keeps_geometry_and_verifies(card, tmp_path, grid):
     (tmp_path / "qa.json").write_text("{}", encoding="utf-8")
     with pytest.raises(SegXAIInputError, match="qa.json"):
         read_manifest(tmp_path)
+
+
+def test_a_case_without_the_structure_is_written_with_its_reason(card, tmp_path):
+    """Nothing predicted: the segmentation is still a result; maps of the empty class and QA are
+    skipped with a note, and the manifest says so (no error, no lost case)."""
+    empty = Image(np.zeros((1, 12, 10, 8), np.float32), grid_matrix("oblique"), ("ch0",))
+    settings = settings_for(card, methods=[{"method": "gradient_x_input"},
+                                           {"method": "gradient_x_input", "target": "class:background",
+                                            "label": "background_map"}],
+                            qa={"method": "gradient_x_input"})
+    case = run_case(empty, None, settings)
+    assert list(case.maps) == ["background_map"] and case.qa is None and case.instances == []
+    assert any("gradient_x_input" in note and "'bright'" in note for note in case.notes)
+    write_case(case, tmp_path)
+    summary = read_manifest(tmp_path)["summary"]
+    assert summary["status"] == "empty_prediction" and summary["structure_voxels"] == 0
+    assert len(summary["notes"]) == 2
+
+
+@pytest.mark.parametrize("label", ["../escape", "a/b", ".hidden", "two words"])
+def test_a_map_label_is_a_file_name(label):
+    with pytest.raises(SegXAIInputError, match="methods.0.label"):
+        CaseSettings.from_dict({"methods": [{"method": "smoothgrad", "label": label}]})
+
+
+def test_a_binary_reference_means_the_structure(card):
+    """A two-class model: any non-zero reference voxel is the structure (a map of lesion ids
+    too), for the lesion table's groups and for Agg2Exp's reference column alike."""
+    image = two_lesions()
+    ids = np.zeros(image.spatial_shape, np.uint8)
+    ids[1:5, 1:5, 1:4] = 1  # lesion 1 found
+    ids[0:2, 8:10, 0:2] = 2  # a lesion the model missed
+    settings = settings_for(card, instances={"ids": []}, agg2exp={"enabled": True, "method": "vanilla_gradient"})
+    case = run_case(image, None, settings, reference=image.with_array(ids[None]))
+    assert [(row["id"], row["group"]) for row in case.lesions] == [(1, "TP"), (2, "FP"), (None, "FN")]
+    from SegXAILib.attribution import explain
+
+    model = load_case_model(settings)
+    mass = np.abs(explain(image, model, "vanilla_gradient", target="class:bright", amp=False).maps.array).sum(axis=0)
+    expected = mass[ids > 0].sum() / mass.sum()  # paper 003's absolute mass share of the reference region
+    value = case.agg2exp.values[case.agg2exp.rows.index("bright"), case.agg2exp.columns.index("reference:bright")]
+    assert value == pytest.approx(expected, rel=1e-6)

@@ -1,7 +1,7 @@
 """``segxai qa``: QA risk scores from the topology of saliency maps (METHODS.md section 6).
 
 * ``segxai qa cohort --model lesions|deepbet --out DIR [--cases N] [--method NAME[:k=v,...]]``
-  builds a calibration cohort (:func:`SegXAILib.topology.cohort.build_cohort`);
+  builds a calibration cohort (:func:`SegXAILib.pipeline.cohort.build_cohort`);
 * ``segxai qa calibrate --cohort DIR --method NAME --out RISK.json`` fits a risk model and
   writes its plots beside it (ROC with the cut points, Dice vs PC1, the cohort's EC band);
 * ``segxai qa score IMAGE... --model M --risk RISK.json [--out DIR]`` scores one case: PC1,
@@ -49,6 +49,10 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
         raise SegXAIInputError(f"--model {args.model!r}: expected one of {', '.join(COHORT_MODELS)}")
     _positive_int("--cases", args.cases)
     _positive_int("--seed", args.seed, 0)
+    from ..models import resolve_device
+
+    with options_named("device"):
+        resolve_device(args.device)
     with options_named("method"):
         methods = [MethodSettings.parse(text) for text in args.method] if args.method else default_methods(args.model)
     if args.model == "deepbet":

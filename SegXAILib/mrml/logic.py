@@ -61,8 +61,8 @@ def available_devices() -> list[tuple[str, str]]:
 
 
 class Worker:
-    """One persistent background thread that runs jobs in order (the model stays loaded in
-    the engine between them). The GUI thread polls :meth:`poll` from a timer: it returns the
+    """One persistent background thread that runs jobs in order (the model stays loaded in the
+    caller's :class:`~SegXAILib.pipeline.ModelCache` between them). The GUI thread polls :meth:`poll` from a timer: it returns the
     latest progress and the finished jobs, whose callbacks the GUI then runs on its own thread.
     """
 

@@ -87,9 +87,12 @@ class Case:
     qa : QAResult or None
     agg2exp : ImportanceMatrix or None
     reference : Image or None
-        A reference label map on the input grid (TP / FP / FN groups, Agg2Exp's reference RoI).
+        A reference label map on the input grid, class indices (TP / FP / FN groups, Agg2Exp's
+        reference RoIs); for a model with one foreground class any non-zero voxel is the structure.
     timings : dict
         Seconds per step.
+    notes : list of str
+        Steps not taken and why (e.g. no predicted voxel of the structure: no maps, no QA).
     """
 
     image: Image
@@ -105,6 +108,7 @@ class Case:
     agg2exp: Any = None
     reference: Optional[Image] = None
     timings: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
 
     @property
     def card(self):

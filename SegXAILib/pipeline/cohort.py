@@ -36,8 +36,8 @@ from ..metrics import dice_score
 from ..progress import CancelToken, ProgressCallback, report, sub_progress
 from ..topology.cohort import CHANNEL_REDUCTION, COHORT_FORMAT, COHORT_MODELS, COHORT_VERSION
 from .run import add_maps, start_case
-from .settings import CaseSettings, InstanceSettings, MethodSettings
-from .steps import channel_sum, load_case_model
+from .settings import CaseSettings, MethodSettings
+from .steps import channel_sum, load_case_model, predict
 
 if TYPE_CHECKING:
     from ..phantoms.degradations import DegradationGrid
@@ -140,7 +140,6 @@ def build_cohort(
     so a cancelled build leaves a readable partial cohort (``complete: false``).
     """
     from .. import __version__
-    from ..models import segment
     from ..phantoms.degradations import (COHORT_SEED_BASE, DEEPBET_GRID, LESION_GRID, degrade_image, motion_blur,
                                          plan_cases)
     from ..sample_data import load_sample_head
@@ -160,7 +159,8 @@ def build_cohort(
     (out_dir / "cases").mkdir(exist_ok=True)
 
     report(progress, 0.0, "loading the model")
-    settings = CaseSettings(model=model, methods=methods, instances=InstanceSettings(enabled=False), device=device)
+    settings = CaseSettings.from_dict({"model": model, "methods": [m.model_dump() for m in methods],
+                                       "instances": {"enabled": False}, "device": device}, "cohort settings")
     loaded = load_case_model(settings)
     card = loaded.card
     class_name = card.class_names[1]
@@ -169,7 +169,7 @@ def build_cohort(
     reference_mask = None
     if model == "deepbet":
         report(progress, 0.0, "deepbet on the undegraded T1 (the reference)")
-        reference_mask = segment(head.t1, loaded, cancel=cancel).mask(1)
+        reference_mask = predict(head.t1, loaded, settings, cancel=cancel).mask(1)
         write_image(head.t1.with_array(reference_mask.astype(np.uint8)[None], ("reference",)), out_dir / "reference.nii.gz")
         if phantom_options:
             raise SegXAIInputError("phantom_options apply to model='lesions' only")

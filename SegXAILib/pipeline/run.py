@@ -65,6 +65,17 @@ def _check_model(model: Optional[LoadedModel], settings: CaseSettings) -> Loaded
     return model
 
 
+def _empty_class(case: Case, target: str) -> str:
+    """The class name of a ``class[:NAME]`` target the prediction has no voxel of, else ''."""
+    kind, _, rest = target.partition(":")
+    if kind != "class":
+        return ""
+    name = rest.split(":")[0] or case.card.class_names[1]
+    if name in case.card.class_names and not case.segmentation.mask(case.card.class_names.index(name)).any():
+        return name
+    return ""
+
+
 def start_case(
     image: Image,
     model: LoadedModel,
@@ -106,6 +117,10 @@ def add_maps(
     for n, method in enumerate(methods):
         if cancel is not None:
             cancel.raise_if_cancelled()
+        empty = _empty_class(case, method.target or f"class:{case.structure}")
+        if empty:
+            case.notes.append(f"map {method.name}: not computed, the model predicts no {empty!r} voxel")
+            continue
         step = _labelled(sub_progress(progress, n / len(methods), (n + 1) / len(methods)), f"map {method.name}")
         with _timed(case.timings, f"map {method.name}"):
             case.maps[method.name] = explain_map(case.image, model, case.segmentation, method, case.structure,
@@ -139,7 +154,11 @@ def add_qa(
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
 ) -> Case:
-    """The QA of the structure under ``case.settings.qa`` into ``case.qa``."""
+    """The QA of the structure under ``case.settings.qa`` into ``case.qa`` (none, with a note,
+    when the structure has no predicted voxel: there is no contour to score)."""
+    if not case.mask.any():
+        case.notes.append(f"QA: not computed, the model predicts no {case.structure!r} voxel")
+        return case
     with _timed(case.timings, "QA"):
         case.qa = score_qa(case, model, _labelled(progress, "QA"), cancel)
     return case
@@ -191,7 +210,9 @@ def run_case(
         Everything on the input grid; :func:`~SegXAILib.pipeline.write_case` writes it.
     """
     model = _check_model(model, settings)
-    shares = _weights(settings, settings.instances.max_instances or 4)
+    expected = len(settings.instances.ids) if settings.instances.ids is not None else (
+        1 if settings.instances.click_ras is not None else settings.instances.max_instances or 4)
+    shares = _weights(settings, expected)
     position = [0.0]
 
     def share(step: str) -> Optional[ProgressCallback]:

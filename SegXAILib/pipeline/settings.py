@@ -47,7 +47,8 @@ class MethodSettings(_Strict):
     method: str
     params: dict[str, Any] = Field(default_factory=dict)
     target: str = ""
-    label: str = ""
+    # a file-name part of the outputs (maps/<label>_<channel>.nii.gz): no path separators
+    label: str = Field(default="", pattern=r"^([A-Za-z0-9_][A-Za-z0-9_.+-]*)?$")
 
     @model_validator(mode="after")
     def _check_method(self) -> "MethodSettings":

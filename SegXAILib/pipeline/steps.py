@@ -251,6 +251,18 @@ def explain_instances(
         )
 
 
+def reference_classes(case: Case) -> Optional[np.ndarray]:
+    """``(I, J, K)`` int64 class indices of ``case.reference``: a label map of the card's classes;
+    for a model with one foreground class any non-zero voxel is that class (a binary mask, or a
+    map of lesion ids, means the structure)."""
+    if case.reference is None:
+        return None
+    values = case.reference.array[0]
+    if len(case.card.classes) == 2:
+        return (values != 0).astype(np.int64)
+    return np.rint(values).astype(np.int64)
+
+
 def lesion_rows(case: Case) -> list[dict]:
     """The case's lesion table: :func:`SegXAILib.instances.lesion_rows` of its instances, their
     instance maps, its reference and ``settings.instances.shell_mm`` (one row per predicted
@@ -259,8 +271,9 @@ def lesion_rows(case: Case) -> list[dict]:
 
     if case.instance_labels is None:
         return []
+    classes = reference_classes(case)
     return instance_rows(case.instances, case.instance_labels.array[0], case.image, case.instance_maps,
-                         reference_mask=None if case.reference is None else case.reference.array[0] != 0,
+                         reference_mask=None if classes is None else classes == case.class_index,
                          shell_mm=case.settings.instances.shell_mm)
 
 
@@ -390,8 +403,8 @@ def agg2exp_case(
     labels = case.segmentation.labels.array[0]
     columns = class_rois(labels, names)
     dice: dict[str, float] = {}
-    if case.reference is not None:
-        truth = case.reference.array[0].astype(np.int64)
+    truth = reference_classes(case)
+    if truth is not None:
         for index, class_name in enumerate(names[1:], start=1):
             dice[class_name] = dice_score(labels == index, truth == index)
             if bool((truth == index).any()):

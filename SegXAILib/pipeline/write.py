@@ -153,6 +153,8 @@ def write_case(case: Case, out_dir: Union[str, Path], cancel: Optional[CancelTok
     manifest too; ``suffix`` is the image format (``.nii.gz``, ``.nrrd``, ``.mha``...);
     ``inputs`` (channel -> file) records where the images came from."""
     out_dir = check_writable_dir(out_dir)
+    # a folder without case.json is an unfinished run: never leave an earlier run's manifest
+    (out_dir / MANIFEST).unlink(missing_ok=True)
     image, card = case.image, case.card
     files: dict[str, Path] = {}
 
@@ -222,7 +224,8 @@ def write_case(case: Case, out_dir: Union[str, Path], cancel: Optional[CancelTok
 
 
 def _summary(case: Case) -> dict[str, Any]:
-    summary: dict[str, Any] = {"structure_voxels": int(case.mask.sum()),
+    summary: dict[str, Any] = {"status": "ok" if case.mask.any() else "empty_prediction", "notes": list(case.notes),
+                               "structure_voxels": int(case.mask.sum()),
                                "structure_volume_mm3": float(case.mask.sum() * case.image.voxel_volume),
                                "instances": len(case.instances), "maps": list(case.maps)}
     if case.qa is not None:

@@ -70,6 +70,10 @@ def compare(old: Path, new: Path) -> dict:
         a = read_image(path).array
         b = read_image(new / path.relative_to(old)).array
         maps[path.relative_to(old).as_posix()] = float(np.abs(a - b).max() / max(float(np.abs(a).max()), 1e-30))
+    matrices = [json.loads((folder / "agg2exp.json").read_text(encoding="utf-8")) for folder in (old, new)]
+    agg2exp_equal = (matrices[0]["rows"] == matrices[1]["rows"] and matrices[0]["columns"] == matrices[1]["columns"])
+    agg2exp_difference = float(np.nanmax(np.abs(np.asarray(matrices[0]["values"], float)
+                                                - np.asarray(matrices[1]["values"], float)))) if agg2exp_equal else None
     qa_old = json.loads((old / "qa.json").read_text(encoding="utf-8"))
     qa_new = json.loads((new / "qa.json").read_text(encoding="utf-8"))
     steps = list(after["timings"]) + [s for s in before["timings"] if s not in after["timings"]]
@@ -81,6 +85,8 @@ def compare(old: Path, new: Path) -> dict:
         "timings_s": {s: [round(before["timings"].get(s, float("nan")), 1),
                           round(after["timings"].get(s, float("nan")), 1)] for s in steps},
         "lesions_equal": lesion_rows(old) == lesion_rows(new),
+        "agg2exp_same_rows_and_columns": agg2exp_equal,
+        "agg2exp_max_difference": agg2exp_difference,
         "qa": {"band": [qa_old["band"], qa_new["band"]], "pc1": [qa_old["pc1"], qa_new["pc1"]]},
         "max_map_difference_relative": max(maps.values()),
         "maps_compared": len(maps),
@@ -94,6 +100,8 @@ def markdown(result: dict, baseline: str) -> str:
         f"- Dice against the inserted lesions: {result['dice'][0]:.4f} before, {result['dice'][1]:.4f} after",
         f"- predictions of the whole case: {result['predictions'][0]} before, {result['predictions'][1]} after",
         f"- lesion table (ids, groups, volumes) equal: {result['lesions_equal']}",
+        f"- Agg2Exp matrix: same rows and columns {result['agg2exp_same_rows_and_columns']}, largest difference "
+        f"{result['agg2exp_max_difference']}",
         f"- QA: band {result['qa']['band'][0]} / {result['qa']['band'][1]}, "
         f"PC1 {result['qa']['pc1'][0]:.6g} / {result['qa']['pc1'][1]:.6g}",
         f"- {result['maps_compared']} maps compared, largest difference {result['max_map_difference_relative']:.2e} "
