@@ -311,8 +311,8 @@ def test_logic_process_runs_on_a_slicer_core_scene(module, case):
     assert len(nodes.saliency["vanilla_gradient"]) == 2  # one map per input channel
     lesions = mrml.table_node_columns(nodes.lesion_table)
     assert lesions["voxels"] == [48, 12]
-    # lesion 2's row carries its instance map's saliency; lesion 1 has no instance map
-    shares = lesions["saliency max ch0 share_inside"]
+    # lesion 2's row carries its instance map's saliency (mean aggregation, the panel's default); lesion 1 has none
+    shares = lesions["saliency mean ch0 share_inside"]
     assert math.isnan(shares[0]) and 0.0 <= shares[1] <= 1.0
     # the instance map is the foreground of every slice view, which is centred on lesion 2
     foreground = nodes.instance_saliency[2][0]
