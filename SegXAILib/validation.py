@@ -53,7 +53,11 @@ def input_error(source: str, error: ValidationError) -> SegXAIInputError:
     lines = []
     for item in error.errors(include_url=False):
         message = "Input should be an object" if item["type"] in _OBJECT_TYPES else item["msg"]
-        if item["type"] != "missing" and item["loc"]:
+        # a validator's own ValueError (or SegXAIInputError) explains itself: no pydantic prefix,
+        # and the object it checked is not repeated
+        own = item["type"] == "value_error" and message.startswith("Value error, ")
+        message = message.removeprefix("Value error, ") if own else message
+        if item["type"] != "missing" and item["loc"] and not (own and isinstance(item["input"], (dict, list))):
             message += f", got {_shown(item['input'])}"
         where = field_path(item["loc"])
         lines.append(f"{where}: {message}" if where else message)

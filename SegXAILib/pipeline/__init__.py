@@ -30,7 +30,6 @@ from .steps import (
     resolve_model_card,
     resolve_risk_model,
     score_qa,
-    segment_case,
     select_instances,
     structure_index,
 )
@@ -74,6 +73,5 @@ __all__ = [
     "score_qa",
     "agg2exp_case",
     "agg2exp_matrix",
-    "segment_case",
 ]
 

@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..image import SegXAIInputError
+from ..validation import input_error
 
 __all__ = [
     "MethodSettings",
@@ -27,7 +28,6 @@ __all__ = [
     "Agg2ExpSettings",
     "PrecisionSettings",
     "CaseSettings",
-    "validation_message",
 ]
 
 
@@ -77,7 +77,7 @@ class MethodSettings(_Strict):
         try:
             return cls(method=name, params=params)
         except ValidationError as error:
-            raise SegXAIInputError(validation_message(f"method {text!r}", error)) from None
+            raise input_error(f"method {text!r}", error) from None
 
 
 class InstanceSettings(_Strict):
@@ -204,7 +204,7 @@ class CaseSettings(_Strict):
         import re
 
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
-            raise ValueError(f"{value!r}: expected auto, cpu, cuda, cuda:N or mps")
+            raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
         return value
 
     # ---- construction ---------------------------------------------------------------
@@ -214,7 +214,7 @@ class CaseSettings(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as error:
-            raise SegXAIInputError(validation_message(source, error)) from None
+            raise input_error(source, error) from None
 
     @classmethod
     def from_json(cls, text: str, source: str = "settings") -> "CaseSettings":
@@ -292,16 +292,3 @@ class CaseSettings(_Strict):
                                     params={"n_samples": 2, "noise_level": 0.1, "seed": 0}),
             device=device,
         )
-
-
-def validation_message(source: str, error: ValidationError) -> str:
-    """``source: field.path: problem`` lines from a pydantic error (the first three)."""
-    lines = []
-    for item in error.errors()[:3]:
-        where = ".".join(str(part) for part in item.get("loc", ())) or "(top level)"
-        message = str(item.get("msg", "invalid"))
-        # errors raised in our validators (SegXAIInputError is a ValueError) come wrapped
-        message = message.removeprefix("Value error, ")
-        lines.append(f"{source}: {where}: {message}")
-    more = len(error.errors()) - 3
-    return "\n".join(lines) + (f"\n({more} more)" if more > 0 else "")

@@ -30,7 +30,6 @@ __all__ = [
     "check_channels",
     "read_case_images",
     "predict",
-    "segment_case",
     "explain_map",
     "channel_sum",
     "find_case_instances",
@@ -132,20 +131,6 @@ def predict(
     policy = (settings or CaseSettings()).precision.segmentation
     amp = None if policy == "auto" else policy == "mixed"
     return segment(image, model, amp=amp, progress=progress, cancel=cancel)
-
-
-def segment_case(
-    images: Sequence[Union[str, Path]],
-    model: LoadedModel,
-    progress: Optional[ProgressCallback] = None,
-    cancel: Optional[CancelToken] = None,
-) -> tuple[Image, Segmentation]:
-    """Read one file per input channel (in the card's order) and segment them."""
-    from ..progress import sub_progress
-
-    report(progress, 0.0, "reading images")
-    image = read_case_images(images, model.card)
-    return image, predict(image, model, progress=sub_progress(progress, 0.05, 1.0), cancel=cancel)
 
 
 # ---------------------------------------------------------------------------- class-level maps
