@@ -1,17 +1,23 @@
 """SegXAI: explain and quality-check 3D segmentation models in 3D Slicer.
 
-Module / Widget / Logic / Test of the scripted module. The Logic is a thin caller of the case
-pipeline (:mod:`SegXAILib.pipeline`: settings, ``run_case`` and its steps) and of the Qt-free
-node-making in :mod:`SegXAILib.mrml.logic`, so ``SegXAILogic(scene).process(...)`` also runs
-headless with the slicer-core wheel; the Qt imports below are guarded for that case, and only
-the Module, Widget and Test need Slicer's GUI. Beside this file: ``SegXAIInstaller.py`` (the
-first-run dependency install) and ``SegXAIMethodForm.py`` (the method's parameter form).
+Module / Widget / Logic / Test of the scripted module. Heavy work never runs in Slicer's
+interpreter: each action launches the engine process (PythonSlicer running ``segxai run``,
+:class:`SegXAILib.pipeline.EngineJob`) and the panel's timer polls it; the job flow (launch,
+progress with ETA, cancel, failure, import of the results as nodes) is the Qt-free
+:class:`SegXAILib.mrml.session.CaseSession`, tested headless with slicer-core. The Logic is a
+thin caller of it and of the pipeline's settings, so ``SegXAILogic(scene).process(...)`` also
+runs headless; the Qt imports below are guarded for that case, and only the Module, Widget and
+Test need Slicer's GUI. Beside this file: ``SegXAIInstaller.py`` (the dependency install) and
+``SegXAIMethodForm.py`` (the method's parameter form).
 """
 
 import json
+import logging
 import os
 import sys
 import unittest
+from pathlib import Path
+from typing import Annotated
 
 
 def _addCheckoutToPath():
@@ -29,7 +35,7 @@ try:  # inside 3D Slicer
     import slicer
     import vtk
     from slicer import vtkMRMLScalarVolumeNode
-    from slicer.parameterNodeWrapper import parameterNodeWrapper
+    from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
     from slicer.ScriptedLoadableModule import (
         ScriptedLoadableModule,
         ScriptedLoadableModuleLogic,
@@ -45,6 +51,10 @@ except ImportError:  # headless: slicer-core (MRML without Qt) or no Slicer at a
 
     def parameterNodeWrapper(cls):
         return cls
+
+    class WithinRange:  # the annotation's bounds, read by the conformance test's checker
+        def __init__(self, minimum, maximum):
+            self.minimum, self.maximum = minimum, maximum
 
     class ScriptedLoadableModule:  # only the Logic is usable headless
         def __init__(self, parent=None):
@@ -67,6 +77,8 @@ except ImportError:  # headless: slicer-core (MRML without Qt) or no Slicer at a
 
 #: model input channels the panel offers selectors for
 MAX_CHANNELS = 4
+#: the instance id spin box's range (the .ui's minimum and maximum)
+MAX_INSTANCE_ID = 100000
 
 
 #
@@ -111,6 +123,7 @@ class SegXAIParameterNode:
     target - "class" or "instance"; instanceId the instance for "instance".
     display - "normalised" (paper 000, 17 % threshold) or "signed"; opacity of the overlay.
     riskModelPath - a calibrated QA risk model (JSON).
+    outputFolder - where the case folders go (empty: a SegXAI folder in Slicer's temporary folder).
     """
 
     inputVolume0: vtkMRMLScalarVolumeNode
@@ -123,10 +136,13 @@ class SegXAIParameterNode:
     method: str = "smoothgrad"
     methodParameters: str = "{}"
     target: str = "class"
-    instanceId: int = 1
+    # bounded: Slicer's GUI connectors refuse an unbounded float on a ctkSliderWidget and reset
+    # a spin box bound to an unbounded int to the full int range
+    instanceId: Annotated[int, WithinRange(1, MAX_INSTANCE_ID)] = 1
     display: str = "normalised"
-    opacity: float = 0.5
+    opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     riskModelPath: str = ""
+    outputFolder: str = ""
 
 
 #
@@ -135,8 +151,8 @@ class SegXAIParameterNode:
 
 
 class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel. Heavy work runs in the Logic's worker thread; a timer brings its progress
-    and results back to the GUI thread, where nodes are made."""
+    """The panel. Each action launches the engine process through the Logic's
+    :class:`~SegXAILib.mrml.session.CaseSession`; a timer polls it and shows its results."""
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -148,7 +164,8 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._methodSpecs = {}
         self._pollTimer = None
         self._clickNode = None
-        self._dependenciesChecked = False
+        self._restoring = False  # the widgets are being set from the parameter node
+        self._missing = []  # Python requirements not installed yet
 
     # ---- set-up ---------------------------------------------------------------------------
     def setup(self):
@@ -171,16 +188,17 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.lesionsCollapsibleButton.collapsed = True  # opened when there are lesions
         self.ui.qaCollapsibleButton.collapsed = True
 
-        self._fillChoices()
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        self.ui.outputFolderButton.connect("directoryChanged(QString)", self.onOutputFolderChanged)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
-        self.ui.modelCardPathLineEdit.connect("currentPathChanged(QString)", self.onModelChanged)
+        self.ui.modelCardPathLineEdit.connect("currentPathChanged(QString)", self.onModelCardPathChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.methodComboBox.connect("currentIndexChanged(int)", self.onMethodChanged)
-        self.ui.targetComboBox.connect("currentIndexChanged(int)", self.onTargetOrDisplayChanged)
-        self.ui.displayComboBox.connect("currentIndexChanged(int)", self.onTargetOrDisplayChanged)
+        self.ui.targetComboBox.connect("currentIndexChanged(int)", self.onTargetChanged)
+        self.ui.displayComboBox.connect("currentIndexChanged(int)", self.onDisplayChanged)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
         self.ui.explainButton.connect("clicked(bool)", self.onExplain)
         self.ui.pickLesionButton.connect("toggled(bool)", self.onPickLesionToggled)
@@ -196,35 +214,54 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer.connect("timeout()", self.onPoll)
         self.ui.progressBar.setVisible(False)
         self.ui.cancelButton.setEnabled(False)
+        self.refreshChoices()
         self.initializeParameterNode()
+
+    def refreshChoices(self):
+        """Fill the menus from what is installed now: at set-up and after an install (no
+        restart needed). The model, device and method lists need SegXAILib's dependencies."""
+        import SegXAIInstaller
+
+        self._missing = SegXAIInstaller.missingRequirements()
+        problem = SegXAIInstaller.torchProblem()
+        if self._missing or problem:
+            self.ui.dependenciesLabel.text = (problem or "Python packages to install: " + ", ".join(self._missing)
+                                              + ". Press Install dependencies (also offered by the first action).")
+        else:
+            self.ui.dependenciesLabel.text = "All Python dependencies are installed."
+        self.ui.installDependenciesButton.setVisible(bool(self._missing or problem))
+        self.ui.setupCollapsibleButton.collapsed = not (self._missing or problem)
+        self._restoring = True  # filling the menus is not a choice of the user
+        try:
+            self._fillChoices()
+        finally:
+            self._restoring = False
+        if self._parameterNode:
+            self._restoreFromParameterNode()
         self.onModelChanged()
         self.onMethodChanged()
 
     def _fillChoices(self):
-        from SegXAILib.sample_data import BUNDLED_MODELS
-
         self.ui.modelComboBox.clear()
-        for name in BUNDLED_MODELS:
-            self.ui.modelComboBox.addItem(name, name)
-        self.ui.modelComboBox.addItem("model card file...", "file")
+        self.ui.deviceComboBox.clear()
+        self.ui.methodComboBox.clear()
         self.ui.targetComboBox.clear()
         self.ui.targetComboBox.addItem("class (the whole segmented class)", "class")
         self.ui.targetComboBox.addItem("instance (one lesion)", "instance")
         self.ui.displayComboBox.clear()
         self.ui.displayComboBox.addItem("normalised, hide below 17 % (paper 000)", "normalised")
         self.ui.displayComboBox.addItem("signed (blue negative, red positive)", "signed")
-        self.ui.deviceComboBox.clear()
-        try:
-            from SegXAILib.mrml.logic import available_devices
-
-            devices = available_devices()
-        except ImportError:  # torch not installed yet
-            devices = [("auto", "auto"), ("cpu", "CPU")]
-        for device, label in devices:
-            self.ui.deviceComboBox.addItem(label, device)
-        self.ui.methodComboBox.clear()
+        if self._missing:
+            return
+        from SegXAILib.mrml.logic import available_devices
+        from SegXAILib.sample_data import BUNDLED_MODELS
         from SegXAIMethodForm import methodSpecs
 
+        for name in BUNDLED_MODELS:
+            self.ui.modelComboBox.addItem(name, name)
+        self.ui.modelComboBox.addItem("model card file...", "file")
+        for device, label in available_devices():
+            self.ui.deviceComboBox.addItem(label, device)
         self._methodSpecs = methodSpecs()
         for name in self._methodSpecs:
             self.ui.methodComboBox.addItem(name, name)
@@ -234,12 +271,13 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._pollTimer is not None:
             self._pollTimer.stop()
         if self.logic is not None:
-            self.logic.stopWorker()
+            self.logic.close()
 
     def enter(self):
         self.initializeParameterNode()
 
     def exit(self):
+        self.ui.pickLesionButton.checked = False  # never leave Slicer in place mode
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -248,7 +286,9 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event):
         self.setParameterNode(None)
         self.ui.pickLesionButton.checked = False
-        self.logic.forgetCase()
+        self.logic.close()  # a running job is cancelled; its results would land in the next scene
+        self.ui.lesionTableView.setMRMLTableNode(None)
+        self.ui.riskBandLabel.text = ""
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
@@ -270,14 +310,27 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # widgets with a SlicerParameterName property in the .ui follow the parameter node
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
-            self._selectData(self.ui.modelComboBox, self._parameterNode.model)
-            self._selectData(self.ui.deviceComboBox, self._parameterNode.device)
-            self._selectData(self.ui.methodComboBox, self._parameterNode.method)
-            self._selectData(self.ui.targetComboBox, self._parameterNode.target)
-            self._selectData(self.ui.displayComboBox, self._parameterNode.display)
-            self.ui.modelCardPathLineEdit.currentPath = self._parameterNode.modelCardPath
-            self.ui.riskModelPathLineEdit.currentPath = self._parameterNode.riskModelPath
-            self.updateButtons()
+            self._restoreFromParameterNode()
+            self.onModelChanged()
+            self.onMethodChanged()
+
+    def _restoreFromParameterNode(self):
+        """Set the other widgets from the parameter node. Their signals fire while they change:
+        ``_restoring`` keeps the handlers from writing the half-restored widgets back (which
+        would overwrite, e.g., the saved model card path and display mode)."""
+        node = self._parameterNode
+        self._restoring = True
+        try:
+            self.ui.modelCardPathLineEdit.currentPath = node.modelCardPath
+            self.ui.riskModelPathLineEdit.currentPath = node.riskModelPath
+            self.ui.outputFolderButton.directory = self.logic.outputFolder(node.outputFolder)
+            self._selectData(self.ui.modelComboBox, node.model)
+            self._selectData(self.ui.deviceComboBox, node.device)
+            self._selectData(self.ui.methodComboBox, node.method)
+            self._selectData(self.ui.targetComboBox, node.target)
+            self._selectData(self.ui.displayComboBox, node.display)
+        finally:
+            self._restoring = False
 
     @staticmethod
     def _selectData(comboBox, value):
@@ -285,9 +338,17 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if index >= 0:
             comboBox.currentIndex = index
 
+    def _write(self, **fields):
+        """Store the user's choices in the parameter node (not while restoring from it)."""
+        if self._parameterNode and not self._restoring:
+            for name, value in fields.items():
+                setattr(self._parameterNode, name, value)
+
     # ---- state ------------------------------------------------------------------------------
     def _card(self):
         """The chosen model card (None when it cannot be read yet)."""
+        if self._missing:
+            return None
         try:
             return self.logic.modelCard(self._modelChoice())
         except Exception as error:  # a half-typed path, a broken card: say why, do not raise
@@ -301,42 +362,49 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _inputVolumes(self, card):
         return [selector.currentNode() for selector in self._channelSelectors[: len(card.input_channels)]]
 
+    def onModelCardPathChanged(self, *args):
+        self._write(modelCardPath=self.ui.modelCardPathLineEdit.currentPath)
+        self.onModelChanged()
+
     def onModelChanged(self, *args):
         choice = self.ui.modelComboBox.currentData
         self.ui.modelCardPathLineEdit.setVisible(choice == "file")
-        if self._parameterNode:
-            self._parameterNode.model = choice or "lesions"
-            self._parameterNode.modelCardPath = self.ui.modelCardPathLineEdit.currentPath
+        if choice:
+            self._write(model=choice)
         card = self._card()
         channels = card.input_channels if card is not None else []
         for index, (label, selector) in enumerate(zip(self._channelLabels, self._channelSelectors)):
-            visible = index < len(channels)
+            # before the dependencies are installed the card is unknown: offer the first input
+            visible = index < len(channels) or (card is None and index == 0)
             label.setVisible(visible)
             selector.setVisible(visible)
-            if visible:
+            if index < len(channels):
                 label.text = f"{channels[index]}:"
         if card is not None:
             self.ui.modelInfoLabel.text = (f"{card.name} {card.version}: classes {', '.join(card.class_names[1:])}; "
                                            f"inputs {', '.join(card.input_channels)}")
             if len(channels) > MAX_CHANNELS:
                 self.ui.modelInfoLabel.text += f" (more than {MAX_CHANNELS} inputs: use the Python console)"
+        elif self._missing:
+            self.ui.modelInfoLabel.text = "The model list fills once the Python dependencies are installed."
         self.updateButtons()
 
-    def onTargetOrDisplayChanged(self, *args):
-        if self._parameterNode:
-            self._parameterNode.target = self.ui.targetComboBox.currentData or "class"
-            self._parameterNode.display = self.ui.displayComboBox.currentData or "normalised"
+    def onTargetChanged(self, *args):
+        self._write(target=self.ui.targetComboBox.currentData or "class")
         self.updateButtons()
+
+    def onDisplayChanged(self, *args):
+        self._write(display=self.ui.displayComboBox.currentData or "normalised")
 
     def onRiskModelChanged(self, *args):
-        if self._parameterNode:
-            self._parameterNode.riskModelPath = self.ui.riskModelPathLineEdit.currentPath
+        self._write(riskModelPath=self.ui.riskModelPathLineEdit.currentPath)
+
+    def onOutputFolderChanged(self, *args):
+        self._write(outputFolder=self.ui.outputFolderButton.directory)
 
     def onDeviceChanged(self, *args):
-        device = self.ui.deviceComboBox.currentData or "auto"
         self.ui.deviceInfoLabel.text = self.ui.deviceComboBox.currentText
-        if self._parameterNode:
-            self._parameterNode.device = device
+        self._write(device=self.ui.deviceComboBox.currentData or "auto")
 
     def onMethodChanged(self, *args):
         """Rebuild the parameter form from the registry's description of the method."""
@@ -346,24 +414,23 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         spec = self._methodSpecs.get(name)
         if spec is None:
             self._methodForm.build(None, {})
+            self.ui.methodSummaryLabel.text = ""
             return
         self.ui.methodSummaryLabel.text = spec["summary"]
         saved = {}
         if self._parameterNode and self._parameterNode.method == name:  # the saved values are this method's
             saved = savedParameters(self._parameterNode.methodParameters)
-        elif self._parameterNode:
-            self._parameterNode.method = name
-            self._parameterNode.methodParameters = "{}"
+        else:
+            self._write(method=name, methodParameters="{}")
         self._methodForm.build(spec, saved)
 
     def _methodParameters(self):
         """The form's values, saved in the parameter node."""
         values = self._methodForm.values()
-        if self._parameterNode:
-            self._parameterNode.methodParameters = json.dumps(values)
+        self._write(methodParameters=json.dumps(values))
         return values
 
-    def _caseSettings(self, withMethod=False):
+    def _caseSettings(self, withMethod=False, riskModel=None, qaMethod=""):
         """The case settings of the parameter node's choices (the chosen method's map with
         ``withMethod``); the Logic validates them."""
         node = self._parameterNode
@@ -372,106 +439,135 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         methods, params = [], None
         if withMethod:
             methods, params = [node.method], {node.method: self._methodParameters()}
-        # QA is its own step (computeQA): the case's settings name only what was computed
         return self.logic.caseSettings(model, methods, params, target=target, device=node.device or "auto",
-                                       qaMethod="")
+                                       riskModel=riskModel, qaMethod=qaMethod)
 
     def updateButtons(self, *args):
-        card = self._card() if self.logic is not None else None
-        busy = self.logic is not None and self.logic.busy
-        ready = card is not None and all(self._inputVolumes(card)) and len(card.input_channels) <= MAX_CHANNELS
-        segmented = self.logic is not None and self.logic.case is not None
-        self.ui.segmentButton.enabled = ready and not busy
+        if self.logic is None:
+            return
+        busy = self.logic.busy
+        card = self._card()
+        inputs = card is not None and all(self._inputVolumes(card)) and len(card.input_channels) <= MAX_CHANNELS
+        # before the install, Segment stays pressable: it offers the install
+        self.ui.segmentButton.enabled = (inputs or bool(self._missing)) and not busy
+        segmented = self.logic.case is not None
         self.ui.explainButton.enabled = segmented and not busy
         self.ui.pickLesionButton.enabled = segmented
         self.ui.qaButton.enabled = segmented and not busy
+        self.ui.installDependenciesButton.enabled = not busy
+        self.ui.cancelButton.enabled = busy
         self.ui.instanceSpinBox.enabled = self.ui.targetComboBox.currentData == "instance"
 
     # ---- dependencies ---------------------------------------------------------------------
-    def ensureDependencies(self):
-        """Install what is missing, on the main thread, after the user confirms."""
-        if self._dependenciesChecked:
-            return True
+    def onInstallDependencies(self):
+        self.ensureDependencies(ask=True)
+
+    def ensureDependencies(self, ask=True):
+        """Install what is missing (the user confirms), then refill the menus; True when
+        everything is importable."""
         import SegXAIInstaller
 
-        ok = SegXAIInstaller.ensureDependencies(confirm=True)
-        self._dependenciesChecked = ok
+        if not self._missing and not SegXAIInstaller.torchProblem():
+            return True
+        try:
+            ok = SegXAIInstaller.ensureDependencies(confirm=ask)
+        except Exception as error:  # a failed pip run: say so, the panel stays usable
+            slicer.util.errorDisplay(f"SegXAI could not install its dependencies: {error}",
+                                     detailedText=getattr(error, "output", None) or str(error))
+            ok = False
+        self.refreshChoices()
         return ok
 
     # ---- running ----------------------------------------------------------------------------
-    def _run(self, label, job, onDone):
-        """Run ``job(progress, cancel)`` in the worker; ``onDone(result)`` on the GUI thread."""
-        self.ui.statusLabel.text = label
-        self.ui.progressBar.setVisible(True)
-        self.ui.progressBar.value = 0
-        self.ui.cancelButton.setEnabled(True)
+    def _attempt(self, label, action):
+        """``(True, action())``, or ``(False, None)`` after showing the error: never re-raised
+        (``slicer.util.tryWithErrorDisplay`` re-raises, which would skip what follows and leave
+        the buttons as they were)."""
+        try:
+            with slicer.util.WaitCursor():
+                return True, action()
+        except Exception as error:  # shown to the user; the panel stays ready
+            import traceback
 
-        def finished(value, error):
-            self.ui.progressBar.setVisible(False)
-            self.ui.cancelButton.setEnabled(False)
-            from SegXAILib.progress import Cancelled
+            logging.exception("SegXAI: %s", label)
+            slicer.util.errorDisplay(f"{label}: {error}", detailedText=traceback.format_exc())
+            return False, None
 
-            if isinstance(error, Cancelled):
-                self.ui.statusLabel.text = f"{label}: cancelled"
-            elif error is not None:
-                self.ui.statusLabel.text = f"{label}: failed"
-                with slicer.util.tryWithErrorDisplay(f"{label} failed."):
-                    raise error
-            else:
-                with slicer.util.tryWithErrorDisplay(f"{label}: could not show the results.", waitCursor=True):
-                    onDone(value)
-                    self.ui.statusLabel.text = f"{label}: done"
-            self.updateButtons()
-
-        self.logic.submit(job, finished)
-        self._pollTimer.start()
+    def _start(self, label, launch):
+        """Start an engine job (``launch()`` starts it); the timer follows it."""
+        started, _ = self._attempt(f"{label} could not start", launch)
+        if started:
+            self.ui.statusLabel.text = f"{label}: started"
+            self.ui.progressBar.setVisible(True)
+            self.ui.progressBar.value = 0
+            self._pollTimer.start()
         self.updateButtons()
 
     def onPoll(self):
-        (fraction, message), finished = self.logic.poll()
-        self.ui.progressBar.value = int(round(100 * fraction))
-        if message:
-            self.ui.progressBar.setFormat(f"{message} %p%")
-        for onDone, value, error in finished:
-            onDone(value, error)
-        if not self.logic.busy and not finished:
-            self._pollTimer.stop()
+        """The timer (100 ms): the job's progress; when it ends, its outcome. Never raises:
+        an error is shown and the panel stays ready."""
+        update = self.logic.poll()
+        status = update.status
+        if status is not None and not update.finished:
+            self.ui.progressBar.value = int(round(100 * status.fraction))
+            self.ui.progressBar.setFormat(f"%p%  {status.text()}")
+            return
+        self._pollTimer.stop()
+        self.ui.progressBar.setVisible(False)
+        if update.finished:
+            label = update.action.capitalize()
+            if update.error:
+                self.ui.statusLabel.text = f"{label}: failed"
+                slicer.util.errorDisplay(f"SegXAI {update.action} failed: {update.error}")
+            elif update.state == "cancelled":
+                self.ui.statusLabel.text = f"{label}: cancelled"
+            else:
+                self.ui.statusLabel.text = f"{label}: done in {status.elapsed_s:.1f} s"
+                self._afterImport(update.action)
+        self.updateButtons()
+
+    def _afterImport(self, action):
+        nodes = self.logic.nodes
+        if action == "segment":
+            if nodes.lesion_table is not None:
+                self.ui.lesionTableView.setMRMLTableNode(nodes.lesion_table)
+                self.ui.lesionsCollapsibleButton.collapsed = False
+            if not nodes.saliency and not nodes.instance_saliency:
+                slicer.util.setSliceViewerLayers(background=self.logic.referenceVolume)
+        elif action == "qa":
+            qa = self.logic.case.qa
+            if qa.risk is None:
+                self.ui.riskBandLabel.text = "EC curve only (no risk model chosen)"
+            else:
+                self.ui.riskBandLabel.text = (f"risk band: {qa.risk['band'].upper()}  (PC1 {qa.risk['pc1']:.3g}, "
+                                              f"estimated Dice {qa.risk['estimated_dice']:.2f})")
+            slicer.modules.plots.logic().ShowChartInLayout(nodes.chart)
 
     def onCancel(self):
         self.logic.cancel()
         self.ui.statusLabel.text = "cancelling..."
 
     def onSegment(self):
-        with slicer.util.tryWithErrorDisplay("Segmentation failed.", waitCursor=True):
-            if not self.ensureDependencies():
-                return
-            settings = self._caseSettings()
-            volumes = self._inputVolumes(self.logic.modelCard(settings.model))
-            self.logic.forgetCase()
-            image = self.logic.caseImage(volumes, settings)
-            self._run("Segment", lambda progress, cancel: self.logic.computeSegmentation(
-                image, settings, progress=progress, cancel=cancel),
-                lambda case: self._showSegmentation(volumes[0]))
+        if not self.ensureDependencies(ask=True):
+            return
+        self.logic.setOutputFolder(self._parameterNode.outputFolder)
 
-    def _showSegmentation(self, referenceVolume):
-        nodes = self.logic.showSegmentation(referenceVolume)
-        if nodes.lesion_table is not None:
-            self.ui.lesionTableView.setMRMLTableNode(nodes.lesion_table)
-            self.ui.lesionsCollapsibleButton.collapsed = False
-        slicer.util.setSliceViewerLayers(background=referenceVolume)
+        def launch():
+            settings = self._caseSettings()
+            self.logic.segment(self._inputVolumes(self.logic.modelCard(settings.model)), settings)
+
+        self._start("Segment", launch)
 
     def onExplain(self):
-        with slicer.util.tryWithErrorDisplay("Explanation failed.", waitCursor=True):
-            methods = self._caseSettings(withMethod=True).methods
-            names = [m.name for m in methods]
-            display, opacity = self.ui.displayComboBox.currentData, self.ui.opacitySliderWidget.value
-            self._run(f"Explain ({', '.join(names)})", lambda progress, cancel: self.logic.computeExplanation(
-                methods, progress=progress, cancel=cancel),
-                lambda case: self.logic.showExplanations(display=display, opacity=opacity, maps=names))
+        node = self._parameterNode
+        self._start("Explain", lambda: self.logic.explain(self._caseSettings(withMethod=True), display=node.display,
+                                                           opacity=node.opacity))
 
     def onPickLesionToggled(self, checked):
         interaction = slicer.app.applicationLogic().GetInteractionNode()
         if not checked:
+            # place-mode persistence is a global setting of Slicer's: give it back
+            interaction.SetPlaceModePersistence(0)
             interaction.SwitchToViewTransformMode()
             return
         if self._clickNode is None or self._clickNode.GetScene() is None:
@@ -485,45 +581,39 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         interaction.SetCurrentInteractionMode(interaction.Place)
 
     def onLesionClicked(self, caller=None, event=None):
-        with slicer.util.tryWithErrorDisplay("Pick lesion failed.", waitCursor=True):
-            instanceId = self.logic.instanceAtClick(self._clickNode)
-            self.ui.instanceSpinBox.value = instanceId
-            display, opacity = self.ui.displayComboBox.currentData, self.ui.opacitySliderWidget.value
-            self._run(f"Lesion {instanceId} saliency", lambda progress, cancel: self.logic.computeInstanceSaliency(
-                instanceId, progress=progress, cancel=cancel),
-                lambda result: self.logic.showInstanceSaliency(instanceId, display=display, opacity=opacity))
+        if not self.ui.pickLesionButton.checked or not self.parent.isEntered:
+            return  # a point placed for something else, or after the module was left
+        if self.logic.busy:
+            self.ui.statusLabel.text = "a job is running: wait for it or cancel it before picking a lesion"
+            return
+        found, instanceId = self._attempt("Pick lesion", lambda: self.logic.instanceAtClick(self._clickNode))
+        if not found:
+            return
+        self.ui.instanceSpinBox.value = instanceId
+        node = self._parameterNode
+        self._start(f"Lesion {instanceId}", lambda: self.logic.instanceMap(
+            instanceId, self._caseSettings(), display=node.display, opacity=node.opacity))
 
     def onLesionSelected(self):
         """Jump the slice views to the selected lesion's centroid."""
-        table = self.logic.nodes.lesion_table if self.logic.nodes is not None else None
-        rows = self.ui.lesionTableView.selectedMRMLTableRowIndices() if table is not None else []
-        if table is None or not rows:
-            return
-        from SegXAILib.mrml import jump_slices_to, table_node_columns
+        from SegXAILib.mrml import jump_slices_to, lesion_centroid_ras, table_row_of_model_row
 
-        columns = table_node_columns(table)
-        row = rows[0]
-        if all(f"centroid_{axis}" in columns for axis in "RAS"):
-            jump_slices_to(slicer.mrmlScene, [columns[f"centroid_{axis}"][row] for axis in "RAS"])
+        table = self.ui.lesionTableView.mrmlTableNode()
+        if table is None:
+            return
+        # the view shows the table through a sort proxy: its rows map to the table model's
+        proxy = self.ui.lesionTableView.sortFilterProxyModel()
+        selected = self.ui.lesionTableView.selectionModel().selectedIndexes()
+        rows = sorted({table_row_of_model_row(table, proxy.mapToSource(index).row()) for index in selected})
+        centroid = lesion_centroid_ras(table, rows[0]) if rows else None
+        if centroid is not None:
+            jump_slices_to(slicer.mrmlScene, centroid)
 
     def onQA(self):
-        with slicer.util.tryWithErrorDisplay("QA failed.", waitCursor=True):
-            riskModel = self.ui.riskModelPathLineEdit.currentPath or None
-            # without a risk model: the EC curve of the chosen method's map when it was computed
-            method = self._parameterNode.method if self._parameterNode else ""
-            method = method if method in self.logic.case.maps else ""
-            self._run("QA", lambda progress, cancel: self.logic.computeQA(
-                riskModel, method, progress=progress, cancel=cancel), self._showQA)
-
-    def _showQA(self, qa):
-        nodes = self.logic.showQA()
-        risk = qa.risk
-        if risk is None:
-            self.ui.riskBandLabel.text = "EC curve only (no risk model chosen)"
-        else:
-            self.ui.riskBandLabel.text = (f"risk band: {risk['band'].upper()}  (PC1 {risk['pc1']:.3g}, "
-                                          f"estimated Dice {risk['estimated_dice']:.2f})")
-        slicer.modules.plots.logic().ShowChartInLayout(nodes.chart)
+        riskModel = self.ui.riskModelPathLineEdit.currentPath or None
+        # without a risk model: the EC curve of the chosen method's map
+        self._start("QA", lambda: self.logic.qa(self._caseSettings(
+            withMethod=riskModel is None, riskModel=riskModel, qaMethod=None if riskModel is None else "")))
 
 
 #
@@ -534,32 +624,29 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class SegXAILogic(ScriptedLoadableModuleLogic):
     """Everything the module runs, usable without the panel (Python console, batch).
 
-    A thin caller of the case pipeline (:mod:`SegXAILib.pipeline`): :meth:`caseSettings` turns
-    the panel's choices into a validated :class:`~SegXAILib.pipeline.CaseSettings`,
-    :meth:`process` runs a whole case (``run_case``) and shows it, the compute* methods run
-    the pipeline's incremental steps in the worker (no MRML) and the show* methods make the
-    nodes (main thread). ``scene`` defaults to ``slicer.mrmlScene``; give one headless.
+    A thin caller: :meth:`caseSettings` turns the panel's choices into a validated
+    :class:`~SegXAILib.pipeline.CaseSettings`; the actions (:meth:`segment`, :meth:`explain`,
+    :meth:`instanceMap`, :meth:`qa`) start an engine process through the
+    :class:`~SegXAILib.mrml.session.CaseSession` and :meth:`poll` shows its results;
+    :meth:`process` runs a whole case that way and waits. ``scene`` defaults to
+    ``slicer.mrmlScene``; give one headless.
 
     Attributes
     ----------
-    models : SegXAILib.pipeline.ModelCache
-        The loaded network, kept between jobs and cases.
-    case : SegXAILib.pipeline.Case or None
-        The current case.
-    nodes : SegXAILib.mrml.logic.CaseNodes or None
-        The nodes showing it.
-    referenceVolume : vtkMRMLScalarVolumeNode or None
-        The first input volume (the geometry of every node made).
+    session : SegXAILib.mrml.session.CaseSession
+        The job flow and the current case (made on first use).
+    case, nodes, referenceVolume
+        The session's case (:class:`~SegXAILib.pipeline.Case`), the nodes showing it, and the
+        first input volume (the geometry of every node made).
     """
 
-    def __init__(self, scene=None):
+    def __init__(self, scene=None, workFolder=None, python=None, env=None):
         ScriptedLoadableModuleLogic.__init__(self)
         self._scene = scene
-        self._models = None
-        self._worker = None
-        self.case = None
-        self.nodes = None
-        self.referenceVolume = None
+        self._workFolder = workFolder
+        self._python = python
+        self._env = dict(env or {})
+        self._session = None
 
     # ---- plumbing ---------------------------------------------------------------------------
     @property
@@ -570,56 +657,63 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
 
         return slicer.mrmlScene
 
-    @property
-    def models(self):
-        # made on first use: the panel (and this Logic) exist before the dependencies the
-        # pipeline imports (torch, pydantic) are installed
-        if self._models is None:
-            from SegXAILib.pipeline import ModelCache
+    @staticmethod
+    def outputFolder(chosen=""):
+        """Where case folders go: ``chosen``, else a ``SegXAI`` folder in Slicer's temporary
+        folder (the system's outside Slicer)."""
+        if chosen:
+            return str(chosen)
+        try:
+            import slicer
 
-            self._models = ModelCache()
-        return self._models
+            base = slicer.app.temporaryPath
+        except (ImportError, AttributeError):  # headless
+            import tempfile
+
+            base = tempfile.gettempdir()
+        return os.path.join(base, "SegXAI")
+
+    def setOutputFolder(self, folder=""):
+        """Case folders of the next jobs go to ``folder`` (see :meth:`outputFolder`)."""
+        self._workFolder = self.outputFolder(folder)
+        if self._session is not None:
+            self._session.work_dir = Path(self._workFolder)
+
+    @property
+    def session(self):
+        # made on first use: the panel (and this Logic) exist before SegXAILib's dependencies
+        # are installed
+        if self._session is None:
+            from SegXAILib.mrml.session import CaseSession
+
+            self._session = CaseSession(self.scene, self._workFolder or self.outputFolder(), python=self._python,
+                                        env=self._env)
+        return self._session
+
+    @property
+    def case(self):
+        return self._session.case if self._session is not None else None
+
+    @property
+    def nodes(self):
+        return self._session.nodes if self._session is not None else None
+
+    @property
+    def referenceVolume(self):
+        return self._session.reference_volume if self._session is not None else None
+
+    @property
+    def busy(self):
+        return self._session is not None and self._session.busy
 
     def getParameterNode(self):
         return SegXAIParameterNode(super().getParameterNode())
 
-    def submit(self, job, onDone):
-        """Queue ``job(progress, cancel)`` on the persistent worker thread."""
-        if self._worker is None:
-            from SegXAILib.mrml.logic import Worker
+    def close(self):
+        """Cancel a running job and forget the case (the scene is closing)."""
+        if self._session is not None:
+            self._session.close()
 
-            self._worker = Worker()
-        return self._worker.submit(job, onDone)
-
-    def poll(self):
-        if self._worker is None:
-            return (0.0, ""), []
-        return self._worker.poll()
-
-    @property
-    def busy(self):
-        return self._worker is not None and self._worker.busy
-
-    def cancel(self):
-        if self._worker is not None:
-            self._worker.cancel()
-
-    def waitForWorker(self, timeout=600.0):
-        """Block until the queued jobs are done and run their callbacks (console / batch use)."""
-        if self._worker is None:
-            return
-        for onDone, value, error in self._worker.wait(timeout):
-            onDone(value, error)
-
-    def stopWorker(self):
-        if self._worker is not None:
-            self._worker.stop()
-            self._worker = None
-
-    def forgetCase(self):
-        self.case, self.nodes, self.referenceVolume = None, None, None
-
-    # ---- settings -----------------------------------------------------------------------------
     @staticmethod
     def modelCard(model):
         """The model card of a bundled name, a card file or folder, or a ModelCard."""
@@ -699,130 +793,47 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
                                        "instances": chosen, "qa": qa, "device": device,
                                        "trust_bundle": bool(trustBundle)}, source="settings")
 
-    def caseImage(self, inputVolumes, settings):
-        """The input volumes (main thread) as one ``(C, I, J, K)`` image in the card's order; the
-        first becomes the reference volume of the nodes to come."""
-        from SegXAILib.mrml.logic import case_image
+    # ---- actions: each an engine process -----------------------------------------------------
+    def segment(self, inputVolumes, settings):
+        """Start segmenting ``inputVolumes`` (one per model input, in the card's order); a
+        whole case when ``settings`` also asks for maps, instance maps or QA."""
+        return self.session.segment(inputVolumes, settings)
 
-        image = case_image(inputVolumes, self.modelCard(settings.model))
-        self.referenceVolume = inputVolumes[0]
-        return image
+    def explain(self, settings, display="normalised", opacity=0.5):
+        """Start the class-level maps of ``settings.methods``."""
+        return self.session.explain(settings, display=display, opacity=opacity)
 
-    # ---- computing (worker thread: no MRML here) --------------------------------------------
-    def computeSegmentation(self, image, settings, progress=None, cancel=None):
-        """Start a case: its one prediction, instances and lesion table (``start_case``)."""
-        from SegXAILib.pipeline import start_case
+    def instanceMap(self, instanceId, settings, display="normalised", opacity=0.5):
+        """Start the instance map of one lesion."""
+        return self.session.instance_map(instanceId, settings, display=display, opacity=opacity)
 
-        model = self.models.get(settings)
-        self.case = start_case(image, model, settings, progress=progress, cancel=cancel)
-        return self.case
+    def qa(self, settings):
+        """Start the QA of the structure (risk band with ``settings.qa.risk_model``)."""
+        return self.session.qa(settings)
 
-    def computeExplanation(self, methods, progress=None, cancel=None):
-        """Class-level maps of ``methods`` (MethodSettings, e.g. ``caseSettings(...).methods``,
-        or their dicts) into the case (``add_maps``); a map of the same name is replaced."""
-        from SegXAILib.pipeline import MethodSettings, add_maps
+    def poll(self):
+        """The running job's progress; its results shown when it has ended (main thread)."""
+        if self._session is None:
+            from SegXAILib.mrml.session import SessionUpdate
 
-        case = self._requireCase()
-        entries = [m.model_dump() if isinstance(m, MethodSettings) else dict(m) for m in methods]
-        names = [entry.get("label") or entry.get("method", "") for entry in entries]
-        # validated as part of the case's settings, which keep naming the case's maps (QA's
-        # qa.method must be one of them)
-        settings = self._settingsWith(methods=[m.model_dump() for m in case.settings.methods if m.name not in names]
-                                      + entries)
-        add_maps(case, self.models.get(case.settings), [settings.method(name) for name in names],
-                 progress=progress, cancel=cancel)
-        case.settings = settings
-        return case
+            return SessionUpdate()
+        return self._session.poll()
 
-    def computeInstanceSaliency(self, instanceId, progress=None, cancel=None):
-        """The instance map of one instance (``add_instance_maps``) under the case's instance
-        settings; returns ``{aggregation: Image (C, I, J, K)}``."""
-        from SegXAILib.image import SegXAIInputError
-        from SegXAILib.pipeline import add_instance_maps
+    def cancel(self):
+        if self._session is not None:
+            self._session.cancel()
 
-        case = self._requireCase()
-        instanceId = int(instanceId)
-        if not 1 <= instanceId <= len(case.instances):
-            raise SegXAIInputError(f"instance {instanceId}: the prediction has {len(case.instances)} instance(s) of "
-                                   f"{case.structure!r}")
-        add_instance_maps(case, self.models.get(case.settings), [instanceId], progress=progress, cancel=cancel)
-        ids = case.settings.instances.ids
-        if ids is not None and instanceId not in ids:
-            case.settings = self._settingsWith(instances={**case.settings.instances.model_dump(),
-                                                          "ids": [*ids, instanceId]})
-        return case.instance_maps[instanceId]
-
-    def computeQA(self, riskModel=None, method="", progress=None, cancel=None):
-        """The QA of the structure (``add_qa``): with ``riskModel`` its risk band, else the EC
-        curve of the map ``method`` (the first map of the case when empty)."""
-        from SegXAILib.pipeline import add_qa
-
-        case = self._requireCase()
-        if riskModel:
-            qa = {"risk_model": str(riskModel)}
-        else:
-            qa = {"method": method or next(iter(case.maps), "")}
-        previous = case.settings
-        case.settings = self._settingsWith(qa=qa)
-        try:
-            add_qa(case, self.models.get(case.settings), progress=progress, cancel=cancel)
-        except BaseException:
-            case.settings = previous  # the settings keep describing what the case holds
-            raise
-        return case.qa
-
-    def _settingsWith(self, **changes):
-        """The case's settings with ``changes`` (JSON-ready fields), validated."""
-        from SegXAILib.pipeline import CaseSettings
-
-        return CaseSettings.from_dict({**self.case.settings.to_dict(), **changes}, source="settings")
-
-    def _requireCase(self):
-        if self.case is None:
-            from SegXAILib.image import SegXAIInputError
-
-            raise SegXAIInputError("no case: segment the input volumes first")
-        return self.case
-
-    # ---- nodes (main thread) ----------------------------------------------------------------
-    def showSegmentation(self, referenceVolume=None):
-        from SegXAILib.mrml.logic import show_segmentation
-
-        self.referenceVolume = referenceVolume or self.referenceVolume
-        self.nodes = show_segmentation(self.scene, self._requireCase(), reference_volume=self.referenceVolume)
-        return self.nodes
-
-    def showExplanations(self, display="normalised", opacity=0.5, maps=None):
-        """Saliency volumes of the case's maps (``maps``: their names, all by default)."""
-        from SegXAILib.mrml.logic import show_explanations
-
-        return show_explanations(self.scene, self._requireCase(), self.nodes, reference_volume=self.referenceVolume,
-                                 display=display, opacity=opacity, maps=maps)
-
-    def showInstanceSaliency(self, instanceId, display="normalised", opacity=0.5):
-        from SegXAILib.mrml.logic import show_instance_saliency
-
-        return show_instance_saliency(self.scene, self._requireCase(), int(instanceId), self.nodes,
-                                      reference_volume=self.referenceVolume, display=display, opacity=opacity)
-
-    def showQA(self):
-        from SegXAILib.mrml.logic import show_qa
-
-        return show_qa(self.scene, self._requireCase(), self.nodes)
+    def wait(self, timeout=3600.0):
+        """Block until the running job has ended and its results are shown (console, tests)."""
+        return self.session.wait(timeout)
 
     def instanceAtClick(self, markupsNode, radiusMm=5.0):
         """The instance id under the last point of ``markupsNode`` (a click in a slice view)."""
-        from SegXAILib.image import SegXAIInputError
-        from SegXAILib.mrml import instance_from_markup
-
-        case = self._requireCase()
-        if case.instance_labels is None:
-            raise SegXAIInputError("the case has no instances (settings.instances.enabled is false)")
-        return instance_from_markup(markupsNode, case.instance_labels, radius_mm=radiusMm)
+        return self.session.instance_at(markupsNode, radius_mm=radiusMm)
 
     # ---- one call -----------------------------------------------------------------------------
-    def process(self, inputVolumes, settings=None, display="normalised", progress=None, cancel=None, **choices):
-        """Run one case through the pipeline (``run_case``) and show it.
+    def process(self, inputVolumes, settings=None, timeout=3600.0, **choices):
+        """Run one whole case in the engine process, wait, and show it.
 
         Parameters
         ----------
@@ -831,17 +842,19 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
         settings : SegXAILib.pipeline.CaseSettings, optional
             What to run. Instead, the keywords of :meth:`caseSettings` (``model="lesions",
             methods=["smoothgrad"], instances=[1], riskModel=...``).
-        display : str
-            ``normalised`` (paper 000, 17 % threshold) or ``signed``.
 
         Returns
         -------
         SegXAILib.mrml.logic.CaseNodes
             The segmentation, instances, saliency volumes, lesion table, QA table and chart;
             the case itself is ``self.case``.
+
+        Raises
+        ------
+        SegXAIInputError
+            Invalid settings or inputs, or the engine's error when the run failed.
         """
         from SegXAILib.image import SegXAIInputError
-        from SegXAILib.mrml.logic import process
         from SegXAILib.pipeline import CaseSettings
 
         if settings is None:
@@ -850,9 +863,10 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
             raise SegXAIInputError(f"process: give settings or the choices {sorted(choices)}, not both")
         elif not isinstance(settings, CaseSettings):
             raise SegXAIInputError(f"settings: expected CaseSettings (see caseSettings), got {type(settings).__name__}")
-        self.case, self.nodes = process(self.scene, inputVolumes, settings, model=self.models.get(settings),
-                                        display=display, progress=progress, cancel=cancel)
-        self.referenceVolume = inputVolumes[0]
+        self.segment(inputVolumes, settings)
+        update = self.wait(timeout)
+        if update.state != "done":
+            raise SegXAIInputError(f"process: the run {update.state}: {update.error or update.status.state}")
         return self.nodes
 
 
@@ -862,16 +876,35 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
 
 
 class SegXAITest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer: the bundled sample end to end through the Logic and the worker."""
+    """Runs inside Slicer (Reload and Test): the clinician's flow through the panel itself.
+
+    Sample data -> Segment -> Explain -> pick a lesion (a click in a slice view) -> its
+    instance map -> QA risk band; then a long job cancelled; then a failing job, after which
+    the panel is ready again. Every action runs in the engine process, as for a user.
+    """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
-        self.test_bundled_sample_end_to_end()
-        self.setUp()
-        self.test_worker_keeps_the_model_and_cancels()
+        self.test_clinician_flow()
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _widget(self):
+        slicer.util.selectModule("SegXAI")
+        return slicer.modules.segxai.widgetRepresentation().self()
+
+    def _waitForJob(self, widget, timeout=900.0):
+        """Let the panel's timer follow the job until it has ended; returns the seconds taken."""
+        import time
+
+        start = time.monotonic()
+        while (widget.logic.busy or widget._pollTimer.isActive()) and time.monotonic() - start < timeout:
+            slicer.app.processEvents()
+            time.sleep(0.02)
+        self.assertFalse(widget.logic.busy, "the job did not end in time")
+        return time.monotonic() - start
 
     def _sampleVolumes(self):
         from SegXAILib.mrml import image_to_volume_node
@@ -883,71 +916,89 @@ class SegXAITest(ScriptedLoadableModuleTest):
                    for name in phantom.image.channel_names]
         return phantom, volumes
 
-    def test_bundled_sample_end_to_end(self):
+    # ---- the flow -------------------------------------------------------------------------------
+    def test_clinician_flow(self):
+        import time
+
         import numpy as np
 
         from SegXAILib.metrics import dice_score
-        from SegXAILib.mrml import segment_mask, volume_node_to_image
+        from SegXAILib.mrml import segment_mask, slice_composite_nodes, volume_node_to_image
 
-        self.delayDisplay("Segmenting the bundled sample with the lesion model")
+        widget = self._widget()
+        self.assertTrue(widget.ensureDependencies(ask=False))
         phantom, volumes = self._sampleVolumes()
-        logic = SegXAILogic()
-        nodes = logic.process(volumes, model="lesions", methods=["vanilla_gradient"], instances=[1], device="cpu")
+        widget._selectData(widget.ui.modelComboBox, "lesions")
+        widget._selectData(widget.ui.deviceComboBox, "cpu")
+        for selector, volume in zip(widget._channelSelectors, volumes):
+            selector.setCurrentNode(volume)
+
+        self.delayDisplay("Segment (engine process)")
+        self.assertTrue(widget.ui.segmentButton.enabled)
+        widget.ui.segmentButton.click()
+        self.assertTrue(widget.ui.cancelButton.enabled and widget.ui.progressBar.visible)
+        self._waitForJob(widget)
+        logic = widget.logic
         grid = volume_node_to_image(volumes[0])
-        mask = segment_mask(nodes.segmentation, "lesion", grid)
+        mask = segment_mask(logic.nodes.segmentation, "lesion", grid)
         self.assertTrue(np.array_equal(mask, logic.case.mask))
         self.assertGreater(dice_score(mask, phantom.truth), 0.7)
-        self.assertEqual(len(nodes.saliency["vanilla_gradient"]), 2)
-        self.assertEqual(nodes.lesion_table.GetNumberOfRows(), len(logic.case.instances))
-        self.assertEqual(nodes.chart.GetNumberOfPlotSeriesNodes(), 1)
-        composite = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceCompositeNode()
-        self.assertEqual(composite.GetForegroundVolumeID(), nodes.instance_saliency[1][0].GetID())
-        self.delayDisplay("Saving and reloading the scene bundle")
-        from SegXAILib.mrml import save_scene_bundle
+        self.assertEqual(logic.nodes.lesion_table.GetNumberOfRows(), len(logic.case.instances))
+        self.assertEqual(widget.ui.lesionTableView.mrmlTableNode().GetID(), logic.nodes.lesion_table.GetID())
 
-        path = os.path.join(slicer.app.temporaryPath, "SegXAITest.mrb")
-        save_scene_bundle(slicer.mrmlScene, path)
-        slicer.mrmlScene.Clear()
-        slicer.util.loadScene(path)
-        self.assertIsNotNone(slicer.mrmlScene.GetFirstNodeByName("SegXAI segmentation"))
+        self.delayDisplay("Explain")
+        widget._selectData(widget.ui.methodComboBox, "vanilla_gradient")
+        widget.ui.explainButton.click()
+        self._waitForJob(widget)
+        saliency = logic.nodes.saliency["vanilla_gradient"]
+        self.assertEqual(len(saliency), 2)
+        self.assertTrue(all(c.GetForegroundVolumeID() == saliency[0].GetID()
+                            for c in slice_composite_nodes(slicer.mrmlScene)))
+
+        self.delayDisplay("Pick a lesion in a slice view")
+        widget.ui.pickLesionButton.checked = True
+        interaction = slicer.app.applicationLogic().GetInteractionNode()
+        self.assertEqual(interaction.GetCurrentInteractionMode(), interaction.Place)
+        lesion = logic.case.instances[0]
+        widget._clickNode.AddControlPointWorld(*lesion.centroid_ras.tolist())
+        if not widget.logic.busy:  # the point-defined event already started the job otherwise
+            widget.onLesionClicked()
+        self.assertEqual(widget.ui.instanceSpinBox.value, 1)
+        self._waitForJob(widget)
+        widget.ui.pickLesionButton.checked = False
+        self.assertEqual(interaction.GetPlaceModePersistence(), 0)
+        shown = logic.nodes.instance_saliency[1][0]
+        self.assertTrue(all(c.GetForegroundVolumeID() == shown.GetID()
+                            for c in slice_composite_nodes(slicer.mrmlScene)))
+
+        self.delayDisplay("QA risk band")
+        from SegXAILib.sample_data import bundled_model_card
+
+        widget.ui.riskModelPathLineEdit.currentPath = str(bundled_model_card("lesions").parent
+                                                          / "risk_guided_gradcam.json")
+        widget.ui.qaButton.click()
+        self._waitForJob(widget)
+        self.assertIn(logic.case.qa.band, ("low", "medium", "high"))
+        self.assertIn(logic.case.qa.band.upper(), widget.ui.riskBandLabel.text)
+
+        self.delayDisplay("Cancel a long job")
+        widget._selectData(widget.ui.methodComboBox, "smoothgrad")
+        widget._methodForm.editors["n_samples"][1].value = 100000
+        widget.ui.explainButton.click()
+        deadline = time.monotonic() + 300
+        while logic.poll().status.fraction <= 0.0 and time.monotonic() < deadline:
+            slicer.app.processEvents()
+        widget.ui.cancelButton.click()
+        seconds = self._waitForJob(widget, timeout=30)
+        self.assertLess(seconds, 2.5)  # the 2 s grace + the 100 ms poll
+        self.assertIn("cancelled", widget.ui.statusLabel.text)
+        self.assertTrue(widget.ui.explainButton.enabled)
+
+        self.delayDisplay("A failing job leaves the panel ready")
+        widget.ui.riskModelPathLineEdit.currentPath = os.path.join(slicer.app.temporaryPath, "no-such-risk.json")
+        widget.ui.qaButton.click()
+        self._waitForJob(widget)
+        self.assertIn("failed", widget.ui.statusLabel.text)
+        self.assertTrue(widget.ui.qaButton.enabled and widget.ui.explainButton.enabled)
+        self.assertFalse(widget.ui.cancelButton.enabled)
         self.delayDisplay("Test passed")
-
-    def test_worker_keeps_the_model_and_cancels(self):
-        import time
-
-        phantom, volumes = self._sampleVolumes()
-        logic = SegXAILogic()
-        settings = logic.caseSettings("lesions", device="cpu")
-        image = logic.caseImage(volumes, settings)
-        slow = logic.caseSettings("lesions", ["smoothgrad"], {"smoothgrad": {"n_samples": 200}}, device="cpu").methods
-        outcomes = []
-        logic.submit(lambda p, c: logic.computeSegmentation(image, settings, p, c), lambda v, e: outcomes.append(e))
-        logic.submit(lambda p, c: logic.computeExplanation(slow, progress=p, cancel=c),
-                     lambda v, e: outcomes.append(e))
-        deadline = time.time() + 300
-        while len(outcomes) < 1 and time.time() < deadline:
-            for onDone, value, error in logic.poll()[1]:
-                onDone(value, error)
-            slicer.app.processEvents()
-        time.sleep(1.0)
-        start = time.time()
-        logic.cancel()
-        while len(outcomes) < 2 and time.time() < deadline:
-            for onDone, value, error in logic.poll()[1]:
-                onDone(value, error)
-            slicer.app.processEvents()
-        from SegXAILib.progress import Cancelled
-
-        self.assertIsNone(outcomes[0])
-        self.assertIsInstance(outcomes[1], Cancelled)
-        self.delayDisplay(f"Cancelled after {time.time() - start:.2f} s")
-        quick = logic.caseSettings("lesions", ["vanilla_gradient"], device="cpu").methods
-        logic.submit(lambda p, c: logic.computeExplanation(quick, progress=p, cancel=c),
-                     lambda v, e: outcomes.append(e))
-        while len(outcomes) < 3 and time.time() < deadline:
-            for onDone, value, error in logic.poll()[1]:
-                onDone(value, error)
-            slicer.app.processEvents()
-        self.assertIsNone(outcomes[2])
-        self.assertEqual(logic.models.loads, 1)  # the worker kept the model loaded across the three jobs
-        logic.stopWorker()

@@ -5,8 +5,10 @@ never a copy kept here: read from the ``pyproject.toml`` beside the imported ``S
 package (the checkout's root, or the file the extension installs next to the package), else
 from the installed distribution's metadata (``importlib.metadata.requires("SegXAILib")``).
 PyTorch is installed through the PyTorch extension (``PyTorchUtils``, which picks the CUDA
-build); Slicer's own numpy, SimpleITK and vtk are never installed or replaced (pinned to the
-installed versions).
+build) and an installed torch is checked against SegXAILib's requirement; Slicer's own numpy,
+SimpleITK, vtk and scipy are never installed or replaced (pinned to the installed versions).
+The others go through ``slicer.packaging.pip_ensure`` (Slicer 5.12 and later: its own
+confirmation and progress dialog), else ``slicer.util.pip_install`` under a progress dialog.
 
 Qt-free except :func:`ensureDependencies`, which asks the user through ``slicer.util``.
 """
@@ -20,7 +22,7 @@ from typing import Optional
 #: distributions installed through the PyTorch extension, not pip
 TORCH = "torch"
 #: distributions Slicer ships: never installed, and pinned so that no install replaces them
-SLICER_OWNED = ("numpy", "SimpleITK", "vtk")
+SLICER_OWNED = ("numpy", "SimpleITK", "vtk", "scipy")
 #: import names of the distributions whose import name is not their (normalised) name
 IMPORT_NAMES = {"scikit-image": "skimage", "scikit-learn": "sklearn", "opencv-python-headless": "cv2",
                 "pyyaml": "yaml", "pillow": "PIL"}
@@ -125,6 +127,31 @@ def missingRequirements() -> list:
     return missing
 
 
+def torchProblem() -> str:
+    """Why the installed torch cannot be used (its version outside SegXAILib's requirement);
+    empty when it can, or when torch is not installed (:func:`missingRequirements` says so)."""
+    if importlib.util.find_spec("torch") is None:
+        return ""
+    requirement = torchRequirement()
+    specifier = requirement[len(requirementName(requirement)):].strip()
+    if not specifier:
+        return ""
+    try:
+        installed = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+    try:
+        from packaging.specifiers import SpecifierSet
+        from packaging.version import Version
+    except ImportError:  # without packaging the version cannot be compared: trust it
+        return ""
+    # a local build tag (2.4.1+cu121) satisfies what its public version satisfies
+    if Version(installed.split("+", 1)[0]) in SpecifierSet(specifier):
+        return ""
+    return (f"PyTorch {installed} is installed; SegXAI needs {requirement}. Press Install dependencies to update it "
+            "(through the PyTorch extension), then restart Slicer.")
+
+
 def _slicerPins() -> list:
     """``name==version`` of the installed Slicer-owned packages (pip constraints)."""
     pins = []
@@ -136,45 +163,87 @@ def _slicerPins() -> list:
     return pins
 
 
+def constraintsFile(folder: str) -> str:
+    """A pip constraints file in ``folder`` pinning :data:`SLICER_OWNED` to the installed versions."""
+    path = os.path.join(folder, "SegXAI-constraints.txt")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(_slicerPins()) + "\n")
+    return path
+
+
+def _installTorch(requirement: str, confirm: bool) -> bool:
+    """PyTorch through the PyTorch extension (it picks the CUDA build for the GPU driver); plain
+    pip when the extension is not installed. False when the user declined."""
+    import slicer
+
+    specifier = requirement[len(requirementName(requirement)):].strip() or None
+    try:
+        import PyTorchUtils
+    except ImportError:
+        if confirm and not slicer.util.confirmOkCancelDisplay(
+                "SegXAI needs PyTorch. Install the build pip chooses now? (The PyTorch extension, from the "
+                "Extensions Manager, picks the CUDA build that matches the GPU driver.)"):
+            return False
+        _withProgress("Installing PyTorch", lambda: slicer.util.pip_install([requirement]))
+        return True
+    installed = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=confirm,
+                                                              torchVersionRequirement=specifier)
+    return installed is not None
+
+
+def _withProgress(label: str, action) -> None:
+    """Run ``action()`` (a blocking pip run) under a busy progress dialog."""
+    import qt
+    import slicer
+
+    dialog = slicer.util.createProgressDialog(labelText=f"{label}... (this can take minutes)", maximum=0)
+    slicer.app.processEvents()
+    try:
+        with slicer.util.WaitCursor():
+            action()
+    finally:
+        dialog.close()
+        qt.QApplication.processEvents()
+
+
 def ensureDependencies(confirm: bool = True) -> bool:
     """Install what is missing, on the main thread, after the user confirms.
 
-    PyTorch through the PyTorch extension's ``PyTorchUtils`` when present (else pip), the
-    others with ``slicer.packaging.pip_ensure`` (else ``slicer.util.pip_install``), Slicer's
-    numpy, SimpleITK and vtk pinned to the installed versions. Returns True when everything
-    is importable.
+    PyTorch (missing, or outside SegXAILib's requirement) through the PyTorch extension's
+    ``PyTorchUtils`` when present (else pip); the others with ``slicer.packaging.pip_ensure``
+    on Slicer 5.12 and later (its confirmation and progress dialog), else
+    ``slicer.util.pip_install`` under a progress dialog; Slicer's numpy, SimpleITK, vtk and
+    scipy pinned to the installed versions. Returns True when everything is importable; False
+    when the user declined or something is still missing.
     """
     missing = missingRequirements()
-    if not missing:
+    torch = torchRequirement()
+    if not missing and not torchProblem():
         return True
     import slicer
 
-    torch = torchRequirement()
-    if torch in missing:
+    if torch in missing or torchProblem():
+        if not _installTorch(torch, confirm):
+            return False
+    others = [requirement for requirement in missing if requirement != torch]
+    if others:
+        constraints = constraintsFile(slicer.app.temporaryPath)
         try:
-            import PyTorchUtils
-
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            specifier = torch[len(requirementName(torch)):].strip() or None
-            if torchLogic.installTorch(askConfirmation=confirm, torchVersionRequirement=specifier) is None:
-                return False
+            import slicer.packaging as packaging  # Slicer 5.12 and later
         except ImportError:
-            if confirm and not slicer.util.confirmOkCancelDisplay(
-                    "SegXAI needs PyTorch. Install the CPU/CUDA build pip chooses now? (Installing the PyTorch "
-                    "extension from the Extensions Manager picks the right CUDA build.)"):
+            packaging = None
+        if packaging is not None:
+            try:
+                packaging.pip_ensure(others, constraints=constraints, prompt_install=confirm, requester="SegXAI")
+            except RuntimeError as error:  # "User declined package installation"
+                if "declined" not in str(error):
+                    raise
                 return False
-            slicer.util.pip_install(torch)
-        missing.remove(torch)
-    if missing:
-        constraints = os.path.join(slicer.app.temporaryPath, "SegXAI-constraints.txt")
-        with open(constraints, "w", encoding="utf-8") as handle:
-            handle.write("\n".join(_slicerPins()) + "\n")
-        packaging = getattr(slicer, "packaging", None)
-        if packaging is not None and hasattr(packaging, "pip_ensure"):
-            packaging.pip_ensure(missing, requester="SegXAI", constraints=constraints)
         else:
             if confirm and not slicer.util.confirmOkCancelDisplay(
-                    "SegXAI needs these Python packages: " + ", ".join(missing) + ". Install them now?"):
+                    "SegXAI needs these Python packages: " + ", ".join(others) + ". Install them now?"):
                 return False
-            slicer.util.pip_install(missing + ["-c", constraints])
-    return not missingRequirements()
+            _withProgress("Installing " + ", ".join(requirementName(r) for r in others),
+                          lambda: slicer.util.pip_install(others + ["-c", constraints]))
+    importlib.invalidate_caches()
+    return not missingRequirements() and not torchProblem()

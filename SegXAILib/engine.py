@@ -86,6 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
     parser.add_argument("--reference", type=Path, default=None, help="reference label map on the input grid")
     parser.add_argument("--device", default=None, help="overrides the settings' device")
+    parser.add_argument("--image-format", default=".nii.gz", choices=(".nii.gz", ".nrrd", ".mha"),
+                        help="the case folder's image format (.nrrd keeps the geometry in float64)")
     return parser
 
 
@@ -122,8 +124,10 @@ def run_engine(args: argparse.Namespace, stream: Optional[IO[str]] = None) -> in
 
     handlers = {}
     if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            handlers[signum] = signal.signal(signum, on_signal)
+        # SIGBREAK: what a launcher's CTRL_BREAK_EVENT (Windows) delivers
+        for signum in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGBREAK", None)):
+            if signum is not None:
+                handlers[signum] = signal.signal(signum, on_signal)
     worker = threading.Thread(target=work, name="segxai-engine", daemon=True)
     try:
         worker.start()
@@ -177,7 +181,8 @@ def _run(args: argparse.Namespace, progress, cancel) -> Path:
     case = run_case(image, model, settings, reference=reference, progress=sub_progress(progress, 0.0, 0.97),
                     cancel=cancel)
     progress(0.97, "writing")
-    return write_case(case, out, cancel=cancel, inputs=dict(zip(card.input_channels, args.images)))
+    return write_case(case, out, cancel=cancel, suffix=args.image_format,
+                      inputs=dict(zip(card.input_channels, args.images)))
 
 
 def run_process(args: argparse.Namespace) -> int:

@@ -31,9 +31,11 @@ from .nodes import (
 from .scene import headless_scene, load_scene_bundle, save_scene_bundle
 from .tables import (
     ec_curve_chart,
+    lesion_centroid_ras,
     lesion_table_node,
     qa_table_node,
     table_node_columns,
+    table_row_of_model_row,
 )
 
 __all__ = [
@@ -60,4 +62,6 @@ __all__ = [
     "lesion_table_node",
     "qa_table_node",
     "table_node_columns",
+    "table_row_of_model_row",
+    "lesion_centroid_ras",
 ]

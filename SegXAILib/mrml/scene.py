@@ -17,7 +17,6 @@ import zipfile
 from pathlib import Path
 
 from ..image import SegXAIInputError
-from ..io import atomic_path
 
 __all__ = ["headless_scene", "application_logic", "save_scene_bundle", "load_scene_bundle", "SLICE_VIEWS"]
 
@@ -115,31 +114,27 @@ def application_logic(scene):
 def save_scene_bundle(scene, path: str | os.PathLike) -> Path:
     """Save ``scene`` with all its data as a Slicer data bundle (``.mrb``), atomically.
 
-    The scene file and one file per storable node (volumes as NRRD, segmentations as
-    ``.seg.nrrd``, markups as JSON, tables as TSV, colour tables, transforms) are written by
-    Slicer's own ``SaveSceneToSlicerDataBundleDirectory`` into a temporary folder and zipped
-    in Slicer's layout (one top folder named after the bundle). Returns ``path``.
+    Slicer's own writer (``vtkMRMLScene::WriteToMRB``, the one File > Save uses) writes the
+    bundle into a temporary folder beside ``path``; it is renamed onto ``path`` once complete.
+    Returns ``path``.
 
-    Note: as in Slicer, the storage nodes then point at the bundle's files and the scene's
-    URL at the temporary folder; the nodes' data in memory are unchanged.
+    Note: as in Slicer, the storage nodes then point at the bundle's files; the nodes' data in
+    memory are unchanged.
     """
     path = Path(path)
     if path.suffix.lower() != ".mrb":
         raise SegXAIInputError(f"scene bundle {path}: expected a .mrb file name")
     if not path.parent.is_dir():
         raise SegXAIInputError(f"scene bundle {path}: folder {path.parent} does not exist")
-    logic = application_logic(scene)
-    # Slicer refuses a relative bundle directory
+    application_logic(scene)  # headless: the module logics register the storage nodes
+    # a temporary folder beside it, the bundle under its own name inside (Slicer names the
+    # bundle's top folder after the file), then one rename
     work = Path(tempfile.mkdtemp(prefix=".segxai-mrb-", dir=path.parent.resolve()))
     try:
-        folder = work / path.stem
-        folder.mkdir()
-        if not logic.SaveSceneToSlicerDataBundleDirectory(str(folder), None):
+        written = work / path.name
+        if not scene.WriteToMRB(str(written)) or not zipfile.is_zipfile(written):
             raise SegXAIInputError(f"scene bundle {path}: Slicer could not write the scene (see the log)")
-        with atomic_path(path) as temporary:
-            with zipfile.ZipFile(temporary, "w", zipfile.ZIP_DEFLATED) as archive:
-                for file in sorted(folder.rglob("*")):
-                    archive.write(file, file.relative_to(work).as_posix())
+        os.replace(written, path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return path

@@ -17,7 +17,7 @@ import numpy as np
 from ..image import SegXAIInputError
 
 __all__ = ["flatten_row", "table_node_from_rows", "lesion_table_node", "qa_table_node", "table_node_columns",
-           "ec_curve_chart"]
+           "ec_curve_chart", "table_row_of_model_row", "lesion_centroid_ras"]
 
 
 def flatten_row(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -105,6 +105,23 @@ def table_node_columns(node) -> dict[str, list]:
             values = [array.GetVariantValue(i).ToString() for i in range(array.GetNumberOfValues())]
         columns[array.GetName()] = values
     return columns
+
+
+def table_row_of_model_row(node, model_row: int) -> int:
+    """The table node's row that a ``qMRMLTableView`` shows at row ``model_row`` of its table
+    model (``qMRMLTableModel::mrmlTableRowIndex``, not transposed): the same row, or one less
+    when the model's first row holds the column titles (``UseColumnTitleAsColumnHeader`` off)."""
+    return int(model_row) if node.GetUseColumnTitleAsColumnHeader() else int(model_row) - 1
+
+
+def lesion_centroid_ras(node, row: int) -> Optional[list[float]]:
+    """``[R, A, S]`` of a lesion table row (``centroid_R/A/S``); None for a row the table does
+    not have or without centroid columns."""
+    columns = table_node_columns(node)
+    names = [f"centroid_{axis}" for axis in "RAS"]
+    if not all(name in columns for name in names) or not 0 <= row < len(columns[names[0]]):
+        return None
+    return [float(columns[name][row]) for name in names]
 
 
 def lesion_table_node(rows: Sequence[Mapping[str, Any]], scene, name: str = "SegXAI lesions",

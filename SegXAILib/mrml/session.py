@@ -1,0 +1,312 @@
+"""The Slicer panel's job flow, Qt-free: each action an engine process, its results as nodes.
+
+:class:`CaseSession` is what the SegXAI panel drives (and what the browser viewer can drive):
+
+* an action (:meth:`~CaseSession.segment`, :meth:`~CaseSession.explain`,
+  :meth:`~CaseSession.instance_map`, :meth:`~CaseSession.qa`) writes what the engine needs into
+  a new job folder and launches the engine process (:class:`~SegXAILib.pipeline.EngineJob`);
+  one job at a time;
+* :meth:`~CaseSession.poll`, called from the GUI's timer (main thread), reports progress with an
+  ETA; when the job has ended it reads the case folder back
+  (:func:`~SegXAILib.pipeline.read_case`) and makes the nodes with
+  :mod:`SegXAILib.mrml.logic`'s ``show_*`` functions, the same ones every front end uses;
+* :meth:`~CaseSession.cancel` ends the process tree; :meth:`~CaseSession.close` (the scene is
+  closing) cancels and forgets the case.
+
+A failed or cancelled job leaves the session ready for the next action, with the reason in
+:attr:`SessionUpdate.error`. Every later action of a case reuses the input files its
+segmentation was run on, so each job sees the same voxels and makes the same prediction; a
+job whose prediction differs from the case's is refused rather than mixed in.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..image import SegXAIInputError
+from ..pipeline.job import EngineJob, JobStatus
+from .logic import CaseNodes, case_image, show_explanations, show_instance_saliency, show_qa, show_segmentation
+
+__all__ = ["CaseSession", "SessionUpdate", "slicer_python", "ACTIONS"]
+
+log = logging.getLogger(__name__)
+
+#: what a job of the session does
+ACTIONS = ("segment", "explain", "instance", "qa")
+
+
+def slicer_python() -> str:
+    """The interpreter that runs the engine: ``PythonSlicer`` inside 3D Slicer (Slicer puts it
+    on ``PATH``; else beside the application's executable), this interpreter elsewhere."""
+    try:
+        import slicer
+
+        in_slicer = getattr(slicer, "app", None) is not None
+    except ImportError:
+        in_slicer = False
+    if not in_slicer:
+        return sys.executable
+    found = shutil.which("PythonSlicer")
+    if found:
+        return found
+    beside = os.path.join(os.path.dirname(sys.executable), "PythonSlicer" + (".exe" if os.name == "nt" else ""))
+    if os.path.isfile(beside):
+        return beside
+    raise SegXAIInputError("PythonSlicer: not found on PATH nor beside the application; cannot start the engine")
+
+
+@dataclass
+class SessionUpdate:
+    """One :meth:`CaseSession.poll`.
+
+    Attributes
+    ----------
+    action : str
+        The job's action (:data:`ACTIONS`), empty when no job ran.
+    status : JobStatus or None
+        The job's progress and state.
+    finished : bool
+        The job ended at this poll (its nodes are made, or it failed / was cancelled).
+    error : str
+        Why it failed (the engine's message, or why its results could not be shown).
+    """
+
+    action: str = ""
+    status: Optional[JobStatus] = None
+    finished: bool = False
+    error: str = ""
+
+    @property
+    def state(self) -> str:
+        if self.status is None:
+            return "idle"
+        return "failed" if self.error else self.status.state
+
+
+class CaseSession:
+    """One case in a scene, computed by engine processes.
+
+    Parameters
+    ----------
+    scene : vtkMRMLScene
+        Where the nodes go (``slicer.mrmlScene`` in Slicer; a headless scene elsewhere).
+    work_dir : path
+        Where job folders are made (``<work_dir>/<date-time>-<n>-<action>/``).
+    python : str, optional
+        The engine's interpreter (:func:`slicer_python` by default).
+    env : dict, optional
+        Extra environment variables of the engine processes.
+    name : str
+        Prefix of the nodes' names.
+
+    Attributes
+    ----------
+    case : Case or None
+        The current case: the segmentation job's, with the maps, instance maps and QA of the
+        later jobs added.
+    nodes : CaseNodes or None
+    reference_volume : vtkMRMLScalarVolumeNode or None
+        The first input volume: the geometry and background of every node made.
+    job : EngineJob or None
+        The running (or last) job.
+    """
+
+    def __init__(self, scene, work_dir, python: Optional[str] = None, env: Optional[dict] = None,
+                 name: str = "SegXAI") -> None:
+        self.scene = scene
+        self.work_dir = Path(work_dir)
+        self.python = python
+        self.env = dict(env or {})
+        self.name = name
+        self.case = None
+        self.nodes: Optional[CaseNodes] = None
+        self.reference_volume = None
+        self.inputs: list[Path] = []
+        self.job: Optional[EngineJob] = None
+        self.action = ""
+        self._show: dict = {}
+        self._count = 0
+
+    # ---- state ------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        """A job is running (its end not yet seen by :meth:`poll`)."""
+        return self.job is not None and not self.job.status.finished
+
+    def forget(self) -> None:
+        """Drop the case (the nodes stay in the scene)."""
+        self.case, self.nodes, self.reference_volume, self.inputs = None, None, None, []
+
+    def close(self) -> None:
+        """The scene is closing: cancel a running job and forget the case."""
+        if self.busy:
+            self.job.cancel()
+        self.forget()
+
+    def _require_idle(self) -> None:
+        if self.busy:
+            raise SegXAIInputError(f"a {self.action} job is running: wait for it or cancel it")
+
+    def _require_case(self):
+        if self.case is None:
+            raise SegXAIInputError("no case: segment the input volumes first")
+        return self.case
+
+    def _job_dir(self, action: str) -> Path:
+        self._count += 1
+        return self.work_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{self._count:03d}-{action}"
+
+    def _launch(self, action: str, settings, show: dict, job_dir: Optional[Path] = None) -> EngineJob:
+        job = EngineJob(settings, self.inputs, job_dir or self._job_dir(action), python=self.python or slicer_python(),
+                        image_format=".nrrd", env=self.env)
+        self.job, self.action, self._show = job, action, show
+        job.start()
+        log.info("SegXAI: %s job started in %s (pid %s)", action, job.job_dir, job.pid)
+        return job
+
+    # ---- actions ------------------------------------------------------------------------------
+    def segment(self, input_volumes: Sequence, settings) -> EngineJob:
+        """Segment ``input_volumes`` (one per model input, in the card's order) with
+        ``settings.model``: the segmentation, instances and lesion table.
+
+        The volumes are written into the job folder (NRRD: the geometry in float64); every
+        later job of this case reads those files.
+        """
+        from ..io import write_image
+        from ..pipeline import resolve_model_card
+
+        self._require_idle()
+        volumes = [volume for volume in input_volumes if volume]
+        image = case_image(volumes, resolve_model_card(settings.model))
+        self.forget()
+        job_dir = self._job_dir("segment")
+        inputs = job_dir / "inputs"
+        inputs.mkdir(parents=True)
+        self.inputs = [write_image(image.channel(channel), inputs / f"input{index}.nrrd")
+                       for index, channel in enumerate(image.channel_names)]
+        self.reference_volume = volumes[0]
+        return self._launch("segment", settings, {}, job_dir)
+
+    def _check_model(self, settings) -> None:
+        case = self._require_case()
+        if settings.model != case.settings.model:
+            raise SegXAIInputError(f"model: the case was segmented with {case.settings.model!r}, not "
+                                   f"{settings.model!r}: segment again")
+
+    def explain(self, settings, display: str = "normalised", opacity: float = 0.5) -> EngineJob:
+        """The class-level maps of ``settings.methods`` (a map shown before is replaced)."""
+        self._require_idle()
+        self._check_model(settings)
+        if not settings.methods:
+            raise SegXAIInputError("methods: no attribution method chosen")
+        return self._launch("explain", settings, {"display": display, "opacity": opacity,
+                                                  "maps": [m.name for m in settings.methods]})
+
+    def instance_map(self, instance_id: int, settings, display: str = "normalised",
+                     opacity: float = 0.5) -> EngineJob:
+        """The instance map of one lesion (``settings.instances``: samples, aggregation...)."""
+        self._require_idle()
+        self._check_model(settings)
+        case = self.case
+        instance_id = int(instance_id)
+        if not 1 <= instance_id <= len(case.instances):
+            raise SegXAIInputError(f"instance {instance_id}: the prediction has {len(case.instances)} instance(s) "
+                                   f"of {case.structure!r}")
+        chosen = settings.to_dict()
+        chosen["methods"] = []
+        chosen["qa"] = {}
+        chosen["instances"] = {**chosen["instances"], "enabled": True, "ids": [instance_id], "click_ras": None}
+        return self._launch("instance", type(settings).from_dict(chosen, source="settings"),
+                            {"display": display, "opacity": opacity, "instance": instance_id})
+
+    def qa(self, settings) -> EngineJob:
+        """The structure's QA: its risk band with ``settings.qa.risk_model``, else the EC curve
+        of the map ``settings.qa.method`` (computed again from ``settings.methods``)."""
+        self._require_idle()
+        self._check_model(settings)
+        if not (settings.qa.risk_model or settings.qa.method):
+            raise SegXAIInputError("qa: give a risk model or the map whose EC curve to show")
+        return self._launch("qa", settings, {})
+
+    def cancel(self) -> None:
+        """End the running job's process tree (within :data:`~SegXAILib.pipeline.job.KILL_AFTER_S`)."""
+        if self.busy:
+            self.job.cancel()
+
+    def instance_at(self, markups_node, radius_mm: float = 5.0) -> int:
+        """The instance id under the last point of ``markups_node`` (a click in a slice view)."""
+        from .nodes import instance_from_markup
+
+        case = self._require_case()
+        if case.instance_labels is None:
+            raise SegXAIInputError("the case has no instances (settings.instances.enabled is false)")
+        return instance_from_markup(markups_node, case.instance_labels, radius_mm=radius_mm)
+
+    # ---- polling ------------------------------------------------------------------------------
+    def poll(self) -> SessionUpdate:
+        """The running job's progress; when it has ended, its results shown (main thread)."""
+        if self.job is None:
+            return SessionUpdate()
+        already = self.job.status.finished
+        status = self.job.poll()
+        update = SessionUpdate(self.action, status)
+        if already or not status.finished:
+            return update
+        update.finished = True
+        if status.state == "failed":
+            update.error = status.error
+        elif status.state == "done":
+            try:
+                self._import(self.job.case())
+            except SegXAIInputError as error:  # a case folder that cannot be read: say why
+                update.error = str(error)
+            except Exception as error:  # noqa: BLE001 - reported, the session stays usable
+                log.exception("SegXAI: could not show the results of %s", self.job.job_dir)
+                update.error = f"could not show the results: {type(error).__name__}: {error}"
+        return update
+
+    def wait(self, timeout: float = 3600.0, interval: float = 0.05) -> SessionUpdate:
+        """Poll until the running job has ended and its results are shown (scripts, tests)."""
+        deadline = time.monotonic() + timeout
+        update = self.poll()
+        while not update.finished and self.job is not None:
+            if time.monotonic() > deadline:
+                self.cancel()
+            time.sleep(interval)
+            update = self.poll()
+        return update
+
+    def _same_prediction(self, case) -> None:
+        if not np.array_equal(case.segmentation.labels.array, self.case.segmentation.labels.array):
+            raise SegXAIInputError(f"job {self.job.job_dir}: its prediction differs from the segmented case "
+                                   "(the model or its inputs changed): segment again")
+
+    def _import(self, case) -> None:
+        """Merge ``case`` (the finished job's) into the session's case and show its part."""
+        show, scene, reference = self._show, self.scene, self.reference_volume
+        if self.action == "segment":
+            self.case = case
+            self.nodes = show_segmentation(scene, case, reference_volume=reference, name=self.name)
+            return
+        self._same_prediction(case)
+        current = self.case
+        current.maps.update(case.maps)
+        current.instance_maps.update(case.instance_maps)
+        if self.action == "explain":
+            show_explanations(scene, current, self.nodes, reference_volume=reference, display=show["display"],
+                              opacity=show["opacity"], maps=show["maps"], name=self.name)
+        elif self.action == "instance":
+            show_instance_saliency(scene, current, show["instance"], self.nodes, reference_volume=reference,
+                                   display=show["display"], opacity=show["opacity"], name=self.name)
+        elif self.action == "qa":
+            current.qa = case.qa
+            show_qa(scene, current, self.nodes, name=self.name)
