@@ -1,11 +1,12 @@
 """The case engine: one pipeline behind every front end (ARCHITECTURE.md).
 
-``CaseSettings -> run_case -> Case -> write_case`` (``case.json`` manifest). The CLI, the
-engine process (``segxai run``), the demo, the Slicer Logic and cohort building all call it;
-none re-implements a step. The steps stay callable one by one (:mod:`.steps`).
+``CaseSettings -> run_case -> Case -> write_case`` (``case.json`` manifest), and back with
+``read_case``. The CLI, the engine process (``segxai run``), the demo, the Slicer Logic and
+cohort building all call it; none re-implements a step. The steps stay callable one by one (:mod:`.steps`).
 """
 
 from .case import Case, QAResult
+from .read import read_case
 from .run import add_agg2exp, add_instance_maps, add_maps, add_qa, run_case, start_case
 from .settings import (
     Agg2ExpSettings,
@@ -51,6 +52,7 @@ __all__ = [
     "add_qa",
     "add_agg2exp",
     "write_case",
+    "read_case",
     "write_segmentation",
     "write_json",
     "read_manifest",

@@ -32,7 +32,9 @@ class QAResult:
     risk_model : str
         Where the risk model came from (a path or ``bundled:<model>/<method>``).
     reference_curve : ndarray or None
-        The calibration cohort's mean curve (for plots).
+        The calibration cohort's mean curve (for plots), shape (T,).
+    calibration_auroc_cv : float or None
+        The risk model's cross-validated AUROC (shown beside the band).
     """
 
     structure: str
@@ -58,6 +60,9 @@ class QAResult:
             document["calibration_auroc_cv"] = self.calibration_auroc_cv
         document["thresholds"] = [float(v) for v in self.thresholds]
         document["curve"] = [float(v) for v in self.curve]
+        if self.reference_curve is not None:
+            # the calibration cohort's mean curve, for the chart of a case read back (read_case)
+            document["reference_curve"] = [float(v) for v in self.reference_curve]
         return document
 
 
