@@ -59,7 +59,7 @@ def test_module_compiles_and_has_the_four_classes():
     assert {"SegXAI", "SegXAIWidget", "SegXAILogic", "SegXAITest", "SegXAIParameterNode"} <= classes
     wrapper = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SegXAIParameterNode")
     assert any(isinstance(d, ast.Name) and d.id == "parameterNodeWrapper" for d in wrapper.decorator_list)
-    assert "slicer.util.tryWithErrorDisplay" in SOURCE
+    assert "slicer.util.errorDisplay" in SOURCE  # errors are shown, never re-raised into Qt
     # the installer and the method form live beside it, not in it
     for name in HELPERS:
         compile((MODULE / f"{name}.py").read_text(encoding="utf-8"), f"{name}.py", "exec")
@@ -103,7 +103,10 @@ def test_parameter_bindings_name_fields_of_the_parameter_node():
     assert bound, "no widget is bound to the parameter node"
     for name, field in bound.items():
         assert field in fields, f"{name} is bound to {field!r}, not a field of SegXAIParameterNode"
-        assert fields[field] == supported[widgets[name]], f"{name} ({widgets[name]}) cannot hold a {fields[field]}"
+        # the type under its annotations (the bounds Slicer's connectors need are checked
+        # against Slicer's sources in test_slicer_conformance.py)
+        kind = re.sub(r"^Annotated\[(\w+),.*\]$", r"\1", fields[field])
+        assert kind == supported[widgets[name]], f"{name} ({widgets[name]}) cannot hold a {fields[field]}"
     # every MRML widget gets the scene from the top-level qMRMLWidget
     receivers = {c.find("receiver").text for c in UI.iter("connection") if c.find("signal").text.startswith("mrmlSceneChanged")}
     assert {n for n, cls in widgets.items() if cls.startswith("qMRML")} == receivers
@@ -368,51 +371,11 @@ def test_logic_risk_band_goes_to_the_segment_and_the_qa_table(module, case, tmp_
     assert qa["band"] == [expected["band"]] and qa["pc1"] == pytest.approx([expected["pc1"]])
 
 
-def test_worker_keeps_the_model_loaded_and_cancels(module, case):
-    from SegXAILib.progress import Cancelled
-
-    scene, volumes, card, _, _ = case
-    logic = module.SegXAILogic(scene)
-    # instance maps with many samples, one per backward: a job long enough to cancel
-    settings = logic.caseSettings(card, device="cpu", aggregation="mean",
-                                  instanceParams={"n_samples": 100000, "batch_size": 1})
-    image = logic.caseImage(volumes, settings)
-    methods = logic.caseSettings(card, ["vanilla_gradient"], device="cpu").methods
-    outcomes = []
-
-    def record(value, error):
-        outcomes.append((value, error))
-
-    logic.submit(lambda p, c: logic.computeSegmentation(image, settings, p, c), record)
-    logic.submit(lambda p, c: logic.computeExplanation(methods, progress=p, cancel=c), record)
-    logic.submit(lambda p, c: logic.computeInstanceSaliency(7, progress=p, cancel=c), record)
-    logic.submit(lambda p, c: logic.computeQA(progress=p, cancel=c), record)
-    logic.waitForWorker(60)
-    assert outcomes[0][1] is None and outcomes[1][1] is None and outcomes[3][1] is None
-    assert isinstance(outcomes[2][1], SegXAIInputError)  # errors come back to the GUI thread
-    assert logic.models.loads == 1  # one network for all jobs
-    # the case's settings name its map and the QA that was run on it
-    assert [m.name for m in logic.case.settings.methods] == ["vanilla_gradient"]
-    assert logic.case.settings.qa.method == "vanilla_gradient" and outcomes[3][0] is logic.case.qa
-    # a long job stops soon after Cancel
-    logic.submit(lambda p, c: logic.computeInstanceSaliency(1, progress=p, cancel=c), record)
-    deadline = time.monotonic() + 60
-    while not logic.poll()[0][1].startswith("instance maps") and time.monotonic() < deadline:
-        time.sleep(0.01)  # until the job runs (the progress shown before is the QA job's)
-    started = time.perf_counter()
-    logic.cancel()
-    logic.waitForWorker(60)
-    latency = time.perf_counter() - started
-    assert isinstance(outcomes[4][1], Cancelled)
-    assert 1 not in logic.case.instance_maps
-    print(f"cancel latency {latency:.3f} s")
-    assert logic.models.loads == 1
-    logic.stopWorker()
-
-
 def test_logic_refuses_a_wrong_number_of_inputs(module, case):
     scene, volumes, card, _, _ = case
     with pytest.raises(SegXAIInputError, match="takes 2 input volume"):
         module.SegXAILogic(scene).process(volumes[:1], model=card, device="cpu")
+    logic = module.SegXAILogic(scene)
     with pytest.raises(SegXAIInputError, match="no case"):
-        module.SegXAILogic(scene).computeQA()
+        logic.qa(logic.caseSettings(card, ["vanilla_gradient"], device="cpu"))
+    assert not logic.busy  # nothing was started

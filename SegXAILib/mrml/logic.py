@@ -5,26 +5,22 @@ steps), never here: this module only reads a Case and makes nodes of a scene (ma
 
 * :func:`show_segmentation`, :func:`show_explanations`, :func:`show_instance_saliency`,
   :func:`show_qa`, :func:`show_case` turn a Case into nodes.
-* :func:`process` runs the pipeline on input volume nodes and shows the result (scripts, batch
-  runs from the Slicer console, tests).
-* :class:`Worker` runs jobs off the GUI thread until the panel launches the engine process.
+* :func:`case_image` gathers input volume nodes into the image a case runs on.
+
+The Slicer panel computes in the engine process (:mod:`SegXAILib.mrml.session`) and shows the
+case it reads back with these same functions.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from ..image import Image, SegXAIInputError
-from ..progress import CancelToken, ProgressCallback
 
 __all__ = [
     "CaseNodes",
-    "Worker",
     "available_devices",
     "show_segmentation",
     "show_explanations",
@@ -32,7 +28,6 @@ __all__ = [
     "show_qa",
     "show_case",
     "case_image",
-    "process",
     "DISPLAY_MODES",
 ]
 
@@ -55,88 +50,6 @@ def available_devices() -> list[tuple[str, str]]:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         devices.append(("mps", "Apple MPS"))
     return devices
-
-
-# ---------------------------------------------------------------------------- worker
-
-
-class Worker:
-    """One persistent background thread that runs jobs in order (the model stays loaded in the
-    caller's :class:`~SegXAILib.pipeline.ModelCache` between them). The GUI thread polls :meth:`poll` from a timer: it returns the
-    latest progress and the finished jobs, whose callbacks the GUI then runs on its own thread.
-    """
-
-    def __init__(self) -> None:
-        self._jobs: "queue.Queue[Optional[tuple]]" = queue.Queue()
-        self._done: "queue.Queue[tuple]" = queue.Queue()
-        self._lock = threading.RLock()
-        self._progress = (0.0, "")
-        self.cancel_token: Optional[CancelToken] = None
-        self.busy = False
-        self._thread = threading.Thread(target=self._run, name="SegXAI worker", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: Callable[[ProgressCallback, CancelToken], Any], on_done: Callable[[Any, Optional[BaseException]], None]) -> CancelToken:
-        """Queue ``job(progress, cancel)``; ``on_done(result, error)`` is returned by :meth:`poll`."""
-        token = CancelToken()
-        with self._lock:
-            self.busy = True
-        self._jobs.put((job, on_done, token))
-        return token
-
-    def cancel(self) -> None:
-        token = self.cancel_token
-        if token is not None:
-            token.cancel()
-
-    def _report(self, fraction: float, message: str = "") -> None:
-        with self._lock:
-            self._progress = (float(fraction), str(message))
-
-    def _run(self) -> None:
-        while True:
-            item = self._jobs.get()
-            if item is None:
-                return
-            job, on_done, token = item
-            self.cancel_token = token
-            self._report(0.0, "starting")
-            try:
-                value, error = job(self._report, token), None
-            except BaseException as caught:  # reported to the GUI thread, never lost
-                value, error = None, caught
-            self.cancel_token = None
-            self._done.put((on_done, value, error))
-            with self._lock:
-                self.busy = not self._jobs.empty()
-
-    def poll(self) -> tuple[tuple[float, str], list[tuple[Callable, Any, Optional[BaseException]]]]:
-        """``((fraction, message), [(on_done, result, error), ...])`` since the last poll."""
-        finished = []
-        while True:
-            try:
-                finished.append(self._done.get_nowait())
-            except queue.Empty:
-                break
-        with self._lock:
-            return self._progress, finished
-
-    def wait(self, timeout: float = 60.0) -> list:
-        """Block until the queued jobs are done (scripts and tests); returns their poll entries."""
-        deadline = time.monotonic() + timeout
-        finished = []
-        while time.monotonic() < deadline:
-            finished.extend(self.poll()[1])
-            with self._lock:
-                if not self.busy and self._jobs.empty():
-                    finished.extend(self.poll()[1])
-                    return finished
-            time.sleep(0.01)
-        raise TimeoutError("SegXAI worker: jobs still running")
-
-    def stop(self) -> None:
-        self.cancel()
-        self._jobs.put(None)
 
 
 # ---------------------------------------------------------------------------- nodes
@@ -285,23 +198,3 @@ def case_image(input_volumes: Sequence, card) -> Image:
     volumes = [volume for volume in input_volumes if volume]
     card.check_input_count(len(volumes), "input volume(s)")
     return check_channels(channel_image_from_volume_nodes(volumes, card.input_channels), card)
-
-
-def process(scene, input_volumes: Sequence, settings, model=None, display: str = "normalised",
-            progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None):
-    """Run the case pipeline on input volume nodes and show the result: ``(Case, CaseNodes)``.
-
-    Parameters
-    ----------
-    input_volumes : sequence of vtkMRMLScalarVolumeNode
-        One per model input channel, in the card's order.
-    settings : CaseSettings
-        What to run (:class:`~SegXAILib.pipeline.CaseSettings`).
-    model : LoadedModel, optional
-        The loaded network of ``settings.model`` (loaded here when omitted).
-    """
-    from ..pipeline import resolve_model_card, run_case
-
-    image = case_image(input_volumes, resolve_model_card(settings.model))
-    case = run_case(image, model, settings, progress=progress, cancel=cancel)
-    return case, show_case(scene, case, reference_volume=input_volumes[0], display=display)

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..image import SegXAIInputError
 from ..pipeline.job import EngineJob, JobStatus
-from .logic import CaseNodes, case_image, show_explanations, show_instance_saliency, show_qa, show_segmentation
+from .logic import CaseNodes, case_image, show_case, show_explanations, show_instance_saliency, show_qa
 
 __all__ = ["CaseSession", "SessionUpdate", "slicer_python", "ACTIONS"]
 
@@ -131,9 +131,12 @@ class CaseSession:
         self.nodes: Optional[CaseNodes] = None
         self.reference_volume = None
         self.inputs: list[Path] = []
+        self._grid: Optional[np.ndarray] = None  # the input image's exact IJK-to-RAS
         self.job: Optional[EngineJob] = None
         self.action = ""
         self._show: dict = {}
+        self._handled = True  # the end of the current job was seen (its results imported)
+        self._dropped = False  # the scene closed while it ran: its results are not shown
         self._count = 0
 
     # ---- state ------------------------------------------------------------------------------
@@ -144,12 +147,13 @@ class CaseSession:
 
     def forget(self) -> None:
         """Drop the case (the nodes stay in the scene)."""
-        self.case, self.nodes, self.reference_volume, self.inputs = None, None, None, []
+        self.case, self.nodes, self.reference_volume, self.inputs, self._grid = None, None, None, [], None
 
     def close(self) -> None:
         """The scene is closing: cancel a running job and forget the case."""
         if self.busy:
             self.job.cancel()
+            self._dropped = True
         self.forget()
 
     def _require_idle(self) -> None:
@@ -168,15 +172,16 @@ class CaseSession:
     def _launch(self, action: str, settings, show: dict, job_dir: Optional[Path] = None) -> EngineJob:
         job = EngineJob(settings, self.inputs, job_dir or self._job_dir(action), python=self.python or slicer_python(),
                         image_format=".nrrd", env=self.env)
-        self.job, self.action, self._show = job, action, show
+        self.job, self.action, self._show, self._handled, self._dropped = job, action, show, False, False
         job.start()
         log.info("SegXAI: %s job started in %s (pid %s)", action, job.job_dir, job.pid)
         return job
 
     # ---- actions ------------------------------------------------------------------------------
-    def segment(self, input_volumes: Sequence, settings) -> EngineJob:
+    def segment(self, input_volumes: Sequence, settings, display: str = "normalised") -> EngineJob:
         """Segment ``input_volumes`` (one per model input, in the card's order) with
-        ``settings.model``: the segmentation, instances and lesion table.
+        ``settings.model``: the segmentation, instances and lesion table, and whatever else
+        ``settings`` asks for (maps, instance maps, QA: a whole case, shown with ``show_case``).
 
         The volumes are written into the job folder (NRRD: the geometry in float64); every
         later job of this case reads those files.
@@ -193,8 +198,8 @@ class CaseSession:
         inputs.mkdir(parents=True)
         self.inputs = [write_image(image.channel(channel), inputs / f"input{index}.nrrd")
                        for index, channel in enumerate(image.channel_names)]
-        self.reference_volume = volumes[0]
-        return self._launch("segment", settings, {}, job_dir)
+        self.reference_volume, self._grid = volumes[0], image.ijk_to_ras.copy()
+        return self._launch("segment", settings, {"display": display}, job_dir)
 
     def _check_model(self, settings) -> None:
         case = self._require_case()
@@ -256,17 +261,17 @@ class CaseSession:
         """The running job's progress; when it has ended, its results shown (main thread)."""
         if self.job is None:
             return SessionUpdate()
-        already = self.job.status.finished
         status = self.job.poll()
         update = SessionUpdate(self.action, status)
-        if already or not status.finished:
+        if self._handled or not status.finished:
             return update
-        update.finished = True
+        self._handled = update.finished = True
         if status.state == "failed":
             update.error = status.error
-        elif status.state == "done":
+        elif status.state == "done" and not self._dropped:
             try:
-                self._import(self.job.case())
+                # on the volumes' own matrix: a file round trip can move its last bit
+                self._import(self.job.case(ijk_to_ras=self._grid))
             except SegXAIInputError as error:  # a case folder that cannot be read: say why
                 update.error = str(error)
             except Exception as error:  # noqa: BLE001 - reported, the session stays usable
@@ -293,9 +298,10 @@ class CaseSession:
     def _import(self, case) -> None:
         """Merge ``case`` (the finished job's) into the session's case and show its part."""
         show, scene, reference = self._show, self.scene, self.reference_volume
-        if self.action == "segment":
+        if self.action == "segment":  # with whatever else its settings asked for
             self.case = case
-            self.nodes = show_segmentation(scene, case, reference_volume=reference, name=self.name)
+            self.nodes = show_case(scene, case, reference_volume=reference, display=show.get("display", "normalised"),
+                                   name=self.name)
             return
         self._same_prediction(case)
         current = self.case

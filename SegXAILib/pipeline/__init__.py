@@ -16,6 +16,7 @@ from .settings import (
     PrecisionSettings,
     QASettings,
 )
+from .job import EngineJob, JobStatus
 from .steps import (
     agg2exp_case,
     ModelCache,
@@ -53,6 +54,8 @@ __all__ = [
     "add_agg2exp",
     "write_case",
     "read_case",
+    "EngineJob",
+    "JobStatus",
     "write_segmentation",
     "write_json",
     "read_manifest",

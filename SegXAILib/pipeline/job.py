@@ -312,10 +312,11 @@ class EngineJob:
             time.sleep(interval)
         return self.status
 
-    def case(self, verify: bool = True):
-        """The finished case read back from its folder (:func:`~SegXAILib.pipeline.read_case`)."""
+    def case(self, verify: bool = True, ijk_to_ras=None):
+        """The finished case read back from its folder (:func:`~SegXAILib.pipeline.read_case`;
+        ``ijk_to_ras``: the caller's exact matrix of the input grid)."""
         from .read import read_case
 
         if self.status.state != "done":
             raise SegXAIInputError(f"job {self.job_dir}: no case to read ({self.status.state})")
-        return read_case(self.case_dir, verify=verify)
+        return read_case(self.case_dir, verify=verify, ijk_to_ras=ijk_to_ras)

@@ -35,7 +35,7 @@ __all__ = ["read_case"]
 GRID_RTOL = 1e-5
 
 
-def read_case(out_dir: Union[str, Path], verify: bool = True) -> Case:
+def read_case(out_dir: Union[str, Path], verify: bool = True, ijk_to_ras: Optional[np.ndarray] = None) -> Case:
     """The :class:`~SegXAILib.pipeline.Case` of a case folder (the inverse of
     :func:`~SegXAILib.pipeline.write_case`).
 
@@ -46,6 +46,11 @@ def read_case(out_dir: Union[str, Path], verify: bool = True) -> Case:
     verify : bool
         Check every listed file's SHA-256 against the manifest first. Without it the files are
         still checked for being readable images on the manifest's grid.
+    ijk_to_ras : ndarray, shape (4, 4), optional
+        The caller's own matrix of the input grid (e.g. the input volume node the case was run
+        on): the manifest's must agree with it to :data:`GRID_RTOL`, and the case is placed on
+        it exactly. A front end's nodes then carry its volume's geometry bit for bit, where a
+        file round trip (spacing and direction stored apart) can move the last bit.
 
     Returns
     -------
@@ -77,6 +82,8 @@ def read_case(out_dir: Union[str, Path], verify: bool = True) -> Case:
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir, verify)
     source = str(out_dir / MANIFEST)
+    if ijk_to_ras is not None:
+        manifest = _on_callers_grid(manifest, np.asarray(ijk_to_ras, dtype=float), source)
     try:
         return _read(out_dir, manifest, source)
     except (KeyError, TypeError, ValueError) as error:
@@ -87,6 +94,19 @@ def read_case(out_dir: Union[str, Path], verify: bool = True) -> Case:
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def _on_callers_grid(manifest: dict, ijk_to_ras: np.ndarray, source: str) -> dict:
+    """The manifest with its grid's matrix replaced by the caller's, after checking they agree."""
+    try:
+        recorded = np.asarray(manifest["grid"]["ijk_to_ras"], dtype=float)
+    except (KeyError, TypeError, ValueError):
+        raise SegXAIInputError(f"{source}: no grid recorded") from None
+    tolerance = GRID_RTOL * max(1.0, float(np.abs(ijk_to_ras).max()))
+    if ijk_to_ras.shape != (4, 4) or not np.allclose(recorded, ijk_to_ras, rtol=0, atol=tolerance):
+        raise SegXAIInputError(f"{source}: the case's grid (ijk_to_ras {np.round(recorded, 4).tolist()}) is not the "
+                               f"given ijk_to_ras {np.round(ijk_to_ras, 4).tolist()}")
+    return {**manifest, "grid": {**manifest["grid"], "ijk_to_ras": ijk_to_ras.tolist()}}
 
 
 class _Folder:
