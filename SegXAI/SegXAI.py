@@ -199,6 +199,7 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.methodComboBox.connect("currentIndexChanged(int)", self.onMethodChanged)
         self.ui.targetComboBox.connect("currentIndexChanged(int)", self.onTargetChanged)
         self.ui.displayComboBox.connect("currentIndexChanged(int)", self.onDisplayChanged)
+        self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
         self.ui.explainButton.connect("clicked(bool)", self.onExplain)
         self.ui.pickLesionButton.connect("toggled(bool)", self.onPickLesionToggled)
@@ -395,6 +396,11 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onDisplayChanged(self, *args):
         self._write(display=self.ui.displayComboBox.currentData or "normalised")
+
+    def onOpacityChanged(self, value):
+        """The overlay shown now follows the slider (the parameter node stores it)."""
+        if self.logic.nodes is not None and (self.logic.nodes.saliency or self.logic.nodes.instance_saliency):
+            slicer.util.setSliceViewerLayers(foregroundOpacity=value)
 
     def onRiskModelChanged(self, *args):
         self._write(riskModelPath=self.ui.riskModelPathLineEdit.currentPath)

@@ -158,7 +158,8 @@ def test_extension_installs_pyproject_beside_the_package():
 # ---------------------------------------------------------------------------- the installer
 
 #: what the installer never installs with pip: PyTorch (the PyTorch extension) and Slicer's own
-EXCLUDED = {"torch", "numpy", "simpleitk", "vtk"}
+#: (Slicer's Python ships numpy, SimpleITK, vtk and scipy)
+EXCLUDED = {"torch", "numpy", "simpleitk", "vtk", "scipy"}
 
 
 def distribution(requirement: str) -> str:
@@ -196,6 +197,27 @@ def test_installer_falls_back_to_the_distribution_metadata(monkeypatch, tmp_path
     assert installer.pipRequirements() == ["monai>=1.3", "scikit-image>=0.21", "tqdm>=4.60; python_version >= '3'"]
     assert installer.torchRequirement() == "torch>=2.1"
     assert installer.importName("scikit-image>=0.21") == "skimage"
+
+
+def test_installer_checks_the_installed_torch_and_pins_slicers_packages(monkeypatch, tmp_path):
+    import importlib.metadata
+
+    installer = load_helper("SegXAIInstaller")
+    requirement = installer.torchRequirement()  # e.g. torch>=2.1
+    minimum = re.search(r">=\s*([0-9.]+)", requirement).group(1)
+    assert installer.torchProblem() == ""  # the venv's torch satisfies it
+    installed = {"torch": "1.0.0+cu117"}
+    real = importlib.metadata.version
+    monkeypatch.setattr(installer.importlib.metadata, "version", lambda name: installed.get(name) or real(name))
+    problem = installer.torchProblem()
+    assert "PyTorch 1.0.0+cu117 is installed" in problem and requirement in problem
+    installed["torch"] = f"{minimum}+cu121"  # a local build tag: its public version counts
+    assert installer.torchProblem() == ""
+    # the constraints pin every Slicer-owned package installed here to its version
+    pins = Path(installer.constraintsFile(str(tmp_path))).read_text(encoding="utf-8").split()
+    assert {pin.split("==")[0].lower() for pin in pins} == {"numpy", "simpleitk", "vtk", "scipy"} & {
+        name.lower() for name in installer.SLICER_OWNED}
+    assert f"scipy=={real('scipy')}" in pins and f"numpy=={real('numpy')}" in pins
 
 
 # ---------------------------------------------------------------------------- the method form
