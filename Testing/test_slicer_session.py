@@ -160,6 +160,21 @@ def test_the_panel_flow_runs_in_engine_processes_and_shows_exact_nodes(model_car
     for job in jobs:
         assert (job / "settings.json").is_file() and (job / "case" / "case.json").is_file()
 
+    # a saved case folder opens in a new scene at once (no job), with the same nodes, and the
+    # next action runs on its recorded inputs
+    other = mrml.headless_scene()
+    reopened = session_for(other, tmp_path / "again")
+    case = reopened.open(session.job.case_dir)  # the QA job's folder: its map, QA and lesions
+    assert reopened.job is None and case.qa is not None
+    volume = other.GetFirstNodeByName("SegXAI ch0")
+    assert np.array_equal(mrml.volume_node_to_image(volume).array[0], image.array[0])
+    assert np.array_equal(mrml.segment_mask(reopened.nodes.segmentation, "bright", grid_image), truth)
+    assert np.array_equal(mrml.volume_node_to_image(reopened.nodes.saliency["vanilla_gradient"][1]).array[0],
+                          direct.maps.array[1])
+    assert mrml.table_node_columns(reopened.nodes.lesion_table)["voxels"] == [48, 12]
+    reopened.instance_map(1, settings(model_card, instances={"n_samples": 1, "aggregations": ["mean"]}))
+    assert finish(reopened).state == "done" and sorted(reopened.nodes.instance_saliency) == [1]
+
 
 def test_cancel_ends_the_process_tree_and_the_session_stays_ready(model_card, tmp_path):
     scene, volumes, _, _ = make_case(model_card, "oblique")

@@ -201,6 +201,28 @@ class CaseSession:
         self.reference_volume, self._grid = volumes[0], image.ijk_to_ras.copy()
         return self._launch("segment", settings, {"display": display}, job_dir)
 
+    def open(self, case_dir, display: str = "normalised"):
+        """Show a saved case folder at once, without computing anything: its input images
+        (the manifest's recorded inputs) as volume nodes and every result it holds
+        (``show_case``). Later actions run on those input files. Returns the case."""
+        from ..pipeline import read_case, read_manifest
+        from .display import show_in_slice_views
+        from .nodes import image_to_volume_node
+
+        self._require_idle()
+        case = read_case(case_dir)
+        recorded = read_manifest(case_dir, verify=False)["inputs"]
+        channels = list(case.image.channel_names)
+        self.forget()
+        volumes = [image_to_volume_node(case.image, self.scene, f"{self.name} {channel}", channel=channel)
+                   for channel in channels]
+        self.case, self.inputs = case, [Path(recorded[channel]) for channel in channels]
+        self.reference_volume, self._grid = volumes[0], case.image.ijk_to_ras.copy()
+        self.nodes = show_case(self.scene, case, reference_volume=volumes[0], display=display, name=self.name)
+        if not case.maps and not case.instance_maps:
+            show_in_slice_views(self.scene, background=volumes[0])
+        return case
+
     def _check_model(self, settings) -> None:
         case = self._require_case()
         if settings.model != case.settings.model:
