@@ -158,7 +158,9 @@ def run_demo(
     for name in image.channel_names:
         extra[f"input_{name}"] = write_image(image.channel(name), out_dir / f"input_{name}.nii.gz")
     extra["truth"] = write_image(truth_labels, out_dir / "truth_lesions.nii.gz")
-    manifest = write_case(case, out_dir, cancel=cancel, extra_files=extra)
+    # the inputs recorded: the folder opens again as a case (read_case, the viewer)
+    manifest = write_case(case, out_dir, cancel=cancel, extra_files=extra,
+                          inputs={name: extra[f"input_{name}"] for name in image.channel_names})
     timings["write case"] = time.perf_counter() - start
     if settings.scene:
         if cancel is not None:
