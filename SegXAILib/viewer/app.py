@@ -408,8 +408,8 @@ class ViewerApp:
             jump_slices_to(self.scene, case.instances[0].centroid_ras)
         if case.qa is not None:
             self._show_qa()
-        if self._shown:
-            self._overlay_shown(0)
+        if self._shown:  # show_case left the last instance map in front: the class map first
+            self._show_overlay()
         self._refresh_targets(force=True)
 
     def _show_overlay(self) -> None:
