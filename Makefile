@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.segxai-installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_OUT ?= demo-output
 
 .PHONY: demo test install clean benchmark
@@ -15,10 +16,12 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test,slicer]'
+	$(PY) -m pip install --quiet -e '.[test,slicer,viewer]'
 	# test oracles for Grad-CAM / Grad-CAM++ and LRP; their torchvision dependency cannot sit
 	# beside the pinned CPU torch (PyPI's torchvision is a CUDA build) and is not needed for 3D
 	$(PY) -m pip install --quiet --no-deps grad-cam==1.5.7 ttach==0.0.3 zennit==0.5.1
+	# the browser tests drive Debian's chromium through Playwright's executable_path
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
 	touch $(STAMP)
 
 demo: $(STAMP)

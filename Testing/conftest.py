@@ -224,3 +224,14 @@ def model_grid_instances(model, image: Image):
     probabilities = torch.softmax(logits, 0)[1].numpy()
     labels, instances = find_instances((logits.argmax(0) == 1).numpy(), probabilities, grid=grid)
     return inputs, grid, labels, instances
+
+
+@pytest.fixture(scope="session")
+def quick_demo_case(tmp_path_factory) -> Path:
+    """A case folder of the quick demo (``segxai demo --quick``: the lesion model on the sample
+    head, maps, two instance maps, QA), made once per test session on the CPU."""
+    from SegXAILib.demo import DemoSettings, run_demo
+
+    out = tmp_path_factory.mktemp("quick-demo")
+    run_demo(out, device="cpu", settings=DemoSettings.reduced())
+    return out
