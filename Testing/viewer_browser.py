@@ -316,6 +316,27 @@ def disc(shape: tuple[int, int], centre: tuple[float, float], radius: float) -> 
     return (xx + 0.5 - centre[0]) ** 2 + (yy + 0.5 - centre[1]) ** 2 <= radius**2
 
 
+def measure_noise(page) -> int:
+    """The largest per-pixel difference between frames of an unchanged scene: a settled frame, and
+    every frame after a click in the view with pick mode off (the stream may send frames
+    at its interactive quality after an interaction), then the settled one."""
+    ensure_pick_mode(page, False)
+    park_mouse(page)
+    reference = settled_pixels(page)
+    box = view_box(page)
+    # top middle: off the view's own widgets (the 3D button top left, the slice slider at the bottom)
+    page.mouse.click(box["x"] + 0.5 * box["width"], box["y"] + 0.04 * box["height"])
+    noise, seen, start = 0, None, time.monotonic()
+    while time.monotonic() - start < 1.5:
+        src = view_src(page)
+        if src != seen:
+            seen = src
+            noise = max(noise, int(difference(reference, view_pixels(page)).max()))
+        page.wait_for_timeout(10)
+    park_mouse(page)
+    return max(noise, int(difference(reference, settled_pixels(page)).max()))
+
+
 def ensure_pick_mode(page, on: bool, timeout_s: float = 10.0) -> None:
     """Toggle ``segxai-pick`` until ``pick_mode`` is ``on``."""
     if bool(get(page, "pick_mode")) != on:
