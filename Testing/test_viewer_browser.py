@@ -49,8 +49,8 @@ if _MISSING:
 
 ARTIFACTS = ROOT / "Testing" / "artifacts" / "viewer"
 CATALOGUE_SHOT = ROOT / "Resources" / "Catalogue" / "Screenshots" / "segxai_viewer.png"
-#: a pick runs the instance saliency in the engine process: seconds on 2 CPU cores for the quick demo,
-#: generous because the machine is shared
+#: a pick runs a new engine job (process start, model, instance saliency with two aggregations): about
+#: 15-20 s for the quick demo on 2 busy CPU cores (Testing/Benchmarks/results/viewer_latency.md); generous
 PICK_TIMEOUT_S = 120.0
 #: "busy goes false within a few seconds" after Cancel
 CANCEL_TIMEOUT_S = 5.0
@@ -198,10 +198,11 @@ def test_cancel_stops_a_long_job_and_the_app_keeps_working(page):
     _pick(page, _on_view_target(page))
 
 
-def test_a_bad_file_gets_a_clear_error_and_the_app_keeps_working(page, tmp_path):
+def test_a_bad_file_gets_a_clear_error_and_the_app_keeps_working(page, demo_case, tmp_path):
     truncated = tmp_path / "truncated_scan.nrrd"  # a valid header promising more data than there is
-    truncated.write_bytes(b"NRRD0004\ntype: float\ndimension: 3\nsizes: 64 64 64\nencoding: raw\n"
-                          b"endian: little\nspace directions: (1,0,0) (0,1,0) (0,0,1)\n\n" + bytes(100))
+    truncated.write_bytes(b"NRRD0004\ntype: float\ndimension: 3\nspace: left-posterior-superior\nsizes: 64 64 64\n"
+                          b"space directions: (1,0,0) (0,1,0) (0,0,1)\nspace origin: (0,0,0)\nencoding: raw\n"
+                          b"endian: little\n\n" + bytes(100))  # 25 of 262144 floats
     garbage = tmp_path / "garbage_scan.nrrd"
     garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     for bad in (truncated, garbage):
@@ -212,9 +213,14 @@ def test_a_bad_file_gets_a_clear_error_and_the_app_keeps_working(page, tmp_path)
         message = get(page, "error")
         assert bad.name in message, message
         wait_idle(page)
-    # the case is still shown and a pick works
-    assert get(page, "lesion_targets")
-    _pick(page, _on_view_target(page))
+    # the app keeps working: the case folder opens again (shown at once, no engine job) with its
+    # overlay and lesion targets, and the error is gone
+    version = get(page, "overlay_version")
+    set_state(page, open_path=str(demo_case))
+    page.click("#segxai-open")
+    wait_state(page, "s.get('overlay_version') > arg && (s.get('lesion_targets') || []).length > 0", 60.0,
+               arg=version)
+    assert get(page, "error") == ""
 
 
 def test_requests_without_the_token_are_refused(viewer):
