@@ -1,9 +1,10 @@
 """Model cards: the JSON file beside a model's weights that says how to run it.
 
-A card names the architecture (a MONAI network and its arguments, a TorchScript file, or a
-MONAI bundle folder), the input channels, the classes with their colours, the preprocessing
-(orientation, spacing, intensity normalisation), the sliding-window settings, the output
-activation, and the model's provenance and metrics. Paths in a card are relative to the card.
+A card names the architecture (a MONAI network and its arguments, a TorchScript file, a
+MONAI bundle folder, or any eager PyTorch network given by its Python class), the input
+channels, the classes with their colours, the preprocessing (orientation, spacing, intensity
+normalisation), the sliding-window settings, the output activation, and the model's
+provenance and metrics. Paths in a card are relative to the card.
 
 Example::
 
@@ -23,6 +24,26 @@ Example::
                     "sw_batch_size": 2},
       "output_activation": "softmax"
     }
+
+Any PyTorch network (format ``python``): the class as ``"module:Class"`` (importable, e.g.
+an installed package) or as ``"name": "Class"`` with ``"file"``, a ``.py`` file beside the
+card (imported on its own: what it imports must be installed); ``kwargs`` are its constructor's keyword
+arguments and ``weights`` its ``state_dict()`` saved with ``torch.save`` (read with
+``weights_only=True``). Importing the class runs its code, so such a card loads only with
+``trust_code=True`` (``load_model``; ``"trust_code": true`` in case settings, ``--trust-code``
+on the command line)::
+
+    "architecture": {"format": "python", "file": "my_net.py", "name": "MyNet",
+                     "kwargs": {"in_channels": 2, "out_channels": 2, "width": 16},
+                     "weights": "my_net.pt"}
+
+    "architecture": {"format": "python", "name": "my_package.networks:MyNet",
+                     "kwargs": {"in_channels": 2, "out_channels": 2}, "weights": "my_net.pt"}
+
+Save the weights with ``torch.save(network.state_dict(), "my_net.pt")``. Guided backprop and
+deconvolution apply their rules to the network's activation modules and to the activation
+functions its ``forward`` calls (``F.relu``, ``F.leaky_relu``, ...; see
+:mod:`SegXAILib.attribution.guided`); Grad-CAM hooks its modules.
 """
 
 from __future__ import annotations
@@ -30,20 +51,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from ..image import SegXAIInputError
 from ..validation import problem, validate
 
-__all__ = ["ModelCard", "ClassInfo", "load_model_card", "sha256_of", "INTENSITY_KINDS", "ARCHITECTURE_FORMATS"]
+__all__ = ["ModelCard", "ClassInfo", "load_model_card", "sha256_of", "INTENSITY_KINDS", "ARCHITECTURE_FORMATS",
+           "CODE_FORMATS", "EAGER_HINT"]
 
 CARD_SCHEMA_VERSION = 1
-ARCHITECTURE_FORMATS = ("monai", "torchscript", "bundle")
+ARCHITECTURE_FORMATS = ("monai", "torchscript", "bundle", "python")
+#: formats whose loading runs code from the model's files (load only with ``trust_code=True``)
+CODE_FORMATS = ("bundle", "python")
+#: how to give a TorchScript model as an eager network (the methods that need one say it)
+EAGER_HINT = (
+    "load the model as an eager network: a model card with architecture format 'python' naming the network's class "
+    "('module:Class', or 'Class' with a .py 'file'), its 'kwargs' and its state dict 'weights', loaded with "
+    "trust_code=True (see SegXAILib.models.card)"
+)
 INTENSITY_KINDS = {
     # kind: (required keys, optional keys)
     "zscore": ((), ("nonzero",)),
@@ -144,6 +175,9 @@ class ModelCard:
         weights = self.architecture.get("weights") or self.architecture.get("file")
         if weights and self.resolve(weights).is_file():
             digest.update(sha256_of(self.resolve(weights)).encode())
+        source = self.architecture.get("file")
+        if self.format == "python" and source and self.resolve(source).is_file():
+            digest.update(sha256_of(self.resolve(source)).encode())  # the network's code is part of the model
         return digest.hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,6 +200,8 @@ class ModelCard:
         """A few human-readable lines (``segxai info``)."""
         arch = self.architecture
         what = arch.get("name") or arch.get("file") or arch.get("path")
+        if self.format == "python" and arch.get("file"):
+            what = f"{arch['file']}:{arch['name']}"
         lines = [
             f"{self.name} (version {self.version})",
             f"  architecture : {self.format} {what}",
@@ -199,7 +235,12 @@ def _whole(value: float) -> float:
 _Positive = Annotated[float, Field(gt=0)]
 _PositiveWhole = Annotated[float, Field(gt=0), AfterValidator(_whole)]
 # formats -> architecture fields they need
-_ARCHITECTURE_NEEDS = {"monai": ("name", "weights"), "torchscript": ("file",), "bundle": ("path",)}
+_ARCHITECTURE_NEEDS = {"monai": ("name", "weights"), "torchscript": ("file",), "bundle": ("path",),
+                       "python": ("name", "weights")}
+# format "python": a class "module.path:Class" (importable), or "Class" with a file (dotted: nested classes)
+_DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
+_IMPORTABLE_CLASS = re.compile(rf"{_DOTTED}:{_DOTTED}")
+_CLASS_NAME = re.compile(_DOTTED)
 
 
 class _ArchitectureSchema(BaseModel):
@@ -220,6 +261,20 @@ class _ArchitectureSchema(BaseModel):
         if value is None and info.field_name in _ARCHITECTURE_NEEDS.get(fmt, ()):
             raise PydanticCustomError("missing", f"Field required for format {fmt!r}")
         return value
+
+    @model_validator(mode="after")
+    def _python_class(self) -> "_ArchitectureSchema":
+        if self.format != "python" or self.name is None:
+            return self
+        if self.file is None and not _IMPORTABLE_CLASS.fullmatch(self.name):
+            raise ValueError(f"format 'python': name {self.name!r} should be 'module.path:Class' (or 'Class' with a "
+                          "'file': a .py file beside the card)")
+        if self.file is not None:
+            if not _CLASS_NAME.fullmatch(self.name):
+                raise ValueError(f"format 'python': name {self.name!r} should be the class name in the file {self.file!r}")
+            if not self.file.endswith(".py"):
+                raise ValueError(f"format 'python': file {self.file!r} should be a .py file")
+        return self
 
 
 class _ClassSchema(BaseModel):
@@ -328,7 +383,7 @@ def model_card_from_dict(data: dict[str, Any], path: Path | None = None) -> Mode
     where = f"model card {path}" if path else "model card"
     validate(_CardSchema, data, where)
     architecture = data["architecture"]
-    if architecture["format"] == "monai":
+    if architecture["format"] in ("monai", "python"):
         architecture.setdefault("kwargs", {})
     preprocessing = data.get("preprocessing", {}) or {}
     intensity = preprocessing.setdefault("intensity", [])

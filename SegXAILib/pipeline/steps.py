@@ -67,7 +67,7 @@ def resolve_model_card(model: Union[str, Path, ModelCard]) -> ModelCard:
 
 def load_case_model(settings: CaseSettings) -> LoadedModel:
     """The network of ``settings.model`` on ``settings.device``."""
-    return load_model(resolve_model_card(settings.model), device=settings.device, trust=settings.trust_bundle)
+    return load_model(resolve_model_card(settings.model), device=settings.device, trust_code=settings.trust_code)
 
 
 class ModelCache:
@@ -85,10 +85,10 @@ class ModelCache:
         card = resolve_model_card(settings.model)
         device = resolve_device(settings.device)
         stamp = card.path.stat().st_mtime_ns if card.path is not None and card.path.exists() else None
-        key = (str(card.path), stamp, card.checksum(), str(device), settings.trust_bundle)
+        key = (str(card.path), stamp, card.checksum(), str(device), settings.trust_code)
         if self._key != key:
             self._model = None  # release the previous network before building the next
-            self._model = load_model(card, device=device, trust=settings.trust_bundle)
+            self._model = load_model(card, device=device, trust_code=settings.trust_code)
             self._key = key
             self.loads += 1
         assert self._model is not None
