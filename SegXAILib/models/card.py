@@ -152,6 +152,32 @@ class ModelCard:
         """Channels the network outputs: one per class (softmax/none), or one per foreground class (sigmoid)."""
         return self.num_classes - 1 if self.output_activation == "sigmoid" else self.num_classes
 
+    def output_channel(self, class_index: int) -> int:
+        """The network output channel holding class ``class_index``'s logit.
+
+        Softmax / none: channel ``c`` (one channel per class, background included). Sigmoid:
+        channel ``c - 1`` (one channel per foreground class, each its own yes / no logit); the
+        background has no channel (its probability is ``1 - max`` of the foreground's), so it
+        cannot be a target.
+
+        Raises
+        ------
+        SegXAIInputError
+            ``class_index`` is not one of the card's classes, or is a sigmoid model's background.
+        """
+        if not 0 <= class_index < self.num_classes:
+            raise SegXAIInputError(f"class_index {class_index}: the model {self.name!r} has {self.num_classes} classes "
+                                   f"{self.class_names}")
+        if self.output_activation != "sigmoid":
+            return class_index
+        if class_index == 0:
+            raise SegXAIInputError(
+                f"class {self.class_names[0]!r}: the sigmoid model {self.name!r} has no output channel for its "
+                f"background (its probability is 1 - max of the foreground classes'); explain one of "
+                f"{self.class_names[1:]}"
+            )
+        return class_index - 1
+
     def resolve(self, relative: str) -> Path:
         """A path from the card, resolved against the card's folder."""
         base = self.path.parent if self.path is not None else Path.cwd()

@@ -21,12 +21,25 @@ from .card import ModelCard
 from .loaders import LoadedModel
 from .preprocessing import model_input, to_input_grid
 
-__all__ = ["Segmentation", "segment", "sliding_window_logits", "count_windows", "activate", "labels_from_probabilities"]
+__all__ = ["Segmentation", "segment", "sliding_window_logits", "count_windows", "activate", "labels_from_probabilities",
+           "class_masks", "MULTI_LABEL_THRESHOLD"]
+
+#: a sigmoid (multi-label) model predicts class c where its probability exceeds this
+MULTI_LABEL_THRESHOLD = 0.5
 
 
 @dataclass
 class Segmentation:
     """A prediction on the input grid.
+
+    Labels and masks: ``labels`` is the argmax of ``probabilities`` whatever the activation,
+    one class per voxel. A sigmoid model is multi-label (one yes / no output per foreground
+    class; structures may overlap): a voxel of two structures is labelled with the more
+    probable one (ties: the lower index), while :meth:`mask` of either class holds it, since
+    for a sigmoid model the mask of foreground class ``c`` is ``probability_c > 0.5``
+    (:data:`MULTI_LABEL_THRESHOLD`), not ``labels == c``. The two differ only where
+    structures overlap (a voxel whose highest foreground probability is at most 0.5 is
+    background in both), so never for a model with one foreground class.
 
     Attributes
     ----------
@@ -42,6 +55,11 @@ class Segmentation:
     model_labels : torch.Tensor, optional
         ``(D, H, W)`` int64 class indices on the model grid (CPU): the argmax the attribution
         targets are resolved from, kept so that explaining the case needs no second prediction.
+    model_masks : torch.Tensor, optional
+        ``(K, D, H, W)`` bool per-class masks on the model grid (CPU), :func:`class_masks` of
+        the model-grid probabilities: the voxels class and instance targets sum over. Needed
+        for a sigmoid model with several foreground classes (they may overlap); otherwise they
+        are the one-hot of ``model_labels``.
     """
 
     labels: Image
@@ -50,9 +68,14 @@ class Segmentation:
     device: str
     timings: dict[str, float] = field(default_factory=dict)
     model_labels: Optional[torch.Tensor] = None
+    model_masks: Optional[torch.Tensor] = None
 
     def mask(self, class_index: int = 1) -> np.ndarray:
-        """Boolean ``(I, J, K)`` mask of one class."""
+        """Boolean ``(I, J, K)`` mask of one class: ``labels == class_index``, or for a sigmoid
+        model's foreground class ``probability > 0.5`` (overlapping structures; see the class
+        docstring)."""
+        if self.card.output_activation == "sigmoid" and class_index >= 1:
+            return self.probabilities.array[class_index] > MULTI_LABEL_THRESHOLD
         return self.labels.array[0] == class_index
 
 
@@ -140,6 +163,22 @@ def activate(output: torch.Tensor, card: ModelCard) -> torch.Tensor:
     return output
 
 
+def class_masks(probabilities: torch.Tensor, card: ModelCard) -> torch.Tensor:
+    """``(K, ...)`` class probabilities (:func:`activate` of one sample) -> ``(K, ...)`` bool,
+    the predicted mask of each class.
+
+    Softmax / none: the one-hot of the argmax (classes exclude each other). Sigmoid: the
+    foreground class ``c`` where ``probability_c > 0.5`` (structures may overlap), the
+    background where the argmax is (no foreground class above 0.5). See :class:`Segmentation`.
+    """
+    labels = probabilities.argmax(0)
+    masks = labels[None] == torch.arange(probabilities.shape[0], device=labels.device).view(
+        -1, *([1] * labels.ndim))
+    if card.output_activation == "sigmoid":
+        masks[1:] = probabilities[1:] > MULTI_LABEL_THRESHOLD
+    return masks
+
+
 def labels_from_probabilities(probabilities: np.ndarray) -> np.ndarray:
     """``(K, ...)`` probabilities -> ``(1, ...)`` uint8 labels by argmax."""
     return np.argmax(probabilities, axis=0)[None].astype(np.uint8)
@@ -178,6 +217,7 @@ def segment(
         output = sliding_window_logits(batch, model.network, card, amp, sub_progress(progress, 0.05, 0.9), cancel)
         activated = activate(output, card)[0]
         model_labels = activated.argmax(0).cpu()
+        model_masks = class_masks(activated, card).cpu()
         probabilities = activated.float().cpu().numpy()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -192,4 +232,5 @@ def segment(
     labels = image.with_array(labels_from_probabilities(probability_image.array), ("labels",))
     timings["postprocess"] = time.perf_counter() - start
     report(progress, 1.0, "done")
-    return Segmentation(labels, probability_image, card, str(device), timings, model_labels=model_labels)
+    return Segmentation(labels, probability_image, card, str(device), timings, model_labels=model_labels,
+                        model_masks=model_masks)

@@ -359,7 +359,8 @@ def agg2exp_case(
 ):
     """Paper 003's RoI importance of the case (:class:`~SegXAILib.evaluation.CaseImportance`).
 
-    Rows: ``classes`` (every class of the card by default, background included), each
+    Rows: ``classes`` (every class of the card by default, background included, except for a
+    sigmoid model, whose background has no output to explain), each
     explained with ``settings.agg2exp.method`` and its class target; a class map of the case
     made exactly so is reused, and a class without a predicted voxel gets a row of NaN.
     Columns: the predicted classes, ``reference:<class>`` for every foreground class present in
@@ -377,7 +378,8 @@ def agg2exp_case(
     start = time.perf_counter()
     settings = case.settings.agg2exp
     names = list(model.card.class_names)
-    classes = list(classes) if classes is not None else names
+    sigmoid = model.card.output_activation == "sigmoid"
+    classes = list(classes) if classes is not None else (names[1:] if sigmoid else names)
     unknown = [c for c in classes if c not in names]
     if unknown:
         raise SegXAIInputError(f"classes: {unknown} are not among the model's classes {names}")
