@@ -438,9 +438,15 @@ def model_card_from_dict(data: dict[str, Any], path: Path | None = None) -> Mode
 
 
 def load_model_card(path: str | os.PathLike) -> ModelCard:
-    """Read and validate a model card; a folder means its ``model_card.json``."""
+    """Read and validate a model card; a folder means its ``model_card.json``, or, for a MONAI
+    bundle folder without one, the card its ``configs/metadata.json`` and inference config
+    describe (:func:`SegXAILib.models.bundle.bundle_card_dict`)."""
     path = Path(path)
     if path.is_dir():
+        from .bundle import bundle_card_dict, is_bundle_folder
+
+        if not (path / "model_card.json").is_file() and is_bundle_folder(path):
+            return model_card_from_dict(bundle_card_dict(path), path / "model_card.json")
         path = path / "model_card.json"
     if not path.is_file():
         raise SegXAIInputError(f"model card {path}: no such file")
