@@ -101,13 +101,20 @@ def nnunet_gaussian(
     return gaussian
 
 
+def _widened(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision (autocast) outputs as float32; float32 and float64 outputs unchanged
+    (a float64 network gives float64 logits and gradients, e.g. for finite differences)."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
 def ensemble_window_logits(
     networks: Sequence[Callable[[torch.Tensor], torch.Tensor]],
     mirrors: Sequence[tuple[int, ...]],
     patches: torch.Tensor,
     amp: bool = False,
 ) -> torch.Tensor:
-    """Mean over members and flips of ``flip(f(flip(patches)))``: float32 ``(B, K, *patch)``.
+    """Mean over members and flips of ``flip(f(flip(patches)))``: ``(B, K, *patch)``, float32
+    (float64 for a float64 network).
 
     ``mirrors`` are spatial-axis combinations (:func:`mirror_combinations`); the empty one is
     the plain prediction. Logits are averaged (nnU-Net v2); the activation comes after.
@@ -119,7 +126,7 @@ def ensemble_window_logits(
             dims = [axis + 2 for axis in flips]
             with autocast:
                 logits = network(torch.flip(patches, dims) if dims else patches)
-            logits = logits.float()
+            logits = _widened(logits)
             if dims:
                 logits = torch.flip(logits, dims)
             total = logits if total is None else total + logits
@@ -281,7 +288,8 @@ class WindowedForward:
             patches = torch.cat([x[(slice(None), slice(None), *self.windows[i])] for i in chunk])
             logits = self.window_logits(patches)
             if output is None:
-                output = torch.zeros((x.shape[0], logits.shape[1], *self.padded_shape), device=device, dtype=torch.float32)
+                dtype = torch.promote_types(logits.dtype, torch.float32)
+                output = torch.zeros((x.shape[0], logits.shape[1], *self.padded_shape), device=device, dtype=dtype)
             for position, index in enumerate(chunk):
                 window_logits = logits[position * x.shape[0] : (position + 1) * x.shape[0]]
                 if on_window is not None:
@@ -312,8 +320,9 @@ class WindowedForward:
         """
         device = x.device
         padded_x = self.pad_input(x)
-        padded_cotangent = torch.zeros((*cotangent.shape[:2], *self.padded_shape), device=device, dtype=torch.float32)
-        padded_cotangent[(slice(None), slice(None), *self._crop_slices())] = cotangent.float()
+        dtype = torch.promote_types(cotangent.dtype, torch.float32)
+        padded_cotangent = torch.zeros((*cotangent.shape[:2], *self.padded_shape), device=device, dtype=dtype)
+        padded_cotangent[(slice(None), slice(None), *self._crop_slices())] = cotangent.to(dtype)
         importance, count = self.importance.to(device), self.count.to(device)
         gradient = torch.zeros_like(padded_x)
         selected = self.windows_for(support)
@@ -339,7 +348,7 @@ class WindowedForward:
                     with torch.enable_grad():
                         with autocast:
                             logits = network(torch.flip(leaf, dims) if dims else leaf)
-                        logits = logits.float()
+                        logits = _widened(logits)
                         # flip(f(flip(p))) . w = f(flip(p)) . flip(w)
                         upstream = torch.flip(weights, dims) if dims else weights
                         (pass_gradient,) = torch.autograd.grad((logits * upstream).sum(), leaf)
