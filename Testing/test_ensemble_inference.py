@@ -429,3 +429,58 @@ def test_card_ensemble_weights_errors():
     del defaults["inference"]["mirror_axes"], defaults["inference"]["window_scheme"]
     card = model_card_from_dict(defaults)
     assert card.mirror_axes == () and card.window_scheme == "monai"
+
+
+def test_rule_based_methods_use_every_member_or_refuse(tmp_path):
+    """Guided backprop applies its rules to every member of a fold ensemble (never a mix of
+    ruled and plain members); LRP and PatternAttribution, which work on one network, refuse."""
+    import numpy as np
+
+    from SegXAILib.attribution import explain
+    from SegXAILib.image import Image, SegXAIInputError
+    from SegXAILib.models import load_model
+
+    members = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        network = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(),
+                                      torch.nn.Conv3d(4, 2, 1))
+        torch.save(network.state_dict(), tmp_path / f"m{seed}.pt")
+        members.append(network)
+    source = tmp_path / "net.py"
+    source.write_text("import torch\n\nclass Net(torch.nn.Sequential):\n    def __init__(self):\n        super().__init__("
+                      "torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(4, 2, 1))\n",
+                      encoding="utf-8")
+    card = {"name": "ens", "architecture": {"format": "python", "file": "net.py", "name": "Net",
+                                            "weights": ["m1.pt", "m2.pt"]},
+            "input_channels": ["x"], "classes": [{"name": "background"}, {"name": "thing"}],
+            "inference": {"patch_size": [8, 8, 8]}, "output_activation": "softmax"}
+    (tmp_path / "model_card.json").write_text(json.dumps(card), encoding="utf-8")
+    model = load_model(tmp_path, device="cpu", trust_code=True)
+    image = Image(np.random.default_rng(0).normal(size=(1, 8, 8, 8)).astype(np.float32), np.eye(4))
+    both = explain(image, model, "guided_backprop", target="class:thing", params={"aggregation": "target"})
+
+    # the oracle: guided backprop written out (ReLU backward passes a gradient only where the
+    # input and the gradient are both positive) through the mean of the members' logits, on
+    # the ensemble's own mask (one window covers the image: the blend is the identity)
+    class Guided(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h):
+            ctx.save_for_backward(h)
+            return h.clamp(min=0)
+
+        @staticmethod
+        def backward(ctx, grad):
+            (h,) = ctx.saved_tensors
+            return grad * (h > 0) * (grad > 0)
+
+    x = torch.from_numpy(image.array[None]).requires_grad_(True)
+    logits = sum(net[2](Guided.apply(net[0](x))) for net in members) / len(members)
+    mask = logits.argmax(dim=1) == 1
+    logits[:, 1][mask].sum().backward()
+    expected = x.grad.numpy()[0]
+    assert np.abs(expected).max() > 0
+    assert np.allclose(both.maps.array, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    for method in ("lrp", "pattern_attribution"):
+        with pytest.raises(SegXAIInputError, match="ensemble"):
+            explain(image, model, method, target="class:thing")

@@ -384,9 +384,17 @@ def backward_rules(network: torch.nn.Module, rule: str = "guided") -> Iterator[l
             module.inplace = value
 
 
+def _rules_on_every_member(forward: SegmentationForward, rule: Optional[str]) -> contextlib.ExitStack:
+    """The backward rules on every network of the forward (a fold ensemble's members too)."""
+    stack = contextlib.ExitStack()
+    if rule:
+        for network in forward.networks:
+            stack.enter_context(backward_rules(network, rule))
+    return stack
+
+
 def _rule_gradient(forward: SegmentationForward, x: torch.Tensor, rule: Optional[str]) -> torch.Tensor:
-    context = backward_rules(forward.network, rule) if rule else contextlib.nullcontext()
-    with context:
+    with _rules_on_every_member(forward, rule):
         return forward.gradient(x)
 
 
@@ -428,8 +436,7 @@ def per_voxel_sum(
         raise SegXAIInputError("per_voxel: the target reads no output voxel; nothing to explain")
     term_weights = weights[tuple(terms.T)]
     total: Optional[torch.Tensor] = None
-    context = backward_rules(forward.network, rule) if rule else contextlib.nullcontext()
-    with context:
+    with _rules_on_every_member(forward, rule):
         for chunk in batched(terms.shape[0], batch_size, progress, cancel, "per-voxel maps"):
             index = terms[chunk.start : chunk.stop]
             n = index.shape[0]

@@ -240,7 +240,7 @@ def instance_saliency(
             raise SegXAIInputError(f"instance {identifier} has no voxel on the model's grid (too small)")
         forward = SegmentationForward(model.network, model.card, x.shape[2:],
                                       InstanceTarget(class_index, mask, channel=channel, instance_id=identifier),
-                                      window_batch=window_batch)
+                                      window_batch=window_batch, networks=model.networks)
         for aggregation in aggregations:
             saliency = instance_smoothgrad(
                 forward, x, n_samples=n_samples, noise_level=noise_level, aggregation=aggregation,
