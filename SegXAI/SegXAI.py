@@ -730,7 +730,7 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def caseSettings(model="lesions", methods=(), params=None, target="", device="auto", riskModel=None,
                      qaMethod=None, instances=None, aggregation="mean", instanceParams=None, className="",
-                     trustBundle=False):
+                     trustCode=False):
         """Validated :class:`~SegXAILib.pipeline.CaseSettings` from the panel's choices.
 
         Parameters
@@ -762,8 +762,9 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
             ``noise_level``, ``batch_size``, ``seed``, ``min_voxels``, ``shell_mm``).
         className : str
             The structure (the model's first foreground class when empty).
-        trustBundle : bool
-            Allow MONAI bundles (their configs execute code).
+        trustCode : bool
+            Allow models whose loading runs code: MONAI bundles (their configs) and the
+            ``python`` card format (an importable network class).
 
         Raises
         ------
@@ -797,7 +798,7 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
                   "aggregations": [aggregation], **dict(instanceParams or {})}
         return CaseSettings.from_dict({"model": str(model), "class_name": className, "methods": entries,
                                        "instances": chosen, "qa": qa, "device": device,
-                                       "trust_bundle": bool(trustBundle)}, source="settings")
+                                       "trust_code": bool(trustCode)}, source="settings")
 
     # ---- actions: each an engine process -----------------------------------------------------
     def segment(self, inputVolumes, settings):

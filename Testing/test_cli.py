@@ -253,4 +253,4 @@ def test_untrusted_bundle_names_the_option(tmp_path, capsys):
     }), encoding="utf-8")
     assert main(["info", str(card), "--load"]) == 2
     err = capsys.readouterr().err
-    assert "--trust-bundle" in err and "MONAI bundle" in err
+    assert "--trust-code" in err and "MONAI bundle" in err

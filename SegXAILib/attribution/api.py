@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..image import Image, SegXAIInputError
-from ..models.inference import Segmentation, activate, exact_float32
+from ..models.inference import Segmentation, activate, class_masks, exact_float32
 from ..models.loaders import LoadedModel
 from ..models.preprocessing import model_input, preprocess, preprocess_labels, to_input_grid
 from ..progress import CancelToken, ProgressCallback, report, sub_progress
@@ -143,35 +143,61 @@ def _model_grid_mask(mask: np.ndarray, image: Image, card) -> torch.Tensor:
 
 
 def _resolve_target(spec: TargetSpec, image: Image, model: LoadedModel, x: torch.Tensor, model_affine: np.ndarray,
-                    labels: torch.Tensor) -> Target:
+                    masks: torch.Tensor) -> Target:
+    """The model-grid target of ``spec``; ``masks`` ``(K, D, H, W)`` bool are the prediction's
+    class masks on the model grid (:func:`~SegXAILib.models.inference.class_masks`)."""
     card = model.card
     c = spec.class_index(card.class_names)
+    channel = card.output_channel(c)  # a sigmoid model's background has none: refused here, named
     if spec.kind == "class":
-        mask = labels == c
+        mask = masks[c].clone()  # a copy: segment's masks are inference tensors, which autograd refuses
         if not bool(mask.any()):
             raise SegXAIInputError(f"target class:{card.class_names[c]}: the model predicts no voxel of this class")
-        return ClassTarget(c, mask)
+        return ClassTarget(c, mask, channel=channel)
     if spec.kind == "class_threshold":
-        return ClassThresholdTarget(c, spec.threshold)
+        return ClassThresholdTarget(c, spec.threshold, channel=channel)
     if spec.kind == "instance":
-        on_input = to_input_grid(labels[None].numpy().astype(np.uint8), model_affine, image, interpolation="nearest")
-        instances = instance_labels(on_input.array[0] == c)
+        on_input = to_input_grid(masks[c][None].numpy().astype(np.uint8), model_affine, image, interpolation="nearest")
+        instances = instance_labels(on_input.array[0] == 1)
         if not 1 <= spec.instance_id <= instances.max():
             raise SegXAIInputError(
                 f"target instance:{spec.instance_id}: the prediction has {int(instances.max())} instance(s) of "
                 f"{card.class_names[c]!r} (ids 1.. by decreasing size)"
             )
-        return InstanceTarget(c, _model_grid_mask(instances == spec.instance_id, image, card), instance_id=spec.instance_id)
+        return InstanceTarget(c, _model_grid_mask(instances == spec.instance_id, image, card), channel=channel,
+                              instance_id=spec.instance_id)
     if spec.kind == "region":
         if spec.mask is None or not spec.mask.same_grid(image):
             raise SegXAIInputError("target region: the mask must be on the input image's grid")
-        return RegionTarget(c, _model_grid_mask(spec.mask.array[0] > 0, image, card))
+        return RegionTarget(c, _model_grid_mask(spec.mask.array[0] > 0, image, card), channel=channel)
     if spec.kind == "voxel":
         # the model-grid voxel whose centre is nearest to the point
         inverse = np.linalg.inv(model_affine)
         index = np.round(inverse[:3, :3] @ np.asarray(spec.ras, float) + inverse[:3, 3]).astype(int)
-        return VoxelTarget(c, tuple(index), tuple(x.shape[2:]))
+        return VoxelTarget(c, tuple(index), tuple(x.shape[2:]), channel=channel)
     raise SegXAIInputError(f"target kind {spec.kind!r} is not one of class, class_threshold, instance, region, voxel")
+
+
+def _one_hot(labels: torch.Tensor, count: int) -> torch.Tensor:
+    """``(D, H, W)`` class indices -> ``(count, D, H, W)`` bool."""
+    return labels[None] == torch.arange(count).view(-1, 1, 1, 1)
+
+
+def _prediction_masks(prediction: Segmentation, image: Image, card, model_shape: tuple[int, ...]) -> torch.Tensor:
+    """The model-grid class masks ``(K, D, H, W)`` of a prediction made by this model on this
+    image (checked): its ``model_masks``, or the one-hot of its ``model_labels`` where classes
+    cannot overlap (softmax, or one sigmoid output)."""
+    labels = _prediction_labels(prediction, image, card, model_shape)
+    masks = prediction.model_masks
+    if masks is not None:
+        if tuple(masks.shape) != (card.num_classes, *model_shape):
+            raise SegXAIInputError(f"prediction: model-grid class masks of shape {(card.num_classes, *model_shape)} "
+                                   f"are needed, got {tuple(masks.shape)}")
+        return masks
+    if card.output_activation == "sigmoid" and card.num_classes > 2:
+        raise SegXAIInputError("prediction: a multi-label (sigmoid) model's model-grid class masks are needed "
+                               "(model_masks, from SegXAILib.models.segment); its labels cannot show overlaps")
+    return _one_hot(labels, card.num_classes)
 
 
 def _prediction_labels(prediction: Segmentation, image: Image, card, model_shape: tuple[int, ...]) -> torch.Tensor:
@@ -201,19 +227,28 @@ def prepare_target(
     window_batch: int = 1,
 ) -> tuple[torch.Tensor, np.ndarray, Target]:
     """The model-grid input ``x`` ``(1, C, D, H, W)``, its IJK-to-RAS matrix and the resolved
-    target, from ``prediction``'s model-grid labels or, without it, one prediction here."""
+    target, from ``prediction``'s model-grid class masks or, without it, one prediction here.
+
+    The class masks are :func:`~SegXAILib.models.inference.class_masks`: the argmax's for a
+    softmax model, ``probability > 0.5`` per foreground class for a sigmoid (multi-label)
+    model, so that a class or instance target of one structure holds the voxels it shares with
+    another. The target's scalar reads the class's logit channel
+    (:meth:`~SegXAILib.models.card.ModelCard.output_channel`; see
+    :mod:`~SegXAILib.attribution.targets`).
+    """
     spec = TargetSpec.parse(target) if isinstance(target, str) else target
     card, device = model.card, model.device
     x, model_affine = model_input(image, card, device)
     if prediction is not None:
-        labels = _prediction_labels(prediction, image, card, tuple(x.shape[2:]))
+        masks = _prediction_masks(prediction, image, card, tuple(x.shape[2:]))
     else:
         with torch.no_grad():
             from ..models.windows import WindowedForward
 
-            logits = WindowedForward(model.network, card, x.shape[2:], amp=amp)(x, window_batch=window_batch)
-            labels = activate(logits, card)[0].argmax(0).cpu()
-    return x, model_affine, _resolve_target(spec, image, model, x, model_affine, labels)
+            logits = WindowedForward(model.network, card, x.shape[2:], amp=amp,
+                                     networks=getattr(model, "networks", None))(x, window_batch=window_batch)
+            masks = class_masks(activate(logits, card)[0], card).cpu()
+    return x, model_affine, _resolve_target(spec, image, model, x, model_affine, masks)
 
 
 def explain(
@@ -238,7 +273,9 @@ def explain(
     method : str
         See :func:`SegXAILib.attribution.registry.available_methods`.
     target : TargetSpec or str
-        A spec or its text (``"class:lesion"``, ``"instance:2"``, ...).
+        A spec or its text (``"class:lesion"``, ``"instance:2"``, ...). Its scalar sums the
+        class's logit (a sigmoid model's output channel ``c - 1``) over the target voxels; a
+        sigmoid model's class mask is ``probability > 0.5`` (see :func:`prepare_target`).
     params : dict
         The method's parameters (``n_samples``, ``seed``, ...). ``references`` (expected
         gradients) may be a list of Images on the input grid. An unknown parameter is an error
@@ -273,7 +310,8 @@ def explain(
         params["references"] = torch.stack(volumes).to(device)
 
     start = time.perf_counter()
-    forward = SegmentationForward(model.network, card, x.shape[2:], resolved, amp=amp, window_batch=window_batch)
+    forward = SegmentationForward(model.network, card, x.shape[2:], resolved, amp=amp, window_batch=window_batch,
+                                  networks=getattr(model, "networks", None))
     precision = contextlib.nullcontext() if amp else exact_float32(device)
     with precision:
         attribution = method_class(forward).attribute(x, progress=sub_progress(progress, 0.1, 0.95), cancel=cancel,

@@ -66,6 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from ..image import SegXAIInputError
+from ..models.card import EAGER_HINT
 from ..progress import CancelToken, ProgressCallback, report, sub_progress
 from .base import Attribution, Parameter, check_inputs
 from .forward import SegmentationForward
@@ -110,8 +111,7 @@ class LayerInfo:
 def _check_eager(network: torch.nn.Module) -> None:
     if isinstance(network, torch.jit.ScriptModule):
         raise SegXAIInputError(
-            "Grad-CAM needs layer hooks, which TorchScript networks do not run; load the model in the 'monai' or "
-            "'python' format"
+            f"Grad-CAM needs layer hooks, which TorchScript networks do not run; {EAGER_HINT}"
         )
 
 

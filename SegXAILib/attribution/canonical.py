@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from ..image import SegXAIInputError
+from ..models.card import EAGER_HINT
 
 __all__ = [
     "canonicalise",
@@ -573,7 +574,7 @@ def canonicalise(network: _nn.Module, method: str = "lrp") -> CanonicalNetwork:
     if isinstance(network, torch.jit.ScriptModule):
         raise SegXAIInputError(
             f"{method}: not supported: the network is TorchScript; relevance rules need an eager torch.nn.Module "
-            "(load the model in the 'monai' or 'python' format)"
+            f"({EAGER_HINT})"
         )
     items = _convert(network, "", method, _monai_types())
     if not items:

@@ -33,12 +33,22 @@ a rule (ELU, SELU, CELU, Tanh, Sigmoid, Softplus, Mish, Hardswish, Hardtanh, ReL
 naming the module's path and type, and never silently falls back to the plain gradient.
 Rules match the module's exact type (a subclass may change ``forward``).
 
-Limits: rules are attached with forward hooks on modules, so activations called as
-functions inside a ``forward`` (``F.relu(x)``, ``torch.sigmoid(x)``) are invisible and keep
-their ordinary gradient; so would a TorchScript network's. For a TorchScript network the
-method therefore inspects the scripted graph and raises if it calls any activation op
-(a scripted network without one, e.g. a single convolution, is handled: its guided map is
-its gradient).
+Activations called as functions inside a ``forward`` get the same rules: while the
+network's forward runs, a :class:`torch.overrides.TorchFunctionMode` routes the calls of
+``relu`` / ``relu_`` (``torch.nn.functional``, ``torch``, ``Tensor`` methods),
+``leaky_relu``, ``prelu``, ``gelu`` and ``silu`` through the rule of the module of the same
+activation (``F.leaky_relu(x, 0.2)`` is ``nn.LeakyReLU(0.2)``'s rule; an in-place call stays
+in place), and a call of an activation function without a rule (``elu``, ``selu``, ``celu``,
+``sigmoid``, ``tanh``, ``softplus``, ``mish``, ``hardswish``, ``hardtanh``, ``relu6``, ...)
+raises naming the call. ``softmax`` / ``log_softmax`` keep their ordinary backward (as
+``nn.Softmax``). Calls inside an activation module with a rule are left to its hook (MONAI's
+``Swish`` calls ``torch.sigmoid``). Element-wise code that is an activation but no
+activation call (``torch.where(x > 0, x, 0.1 * x)``, ``x.clamp(min=0)``) is not recognised
+and keeps its ordinary gradient.
+
+Limits: a TorchScript network runs no hooks and no Python-level calls, so the method
+inspects the scripted graph and raises if it calls any activation op (a scripted network
+without one, e.g. a single convolution, is handled: its guided map is its gradient).
 
 Aggregation (METHODS section 1): the rules are non-linear in the backward signal, so
 explaining the summed target (``aggregation="target"``, one backward pass) differs from
@@ -54,13 +64,17 @@ modified backward per batch; the per-replica maps are summed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
-from typing import Callable, ClassVar, Iterator, Optional
+import types
+from typing import Any, Callable, ClassVar, Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from ..image import SegXAIInputError
+from ..models.card import EAGER_HINT
 from ..progress import CancelToken, ProgressCallback, report
 from .base import Attribution, Parameter, batched, check_inputs
 from .forward import SegmentationForward
@@ -161,12 +175,12 @@ def _supported_names() -> str:
 class _Rule(torch.autograd.Function):
     """Forward: the activation's output (a copy). Backward: the rule's gradient for the
     activation's input and none for its output, so nothing flows through the original
-    activation's backward."""
+    activation's backward. ``derivative(x)`` is ``act'(x)`` (guided rule only)."""
 
     @staticmethod
-    def forward(ctx, x, output, module, rule):  # type: ignore[override]
+    def forward(ctx, x, output, derivative, rule):  # type: ignore[override]
         ctx.save_for_backward(x)
-        ctx.module = module
+        ctx.derivative = derivative
         ctx.rule = rule
         # a copy: later in-place operations on it must not touch the saved graph
         return output.clone()
@@ -177,9 +191,104 @@ class _Rule(torch.autograd.Function):
             grad_input = F.relu(grad_output)
         else:
             (x,) = ctx.saved_tensors
-            derivative = _DERIVATIVES[type(ctx.module)](ctx.module, x)
-            grad_input = F.relu(derivative * grad_output)
+            grad_input = F.relu(ctx.derivative(x) * grad_output)
         return grad_input, None, None, None
+
+
+# ---- activations called as functions ------------------------------------------------------------
+#: activations with a rule -> index of the ``inplace`` argument of torch.nn.functional's function
+#: (None: it has none)
+_FUNCTIONAL_WITH_RULE = {"relu": 1, "leaky_relu": 2, "silu": 1, "gelu": None, "prelu": None}
+#: activation functions without a rule (their modules are refused too); softmax is not here: it
+#: keeps its ordinary backward, as nn.Softmax does
+_FUNCTIONAL_WITHOUT_RULE = (
+    "elu", "selu", "celu", "sigmoid", "tanh", "softplus", "mish", "hardswish", "hardsigmoid", "hardtanh", "relu6",
+    "rrelu", "threshold", "glu", "logsigmoid", "log_sigmoid", "softsign", "softshrink", "hardshrink", "tanhshrink",
+    "expit",
+)
+_FUNCTION_OWNERS = (
+    (F, "torch.nn.functional"), (torch, "torch"), (torch.Tensor, "Tensor"), (torch._C._nn, "torch._C._nn"),
+    (torch.special, "torch.special"),
+)
+
+
+def _functional_activations() -> dict[Any, tuple[str, Optional[str], Union[bool, int]]]:
+    """``function -> (shown name, activation with a rule or None, in-place)``: every spelling of
+    the activation functions (``F.relu``, ``torch.relu_``, ``Tensor.relu``, ...). In-place is
+    True / False, or the position of the call's ``inplace`` argument."""
+    table: dict[Any, tuple[str, Optional[str], Union[bool, int]]] = {}
+    for base in list(_FUNCTIONAL_WITH_RULE) + list(_FUNCTIONAL_WITHOUT_RULE):
+        activation = base if base in _FUNCTIONAL_WITH_RULE else None
+        for owner, prefix in _FUNCTION_OWNERS:  # torch.nn.functional first: its name is shown for aliases
+            for attribute, inplace in ((base, False), (base + "_", True)):
+                function = getattr(owner, attribute, None)
+                if function is None or not callable(function) or function in table:
+                    continue
+                if owner is F and not inplace and _FUNCTIONAL_WITH_RULE.get(base) is not None:
+                    inplace = _FUNCTIONAL_WITH_RULE[base]  # type: ignore[assignment]
+                table[function] = (f"{prefix}.{attribute}", activation, inplace)
+    return table
+
+
+_FUNCTIONAL = _functional_activations()
+
+
+def _argument(args: tuple, kwargs: dict, index: int, name: str, default: Any) -> Any:
+    """A call's argument, given by position ``index`` or by keyword ``name``."""
+    return args[index] if len(args) > index else kwargs.get(name, default)
+
+
+def _functional_rule(activation: str, args: tuple, kwargs: dict) -> tuple[Callable, Callable]:
+    """``(act, act')`` of a functional call: the out-of-place activation with the call's
+    arguments and its derivative, both from the module rule of the same activation
+    (:data:`_DERIVATIVES`): ``F.leaky_relu(x, 0.2)`` is ``nn.LeakyReLU(0.2)``."""
+    nn = torch.nn
+    if activation == "prelu":
+        weight = _argument(args, kwargs, 1, "weight", None)
+        return (lambda x: F.prelu(x, weight)), functools.partial(_prelu_derivative, types.SimpleNamespace(weight=weight))
+    if activation == "leaky_relu":
+        module: torch.nn.Module = nn.LeakyReLU(float(_argument(args, kwargs, 1, "negative_slope", 0.01)))
+    elif activation == "gelu":
+        module = nn.GELU(approximate=str(_argument(args, kwargs, 1, "approximate", "none")))
+    else:
+        module = {"relu": nn.ReLU, "silu": nn.SiLU}[activation]()
+    return module, functools.partial(_DERIVATIVES[type(module)], module)
+
+
+class _FunctionalRules(TorchFunctionMode):
+    """Applies ``rule`` to the activation functions called while the network's forward runs
+    (``depth > 0``), except inside activation modules, whose hooks apply it (``suspended > 0``).
+    Calls outside the forward (the target, a CAM's ``relu``) are left alone."""
+
+    def __init__(self, rule: str) -> None:
+        super().__init__()
+        self.rule = rule
+        self.depth = 0
+        self.suspended = 0
+        self.routed: list[str] = []  # the functions routed, in call order
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        entry = _FUNCTIONAL.get(func) if self.depth > 0 and self.suspended == 0 else None
+        if entry is None:
+            return func(*args, **kwargs)
+        name, activation, inplace = entry
+        if activation is None:
+            raise SegXAIInputError(
+                f"{self.rule}: no backward rule for the activation function {name} called in the network's forward; "
+                f"supported functions: {', '.join(sorted(_FUNCTIONAL_WITH_RULE))} (and modules {_supported_names()})"
+            )
+        x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+        act, derivative = _functional_rule(activation, args, kwargs)
+        if isinstance(inplace, int) and not isinstance(inplace, bool):
+            inplace = bool(_argument(args, kwargs, inplace, "inplace", False))
+        self.routed.append(name)
+        if not inplace:
+            return _Rule.apply(x, act(x), derivative, self.rule)
+        # in place: x takes the rule's output, so code that reads x (not the result) gets it
+        # too; the rule keeps a copy of the input (the in-place write would change it)
+        saved = x.clone()
+        return x.copy_(_Rule.apply(saved, act(saved), derivative, self.rule))
 
 
 def _check_script(network: torch.nn.Module, rule: str) -> None:
@@ -189,13 +298,15 @@ def _check_script(network: torch.nn.Module, rule: str) -> None:
     if match:
         raise SegXAIInputError(
             f"{rule}: the network is TorchScript and calls the activation {match.group(0)!r}; backward rules need an "
-            "eager torch.nn.Module whose activations are modules (load the model in the 'monai' or 'python' format)"
+            f"eager torch.nn.Module; {EAGER_HINT}"
         )
 
 
 @contextlib.contextmanager
 def backward_rules(network: torch.nn.Module, rule: str = "guided") -> Iterator[list[str]]:
-    """Within the block, backward passes through ``network``'s activation modules follow ``rule``.
+    """Within the block, backward passes through ``network``'s activations follow ``rule``:
+    its activation modules (forward hooks) and the activation functions its forward calls
+    (``F.relu``, ``torch.relu``, ``F.leaky_relu``, ...; a :class:`torch.overrides.TorchFunctionMode`).
 
     Parameters
     ----------
@@ -211,8 +322,9 @@ def backward_rules(network: torch.nn.Module, rule: str = "guided") -> Iterator[l
     Raises
     ------
     SegXAIInputError
-        For an activation module without a rule (naming its path and type), or a TorchScript
-        network that calls an activation op.
+        For an activation module without a rule (naming its path and type), an activation
+        function without a rule called in the forward (naming the function, when the forward
+        runs), or a TorchScript network that calls an activation op.
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
@@ -221,17 +333,33 @@ def backward_rules(network: torch.nn.Module, rule: str = "guided") -> Iterator[l
         yield []
         return
     hooked: list[tuple[str, torch.nn.Module]] = []
+    passed: list[torch.nn.Module] = []
     for name, module in network.named_modules():
         if type(module) in _DERIVATIVES:
             hooked.append((name, module))
-        elif isinstance(module, _ACTIVATION_TYPES) and not isinstance(module, _PASS_THROUGH):
+        elif isinstance(module, _PASS_THROUGH):
+            passed.append(module)
+        elif isinstance(module, _ACTIVATION_TYPES):
             raise SegXAIInputError(
                 f"{rule}: no backward rule for the activation module {name or '<network>'!r} ({type(module).__name__}); "
                 f"supported: {_supported_names()}"
             )
+    functional = _FunctionalRules(rule)
 
     def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return _Rule.apply(args[0], output, module, rule)
+        return _Rule.apply(args[0], output, functools.partial(_DERIVATIVES[type(module)], module), rule)
+
+    def enter_forward(module: torch.nn.Module, args: tuple) -> None:
+        functional.depth += 1
+
+    def leave_forward(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        functional.depth -= 1
+
+    def suspend(module: torch.nn.Module, args: tuple) -> None:
+        functional.suspended += 1
+
+    def resume(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        functional.suspended -= 1
 
     handles = []
     inplace: list[tuple[torch.nn.Module, bool]] = []
@@ -241,7 +369,14 @@ def backward_rules(network: torch.nn.Module, rule: str = "guided") -> Iterator[l
                 inplace.append((module, module.inplace))
                 module.inplace = False  # the rule needs the activation's input intact
             handles.append(module.register_forward_hook(hook))
-        yield [name for name, _ in hooked]
+        # inside activation modules the functions they call are theirs (MONAI's Swish calls sigmoid)
+        for module in [m for _, m in hooked] + passed:
+            handles.append(module.register_forward_pre_hook(suspend))
+            handles.append(module.register_forward_hook(resume, always_call=True))
+        handles.append(network.register_forward_pre_hook(enter_forward))
+        handles.append(network.register_forward_hook(leave_forward, always_call=True))
+        with functional:
+            yield [name for name, _ in hooked]
     finally:
         for handle in handles:
             handle.remove()
@@ -249,9 +384,17 @@ def backward_rules(network: torch.nn.Module, rule: str = "guided") -> Iterator[l
             module.inplace = value
 
 
+def _rules_on_every_member(forward: SegmentationForward, rule: Optional[str]) -> contextlib.ExitStack:
+    """The backward rules on every network of the forward (a fold ensemble's members too)."""
+    stack = contextlib.ExitStack()
+    if rule:
+        for network in forward.networks:
+            stack.enter_context(backward_rules(network, rule))
+    return stack
+
+
 def _rule_gradient(forward: SegmentationForward, x: torch.Tensor, rule: Optional[str]) -> torch.Tensor:
-    context = backward_rules(forward.network, rule) if rule else contextlib.nullcontext()
-    with context:
+    with _rules_on_every_member(forward, rule):
         return forward.gradient(x)
 
 
@@ -293,8 +436,7 @@ def per_voxel_sum(
         raise SegXAIInputError("per_voxel: the target reads no output voxel; nothing to explain")
     term_weights = weights[tuple(terms.T)]
     total: Optional[torch.Tensor] = None
-    context = backward_rules(forward.network, rule) if rule else contextlib.nullcontext()
-    with context:
+    with _rules_on_every_member(forward, rule):
         for chunk in batched(terms.shape[0], batch_size, progress, cancel, "per-voxel maps"):
             index = terms[chunk.start : chunk.stop]
             n = index.shape[0]

@@ -455,6 +455,9 @@ class LRP(Attribution):
         """The forward of the canonical copy (built once; the user's network is not touched)."""
         if self._relevance_forward is None:
             forward = self.forward
+            if len(forward.networks) > 1:  # the canonical copy is of one network
+                raise SegXAIInputError(f"{self.name}: a fold ensemble of {len(forward.networks)} networks is not "
+                                       "supported (LRP canonicalises one network); explain one member's card")
             self._relevance_forward = SegmentationForward(
                 canonicalise(forward.network, self.name), forward.card, forward.spatial_shape, forward.target,
                 amp=forward.windowed.amp, window_batch=forward.window_batch, max_graph_windows=forward.max_graph_windows,

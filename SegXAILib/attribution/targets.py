@@ -13,6 +13,16 @@ RegionTarget        sum_{i in R} f_c(x)_i                       R
 InstanceTarget      RegionTarget on one connected component     the component
 VoxelTarget         f_c(x)_i                                    the voxel
 ==================  ==========================================  =========================
+
+``c`` is the target's class (``class_index``, an index into the card's classes, background
+0) and ``f_c`` that class's logit, read from output channel ``channel``: channel ``c`` for a
+softmax (or activation-free) model, channel ``c - 1`` for a sigmoid model, whose K-1 outputs
+are one yes / no logit per foreground class
+(:meth:`~SegXAILib.models.card.ModelCard.output_channel`). So for every activation T is the
+sum of the class's own pre-activation score over the target voxels. For a sigmoid model the
+class mask ``M_c`` is ``sigmoid(f_c) > 0.5`` (multi-label: structures may overlap, a voxel
+of two structures counts in both), see :class:`~SegXAILib.models.Segmentation`. ``channel``
+defaults to ``class_index`` (the softmax layout).
 """
 
 from __future__ import annotations
@@ -28,23 +38,32 @@ __all__ = ["Target", "ClassTarget", "ClassThresholdTarget", "RegionTarget", "Ins
 
 
 class Target:
-    """Base class: ``target(logits) -> (B,)`` and ``target.support`` (bool ``(D, H, W)`` or None)."""
+    """Base class: ``target(logits) -> (B,)`` and ``target.support`` (bool ``(D, H, W)`` or None).
+
+    ``class_index`` is the card's class, ``channel`` the output channel holding its logit
+    (None: ``class_index``; see the module docstring).
+    """
 
     class_index: int
+    channel: Optional[int]
     support: Optional[torch.Tensor]
+
+    def _default_channel(self) -> None:
+        self.channel = int(self.class_index) if self.channel is None else int(self.channel)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def describe(self) -> dict:
         """JSON-ready description for result metadata."""
-        return {"kind": type(self).__name__, "class_index": int(self.class_index)}
+        return {"kind": type(self).__name__, "class_index": int(self.class_index), "output_channel": int(self.channel)}
 
     def _check(self, logits: torch.Tensor) -> None:
         if logits.ndim != 5:
             raise ValueError(f"logits must be (B, K, D, H, W), got {tuple(logits.shape)}")
-        if not 0 <= self.class_index < logits.shape[1]:
-            raise SegXAIInputError(f"target class {self.class_index} is not among the model's {logits.shape[1]} outputs")
+        if not 0 <= self.channel < logits.shape[1]:
+            raise SegXAIInputError(f"target class {self.class_index} reads output channel {self.channel}; "
+                                   f"the model has {logits.shape[1]} output channel(s)")
 
 
 def _mask(mask: torch.Tensor, name: str) -> torch.Tensor:
@@ -62,9 +81,11 @@ class RegionTarget(Target):
 
     class_index: int
     mask: torch.Tensor
+    channel: Optional[int] = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         self.mask = _mask(self.mask, type(self).__name__)
+        self._default_channel()
 
     @property
     def support(self) -> torch.Tensor:  # type: ignore[override]
@@ -72,7 +93,7 @@ class RegionTarget(Target):
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         self._check(logits)
-        return logits[:, self.class_index][:, self.mask.to(logits.device)].sum(dim=1)
+        return logits[:, self.channel][:, self.mask.to(logits.device)].sum(dim=1)
 
     def describe(self) -> dict:
         return {**super().describe(), "voxels": int(self.mask.sum())}
@@ -100,11 +121,15 @@ class ClassThresholdTarget(Target):
 
     class_index: int
     threshold: float = 0.0
+    channel: Optional[int] = field(default=None, kw_only=True)
     support: Optional[torch.Tensor] = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self._default_channel()
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         self._check(logits)
-        values = logits[:, self.class_index]
+        values = logits[:, self.channel]
         return (values * (values > self.threshold)).flatten(1).sum(dim=1)
 
     def describe(self) -> dict:
@@ -118,8 +143,10 @@ class VoxelTarget(Target):
     class_index: int
     index: Sequence[int]
     spatial_shape: Sequence[int]
+    channel: Optional[int] = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
+        self._default_channel()
         self.index = tuple(int(i) for i in self.index)
         if len(self.index) != 3 or not all(0 <= i < s for i, s in zip(self.index, self.spatial_shape)):
             raise SegXAIInputError(f"voxel {self.index} is outside the grid {tuple(self.spatial_shape)}")
@@ -132,7 +159,7 @@ class VoxelTarget(Target):
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         self._check(logits)
-        return logits[(slice(None), self.class_index, *self.index)]
+        return logits[(slice(None), self.channel, *self.index)]
 
     def describe(self) -> dict:
         return {**super().describe(), "index": list(self.index)}

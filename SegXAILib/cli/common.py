@@ -47,7 +47,10 @@ def device_option(command: argparse.ArgumentParser) -> None:
 
 
 def trust_option(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--trust-bundle", action="store_true", help="allow MONAI bundles (their configs can run code)")
+    # --trust-bundle: the option's former name, when only bundles ran code
+    command.add_argument("--trust-code", "--trust-bundle", dest="trust_code", action="store_true",
+                         help="allow models whose loading runs their own code: MONAI bundles (their configs) and "
+                              "'python' model cards (their module is imported)")
 
 
 def case_options(command: argparse.ArgumentParser) -> None:
@@ -92,7 +95,7 @@ def options_named(*parameters: str, **renamed: str) -> Iterator[None]:
 
 def case_settings(args: argparse.Namespace, **fields):
     """The :class:`~SegXAILib.pipeline.CaseSettings` of a command: ``--model``, ``--device``,
-    ``--trust-bundle`` and ``fields``; validation errors name the settings' fields."""
+    ``--trust-code`` and ``fields``; validation errors name the settings' fields."""
     from ..models import resolve_device
     from ..pipeline import CaseSettings
 
@@ -100,18 +103,21 @@ def case_settings(args: argparse.Namespace, **fields):
     with options_named("device"):
         resolve_device(device)  # an unknown or absent device is named by its option, before any work
     values = {"model": str(args.model), "device": device,
-              "trust_bundle": bool(getattr(args, "trust_bundle", False)), **fields}
+              "trust_code": bool(getattr(args, "trust_code", False)), **fields}
     return CaseSettings.from_dict(values, "options")
 
 
 def load_case_model(card, args: argparse.Namespace):
     """The network of ``card`` (through the pipeline's loader) with the command's ``--device``
-    and ``--trust-bundle``, its errors naming those options."""
+    and ``--trust-code``, its errors naming those options."""
     from ..models import load_model
 
-    # the library refuses an untrusted bundle naming its ``trust`` parameter; here the option is named
-    if card.format == "bundle" and not args.trust_bundle:
+    # the library refuses naming its ``trust_code`` parameter; here the option is named
+    if card.format == "bundle" and not args.trust_code:
         raise SegXAIInputError(f"--model {args.model}: a MONAI bundle, whose configs can run arbitrary code; "
-                               "pass --trust-bundle if you trust its source")
+                               "pass --trust-code if you trust its source")
+    if card.format == "python" and not args.trust_code:
+        raise SegXAIInputError(f"--model {args.model}: a 'python' model card, whose network module is imported "
+                               "(which runs its code); pass --trust-code if you trust its source")
     with options_named("device"):
-        return load_model(card, device=args.device, trust=args.trust_bundle)
+        return load_model(card, device=args.device, trust_code=args.trust_code)

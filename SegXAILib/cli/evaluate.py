@@ -187,7 +187,7 @@ def _case_settings(args: argparse.Namespace, **fields: Any):
     """The pipeline settings of a command's cases: the model, the device, the window batch and
     ``fields`` (no instances: neither command needs them)."""
     return settings_from_options(
-        {"model": str(args.model), "device": args.device, "trust_bundle": args.trust_bundle,
+        {"model": str(args.model), "device": args.device, "trust_code": args.trust_code,
          "instances": {"enabled": False}, "precision": {"window_batch": args.window_batch}, **fields},
         {"device": "--device", "precision.window_batch": "--window-batch", "agg2exp.method": "--method",
          "agg2exp.params": "--param", "agg2exp": "--param"},

@@ -56,7 +56,7 @@ def _check_lesions_arguments(args: argparse.Namespace):
     card = case_card(args)
     # without --instances or --click no instance gets maps (ids [] rather than every instance)
     settings = settings_from_options({
-        "model": str(args.model), "device": args.device, "trust_bundle": args.trust_bundle,
+        "model": str(args.model), "device": args.device, "trust_code": args.trust_code,
         "class_name": args.class_name,
         "instances": {"ids": ids if ids is not None else (None if click is not None else []), "click_ras": click,
                       "click_radius_mm": args.click_radius, "aggregations": aggregations,
@@ -151,7 +151,7 @@ def _check_context_arguments(args: argparse.Namespace):
     card = case_card(args)
     # the prediction and its instances (no instance maps); --instance / --click select one
     settings = settings_from_options({
-        "model": str(args.model), "device": args.device, "trust_bundle": args.trust_bundle,
+        "model": str(args.model), "device": args.device, "trust_code": args.trust_code,
         "class_name": args.class_name,
         "instances": {"ids": [args.instance] if args.instance is not None else (None if click is not None else []),
                       "click_ras": click, "click_radius_mm": args.click_radius, "min_voxels": args.min_voxels},

@@ -40,7 +40,7 @@ from ..attribution.base import batched
 from ..attribution.forward import SegmentationForward
 from ..image import SegXAIInputError
 from ..metrics import dice_score
-from ..models.inference import activate
+from ..models.inference import activate, class_masks
 from ..progress import CancelToken, ProgressCallback, report, sub_progress
 
 __all__ = [
@@ -181,8 +181,9 @@ class _Scorer:
 
     def _masks(self, batch: torch.Tensor) -> np.ndarray:
         logits = self.forward.windowed(batch, None, self.forward.window_batch)
-        labels = activate(logits, self.forward.card).argmax(1)
-        return (labels == self.class_index).cpu().numpy()
+        # the class's predicted mask (probability > 0.5 for a sigmoid model: structures may overlap)
+        probabilities = activate(logits, self.forward.card)
+        return torch.stack([class_masks(p, self.forward.card)[self.class_index] for p in probabilities]).cpu().numpy()
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
         with torch.no_grad():

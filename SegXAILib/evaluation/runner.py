@@ -98,7 +98,8 @@ def _prepare(image: Image, model, class_name: str, window_batch: int, prediction
 
     x, _, target = prepare_target(image, model, TargetSpec("class", class_name=class_name), prediction,
                                   window_batch=window_batch)
-    forward = SegmentationForward(model.network, model.card, x.shape[2:], target, window_batch=window_batch)
+    forward = SegmentationForward(model.network, model.card, x.shape[2:], target, window_batch=window_batch,
+                                  networks=model.networks)
     return x, target, forward
 
 

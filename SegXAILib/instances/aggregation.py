@@ -1,6 +1,7 @@
 """SmoothGrad aggregated over an instance's voxels (paper 001, METHODS section 3), model grid.
 
-With ``L`` the instance's voxels, ``c`` its class, ``e_k ~ N(0, sigma^2)``
+With ``L`` the instance's voxels, ``c`` its class (``f_c`` its logit, output channel
+``c - 1`` for a sigmoid model: :mod:`SegXAILib.attribution.targets`), ``e_k ~ N(0, sigma^2)``
 (``sigma = noise_level (max x - min x)``, the draws of :class:`~SegXAILib.attribution.gradient.SmoothGrad`):
 
 * mean (eq. 2): ``(1/n) sum_k (1/|L|) sum_{i in L} d f_c,i/dx (x + e_k)``. Gradients are
@@ -97,10 +98,10 @@ def instance_smoothgrad(
         assert total is not None
         return total / (n_samples * size)
 
-    class_index = int(target.class_index)
+    channel = int(target.channel)  # the class's logit channel (c - 1 for a sigmoid model)
     windows = len(forward.windowed.windows_for(target.mask.cpu()))
     if windows <= max(forward.window_batch, forward.max_graph_windows):
-        return _max_by_shared_forward(forward, inputs, voxels, class_index, n_samples, sigma, batch_size, seed,
+        return _max_by_shared_forward(forward, inputs, voxels, channel, n_samples, sigma, batch_size, seed,
                                       progress, cancel)
 
     # max by replicas: terms (k, voxel) in sample-major order, batch_size replicas per backward
@@ -125,7 +126,7 @@ def instance_smoothgrad(
             logits = forward.windowed(replicas, support, forward.window_batch)
             rows = torch.arange(stop - start, device=logits.device)
             index_on = index.to(logits.device)
-            values = logits[rows, class_index, index_on[:, 0], index_on[:, 1], index_on[:, 2]]
+            values = logits[rows, channel, index_on[:, 0], index_on[:, 1], index_on[:, 2]]
             (gradient,) = torch.autograd.grad(values.sum(), replicas)
         for k in torch.unique(samples).tolist():
             rows_k = (samples == k).nonzero().flatten().to(gradient.device)
@@ -143,7 +144,7 @@ def _max_by_shared_forward(
     forward: SegmentationForward,
     inputs: torch.Tensor,
     voxels: torch.Tensor,
-    class_index: int,
+    channel: int,
     n_samples: int,
     sigma: float,
     batch_size: int,
@@ -151,7 +152,8 @@ def _max_by_shared_forward(
     progress: Optional[ProgressCallback],
     cancel: Optional[CancelToken],
 ) -> torch.Tensor:
-    """Eq. 3 with one forward per noise sample and batched VJPs of it (see the module docstring)."""
+    """Eq. 3 with one forward per noise sample and batched VJPs of it (see the module docstring);
+    ``channel`` is the output channel of the instance's class."""
     from torch.func import vjp, vmap
 
     support = torch.zeros(forward.spatial_shape, dtype=torch.bool)
@@ -169,7 +171,7 @@ def _max_by_shared_forward(
             index = voxels[start:start + batch_size].to(logits.device)
             rows = torch.arange(index.shape[0], device=logits.device)
             cotangents = torch.zeros((index.shape[0], *logits.shape), dtype=logits.dtype, device=logits.device)
-            cotangents[rows, 0, class_index, index[:, 0], index[:, 1], index[:, 2]] = 1
+            cotangents[rows, 0, channel, index[:, 0], index[:, 1], index[:, 2]] = 1
             (gradients,) = vmap(pullback)(cotangents)  # (b, 1, C, D, H, W)
             batch_max = gradients[:, 0].detach().amax(dim=0)
             running = batch_max if running is None else torch.maximum(running, batch_max)
@@ -204,7 +206,11 @@ def instance_saliency(
     labels : numpy.ndarray
         ``(I, J, K)`` instance ids on the image's grid (:func:`~SegXAILib.instances.find_instances`).
     instance_ids : sequence of int
-    class_index, aggregations, n_samples, noise_level, batch_size, seed
+    class_index : int
+        The instances' class in the card (background 0); its logit is read from
+        :meth:`~SegXAILib.models.card.ModelCard.output_channel` (channel ``class_index - 1``
+        for a sigmoid model).
+    aggregations, n_samples, noise_level, batch_size, seed
         As :func:`instance_smoothgrad`; each aggregation is computed separately.
     window_batch : int
         Sliding windows per network call.
@@ -223,6 +229,7 @@ def instance_saliency(
     labels = np.asarray(labels)
     if labels.shape != tuple(image.spatial_shape):
         raise SegXAIInputError(f"labels: shape {labels.shape} differs from the image's {tuple(image.spatial_shape)}")
+    channel = model.card.output_channel(class_index)  # checked before any work
     x, model_affine = model_input(image, model.card, model.device)
     steps = max(1, len(instance_ids) * len(aggregations))
     maps: dict[int, dict] = {}
@@ -232,7 +239,8 @@ def instance_saliency(
         if not bool(mask.any()):
             raise SegXAIInputError(f"instance {identifier} has no voxel on the model's grid (too small)")
         forward = SegmentationForward(model.network, model.card, x.shape[2:],
-                                      InstanceTarget(class_index, mask, instance_id=identifier), window_batch=window_batch)
+                                      InstanceTarget(class_index, mask, channel=channel, instance_id=identifier),
+                                      window_batch=window_batch, networks=model.networks)
         for aggregation in aggregations:
             saliency = instance_smoothgrad(
                 forward, x, n_samples=n_samples, noise_level=noise_level, aggregation=aggregation,

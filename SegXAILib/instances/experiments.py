@@ -106,7 +106,7 @@ def _outcome(segmentation, lesion: np.ndarray, class_index: int) -> tuple[float,
     if not 0 <= class_index < probabilities.shape[0]:
         raise SegXAIInputError(f"class_index {class_index} out of range for {probabilities.shape[0]} classes")
     probability = probabilities[class_index]
-    predicted = segmentation.labels.array[0] == class_index
+    predicted = segmentation.mask(class_index)  # probability > 0.5 for a sigmoid (multi-label) model
     return float(probability[lesion].mean()), bool((predicted & lesion).any()), probability, predicted
 
 

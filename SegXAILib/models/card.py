@@ -1,9 +1,10 @@
 """Model cards: the JSON file beside a model's weights that says how to run it.
 
-A card names the architecture (a MONAI network and its arguments, a TorchScript file, or a
-MONAI bundle folder), the input channels, the classes with their colours, the preprocessing
-(orientation, spacing, intensity normalisation), the sliding-window settings, the output
-activation, and the model's provenance and metrics. Paths in a card are relative to the card.
+A card names the architecture (a MONAI network and its arguments, a TorchScript file, a
+MONAI bundle folder, or any eager PyTorch network given by its Python class), the input
+channels, the classes with their colours, the preprocessing (orientation, spacing, intensity
+normalisation), the sliding-window settings, the output activation, and the model's
+provenance and metrics. Paths in a card are relative to the card.
 
 Example::
 
@@ -23,6 +24,41 @@ Example::
                     "sw_batch_size": 2},
       "output_activation": "softmax"
     }
+
+A fold ensemble (nnU-Net style): ``"weights"`` may list several state dicts of the same
+architecture (formats ``monai`` and ``python``; ``"sha256"`` then lists one checksum per file);
+the prediction averages the members' logits. Inference may also average mirrored predictions
+(``"mirror_axes"``: model-grid axes 0, 1, 2 = D, H, W of the network input; every combination
+of flips, as nnU-Net's mirroring) and place windows as nnU-Net v2 does (``"window_scheme":
+"nnunet"``: its patch positions, zero padding and Gaussian importance map; ``"monai"`` by
+default). ``"resize_to_shape": [D, H, W]`` in the preprocessing resizes the model-grid image
+(after orientation and spacing) to a fixed shape (trilinear); predictions map back::
+
+    "architecture": {"format": "python", "name": "my_package.networks:MyNet", "kwargs": {},
+                     "weights": ["fold_0.pt", "fold_1.pt", "fold_2.pt"]},
+    "preprocessing": {"orientation": "RAS", "resize_to_shape": [64, 64, 64]},
+    "inference": {"patch_size": [64, 64, 64], "overlap": 0.5, "mirror_axes": [0, 1, 2],
+                  "window_scheme": "nnunet"}
+
+Any PyTorch network (format ``python``): the class as ``"module:Class"`` (importable, e.g.
+an installed package) or as ``"name": "Class"`` with ``"file"``, a ``.py`` file beside the
+card (imported on its own: what it imports must be installed); ``kwargs`` are its constructor's keyword
+arguments and ``weights`` its ``state_dict()`` saved with ``torch.save`` (read with
+``weights_only=True``). Importing the class runs its code, so such a card loads only with
+``trust_code=True`` (``load_model``; ``"trust_code": true`` in case settings, ``--trust-code``
+on the command line)::
+
+    "architecture": {"format": "python", "file": "my_net.py", "name": "MyNet",
+                     "kwargs": {"in_channels": 2, "out_channels": 2, "width": 16},
+                     "weights": "my_net.pt"}
+
+    "architecture": {"format": "python", "name": "my_package.networks:MyNet",
+                     "kwargs": {"in_channels": 2, "out_channels": 2}, "weights": "my_net.pt"}
+
+Save the weights with ``torch.save(network.state_dict(), "my_net.pt")``. Guided backprop and
+deconvolution apply their rules to the network's activation modules and to the activation
+functions its ``forward`` calls (``F.relu``, ``F.leaky_relu``, ...; see
+:mod:`SegXAILib.attribution.guided`); Grad-CAM hooks its modules.
 """
 
 from __future__ import annotations
@@ -30,20 +66,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from ..image import SegXAIInputError
 from ..validation import problem, validate
 
-__all__ = ["ModelCard", "ClassInfo", "load_model_card", "sha256_of", "INTENSITY_KINDS", "ARCHITECTURE_FORMATS"]
+__all__ = ["ModelCard", "ClassInfo", "load_model_card", "sha256_of", "INTENSITY_KINDS", "ARCHITECTURE_FORMATS",
+           "CODE_FORMATS", "EAGER_HINT"]
 
 CARD_SCHEMA_VERSION = 1
-ARCHITECTURE_FORMATS = ("monai", "torchscript", "bundle")
+ARCHITECTURE_FORMATS = ("monai", "torchscript", "bundle", "python")
+#: formats whose loading runs code from the model's files (load only with ``trust_code=True``)
+CODE_FORMATS = ("bundle", "python")
+#: how to give a TorchScript model as an eager network (the methods that need one say it)
+EAGER_HINT = (
+    "load the model as an eager network: a model card with architecture format 'python' naming the network's class "
+    "('module:Class', or 'Class' with a .py 'file'), its 'kwargs' and its state dict 'weights', loaded with "
+    "trust_code=True (see SegXAILib.models.card)"
+)
 INTENSITY_KINDS = {
     # kind: (required keys, optional keys)
     "zscore": ((), ("nonzero",)),
@@ -53,6 +99,7 @@ INTENSITY_KINDS = {
 }
 ACTIVATIONS = ("softmax", "sigmoid", "none")
 BLEND_MODES = ("gaussian", "constant")
+WINDOW_SCHEMES = ("monai", "nnunet")
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -113,6 +160,30 @@ class ModelCard:
         return None if spacing is None else tuple(float(s) for s in spacing)  # type: ignore[return-value]
 
     @property
+    def resize_to_shape(self) -> tuple[int, int, int] | None:
+        """Fixed model-grid shape the preprocessing resizes to, or None."""
+        shape = self.preprocessing.get("resize_to_shape")
+        return None if shape is None else tuple(int(s) for s in shape)  # type: ignore[return-value]
+
+    @property
+    def weights_files(self) -> list[str]:
+        """The ``weights`` entry as a list (one state dict per ensemble member; empty if none)."""
+        weights = self.architecture.get("weights")
+        if weights is None:
+            return []
+        return [weights] if isinstance(weights, str) else list(weights)
+
+    @property
+    def mirror_axes(self) -> tuple[int, ...]:
+        """Model-grid spatial axes (0, 1, 2 = D, H, W) whose flips the prediction averages."""
+        return tuple(int(a) for a in self.inference.get("mirror_axes", []) or [])
+
+    @property
+    def window_scheme(self) -> str:
+        """``"monai"`` or ``"nnunet"``: how sliding windows are placed, padded and weighted."""
+        return str(self.inference.get("window_scheme", "monai"))
+
+    @property
     def orientation(self) -> str | None:
         return self.preprocessing.get("orientation")
 
@@ -120,6 +191,32 @@ class ModelCard:
     def output_channels(self) -> int:
         """Channels the network outputs: one per class (softmax/none), or one per foreground class (sigmoid)."""
         return self.num_classes - 1 if self.output_activation == "sigmoid" else self.num_classes
+
+    def output_channel(self, class_index: int) -> int:
+        """The network output channel holding class ``class_index``'s logit.
+
+        Softmax / none: channel ``c`` (one channel per class, background included). Sigmoid:
+        channel ``c - 1`` (one channel per foreground class, each its own yes / no logit); the
+        background has no channel (its probability is ``1 - max`` of the foreground's), so it
+        cannot be a target.
+
+        Raises
+        ------
+        SegXAIInputError
+            ``class_index`` is not one of the card's classes, or is a sigmoid model's background.
+        """
+        if not 0 <= class_index < self.num_classes:
+            raise SegXAIInputError(f"class_index {class_index}: the model {self.name!r} has {self.num_classes} classes "
+                                   f"{self.class_names}")
+        if self.output_activation != "sigmoid":
+            return class_index
+        if class_index == 0:
+            raise SegXAIInputError(
+                f"class {self.class_names[0]!r}: the sigmoid model {self.name!r} has no output channel for its "
+                f"background (its probability is 1 - max of the foreground classes'); explain one of "
+                f"{self.class_names[1:]}"
+            )
+        return class_index - 1
 
     def resolve(self, relative: str) -> Path:
         """A path from the card, resolved against the card's folder."""
@@ -141,9 +238,13 @@ class ModelCard:
         Later analyses (patterns, risk models) record it and refuse to mix models.
         """
         digest = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode())
-        weights = self.architecture.get("weights") or self.architecture.get("file")
-        if weights and self.resolve(weights).is_file():
-            digest.update(sha256_of(self.resolve(weights)).encode())
+        files = self.weights_files or ([self.architecture["file"]] if self.architecture.get("file") else [])
+        for weights in files:  # every ensemble member's weights, in the card's order
+            if self.resolve(weights).is_file():
+                digest.update(sha256_of(self.resolve(weights)).encode())
+        source = self.architecture.get("file")
+        if self.format == "python" and source and self.resolve(source).is_file():
+            digest.update(sha256_of(self.resolve(source)).encode())  # the network's code is part of the model
         return digest.hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,6 +267,8 @@ class ModelCard:
         """A few human-readable lines (``segxai info``)."""
         arch = self.architecture
         what = arch.get("name") or arch.get("file") or arch.get("path")
+        if self.format == "python" and arch.get("file"):
+            what = f"{arch['file']}:{arch['name']}"
         lines = [
             f"{self.name} (version {self.version})",
             f"  architecture : {self.format} {what}",
@@ -176,6 +279,14 @@ class ModelCard:
             f"{' mm' if self.target_spacing else ''}",
             f"  patch        : {list(self.patch_size)} overlap {self.inference.get('overlap', 0.25)}",
         ]
+        if len(self.weights_files) > 1:
+            lines.append(f"  ensemble     : {len(self.weights_files)} members (logits averaged)")
+        if self.mirror_axes:
+            lines.append(f"  mirroring    : axes {list(self.mirror_axes)} ({2 ** len(self.mirror_axes)} flips averaged)")
+        if self.window_scheme != "monai":
+            lines.append(f"  windows      : {self.window_scheme}")
+        if self.resize_to_shape:
+            lines.append(f"  resize to    : {list(self.resize_to_shape)}")
         if self.description:
             lines.insert(1, f"  {self.description}")
         for key, value in self.metrics.items():
@@ -199,7 +310,12 @@ def _whole(value: float) -> float:
 _Positive = Annotated[float, Field(gt=0)]
 _PositiveWhole = Annotated[float, Field(gt=0), AfterValidator(_whole)]
 # formats -> architecture fields they need
-_ARCHITECTURE_NEEDS = {"monai": ("name", "weights"), "torchscript": ("file",), "bundle": ("path",)}
+_ARCHITECTURE_NEEDS = {"monai": ("name", "weights"), "torchscript": ("file",), "bundle": ("path",),
+                       "python": ("name", "weights")}
+# format "python": a class "module.path:Class" (importable), or "Class" with a file (dotted: nested classes)
+_DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
+_IMPORTABLE_CLASS = re.compile(rf"{_DOTTED}:{_DOTTED}")
+_CLASS_NAME = re.compile(_DOTTED)
 
 
 class _ArchitectureSchema(BaseModel):
@@ -207,11 +323,21 @@ class _ArchitectureSchema(BaseModel):
 
     format: Literal[ARCHITECTURE_FORMATS]  # type: ignore[valid-type]  # first: the validators below read it
     name: Optional[str] = Field(None, validate_default=True)
-    weights: Optional[str] = Field(None, validate_default=True)
+    # one state dict, or a fold ensemble: one per member (formats monai and python)
+    weights: Optional[Union[str, Annotated[list[str], Field(min_length=1)]]] = Field(None, validate_default=True)
     file: Optional[str] = Field(None, validate_default=True)
     path: Optional[str] = Field(None, validate_default=True)
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    sha256: Optional[str] = None
+    sha256: Optional[Union[str, list[str]]] = None
+
+    @model_validator(mode="after")
+    def _ensemble(self) -> "_ArchitectureSchema":
+        if isinstance(self.weights, list) and self.format not in ("monai", "python"):
+            raise PydanticCustomError("ensemble_format", f"weights: a list of state dicts (a fold ensemble) needs "
+                                      f"format 'monai' or 'python', not {self.format!r}")
+        if isinstance(self.sha256, list) and (not isinstance(self.weights, list) or len(self.sha256) != len(self.weights)):
+            raise PydanticCustomError("ensemble_checksums", "sha256: a list needs one checksum per weights file")
+        return self
 
     @field_validator("name", "weights", "file", "path")
     @classmethod
@@ -220,6 +346,20 @@ class _ArchitectureSchema(BaseModel):
         if value is None and info.field_name in _ARCHITECTURE_NEEDS.get(fmt, ()):
             raise PydanticCustomError("missing", f"Field required for format {fmt!r}")
         return value
+
+    @model_validator(mode="after")
+    def _python_class(self) -> "_ArchitectureSchema":
+        if self.format != "python" or self.name is None:
+            return self
+        if self.file is None and not _IMPORTABLE_CLASS.fullmatch(self.name):
+            raise ValueError(f"format 'python': name {self.name!r} should be 'module.path:Class' (or 'Class' with a "
+                          "'file': a .py file beside the card)")
+        if self.file is not None:
+            if not _CLASS_NAME.fullmatch(self.name):
+                raise ValueError(f"format 'python': name {self.name!r} should be the class name in the file {self.file!r}")
+            if not self.file.endswith(".py"):
+                raise ValueError(f"format 'python': file {self.file!r} should be a .py file")
+        return self
 
 
 class _ClassSchema(BaseModel):
@@ -271,6 +411,7 @@ class _PreprocessingSchema(BaseModel):
     orientation: Optional[Annotated[str, Field(min_length=3, max_length=3)]] = None  # axis codes, e.g. RAS
     spacing: Optional[Annotated[list[_Positive], Field(min_length=3, max_length=3)]] = None
     intensity: list[_IntensitySchema] = Field(default_factory=list)
+    resize_to_shape: Optional[Annotated[list[_PositiveWhole], Field(min_length=3, max_length=3)]] = None
 
     @field_validator("intensity", mode="before")
     @classmethod
@@ -285,6 +426,15 @@ class _InferenceSchema(BaseModel):
     overlap: Annotated[float, Field(ge=0, lt=1)] = 0.25
     blend: Literal[BLEND_MODES] = "gaussian"  # type: ignore[valid-type]
     sw_batch_size: Annotated[int, Field(ge=1)] = 1
+    mirror_axes: list[Annotated[int, Field(ge=0, le=2)]] = Field(default_factory=list)
+    window_scheme: Literal[WINDOW_SCHEMES] = "monai"  # type: ignore[valid-type]
+
+    @field_validator("mirror_axes")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise PydanticCustomError("duplicate", "each axis at most once")
+        return value
 
 
 class _CardSchema(BaseModel):
@@ -328,7 +478,7 @@ def model_card_from_dict(data: dict[str, Any], path: Path | None = None) -> Mode
     where = f"model card {path}" if path else "model card"
     validate(_CardSchema, data, where)
     architecture = data["architecture"]
-    if architecture["format"] == "monai":
+    if architecture["format"] in ("monai", "python"):
         architecture.setdefault("kwargs", {})
     preprocessing = data.get("preprocessing", {}) or {}
     intensity = preprocessing.setdefault("intensity", [])
@@ -357,9 +507,15 @@ def model_card_from_dict(data: dict[str, Any], path: Path | None = None) -> Mode
 
 
 def load_model_card(path: str | os.PathLike) -> ModelCard:
-    """Read and validate a model card; a folder means its ``model_card.json``."""
+    """Read and validate a model card; a folder means its ``model_card.json``, or, for a MONAI
+    bundle folder without one, the card its ``configs/metadata.json`` and inference config
+    describe (:func:`SegXAILib.models.bundle.bundle_card_dict`)."""
     path = Path(path)
     if path.is_dir():
+        from .bundle import bundle_card_dict, is_bundle_folder
+
+        if not (path / "model_card.json").is_file() and is_bundle_folder(path):
+            return model_card_from_dict(bundle_card_dict(path), path / "model_card.json")
         path = path / "model_card.json"
     if not path.is_file():
         raise SegXAIInputError(f"model card {path}: no such file")

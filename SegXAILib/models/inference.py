@@ -21,12 +21,25 @@ from .card import ModelCard
 from .loaders import LoadedModel
 from .preprocessing import model_input, to_input_grid
 
-__all__ = ["Segmentation", "segment", "sliding_window_logits", "count_windows", "activate", "labels_from_probabilities"]
+__all__ = ["Segmentation", "segment", "sliding_window_logits", "count_windows", "activate", "labels_from_probabilities",
+           "class_masks", "MULTI_LABEL_THRESHOLD"]
+
+#: a sigmoid (multi-label) model predicts class c where its probability exceeds this
+MULTI_LABEL_THRESHOLD = 0.5
 
 
 @dataclass
 class Segmentation:
     """A prediction on the input grid.
+
+    Labels and masks: ``labels`` is the argmax of ``probabilities`` whatever the activation,
+    one class per voxel. A sigmoid model is multi-label (one yes / no output per foreground
+    class; structures may overlap): a voxel of two structures is labelled with the more
+    probable one (ties: the lower index), while :meth:`mask` of either class holds it, since
+    for a sigmoid model the mask of foreground class ``c`` is ``probability_c > 0.5``
+    (:data:`MULTI_LABEL_THRESHOLD`), not ``labels == c``. The two differ only where
+    structures overlap (a voxel whose highest foreground probability is at most 0.5 is
+    background in both), so never for a model with one foreground class.
 
     Attributes
     ----------
@@ -42,6 +55,11 @@ class Segmentation:
     model_labels : torch.Tensor, optional
         ``(D, H, W)`` int64 class indices on the model grid (CPU): the argmax the attribution
         targets are resolved from, kept so that explaining the case needs no second prediction.
+    model_masks : torch.Tensor, optional
+        ``(K, D, H, W)`` bool per-class masks on the model grid (CPU), :func:`class_masks` of
+        the model-grid probabilities: the voxels class and instance targets sum over. Needed
+        for a sigmoid model with several foreground classes (they may overlap); otherwise they
+        are the one-hot of ``model_labels``.
     """
 
     labels: Image
@@ -50,9 +68,14 @@ class Segmentation:
     device: str
     timings: dict[str, float] = field(default_factory=dict)
     model_labels: Optional[torch.Tensor] = None
+    model_masks: Optional[torch.Tensor] = None
 
     def mask(self, class_index: int = 1) -> np.ndarray:
-        """Boolean ``(I, J, K)`` mask of one class."""
+        """Boolean ``(I, J, K)`` mask of one class: ``labels == class_index``, or for a sigmoid
+        model's foreground class ``probability > 0.5`` (overlapping structures; see the class
+        docstring)."""
+        if self.card.output_activation == "sigmoid" and class_index >= 1:
+            return self.probabilities.array[class_index] > MULTI_LABEL_THRESHOLD
         return self.labels.array[0] == class_index
 
 
@@ -94,29 +117,48 @@ def sliding_window_logits(
     amp: bool = False,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
+    networks: Optional[Sequence[Callable[[torch.Tensor], torch.Tensor]]] = None,
 ) -> torch.Tensor:
-    """Run ``network`` over ``x`` ``(B, C, D, H, W)`` in the card's sliding windows.
+    """Run ``network`` (or the ensemble ``networks``) over ``x`` ``(B, C, D, H, W)`` in the
+    card's sliding windows.
 
-    Returns the blended network output ``(B, K, D, H, W)`` as float32 on ``x``'s device.
-    Progress is reported per window; ``cancel`` is checked before each window batch.
+    Each window's output is the mean over the members and the card's mirror flips of the
+    logits (:func:`~SegXAILib.models.windows.ensemble_window_logits`), blended with the card's
+    window scheme: MONAI's ``sliding_window_inference``, or nnU-Net v2's placement and
+    Gaussian (:class:`~SegXAILib.models.windows.WindowedForward`). Returns the blended logits
+    ``(B, K, D, H, W)`` as float32 on ``x``'s device. Progress is reported per window batch;
+    ``cancel`` is checked before each.
     """
     from monai.inferers import sliding_window_inference
 
+    from .windows import WindowedForward, ensemble_window_logits, mirror_combinations
+
+    members = list(networks) if networks else [network]
     settings = card.inference
     roi = card.patch_size
     sw_batch_size = int(settings.get("sw_batch_size", 1))
+    if card.window_scheme == "nnunet":
+        def on_batch(done: int, total: int) -> None:
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            report(progress, done / max(1, total), "sliding-window inference")
+
+        windowed = WindowedForward(members[0], card, x.shape[2:], amp=amp, networks=members)
+        output = windowed(x, window_batch=sw_batch_size, on_batch=on_batch)
+        report(progress, 1.0, "sliding-window inference")
+        return output
+
+    mirrors = mirror_combinations(card.mirror_axes)
     total = max(1, math.ceil(count_windows(x.shape[2:], roi, settings["overlap"]) / sw_batch_size)) * x.shape[0]
     done = [0]
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
         if cancel is not None:
             cancel.raise_if_cancelled()
-        autocast = torch.autocast("cuda", dtype=torch.float16) if amp and window.is_cuda else contextlib.nullcontext()
-        with autocast:
-            output = network(window)
+        output = ensemble_window_logits(members, mirrors, window, amp)
         done[0] += 1
         report(progress, done[0] / total, "sliding-window inference")
-        return output.float()
+        return output
 
     return sliding_window_inference(
         x,
@@ -138,6 +180,22 @@ def activate(output: torch.Tensor, card: ModelCard) -> torch.Tensor:
         background = 1 - foreground.max(dim=1, keepdim=True).values
         return torch.cat([background, foreground], dim=1)
     return output
+
+
+def class_masks(probabilities: torch.Tensor, card: ModelCard) -> torch.Tensor:
+    """``(K, ...)`` class probabilities (:func:`activate` of one sample) -> ``(K, ...)`` bool,
+    the predicted mask of each class.
+
+    Softmax / none: the one-hot of the argmax (classes exclude each other). Sigmoid: the
+    foreground class ``c`` where ``probability_c > 0.5`` (structures may overlap), the
+    background where the argmax is (no foreground class above 0.5). See :class:`Segmentation`.
+    """
+    labels = probabilities.argmax(0)
+    masks = labels[None] == torch.arange(probabilities.shape[0], device=labels.device).view(
+        -1, *([1] * labels.ndim))
+    if card.output_activation == "sigmoid":
+        masks[1:] = probabilities[1:] > MULTI_LABEL_THRESHOLD
+    return masks
 
 
 def labels_from_probabilities(probabilities: np.ndarray) -> np.ndarray:
@@ -175,9 +233,11 @@ def segment(
 
     start = time.perf_counter()
     with torch.inference_mode():
-        output = sliding_window_logits(batch, model.network, card, amp, sub_progress(progress, 0.05, 0.9), cancel)
+        output = sliding_window_logits(batch, model.network, card, amp, sub_progress(progress, 0.05, 0.9), cancel,
+                                       networks=getattr(model, "networks", None))
         activated = activate(output, card)[0]
         model_labels = activated.argmax(0).cpu()
+        model_masks = class_masks(activated, card).cpu()
         probabilities = activated.float().cpu().numpy()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -192,4 +252,5 @@ def segment(
     labels = image.with_array(labels_from_probabilities(probability_image.array), ("labels",))
     timings["postprocess"] = time.perf_counter() - start
     report(progress, 1.0, "done")
-    return Segmentation(labels, probability_image, card, str(device), timings, model_labels=model_labels)
+    return Segmentation(labels, probability_image, card, str(device), timings, model_labels=model_labels,
+                        model_masks=model_masks)

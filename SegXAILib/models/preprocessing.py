@@ -1,7 +1,9 @@
 """From an input image to the model's grid and intensities, and from the model's grid back.
 
 Forward, with MONAI transforms: ``Orientation`` (axis codes of the card), ``Spacing`` (target
-spacing of the card), then the card's intensity steps. The result is a ``MetaTensor`` whose
+spacing of the card), the card's ``resize_to_shape`` (trilinear for images, nearest for labels,
+voxel corners kept: the affine scales each voxel by ``old / new`` about the grid's outer
+corner), then the card's intensity steps. The result is a ``MetaTensor`` whose
 affine is the model grid's IJK-to-RAS matrix. Backward, :func:`to_input_grid` maps any
 per-voxel output (probabilities, maps) onto the input grid: exactly (a permutation / flip /
 crop of the array) when the two grids differ only by orientation, otherwise by linear
@@ -12,11 +14,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..image import Image, SegXAIInputError
 from .card import ModelCard
 
-__all__ = ["preprocess", "model_input", "preprocess_labels", "intensity_transform", "to_input_grid"]
+__all__ = ["preprocess", "model_input", "preprocess_labels", "intensity_transform", "to_input_grid", "resize_volume"]
 
 
 def _intensity_step(step: dict):
@@ -97,7 +100,8 @@ def preprocess_labels(labels: Image, card: ModelCard):
 
 
 def _to_model_grid(image: Image, card: ModelCard, mode: str):
-    """MONAI ``Orientation`` then ``Spacing`` as the card says; a float32 ``MetaTensor``."""
+    """MONAI ``Orientation``, ``Spacing`` then :func:`resize_volume` as the card says; a
+    float32 ``MetaTensor``."""
     from monai.data import MetaTensor
     from monai.transforms import Orientation, Spacing
 
@@ -106,7 +110,41 @@ def _to_model_grid(image: Image, card: ModelCard, mode: str):
         x = Orientation(axcodes=card.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))(x)
     if card.target_spacing:
         x = Spacing(pixdim=card.target_spacing, mode=mode, padding_mode="border")(x)
+    if card.resize_to_shape:
+        array, affine = resize_volume(x.as_tensor(), np.asarray(x.affine, dtype=float), card.resize_to_shape,
+                                      "nearest" if mode == "nearest" else "trilinear")
+        x = MetaTensor(array, affine=torch.as_tensor(affine))
     return x
+
+
+def resize_volume(
+    x: torch.Tensor, affine: np.ndarray, shape: tuple[int, int, int], mode: str = "trilinear"
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Resize ``x`` ``(C, D, H, W)`` to ``(C, *shape)`` and give the resized grid's IJK-to-RAS.
+
+    The volume's outer boundary (the voxels' outer corners) stays in place: output voxel
+    ``i`` sits at input index ``(i + 0.5) * old / new - 0.5`` on each axis, which is what
+    ``F.interpolate`` samples with ``align_corners=False`` (``"trilinear"``) and with
+    ``"nearest-exact"`` (``mode="nearest"``, for labels). Mapping a prediction back through the
+    returned affine is then the inverse resize.
+
+    Returns
+    -------
+    array : torch.Tensor
+        ``(C, *shape)`` float32.
+    affine : np.ndarray
+        ``(4, 4)``: ``affine @ [[diag(old / new), (old / new - 1) / 2], [0, 1]]``.
+    """
+    old = np.asarray(x.shape[1:], dtype=float)
+    scale = old / np.asarray(shape, dtype=float)
+    index_map = np.eye(4)
+    index_map[:3, :3] = np.diag(scale)
+    index_map[:3, 3] = (scale - 1) / 2
+    if mode == "nearest":
+        resized = F.interpolate(x[None].float(), size=tuple(shape), mode="nearest-exact")[0]
+    else:
+        resized = F.interpolate(x[None].float(), size=tuple(shape), mode="trilinear", align_corners=False)[0]
+    return resized, np.asarray(affine, dtype=float) @ index_map
 
 
 def _signed_permutation(matrix: np.ndarray, atol: float = 1e-4):

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..image import SegXAIInputError
 from ..validation import input_error
@@ -173,7 +173,9 @@ class CaseSettings(_Strict):
     ``model``: a bundled name (``lesions``) or a model card file / folder. ``class_name``: the
     structure the instances, QA and default targets are about (the first foreground class when
     empty). ``methods``: class-level maps. ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N``,
-    ``mps``. ``trust_bundle``: allow MONAI bundles (their configs execute code).
+    ``mps``. ``trust_code``: allow the models whose loading runs their own code, MONAI bundles
+    (their configs) and ``python`` model cards (their module is imported); ``trust_bundle``, its
+    former name, is accepted in input.
     """
 
     format: Literal["segxai-case-settings"] = "segxai-case-settings"
@@ -186,7 +188,8 @@ class CaseSettings(_Strict):
     agg2exp: Agg2ExpSettings = Field(default_factory=Agg2ExpSettings)
     precision: PrecisionSettings = Field(default_factory=PrecisionSettings)
     device: str = "auto"
-    trust_bundle: bool = False
+    # one name for the flag everywhere (load_model's trust_code, --trust-code); old files say trust_bundle
+    trust_code: bool = Field(default=False, validation_alias=AliasChoices("trust_code", "trust_bundle"))
 
     @model_validator(mode="after")
     def _check(self) -> "CaseSettings":
@@ -206,6 +209,11 @@ class CaseSettings(_Strict):
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
             raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
         return value
+
+    @property
+    def trust_bundle(self) -> bool:
+        """The former name of :attr:`trust_code` (read only)."""
+        return self.trust_code
 
     # ---- construction ---------------------------------------------------------------
     @classmethod

@@ -67,7 +67,7 @@ def resolve_model_card(model: Union[str, Path, ModelCard]) -> ModelCard:
 
 def load_case_model(settings: CaseSettings) -> LoadedModel:
     """The network of ``settings.model`` on ``settings.device``."""
-    return load_model(resolve_model_card(settings.model), device=settings.device, trust=settings.trust_bundle)
+    return load_model(resolve_model_card(settings.model), device=settings.device, trust_code=settings.trust_code)
 
 
 class ModelCache:
@@ -85,10 +85,10 @@ class ModelCache:
         card = resolve_model_card(settings.model)
         device = resolve_device(settings.device)
         stamp = card.path.stat().st_mtime_ns if card.path is not None and card.path.exists() else None
-        key = (str(card.path), stamp, card.checksum(), str(device), settings.trust_bundle)
+        key = (str(card.path), stamp, card.checksum(), str(device), settings.trust_code)
         if self._key != key:
             self._model = None  # release the previous network before building the next
-            self._model = load_model(card, device=device, trust=settings.trust_bundle)
+            self._model = load_model(card, device=device, trust_code=settings.trust_code)
             self._key = key
             self.loads += 1
         assert self._model is not None
@@ -359,7 +359,8 @@ def agg2exp_case(
 ):
     """Paper 003's RoI importance of the case (:class:`~SegXAILib.evaluation.CaseImportance`).
 
-    Rows: ``classes`` (every class of the card by default, background included), each
+    Rows: ``classes`` (every class of the card by default, background included, except for a
+    sigmoid model, whose background has no output to explain), each
     explained with ``settings.agg2exp.method`` and its class target; a class map of the case
     made exactly so is reused, and a class without a predicted voxel gets a row of NaN.
     Columns: the predicted classes, ``reference:<class>`` for every foreground class present in
@@ -377,7 +378,8 @@ def agg2exp_case(
     start = time.perf_counter()
     settings = case.settings.agg2exp
     names = list(model.card.class_names)
-    classes = list(classes) if classes is not None else names
+    sigmoid = model.card.output_activation == "sigmoid"
+    classes = list(classes) if classes is not None else (names[1:] if sigmoid else names)
     unknown = [c for c in classes if c not in names]
     if unknown:
         raise SegXAIInputError(f"classes: {unknown} are not among the model's classes {names}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ...image import SegXAIInputError
+from ...models.card import EAGER_HINT
 
 __all__ = ["pattern_layers"]
 
@@ -31,7 +32,7 @@ def _check_eager(network: torch.nn.Module, what: str) -> None:
     if isinstance(network, torch.jit.ScriptModule):
         raise SegXAIInputError(
             f"{what}: the network is TorchScript; patterns need an eager torch.nn.Module whose layers are modules "
-            "(load the model in the 'monai' or 'python' format)"
+            f"({EAGER_HINT})"
         )
 
 

@@ -199,6 +199,9 @@ def resolve_patterns(
 ) -> PatternSet:
     """The pattern set a method uses: a PatternSet, a file, ``"input"`` (fitted on ``inputs``'s
     windows), or the default file beside the model card; checked against the model."""
+    if len(forward.networks) > 1:  # patterns are fitted to one network's layers
+        raise SegXAIInputError(f"{method}: a fold ensemble of {len(forward.networks)} networks is not supported "
+                               "(patterns belong to one network); explain one member's card")
     if isinstance(patterns, PatternSet):
         pattern_set = patterns
     elif str(patterns or "") == "input":

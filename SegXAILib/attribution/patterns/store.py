@@ -26,6 +26,9 @@ def weights_sha256(card: ModelCard) -> str:
     """SHA-256 of the card's weights file (the card's ``sha256`` when it states one, which
     :func:`~SegXAILib.models.load_model` has checked); empty when there is no file."""
     arch = card.architecture
+    if isinstance(arch.get("weights"), list):  # a fold ensemble: every member's file, in order
+        paths = [card.resolve(relative) for relative in card.weights_files()]
+        return ",".join(sha256_of(path) if path.is_file() else "" for path in paths)
     if arch.get("sha256"):
         return str(arch["sha256"])
     if card.format == "bundle":
