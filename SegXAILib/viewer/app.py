@@ -391,8 +391,9 @@ class ViewerApp:
         from ..mrml import jump_slices_to
 
         case = self.session.case
-        rows = [{key: _json_ready(row.get(key)) for key in ("id", "voxels", "volume_mm3", "mean_probability",
-                                                            "group")} for row in case.lesions]
+        rows = [{"key": index, **{key: _json_ready(row.get(key)) for key in ("id", "voxels", "volume_mm3",
+                                                                              "mean_probability", "group")}}
+                for index, row in enumerate(case.lesions)]
         self.state.lesions = rows
         self.state.has_case = True
         # outlines only in the slice views: a filled contour would hide the saliency inside it
@@ -482,6 +483,7 @@ class ViewerApp:
         ctrl.qa = act(self.qa)
         ctrl.cancel = act(self.cancel)
         ctrl.jump_to_lesion = act(self.jump_to_lesion)
+        server.trigger("jump_to_lesion")(ctrl.jump_to_lesion)  # called by name from the table's rows
 
         def view(tag: str, element_id: str, style: str) -> None:
             with html.Div(id=element_id, style=f"display:flex;flex:1;border:1px solid #222;{style}"):
@@ -532,8 +534,11 @@ class ViewerApp:
                             with html.Tr():
                                 for title in ("lesion", "voxels", "mm3", "p"):
                                     html.Th(title)
-                            with html.Tr(v_for="row in lesions", key="row.id", style="cursor:pointer;",
-                                         click=(ctrl.jump_to_lesion, "[row.id]")):
+                            # rows without an id: reference lesions the prediction missed (FN)
+                            with html.Tr(v_for="row in lesions", key="row.key",
+                                         id=("row.id ? 'segxai-lesion-' + row.id : undefined",),
+                                         style=("row.id ? 'cursor:pointer' : 'color:grey'",),
+                                         click="row.id && trigger('jump_to_lesion', [row.id])"):
                                 html.Td("{{ row.id }}")
                                 html.Td("{{ row.voxels }}")
                                 html.Td("{{ row.volume_mm3 }}")
