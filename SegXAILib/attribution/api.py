@@ -245,7 +245,8 @@ def prepare_target(
         with torch.no_grad():
             from ..models.windows import WindowedForward
 
-            logits = WindowedForward(model.network, card, x.shape[2:], amp=amp)(x, window_batch=window_batch)
+            logits = WindowedForward(model.network, card, x.shape[2:], amp=amp,
+                                     networks=getattr(model, "networks", None))(x, window_batch=window_batch)
             masks = class_masks(activate(logits, card)[0], card).cpu()
     return x, model_affine, _resolve_target(spec, image, model, x, model_affine, masks)
 
@@ -309,7 +310,8 @@ def explain(
         params["references"] = torch.stack(volumes).to(device)
 
     start = time.perf_counter()
-    forward = SegmentationForward(model.network, card, x.shape[2:], resolved, amp=amp, window_batch=window_batch)
+    forward = SegmentationForward(model.network, card, x.shape[2:], resolved, amp=amp, window_batch=window_batch,
+                                  networks=getattr(model, "networks", None))
     precision = contextlib.nullcontext() if amp else exact_float32(device)
     with precision:
         attribution = method_class(forward).attribute(x, progress=sub_progress(progress, 0.1, 0.95), cancel=cancel,

@@ -3,13 +3,14 @@
 :class:`SegmentationForward` binds a loaded model, the model-grid shape and a target:
 ``forward(x)`` gives ``T(f(x))`` per sample ``(B,)`` for inputs ``(B, C, D, H, W)`` on the
 model grid (preprocessed intensities), running only the sliding windows that touch the
-target's support; ``forward.gradient(x)`` gives ``dT/dx`` per sample. Methods (gradient,
+target's support (each window: the mean over a fold ensemble's members and the card's mirror
+flips); ``forward.gradient(x)`` gives ``dT/dx`` per sample. Methods (gradient,
 CAM, guided, perturbation) take one and call nothing else of the model.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -26,7 +27,8 @@ class SegmentationForward:
     Parameters
     ----------
     network : torch.nn.Module
-        In eval mode (samples in a batch must not interact).
+        In eval mode (samples in a batch must not interact); an ensemble's first member
+        (``networks[0]``: layer hooks and rules apply to it).
     card : ModelCard
     spatial_shape : (D, H, W)
         Model-grid shape of the inputs.
@@ -36,9 +38,12 @@ class SegmentationForward:
     window_batch : int
         Windows per network call.
     max_graph_windows : int
-        Keep the whole autograd graph when the target touches at most this many windows
-        (fastest); above it, backpropagate window batch by window batch (memory of one window
-        batch, about 1.5-2x the time).
+        Keep the whole autograd graph when the target needs at most this many network passes
+        (windows x ensemble members x mirror flips; fastest); above it, backpropagate pass by
+        pass (memory of one window batch through one network, about 1.5-2x the time).
+    networks : sequence of torch.nn.Module, optional
+        A fold ensemble's members (``network`` first; :attr:`LoadedModel.networks`); default
+        ``[network]``.
     """
 
     def __init__(
@@ -50,13 +55,17 @@ class SegmentationForward:
         amp: bool = False,
         window_batch: int = 1,
         max_graph_windows: int = 8,
+        networks: Optional[Sequence[torch.nn.Module]] = None,
     ) -> None:
+        if networks and networks[0] is not network:
+            raise ValueError("SegmentationForward: network must be networks[0]")
         self.network = network
+        self.networks = list(networks) if networks else [network]
         self.card = card
         self.target = target
         self.window_batch = window_batch
         self.max_graph_windows = max_graph_windows
-        self.windowed = WindowedForward(network, card, spatial_shape, amp=amp)
+        self.windowed = WindowedForward(network, card, spatial_shape, amp=amp, networks=self.networks)
 
     @property
     def spatial_shape(self) -> tuple[int, int, int]:
@@ -72,13 +81,15 @@ class SegmentationForward:
     def gradient(self, x: torch.Tensor) -> torch.Tensor:
         """``dT/dx`` for each sample of ``x`` ``(B, C, D, H, W)`` (samples are independent).
 
-        When the target's support touches more than ``max_graph_windows`` windows, the
-        backward runs window batch by window batch (:meth:`WindowedForward.vjp`): memory
-        stays that of one window batch whatever the volume's size.
+        When the target needs more than ``max_graph_windows`` network passes (windows it
+        touches x members x flips), two passes: the blended logits without a graph, their
+        gradient ``dT/dL``, then each member x window batch x flip back-propagated with its
+        share of it (:meth:`WindowedForward.vjp`): the exact gradient with the memory of one
+        window batch through one network, whatever the volume's size.
         """
         x = x.detach()
-        windows = len(self.windowed.windows_for(self.target.support))
-        if windows <= max(self.window_batch, self.max_graph_windows):
+        passes = len(self.windowed.windows_for(self.target.support)) * self.windowed.passes
+        if passes <= max(self.window_batch, self.max_graph_windows):
             x.requires_grad_(True)
             with torch.enable_grad():
                 (gradient,) = torch.autograd.grad(self(x).sum(), x)

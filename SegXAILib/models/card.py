@@ -25,6 +25,21 @@ Example::
       "output_activation": "softmax"
     }
 
+A fold ensemble (nnU-Net style): ``"weights"`` may list several state dicts of the same
+architecture (formats ``monai`` and ``python``; ``"sha256"`` then lists one checksum per file);
+the prediction averages the members' logits. Inference may also average mirrored predictions
+(``"mirror_axes"``: model-grid axes 0, 1, 2 = D, H, W of the network input; every combination
+of flips, as nnU-Net's mirroring) and place windows as nnU-Net v2 does (``"window_scheme":
+"nnunet"``: its patch positions, zero padding and Gaussian importance map; ``"monai"`` by
+default). ``"resize_to_shape": [D, H, W]`` in the preprocessing resizes the model-grid image
+(after orientation and spacing) to a fixed shape (trilinear); predictions map back::
+
+    "architecture": {"format": "python", "name": "my_package.networks:MyNet", "kwargs": {},
+                     "weights": ["fold_0.pt", "fold_1.pt", "fold_2.pt"]},
+    "preprocessing": {"orientation": "RAS", "resize_to_shape": [64, 64, 64]},
+    "inference": {"patch_size": [64, 64, 64], "overlap": 0.5, "mirror_axes": [0, 1, 2],
+                  "window_scheme": "nnunet"}
+
 Any PyTorch network (format ``python``): the class as ``"module:Class"`` (importable, e.g.
 an installed package) or as ``"name": "Class"`` with ``"file"``, a ``.py`` file beside the
 card (imported on its own: what it imports must be installed); ``kwargs`` are its constructor's keyword
@@ -93,6 +108,7 @@ INTENSITY_KINDS = {
 }
 ACTIVATIONS = ("softmax", "sigmoid", "none")
 BLEND_MODES = ("gaussian", "constant")
+WINDOW_SCHEMES = ("monai", "nnunet")
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -151,6 +167,30 @@ class ModelCard:
     def target_spacing(self) -> tuple[float, float, float] | None:
         spacing = self.preprocessing.get("spacing")
         return None if spacing is None else tuple(float(s) for s in spacing)  # type: ignore[return-value]
+
+    @property
+    def resize_to_shape(self) -> tuple[int, int, int] | None:
+        """Fixed model-grid shape the preprocessing resizes to, or None."""
+        shape = self.preprocessing.get("resize_to_shape")
+        return None if shape is None else tuple(int(s) for s in shape)  # type: ignore[return-value]
+
+    @property
+    def weights_files(self) -> list[str]:
+        """The ``weights`` entry as a list (one state dict per ensemble member; empty if none)."""
+        weights = self.architecture.get("weights")
+        if weights is None:
+            return []
+        return [weights] if isinstance(weights, str) else list(weights)
+
+    @property
+    def mirror_axes(self) -> tuple[int, ...]:
+        """Model-grid spatial axes (0, 1, 2 = D, H, W) whose flips the prediction averages."""
+        return tuple(int(a) for a in self.inference.get("mirror_axes", []) or [])
+
+    @property
+    def window_scheme(self) -> str:
+        """``"monai"`` or ``"nnunet"``: how sliding windows are placed, padded and weighted."""
+        return str(self.inference.get("window_scheme", "monai"))
 
     @property
     def orientation(self) -> str | None:
@@ -216,9 +256,10 @@ class ModelCard:
                 if path.is_file():
                     digest.update(sha256_of(path).encode())
             return digest.hexdigest()
-        weights = self.architecture.get("weights") or self.architecture.get("file")
-        if weights and self.resolve(weights).is_file():
-            digest.update(sha256_of(self.resolve(weights)).encode())
+        files = self.weights_files or ([self.architecture["file"]] if self.architecture.get("file") else [])
+        for weights in files:  # every ensemble member's weights, in the card's order
+            if self.resolve(weights).is_file():
+                digest.update(sha256_of(self.resolve(weights)).encode())
         source = self.architecture.get("file")
         if self.format == "python" and source and self.resolve(source).is_file():
             digest.update(sha256_of(self.resolve(source)).encode())  # the network's code is part of the model
@@ -247,7 +288,7 @@ class ModelCard:
         if self.format == "python" and arch.get("file"):
             what = f"{arch['file']}:{arch['name']}"
         if self.format == "nnunetv2":
-            what = arch["results_folder"]
+            what = str(self.resolve(arch["results_folder"]))
         lines = [
             f"{self.name} (version {self.version})",
             f"  architecture : {self.format} {what}",
@@ -258,6 +299,14 @@ class ModelCard:
             f"{' mm' if self.target_spacing else ''}",
             f"  patch        : {list(self.patch_size)} overlap {self.inference.get('overlap', 0.25)}",
         ]
+        if len(self.weights_files) > 1:
+            lines.append(f"  ensemble     : {len(self.weights_files)} members (logits averaged)")
+        if self.mirror_axes:
+            lines.append(f"  mirroring    : axes {list(self.mirror_axes)} ({2 ** len(self.mirror_axes)} flips averaged)")
+        if self.window_scheme != "monai":
+            lines.append(f"  windows      : {self.window_scheme}")
+        if self.resize_to_shape:
+            lines.append(f"  resize to    : {list(self.resize_to_shape)}")
         if self.format == "nnunetv2":
             from .nnunet import nnunet_summary_lines
 
@@ -300,16 +349,26 @@ class _ArchitectureSchema(BaseModel):
 
     format: Literal[ARCHITECTURE_FORMATS]  # type: ignore[valid-type]  # first: the validators below read it
     name: Optional[str] = Field(None, validate_default=True)
-    weights: Optional[str] = Field(None, validate_default=True)
+    # one state dict, or a fold ensemble: one per member (formats monai and python)
+    weights: Optional[Union[str, Annotated[list[str], Field(min_length=1)]]] = Field(None, validate_default=True)
     file: Optional[str] = Field(None, validate_default=True)
     path: Optional[str] = Field(None, validate_default=True)
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    sha256: Optional[str] = None
+    sha256: Optional[Union[str, list[str]]] = None
     # format nnunetv2: the results folder, its configuration, the folds ensembled, the checkpoint file name
     results_folder: Optional[str] = Field(None, validate_default=True)
     configuration: Optional[str] = None
     folds: Optional[Annotated[list[Union[Annotated[int, Field(ge=0)], Literal["all"]]], Field(min_length=1)]] = None
     checkpoint: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _ensemble(self) -> "_ArchitectureSchema":
+        if isinstance(self.weights, list) and self.format not in ("monai", "python"):
+            raise PydanticCustomError("ensemble_format", f"weights: a list of state dicts (a fold ensemble) needs "
+                                      f"format 'monai' or 'python', not {self.format!r}")
+        if isinstance(self.sha256, list) and (not isinstance(self.weights, list) or len(self.sha256) != len(self.weights)):
+            raise PydanticCustomError("ensemble_checksums", "sha256: a list needs one checksum per weights file")
+        return self
 
     @field_validator("name", "weights", "file", "path", "results_folder")
     @classmethod
@@ -383,6 +442,7 @@ class _PreprocessingSchema(BaseModel):
     orientation: Optional[Annotated[str, Field(min_length=3, max_length=3)]] = None  # axis codes, e.g. RAS
     spacing: Optional[Annotated[list[_Positive], Field(min_length=3, max_length=3)]] = None
     intensity: list[_IntensitySchema] = Field(default_factory=list)
+    resize_to_shape: Optional[Annotated[list[_PositiveWhole], Field(min_length=3, max_length=3)]] = None
 
     @field_validator("intensity", mode="before")
     @classmethod
@@ -397,6 +457,15 @@ class _InferenceSchema(BaseModel):
     overlap: Annotated[float, Field(ge=0, lt=1)] = 0.25
     blend: Literal[BLEND_MODES] = "gaussian"  # type: ignore[valid-type]
     sw_batch_size: Annotated[int, Field(ge=1)] = 1
+    mirror_axes: list[Annotated[int, Field(ge=0, le=2)]] = Field(default_factory=list)
+    window_scheme: Literal[WINDOW_SCHEMES] = "monai"  # type: ignore[valid-type]
+
+    @field_validator("mirror_axes")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise PydanticCustomError("duplicate", "each axis at most once")
+        return value
 
 
 class _CardSchema(BaseModel):

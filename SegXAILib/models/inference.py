@@ -117,29 +117,48 @@ def sliding_window_logits(
     amp: bool = False,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
+    networks: Optional[Sequence[Callable[[torch.Tensor], torch.Tensor]]] = None,
 ) -> torch.Tensor:
-    """Run ``network`` over ``x`` ``(B, C, D, H, W)`` in the card's sliding windows.
+    """Run ``network`` (or the ensemble ``networks``) over ``x`` ``(B, C, D, H, W)`` in the
+    card's sliding windows.
 
-    Returns the blended network output ``(B, K, D, H, W)`` as float32 on ``x``'s device.
-    Progress is reported per window; ``cancel`` is checked before each window batch.
+    Each window's output is the mean over the members and the card's mirror flips of the
+    logits (:func:`~SegXAILib.models.windows.ensemble_window_logits`), blended with the card's
+    window scheme: MONAI's ``sliding_window_inference``, or nnU-Net v2's placement and
+    Gaussian (:class:`~SegXAILib.models.windows.WindowedForward`). Returns the blended logits
+    ``(B, K, D, H, W)`` as float32 on ``x``'s device. Progress is reported per window batch;
+    ``cancel`` is checked before each.
     """
     from monai.inferers import sliding_window_inference
 
+    from .windows import WindowedForward, ensemble_window_logits, mirror_combinations
+
+    members = list(networks) if networks else [network]
     settings = card.inference
     roi = card.patch_size
     sw_batch_size = int(settings.get("sw_batch_size", 1))
+    if card.window_scheme == "nnunet":
+        def on_batch(done: int, total: int) -> None:
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            report(progress, done / max(1, total), "sliding-window inference")
+
+        windowed = WindowedForward(members[0], card, x.shape[2:], amp=amp, networks=members)
+        output = windowed(x, window_batch=sw_batch_size, on_batch=on_batch)
+        report(progress, 1.0, "sliding-window inference")
+        return output
+
+    mirrors = mirror_combinations(card.mirror_axes)
     total = max(1, math.ceil(count_windows(x.shape[2:], roi, settings["overlap"]) / sw_batch_size)) * x.shape[0]
     done = [0]
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
         if cancel is not None:
             cancel.raise_if_cancelled()
-        autocast = torch.autocast("cuda", dtype=torch.float16) if amp and window.is_cuda else contextlib.nullcontext()
-        with autocast:
-            output = network(window)
+        output = ensemble_window_logits(members, mirrors, window, amp)
         done[0] += 1
         report(progress, done[0] / total, "sliding-window inference")
-        return output.float()
+        return output
 
     return sliding_window_inference(
         x,
@@ -214,11 +233,13 @@ def segment(
 
     start = time.perf_counter()
     with torch.inference_mode():
-        output = sliding_window_logits(batch, model.network, card, amp, sub_progress(progress, 0.05, 0.9), cancel)
+        output = sliding_window_logits(batch, model.network, card, amp, sub_progress(progress, 0.05, 0.9), cancel,
+                                       networks=getattr(model, "networks", None))
         activated = activate(output, card)[0]
         model_labels = activated.argmax(0).cpu()
         model_masks = class_masks(activated, card).cpu()
         probabilities = activated.float().cpu().numpy()
+        logits = output[0].float().cpu().numpy() if card.format == "nnunetv2" else None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     timings["inference"] = time.perf_counter() - start
@@ -228,7 +249,13 @@ def segment(
     if cancel is not None:
         cancel.raise_if_cancelled()
     names = tuple(card.class_names)
-    probability_image = to_input_grid(probabilities, model_affine, image, names)
+    if card.format == "nnunetv2":
+        from .nnunet import nnunet_logits_to_probabilities
+
+        # as nnU-Net: logits resampled back, then the activation, then the crop reverted
+        probability_image = nnunet_logits_to_probabilities(logits, model_affine, image, card)
+    else:
+        probability_image = to_input_grid(probabilities, model_affine, image, names)
     labels = image.with_array(labels_from_probabilities(probability_image.array), ("labels",))
     timings["postprocess"] = time.perf_counter() - start
     report(progress, 1.0, "done")

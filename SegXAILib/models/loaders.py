@@ -17,9 +17,9 @@ import importlib
 import importlib.util
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -77,15 +77,34 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 @dataclass
 class LoadedModel:
-    """A network ready for inference, with the card that describes it."""
+    """A network ready for inference, with the card that describes it.
+
+    Attributes
+    ----------
+    network : torch.nn.Module
+        The (first) network: ``networks[0]``, for hooks and the single-network methods.
+    card : ModelCard
+    device : torch.device
+    networks : list of torch.nn.Module
+        One network per ensemble member (a fold ensemble lists one state dict per member in
+        its card's ``weights``); predictions average their logits. Defaults to ``[network]``.
+    """
 
     network: torch.nn.Module
     card: ModelCard
     device: torch.device
+    networks: list[torch.nn.Module] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.networks:
+            self.networks = [self.network]
+        elif self.networks[0] is not self.network:
+            raise ValueError("LoadedModel: network must be networks[0]")
 
     def to(self, device: str | torch.device) -> "LoadedModel":
         device = resolve_device(device)
-        self.network.to(device)
+        for network in self.networks:
+            network.to(device)
         self.device = device
         return self
 
@@ -108,39 +127,51 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _check_checksum(card: ModelCard, path: Path) -> None:
+def _check_checksum(card: ModelCard, path: Path, member: int = 0) -> None:
     expected = card.architecture.get("sha256")
+    if isinstance(expected, list):  # a fold ensemble: one checksum per weights file
+        expected = expected[member]
     if expected and sha256_of(path) != expected:
         raise SegXAIInputError(
             f"weights {path}: SHA-256 differs from the one in {card.path}; these are not the card's weights"
         )
 
 
-def _load_weights(card: ModelCard, network: torch.nn.Module, what: str) -> torch.nn.Module:
-    """``network`` with the state dict of the card's ``weights`` (checksum checked)."""
-    weights = card.resolve(card.architecture["weights"])
-    state = load_state_dict_file(weights)
-    _check_checksum(card, weights)
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as error:
-        details = " ".join(str(error).split())[:400]
-        raise SegXAIInputError(f"weights {weights} do not match {what}{card.architecture.get('kwargs', {})}: {details}") from None
-    return network
+def _load_weights(card: ModelCard, build: Callable[[], torch.nn.Module], what: str) -> list[torch.nn.Module]:
+    """One network per file of the card's ``weights`` (a fold ensemble lists several), each
+    built by ``build`` and given its state dict (checksum checked)."""
+    networks = []
+    for member, relative in enumerate(card.weights_files):
+        weights = card.resolve(relative)
+        state = load_state_dict_file(weights)
+        _check_checksum(card, weights, member)
+        network = build()
+        try:
+            network.load_state_dict(state)
+        except RuntimeError as error:
+            details = " ".join(str(error).split())[:400]
+            raise SegXAIInputError(
+                f"weights {weights} do not match {what}{card.architecture.get('kwargs', {})}: {details}"
+            ) from None
+        networks.append(network)
+    return networks
 
 
-def _load_monai(card: ModelCard) -> torch.nn.Module:
+def _load_monai(card: ModelCard) -> list[torch.nn.Module]:
     import monai.networks.nets as nets
 
     arch = card.architecture
     network_class = getattr(nets, arch["name"], None)
     if not (isinstance(network_class, type) and issubclass(network_class, torch.nn.Module)):
         raise SegXAIInputError(f"model card {card.path}: {arch['name']!r} is not a network in monai.networks.nets")
-    try:
-        network = network_class(**arch.get("kwargs", {}))
-    except TypeError as error:
-        raise SegXAIInputError(f"model card {card.path}: cannot build {arch['name']}: {error}") from None
-    return _load_weights(card, network, arch["name"])
+
+    def build() -> torch.nn.Module:
+        try:
+            return network_class(**arch.get("kwargs", {}))
+        except TypeError as error:
+            raise SegXAIInputError(f"model card {card.path}: cannot build {arch['name']}: {error}") from None
+
+    return _load_weights(card, build, arch["name"])
 
 
 def _refuse_untrusted(card: ModelCard, trust_code: bool) -> None:
@@ -190,7 +221,7 @@ def _python_module(card: ModelCard) -> tuple[object, str]:
     return module, f"file {path}"
 
 
-def _load_python(card: ModelCard) -> torch.nn.Module:
+def _load_python(card: ModelCard) -> list[torch.nn.Module]:
     """Any eager network: its class (``module:Class``, or ``Class`` in ``file``), built with
     ``kwargs``, with the state dict ``weights``."""
     arch = card.architecture
@@ -203,13 +234,24 @@ def _load_python(card: ModelCard) -> torch.nn.Module:
             raise SegXAIInputError(f"model card {card.path}: no class {class_name!r} in the {where}")
     if not (isinstance(network_class, type) and issubclass(network_class, torch.nn.Module)):
         raise SegXAIInputError(f"model card {card.path}: {class_name!r} in the {where} is not a torch.nn.Module class")
-    try:
-        network = network_class(**arch.get("kwargs", {}))
-    except Exception as error:  # the constructor is the model's own code
-        raise SegXAIInputError(
-            f"model card {card.path}: cannot build {class_name}(**{arch.get('kwargs', {})}): {type(error).__name__}: {error}"
-        ) from None
-    return _load_weights(card, network, class_name)
+
+    def build() -> torch.nn.Module:
+        try:
+            return network_class(**arch.get("kwargs", {}))  # type: ignore[operator]
+        except Exception as error:  # the constructor is the model's own code
+            raise SegXAIInputError(
+                f"model card {card.path}: cannot build {class_name}(**{arch.get('kwargs', {})}): "
+                f"{type(error).__name__}: {error}"
+            ) from None
+
+    return _load_weights(card, build, class_name)
+
+
+def _load_nnunetv2(card: ModelCard, trust_code: bool) -> list[torch.nn.Module]:
+    """One network per fold of an nnU-Net v2 results folder (see :mod:`SegXAILib.models.nnunet`)."""
+    from .nnunet import load_nnunet_networks
+
+    return load_nnunet_networks(card, trust_code)
 
 
 def _load_torchscript(card: ModelCard) -> torch.nn.Module:
@@ -266,7 +308,9 @@ def load_model(
         ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``.
     trust_code : bool
         Needed for the formats whose loading runs the model's own code: MONAI bundles (their
-        configs) and ``python`` cards (their module is imported).
+        configs) and ``python`` cards (their module is imported); for ``nnunetv2`` cards whose
+        checkpoints (pickles) hold objects beyond the ones nnU-Net's trainer writes, or whose
+        plans name a network outside ``dynamic_network_architectures``.
     trust : bool, optional
         The former name of ``trust_code`` (either allows).
 
@@ -283,10 +327,13 @@ def load_model(
         _refuse_untrusted(card, bool(trust_code or trust))
     loaders = {
         "monai": lambda: _load_monai(card),
-        "torchscript": lambda: _load_torchscript(card),
-        "bundle": lambda: _load_bundle(card),
+        "torchscript": lambda: [_load_torchscript(card)],
+        "bundle": lambda: [_load_bundle(card)],
         "python": lambda: _load_python(card),
+        # one network per fold; checkpoints are pickles: unknown globals need trust_code
+        "nnunetv2": lambda: _load_nnunetv2(card, bool(trust_code or trust)),
     }
-    network = loaders[card.format]()
-    network.eval().to(torch_device)
-    return LoadedModel(network=network, card=card, device=torch_device)
+    networks = loaders[card.format]()
+    for network in networks:
+        network.eval().to(torch_device)
+    return LoadedModel(network=networks[0], card=card, device=torch_device, networks=networks)

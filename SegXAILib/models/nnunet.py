@@ -241,9 +241,10 @@ def nnunet_summary_lines(card) -> list[str]:
         f"  nnU-Net      : trainer {arch.get('trainer', '?')}, plans {arch.get('plans', '?')}, "
         f"configuration {arch.get('configuration')}",
         f"  folds        : {list(arch.get('folds', []))} ({arch.get('checkpoint', DEFAULT_CHECKPOINT)}; logits averaged)",
-        f"  mirroring    : axes {list(card.inference.get('mirror_axes', []))}",
         f"  labels       : {', '.join(f'{i}={name}' for i, name in enumerate(card.class_names))}",
     ]
+    if not card.mirror_axes:
+        lines.append("  mirroring    : none (the checkpoint allows no mirroring)")
     try:
         _, configuration, _, _ = _managers(card.resolve(arch["results_folder"]), str(arch["configuration"]))
         lines.insert(1, f"  nnU-Net grid : spacing {[float(s) for s in configuration.spacing]} mm, "
