@@ -8,7 +8,7 @@ STAMP := $(VENV)/.segxai-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_OUT ?= demo-output
 
-.PHONY: demo test install clean benchmark
+.PHONY: demo test install install-nnunet clean benchmark
 
 install: $(STAMP)
 
@@ -23,6 +23,15 @@ $(STAMP): pyproject.toml
 	# the browser tests drive Debian's chromium through Playwright's executable_path
 	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
 	touch $(STAMP)
+
+# nnU-Net v2 (model-card format nnunetv2; the extra "nnunet"): not in the install line, since its
+# dependency timm pulls torchvision, whose PyPI wheels are CUDA builds that replace the pinned CPU
+# torch. Its other dependencies install beside torch==2.13.0; nnunetv2 and its network library go
+# in without theirs (timm is needed only by the Primus / Eva architectures)
+install-nnunet: $(STAMP)
+	$(PY) -m pip install --quiet acvl_utils==0.2.6 'batchgenerators>=0.25.1' 'batchgeneratorsv2>=0.3.2' pandas \
+		graphviz tifffile requests nibabel seaborn imagecodecs yacs 'blosc2>=3.3.2' einops torch==2.13.0
+	$(PY) -m pip install --quiet --no-deps nnunetv2==2.8.1 dynamic_network_architectures==0.4.4
 
 demo: $(STAMP)
 	$(VENV)/bin/segxai demo --out $(DEMO_OUT)

@@ -73,10 +73,14 @@ def test_card_from_the_results_folder(results_copy):
     assert card.architecture["configuration"] == checkpoint["init_args"]["configuration"]
     assert card.architecture["folds"] == [0, 1]
     assert card.window_scheme == "nnunet" and card.inference["overlap"] == 0.5
-    # the shipped one-line card gives the same model
+    # the shipped card (written from the folder) and a one-line card give the same model
     shipped = load_model_card(DEMO / "model_card.json")
-    assert (shipped.input_channels, shipped.class_names, shipped.patch_size, shipped.mirror_axes) == (
-        card.input_channels, card.class_names, card.patch_size, card.mirror_axes)
+    line = results_copy / "one_line.json"
+    line.write_text(json.dumps({"architecture": {"format": "nnunetv2", "results_folder": "."}}))
+    for other in (shipped, load_model_card(line)):
+        assert (other.input_channels, other.class_names, other.patch_size, other.mirror_axes,
+                other.architecture["folds"]) == (card.input_channels, card.class_names, card.patch_size,
+                                                  card.mirror_axes, card.architecture["folds"])
 
 
 def test_region_based_labels_give_sigmoid_outputs(results_copy):
@@ -260,3 +264,19 @@ def test_segxai_info_shows_the_nnunet_model(capsys):
     for expected in ("nnunetv2", "trainer nnUNetTrainer_5epochs", "configuration 3d_fullres", "patch        : [16, 24, 24]",
                      "folds        : [0, 1]", "mirroring    : axes [0, 1, 2]", "0=background, 1=sphere, 2=core"):
         assert expected in out, (expected, out)
+
+
+# ---- attribution goes through nnU-Net's preprocessing ----------------------------------------------
+def test_attribution_maps_back_through_nnunet_inverse():
+    """A gradient map of an nnU-Net model lies on the input grid; the voxels nnU-Net crops away
+    (outside the image's non-zero box) cannot change its output, so their attribution is 0."""
+    from SegXAILib.attribution import explain
+
+    image = _sphere_image(grid_matrix("oblique"))
+    model = load_model(DEMO, device="cpu")
+    result = explain(image, model, "vanilla_gradient", "class:core")
+    assert result.maps.same_grid(image) and result.maps.num_channels == 1
+    outside = np.ones(image.spatial_shape, bool)
+    outside[3:-3, 2:-4, 2:-2] = False
+    assert np.all(result.maps.array[0][outside] == 0)
+    assert np.abs(result.maps.array[0][~outside]).max() > 0

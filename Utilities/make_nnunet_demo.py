@@ -7,7 +7,7 @@ nnU-Net's fingerprint extraction and planning, the plans shrunk to a tiny 3d_ful
 (patch 16 x 24 x 24, 3 stages of 4 / 8 / 16 features) so the weights stay small, nnU-Net's
 preprocessing and two folds of ``nnUNetTrainer_5epochs`` (``device cpu``). The results folder
 (``dataset.json``, ``plans.json``, ``fold_0`` and ``fold_1`` with ``checkpoint_final.pth``)
-and a one-line model card are copied to the output folder.
+and its model card (a one-line card completed from the folder) are written to the output folder.
 
 Needs ``nnunetv2`` (``pip install 'SegXAILib[nnunet]'``). Usage::
 
@@ -151,6 +151,11 @@ def build(out: Path, cases: int = 6, seed: int = 0) -> Path:
             "version": "1",
             "description": f"nnU-Net v2 {TRAINER} on synthetic spheres (Utilities/make_nnunet_demo.py)"}
     (out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    # the one-line card completed from the folder (channels, classes, patch, mirroring, trainer) and
+    # written by ModelCard.save, as every shipped card: what loads is what is on disk
+    from SegXAILib.models.card import load_model_card
+
+    load_model_card(out / "model_card.json").save(out / "model_card.json")
     shutil.rmtree(work)
     return out
 

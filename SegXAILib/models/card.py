@@ -507,7 +507,7 @@ def model_card_from_dict(data: dict[str, Any], path: Path | None = None) -> Mode
     validated (coerced) values must not replace them.
     """
     where = f"model card {path}" if path else "model card"
-    architecture = data.get("architecture")
+    architecture = data.get("architecture") if isinstance(data, dict) else None
     if isinstance(architecture, dict) and architecture.get("format") == "nnunetv2":
         from .nnunet import nnunet_card_data
 
