@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -153,6 +154,7 @@ def build(out: Path, cases: int = 6, seed: int = 0) -> Path:
     (out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
     # the one-line card completed from the folder (channels, classes, patch, mirroring, trainer) and
     # written by ModelCard.save, as every shipped card: what loads is what is on disk
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's SegXAILib
     from SegXAILib.models.card import load_model_card
 
     load_model_card(out / "model_card.json").save(out / "model_card.json")
