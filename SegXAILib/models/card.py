@@ -55,6 +55,15 @@ on the command line)::
     "architecture": {"format": "python", "name": "my_package.networks:MyNet",
                      "kwargs": {"in_channels": 2, "out_channels": 2}, "weights": "my_net.pt"}
 
+nnU-Net v2 (format ``nnunetv2``): a results folder (``dataset.json``, ``plans.json``,
+``fold_X/checkpoint_final.pth``); everything else is read from it
+(:func:`SegXAILib.models.nnunet.nnunet_card_data`), so a one-line card, or the folder itself
+given to :func:`load_model_card`, is enough; ``configuration``, ``folds`` and ``checkpoint``
+default to the checkpoint's configuration, every fold found and ``checkpoint_final.pth``::
+
+    "architecture": {"format": "nnunetv2", "results_folder": ".", "configuration": "3d_fullres",
+                     "folds": [0, 1, 2, 3, 4], "checkpoint": "checkpoint_final.pth"}
+
 Save the weights with ``torch.save(network.state_dict(), "my_net.pt")``. Guided backprop and
 deconvolution apply their rules to the network's activation modules and to the activation
 functions its ``forward`` calls (``F.relu``, ``F.leaky_relu``, ...; see
@@ -81,7 +90,7 @@ __all__ = ["ModelCard", "ClassInfo", "load_model_card", "sha256_of", "INTENSITY_
            "CODE_FORMATS", "EAGER_HINT"]
 
 CARD_SCHEMA_VERSION = 1
-ARCHITECTURE_FORMATS = ("monai", "torchscript", "bundle", "python")
+ARCHITECTURE_FORMATS = ("monai", "torchscript", "bundle", "python", "nnunetv2")
 #: formats whose loading runs code from the model's files (load only with ``trust_code=True``)
 CODE_FORMATS = ("bundle", "python")
 #: how to give a TorchScript model as an eager network (the methods that need one say it)
@@ -238,6 +247,15 @@ class ModelCard:
         Later analyses (patterns, risk models) record it and refuse to mix models.
         """
         digest = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode())
+        if self.format == "nnunetv2":  # the plans, the labels and every fold's checkpoint
+            folder = self.resolve(self.architecture["results_folder"])
+            files = [folder / "plans.json", folder / "dataset.json"] + [
+                folder / f"fold_{fold}" / self.architecture.get("checkpoint", "checkpoint_final.pth")
+                for fold in self.architecture.get("folds", [])]
+            for path in files:
+                if path.is_file():
+                    digest.update(sha256_of(path).encode())
+            return digest.hexdigest()
         files = self.weights_files or ([self.architecture["file"]] if self.architecture.get("file") else [])
         for weights in files:  # every ensemble member's weights, in the card's order
             if self.resolve(weights).is_file():
@@ -269,6 +287,8 @@ class ModelCard:
         what = arch.get("name") or arch.get("file") or arch.get("path")
         if self.format == "python" and arch.get("file"):
             what = f"{arch['file']}:{arch['name']}"
+        if self.format == "nnunetv2":
+            what = str(self.resolve(arch["results_folder"]))
         lines = [
             f"{self.name} (version {self.version})",
             f"  architecture : {self.format} {what}",
@@ -287,6 +307,12 @@ class ModelCard:
             lines.append(f"  windows      : {self.window_scheme}")
         if self.resize_to_shape:
             lines.append(f"  resize to    : {list(self.resize_to_shape)}")
+        if self.format == "nnunetv2":
+            from .nnunet import nnunet_summary_lines
+
+            # nnU-Net preprocesses with its own plans (no orientation; its spacing and normalisation)
+            lines[4:6] = []
+            lines.extend(nnunet_summary_lines(self))
         if self.description:
             lines.insert(1, f"  {self.description}")
         for key, value in self.metrics.items():
@@ -311,7 +337,7 @@ _Positive = Annotated[float, Field(gt=0)]
 _PositiveWhole = Annotated[float, Field(gt=0), AfterValidator(_whole)]
 # formats -> architecture fields they need
 _ARCHITECTURE_NEEDS = {"monai": ("name", "weights"), "torchscript": ("file",), "bundle": ("path",),
-                       "python": ("name", "weights")}
+                       "python": ("name", "weights"), "nnunetv2": ("results_folder",)}
 # format "python": a class "module.path:Class" (importable), or "Class" with a file (dotted: nested classes)
 _DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
 _IMPORTABLE_CLASS = re.compile(rf"{_DOTTED}:{_DOTTED}")
@@ -329,6 +355,11 @@ class _ArchitectureSchema(BaseModel):
     path: Optional[str] = Field(None, validate_default=True)
     kwargs: dict[str, Any] = Field(default_factory=dict)
     sha256: Optional[Union[str, list[str]]] = None
+    # format nnunetv2: the results folder, its configuration, the folds ensembled, the checkpoint file name
+    results_folder: Optional[str] = Field(None, validate_default=True)
+    configuration: Optional[str] = None
+    folds: Optional[Annotated[list[Union[Annotated[int, Field(ge=0)], Literal["all"]]], Field(min_length=1)]] = None
+    checkpoint: Optional[str] = None
 
     @model_validator(mode="after")
     def _ensemble(self) -> "_ArchitectureSchema":
@@ -339,7 +370,7 @@ class _ArchitectureSchema(BaseModel):
             raise PydanticCustomError("ensemble_checksums", "sha256: a list needs one checksum per weights file")
         return self
 
-    @field_validator("name", "weights", "file", "path")
+    @field_validator("name", "weights", "file", "path", "results_folder")
     @classmethod
     def _needed_by_format(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
         fmt = info.data.get("format")
@@ -476,6 +507,11 @@ def model_card_from_dict(data: dict[str, Any], path: Path | None = None) -> Mode
     validated (coerced) values must not replace them.
     """
     where = f"model card {path}" if path else "model card"
+    architecture = data.get("architecture") if isinstance(data, dict) else None
+    if isinstance(architecture, dict) and architecture.get("format") == "nnunetv2":
+        from .nnunet import nnunet_card_data
+
+        data = nnunet_card_data(data, path)  # the rest of the card from the results folder
     validate(_CardSchema, data, where)
     architecture = data["architecture"]
     if architecture["format"] in ("monai", "python"):
@@ -507,15 +543,22 @@ def model_card_from_dict(data: dict[str, Any], path: Path | None = None) -> Mode
 
 
 def load_model_card(path: str | os.PathLike) -> ModelCard:
-    """Read and validate a model card; a folder means its ``model_card.json``, or, for a MONAI
-    bundle folder without one, the card its ``configs/metadata.json`` and inference config
-    describe (:func:`SegXAILib.models.bundle.bundle_card_dict`)."""
+    """Read and validate a model card; a folder means its ``model_card.json``, or, without one,
+    the card a MONAI bundle's ``configs/metadata.json`` and inference config describe
+    (:func:`SegXAILib.models.bundle.bundle_card_dict`) or the card built from an nnU-Net v2
+    results folder (``dataset.json`` and ``plans.json``)."""
     path = Path(path)
     if path.is_dir():
         from .bundle import bundle_card_dict, is_bundle_folder
+        from .nnunet import is_results_folder
 
-        if not (path / "model_card.json").is_file() and is_bundle_folder(path):
-            return model_card_from_dict(bundle_card_dict(path), path / "model_card.json")
+        if not (path / "model_card.json").is_file():
+            # the card is the folder: paths resolve against it as if a model_card.json sat there
+            if is_bundle_folder(path):
+                return model_card_from_dict(bundle_card_dict(path), path / "model_card.json")
+            if is_results_folder(path):
+                return model_card_from_dict({"architecture": {"format": "nnunetv2", "results_folder": "."}},
+                                            path / "model_card.json")
         path = path / "model_card.json"
     if not path.is_file():
         raise SegXAIInputError(f"model card {path}: no such file")

@@ -239,6 +239,7 @@ def segment(
         model_labels = activated.argmax(0).cpu()
         model_masks = class_masks(activated, card).cpu()
         probabilities = activated.float().cpu().numpy()
+        logits = output[0].float().cpu().numpy() if card.format == "nnunetv2" else None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     timings["inference"] = time.perf_counter() - start
@@ -248,7 +249,13 @@ def segment(
     if cancel is not None:
         cancel.raise_if_cancelled()
     names = tuple(card.class_names)
-    probability_image = to_input_grid(probabilities, model_affine, image, names)
+    if card.format == "nnunetv2":
+        from .nnunet import nnunet_logits_to_probabilities
+
+        # as nnU-Net: logits resampled back, then the activation, then the crop reverted
+        probability_image = nnunet_logits_to_probabilities(logits, model_affine, image, card)
+    else:
+        probability_image = to_input_grid(probabilities, model_affine, image, names)
     labels = image.with_array(labels_from_probabilities(probability_image.array), ("labels",))
     timings["postprocess"] = time.perf_counter() - start
     report(progress, 1.0, "done")

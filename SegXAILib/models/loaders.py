@@ -247,6 +247,13 @@ def _load_python(card: ModelCard) -> list[torch.nn.Module]:
     return _load_weights(card, build, class_name)
 
 
+def _load_nnunetv2(card: ModelCard, trust_code: bool) -> list[torch.nn.Module]:
+    """One network per fold of an nnU-Net v2 results folder (see :mod:`SegXAILib.models.nnunet`)."""
+    from .nnunet import load_nnunet_networks
+
+    return load_nnunet_networks(card, trust_code)
+
+
 def _load_torchscript(card: ModelCard) -> torch.nn.Module:
     path = card.resolve(card.architecture["file"])
     if not path.is_file():
@@ -301,7 +308,9 @@ def load_model(
         ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``.
     trust_code : bool
         Needed for the formats whose loading runs the model's own code: MONAI bundles (their
-        configs) and ``python`` cards (their module is imported).
+        configs) and ``python`` cards (their module is imported); for ``nnunetv2`` cards whose
+        checkpoints (pickles) hold objects beyond the ones nnU-Net's trainer writes, or whose
+        plans name a network outside ``dynamic_network_architectures``.
     trust : bool, optional
         The former name of ``trust_code`` (either allows).
 
@@ -321,6 +330,8 @@ def load_model(
         "torchscript": lambda: [_load_torchscript(card)],
         "bundle": lambda: [_load_bundle(card)],
         "python": lambda: _load_python(card),
+        # one network per fold; checkpoints are pickles: unknown globals need trust_code
+        "nnunetv2": lambda: _load_nnunetv2(card, bool(trust_code or trust)),
     }
     networks = loaders[card.format]()
     for network in networks:

@@ -7,7 +7,8 @@ corner), then the card's intensity steps. The result is a ``MetaTensor`` whose
 affine is the model grid's IJK-to-RAS matrix. Backward, :func:`to_input_grid` maps any
 per-voxel output (probabilities, maps) onto the input grid: exactly (a permutation / flip /
 crop of the array) when the two grids differ only by orientation, otherwise by linear
-resampling in physical space (SimpleITK).
+resampling in physical space (SimpleITK). ``nnunetv2`` cards use nnU-Net's own preprocessing and
+its inverse (:mod:`SegXAILib.models.nnunet`).
 """
 
 from __future__ import annotations
@@ -74,10 +75,17 @@ def preprocess(image: Image, card: ModelCard):
     """The image on the model's grid with the model's intensities, shape ``(C, D, H, W)``.
 
     Returns a ``monai.data.MetaTensor`` (float32) whose ``affine`` is the model grid's
-    IJK-to-RAS matrix.
+    IJK-to-RAS matrix. An ``nnunetv2`` card uses nnU-Net's own preprocessing
+    (:func:`~SegXAILib.models.nnunet.nnunet_model_input`; the model grid then depends on the
+    image's non-zero region).
     """
     from monai.data import MetaTensor
 
+    if card.format == "nnunetv2":
+        from .nnunet import nnunet_model_input
+
+        batch, grid = nnunet_model_input(image, card)
+        return MetaTensor(batch[0], affine=torch.as_tensor(np.asarray(grid)))
     card.check_input_count(image.num_channels, "channel(s)")
     x = _to_model_grid(image, card, "bilinear")
     x = intensity_transform(card)(x)
@@ -88,7 +96,13 @@ def preprocess(image: Image, card: ModelCard):
 
 def model_input(image: Image, card: ModelCard, device: torch.device | str = "cpu") -> tuple[torch.Tensor, np.ndarray]:
     """The network's input batch ``(1, C, D, H, W)`` on ``device`` and the model grid's
-    IJK-to-RAS matrix (4, 4): :func:`preprocess` ready for a forward pass."""
+    IJK-to-RAS matrix (4, 4): :func:`preprocess` ready for a forward pass. For an ``nnunetv2``
+    card the matrix is a :class:`~SegXAILib.models.nnunet.NNUNetModelGrid`, which
+    :func:`to_input_grid` maps back through nnU-Net's own inverse."""
+    if card.format == "nnunetv2":
+        from .nnunet import nnunet_model_input
+
+        return nnunet_model_input(image, card, device)
     x = preprocess(image, card)
     return x.as_tensor().unsqueeze(0).to(device), np.asarray(x.affine, dtype=float)
 
@@ -96,6 +110,10 @@ def model_input(image: Image, card: ModelCard, device: torch.device | str = "cpu
 def preprocess_labels(labels: Image, card: ModelCard):
     """A label map ``(1, I, J, K)`` on the model's grid (same orientation and spacing as
     :func:`preprocess`, nearest-neighbour), for training and evaluation on that grid."""
+    if card.format == "nnunetv2":
+        # nnU-Net's model grid depends on the image's non-zero region, which a label map alone lacks
+        raise SegXAIInputError(f"model {card.name!r}: label maps cannot be put on an nnU-Net model's grid without "
+                               "their image (nnU-Net crops to the image's non-zero region)")
     return _to_model_grid(labels, card, "nearest")
 
 
@@ -171,8 +189,17 @@ def to_input_grid(
     Exact (no interpolation) when the model grid is the reference grid up to an axis
     permutation, flips and a whole-voxel shift, which is the case whenever the card changes
     orientation but not spacing. Otherwise resampled in physical space (``interpolation``
-    ``"linear"`` or ``"nearest"``), extrapolating the nearest value at the border.
+    ``"linear"`` or ``"nearest"``), extrapolating the nearest value at the border. An nnU-Net
+    model grid (:class:`~SegXAILib.models.nnunet.NNUNetModelGrid`) maps back as nnU-Net maps its
+    predictions (its resampling function, the crop reverted with zeros outside, the transpose
+    reverted).
     """
+    from .nnunet import NNUNetModelGrid
+
+    if isinstance(model_affine, NNUNetModelGrid):  # nnU-Net's resampling back, crop and transpose reverted
+        from .nnunet import nnunet_to_input_grid
+
+        return nnunet_to_input_grid(values, model_affine, reference, channel_names, interpolation)
     values = np.asarray(values)
     model_affine = np.asarray(model_affine, dtype=float)
     # model voxel index -> reference voxel index
