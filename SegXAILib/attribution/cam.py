@@ -54,6 +54,26 @@ window, the CAM is computed per window (its own weights ``w_k``), upsampled to t
 (also those not run, as for the logits), then cropped to the input grid. Where no run window
 reaches the map is 0. For an input that fits one window this is the plain CAM.
 
+Fold ensembles and mirroring
+----------------------------
+When a window's logits are the mean over ensemble members ``f_j`` and mirror flips ``s``
+(card ``architecture.weights`` as a list, ``inference.mirror_axes``) of ``s(f_j(s(x_w)))``,
+each of these *passes* has its own activations: the hooks are on the named layer of every
+member (the layer names are the same in every member). For each window, member and flip, ``A``
+is the layer's output in that pass and ``g = dT/dA`` the gradient of the target through that
+pass alone, whose upstream gradient is the pass's share of ``dT/dL`` (the window's slice, times
+``m_w / sum_w m_w``, divided by members x flips: the exact gradient, as
+:meth:`~SegXAILib.models.windows.WindowedForward.vjp` splits it). The pass's CAM is computed in
+the pass's own (flipped) frame, upsampled to the patch, flipped back by ``s``, and the window's
+map is the mean over members x flips of these maps::
+
+    cam_w = 1 / (J |S|) sum_j sum_s s(up(CAM(A_{w,j,s}, g_{w,j,s})))
+
+blended over the windows as above. With one member and no mirror axes this is the
+single-network CAM, bit for bit. The guided variants multiply by the guided map of the
+ensemble (:mod:`.guided`, rules on every member). The autograd graph holds every run window's
+passes at once (memory grows with windows x members x flips).
+
 Hooks need an eager ``torch.nn.Module``: TorchScript networks are refused.
 """
 
@@ -236,7 +256,12 @@ def windowed_cam(
     kind: Union[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = "gradcam",
     cancel: Optional[CancelToken] = None,
 ) -> torch.Tensor:
-    """The mean over ``layers`` of their CAMs, per sliding window, blended: ``(B, 1, D, H, W)``.
+    """The mean over ``layers`` of their CAMs, per sliding window and network pass, blended:
+    ``(B, 1, D, H, W)``.
+
+    Each window's map is the mean over its passes (ensemble members x mirror flips) of the
+    pass's CAM, computed in the pass's flipped frame, upsampled to the patch and flipped back
+    (see the module docstring); the windows' maps are blended like the logits.
 
     Parameters
     ----------
@@ -244,58 +269,82 @@ def windowed_cam(
     inputs : torch.Tensor
         ``(B, C, D, H, W)`` on the model grid.
     layers : sequence of str
-        Dotted module names of ``forward.network``.
+        Dotted module names, the same in every network of ``forward.networks``.
     kind : str or callable
         ``"gradcam"`` or ``"gradcam_plusplus"``, or a function ``(A, dT/dA) -> (B, 1, *space)``
         giving one layer's map (e.g. instance Grad-CAM++'s per-element weighting).
     """
     layer_map = kind if callable(kind) else (lambda a, g: cam_from_layer(a, g, kind))
-    network = forward.network
-    _check_eager(network)
-    modules = dict(network.named_modules())
+    networks = forward.networks
+    for network in networks:
+        _check_eager(network)
     windowed = forward.windowed
+    mirrors = windowed.mirrors
     samples = inputs.shape[0]
-    pending: dict[str, torch.Tensor] = {}
-    records: list[tuple[int, int, dict[str, torch.Tensor]]] = []  # (window, position in its call, activations)
+    # one hook per distinct (layer, module): members sharing a module object see its calls in
+    # member order, each member's calls in mirror order (WindowedForward's pass order)
+    members_of: dict[tuple[str, int], list[int]] = {}
+    module_of: dict[tuple[str, int], torch.nn.Module] = {}
+    for member, network in enumerate(networks):
+        modules = dict(network.named_modules())
+        for name in layers:
+            if name not in modules:
+                raise SegXAIInputError(f"layer {name!r}: not a module of ensemble member {member}")
+            key = (name, id(modules[name]))
+            members_of.setdefault(key, []).append(member)
+            module_of[key] = modules[name]
+    pending: dict[tuple[str, int], list[torch.Tensor]] = {}
+    # (window, position in its call, {(layer, member, flip index): activations})
+    records: list[tuple[int, int, dict[tuple[str, int, int], torch.Tensor]]] = []
     position = [0]
 
-    def make_hook(name: str):
+    def make_hook(key: tuple[str, int]):
+        name = key[0]
+
         def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             if not isinstance(output, torch.Tensor) or output.ndim != 5:
                 shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
                 raise SegXAIInputError(
                     f"layer {name!r} ({type(module).__name__}) gives {shape}; Grad-CAM needs a (B, K, d, h, w) tensor"
                 )
-            if name in pending:
+            calls = pending.setdefault(key, [])
+            if len(calls) >= len(mirrors) * len(members_of[key]):
                 raise SegXAIInputError(f"layer {name!r} runs more than once per network call; choose another layer")
-            pending[name] = output
+            calls.append(output)
             # the captured tensor stays untouched by later in-place operations
             return output.clone()
 
         return hook
 
     def on_window(window_logits: torch.Tensor, index: int) -> None:
-        missing = [name for name in layers if name not in pending]
-        if missing:
-            raise SegXAIInputError(f"layer(s) {missing} did not run in the network's forward")
-        records.append((index, position[0], dict(pending)))
+        captured: dict[tuple[str, int, int], torch.Tensor] = {}
+        for key, members in members_of.items():
+            calls = pending.get(key, [])
+            if not calls:
+                raise SegXAIInputError(f"layer(s) {[key[0]]} did not run in the network's forward")
+            if len(calls) != len(mirrors) * len(members):
+                raise SegXAIInputError(f"layer {key[0]!r} runs more than once per network call; choose another layer")
+            for call, tensor in enumerate(calls):
+                captured[(key[0], members[call // len(mirrors)], call % len(mirrors))] = tensor
+        records.append((index, position[0], captured))
         position[0] += 1
-        if position[0] * samples >= next(iter(pending.values())).shape[0]:
+        if position[0] * samples >= next(iter(captured.values())).shape[0]:
             pending.clear()
             position[0] = 0
 
     if cancel is not None:
         cancel.raise_if_cancelled()
     x = inputs.detach().requires_grad_(True)
-    handles = [modules[name].register_forward_hook(make_hook(name)) for name in layers]
+    handles = [module_of[key].register_forward_hook(make_hook(key)) for key in members_of]
     try:
         with torch.enable_grad():
-            logits = forward.logits(x, on_window=on_window)
+            logits = forward.logits(x, on_window=on_window, hooks_per_pass=True)
             value = forward.target(logits).sum()
             tensors: dict[int, torch.Tensor] = {}
             for _, _, captured in records:
                 for tensor in captured.values():
                     tensors[id(tensor)] = tensor
+            # each pass's dT/dA: its share of the upstream gradient (m_w / sum m, 1 / passes)
             gradients = torch.autograd.grad(value, list(tensors.values()), allow_unused=True)
     finally:
         for handle in handles:
@@ -310,12 +359,21 @@ def windowed_cam(
     blended = torch.zeros((samples, 1, *windowed.padded_shape), device=inputs.device, dtype=torch.float32)
     for index, pos, captured in records:
         rows = slice(pos * samples, (pos + 1) * samples)
-        maps = []
-        for name in layers:
-            tensor = captured[name]
-            cam = layer_map(tensor[rows].detach(), gradient_of[id(tensor)][rows])
-            maps.append(F.interpolate(cam, size=patch, mode="trilinear", align_corners=False))
-        window_map = torch.stack(maps).mean(dim=0)
+        window_map: Optional[torch.Tensor] = None
+        for member in range(len(networks)):
+            for flip, flips in enumerate(mirrors):
+                maps = []
+                for name in layers:
+                    tensor = captured[(name, member, flip)]
+                    cam = layer_map(tensor[rows].detach(), gradient_of[id(tensor)][rows])
+                    maps.append(F.interpolate(cam, size=patch, mode="trilinear", align_corners=False))
+                pass_map = torch.stack(maps).mean(dim=0)
+                if flips:  # the pass's frame is flipped: back to the window's
+                    pass_map = torch.flip(pass_map, [axis + 2 for axis in flips])
+                window_map = pass_map if window_map is None else window_map + pass_map
+        assert window_map is not None
+        if windowed.passes > 1:
+            window_map = window_map / windowed.passes
         blended[(slice(None), slice(None), *windowed.windows[index])] += window_map * importance
     blended = blended / windowed.count.to(inputs.device)
     return blended[(slice(None), slice(None), *windowed._crop_slices())]

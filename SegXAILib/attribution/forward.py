@@ -71,9 +71,15 @@ class SegmentationForward:
     def spatial_shape(self) -> tuple[int, int, int]:
         return self.windowed.spatial_shape
 
-    def logits(self, x: torch.Tensor, on_window: Optional[Callable[[torch.Tensor, int], None]] = None) -> torch.Tensor:
-        """Blended logits ``(B, K, D, H, W)``, exact on the target's support."""
-        return self.windowed(x, self.target.support, self.window_batch, on_window)
+    def logits(
+        self,
+        x: torch.Tensor,
+        on_window: Optional[Callable[[torch.Tensor, int], None]] = None,
+        hooks_per_pass: bool = False,
+    ) -> torch.Tensor:
+        """Blended logits ``(B, K, D, H, W)``, exact on the target's support (``on_window``,
+        ``hooks_per_pass``: see :meth:`WindowedForward.__call__`)."""
+        return self.windowed(x, self.target.support, self.window_batch, on_window, hooks_per_pass=hooks_per_pass)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.target(self.logits(x))

@@ -245,19 +245,23 @@ class WindowedForward:
         window_batch: int = 1,
         on_window: Optional[Callable[[torch.Tensor, int], None]] = None,
         on_batch: Optional[Callable[[int, int], None]] = None,
+        hooks_per_pass: bool = False,
     ) -> torch.Tensor:
         """Blended logits ``(B, K, D, H, W)`` of ``x`` ``(B, C, D, H, W)``.
 
         Only windows overlapping ``support`` are run: the result is exact on ``support`` and
         zero where no window ran. ``window_batch`` windows of each sample go through the
         network together. ``on_window(output, index)`` is called with each window's output
-        (used by layer-activation methods to know which window a hook call belongs to; only
-        for one network call per window: no ensemble, no mirroring). ``on_batch(done, total)``
-        is called before each window batch (progress, cancelling).
+        (used by layer-activation methods to know which window a hook call belongs to), after
+        every pass of its window batch. With several passes per window (ensemble members x
+        mirror flips) it is refused unless ``hooks_per_pass``: the caller then tells the passes
+        apart itself (they run member by member, in :attr:`networks` order, each over the flips
+        in :func:`mirror_combinations` order, on the flipped window batch).
+        ``on_batch(done, total)`` is called before each window batch (progress, cancelling).
         """
         if tuple(x.shape[2:]) != self.spatial_shape:
             raise ValueError(f"input spatial shape {tuple(x.shape[2:])} differs from {self.spatial_shape}")
-        if on_window is not None and self.passes > 1:
+        if on_window is not None and self.passes > 1 and not hooks_per_pass:
             # a hook sees one network call at a time: with members or flips its activations no
             # longer belong to one window's blended output
             raise SegXAIInputError(
