@@ -266,8 +266,8 @@ class WindowedForward:
             # longer belong to one window's blended output
             raise SegXAIInputError(
                 f"model {self.card.name!r} averages {len(self.networks)} ensemble member(s) x {len(self.mirrors)} "
-                "mirror flip(s) per window; methods that read layer activations per window (Grad-CAM) need one "
-                "network call per window: use a single-network card without mirror_axes"
+                "mirror flip(s) per window; an on_window hook that reads layer activations must tell these passes "
+                "apart (hooks_per_pass=True) or run on a single-network card without mirror_axes"
             )
         x = self.pad_input(x)
         selected = self.windows_for(support)
