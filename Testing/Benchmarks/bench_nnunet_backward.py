@@ -1,0 +1,225 @@
+"""Benchmark: one backward through SegXAI's differentiable nnU-Net inference vs. nnU-Net's own prediction.
+
+Run from the repository root (needs ``nnunetv2``)::
+
+    OMP_NUM_THREADS=1 python Testing/Benchmarks/bench_nnunet_backward.py [--repeats 5] [--seed 7]
+        [--out Testing/Benchmarks/results]
+
+Results go to ``results/nnunet_backward.{json,md}``.
+
+Model: the shipped nnU-Net v2 demo (``Resources/Models/nnunet_demo``: 3d_fullres, patch
+16 x 24 x 24, 2 folds, mirroring over axes 0, 1, 2 as its checkpoint allows). Case: one phantom
+of the demo's own size (40 x 40 x 28 voxels, 1 x 1 x 1.5 mm, ``Utilities/make_nnunet_demo.py``'s
+generator, seed ``--seed``). CPU, both sides in this one process with the same torch threads.
+
+Timed (after one warm-up of each; the two are interleaved in every repeat so that load on a
+shared machine hits both alike; the median of ``--repeats``):
+
+* ``nnunet``: ``nnUNetPredictor.predict_single_npy_array`` of the case (its preprocessing, the
+  sliding window with tile step 0.5, Gaussian, 8 flips, both folds, and the export of the
+  probabilities to the input grid), ``perform_everything_on_device=False``, in float32 as
+  ``Testing/test_nnunet_models.py`` sets it up (its float16 logits buffer and Gaussian switched
+  to float32; nothing else changed).
+* ``segxai``: ``explain(image, model, "vanilla_gradient", "class:core", prediction=...)``: our
+  preprocessing, one forward and one backward of the class target (the sum of the core logits
+  over the predicted core) through the same windows x flips x folds, and the map back to the
+  input grid. The prediction that defines the class mask is computed once beforehand (as a
+  session that has segmented the case has it); ``explain`` without it (one more forward) is
+  also timed (``segxai_with_prediction``).
+* the cores alone: ``predict_logits_from_preprocessed_data`` of nnU-Net's preprocessed array
+  (``nnunet_logits``) vs. ``SegmentationForward.gradient`` of the same array (``segxai_gradient``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+for path in (str(ROOT), str(HERE), str(ROOT / "Utilities")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+from bench_attribution import write_results  # noqa: E402
+
+DEMO = ROOT / "Resources" / "Models" / "nnunet_demo"
+TARGET_RATIO = 1.3  # issue 16: one backward at most 1.3x nnU-Net's own prediction
+
+
+class _Float32Torch(types.ModuleType):
+    """``torch`` as nnUNetPredictor's module sees it, with ``torch.half`` meaning float32."""
+
+    half = torch.float32
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def float32_predictor():
+    """nnUNetPredictor of the demo in float32 on the CPU (as ``Testing/test_nnunet_models.py``)."""
+    from nnunetv2.inference import predict_from_raw_data
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+    from nnunetv2.training.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.training.nnUNetTrainer.variants.training_length import nnUNetTrainer_Xepochs
+
+    predict_from_raw_data.torch = _Float32Torch("torch")
+    predict_from_raw_data.compute_gaussian = (
+        lambda *args, **kwargs: compute_gaussian(*args, **{**kwargs, "dtype": torch.float32}))
+    # nnU-Net finds the trainer by importing every trainer module; some need timm (absent here)
+    trainers = {"nnUNetTrainer": nnUNetTrainer.nnUNetTrainer, **{
+        name: getattr(nnUNetTrainer_Xepochs, name) for name in dir(nnUNetTrainer_Xepochs) if name.startswith("nnUNet")}}
+    predict_from_raw_data.recursive_find_trainer_class_by_name = trainers.__getitem__
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False,
+                                verbose=False, verbose_preprocessing=False)
+    predictor.initialize_from_trained_model_folder(str(DEMO), use_folds=(0, 1), checkpoint_name="checkpoint_final.pth")
+    return predictor
+
+
+def demo_case(seed: int):
+    """The case as nnU-Net reads it (``(1, z, y, x)`` and its properties) and as a SegXAI Image."""
+    from make_nnunet_demo import SPACING_XYZ, _phantom
+
+    from SegXAILib.image import Image
+
+    array, _ = _phantom(np.random.default_rng(seed))  # SimpleITK order (z, y, x)
+    # SegXAI's Image is (C, I, J, K): SimpleITK's array transposed (nnU-Net ignores the direction)
+    image = Image(array.transpose(2, 1, 0)[None].astype(np.float32), np.diag([*SPACING_XYZ, 1.0]), ("MR",))
+    return array[None], {"spacing": [float(s) for s in SPACING_XYZ[::-1]]}, image
+
+
+def timed(function: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def run(repeats: int, seed: int) -> dict[str, Any]:
+    from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
+
+    from SegXAILib.attribution import explain
+    from SegXAILib.attribution.forward import SegmentationForward
+    from SegXAILib.attribution.targets import ClassTarget
+    from SegXAILib.models.inference import segment
+    from SegXAILib.models.loaders import load_model
+    from SegXAILib.models.preprocessing import model_input
+
+    predictor = float32_predictor()
+    model = load_model(DEMO, device="cpu")
+    data, properties, image = demo_case(seed)
+    batch, _ = model_input(image, model.card)
+    preprocessed = next(PreprocessAdapterFromNpy([data], [None], [dict(properties)], [None], predictor.plans_manager,
+                                                 predictor.dataset_json, predictor.configuration_manager,
+                                                 num_threads_in_multithreaded=1))["data"]
+    assert torch.equal(batch[0], preprocessed)  # both sides see the same network input
+    prediction = segment(image, model)
+    with torch.no_grad():  # the class mask: the predicted core on the model grid (what explain uses)
+        logits = SegmentationForward(model.network, model.card, batch.shape[2:],
+                                     ClassTarget(2, torch.ones(batch.shape[2:], dtype=torch.bool)),
+                                     networks=model.networks).logits(batch)
+    core = logits[0].argmax(0) == 2
+    forward = SegmentationForward(model.network, model.card, batch.shape[2:], ClassTarget(2, core),
+                                  networks=model.networks)
+
+    cases = {
+        "nnunet": lambda: predictor.predict_single_npy_array(data, dict(properties), None, None, True),
+        "segxai": lambda: explain(image, model, "vanilla_gradient", "class:core", prediction=prediction),
+        "segxai_with_prediction": lambda: explain(image, model, "vanilla_gradient", "class:core"),
+        "nnunet_logits": lambda: predictor.predict_logits_from_preprocessed_data(preprocessed),
+        "segxai_gradient": lambda: forward.gradient(batch),
+    }
+    for function in cases.values():  # warm-up: imports, allocator, kernel selection
+        function()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, function in cases.items():
+            times[name].append(timed(function))
+    median = {name: statistics.median(values) for name, values in times.items()}
+    result = explain(image, model, "vanilla_gradient", "class:core", prediction=prediction)
+    assert np.all(np.isfinite(result.maps.array)) and np.abs(result.maps.array).max() > 0
+    return {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                    "nnunetv2": _version("nnunetv2"), "python": platform.python_version()},
+        "case": {"shape_xyz": list(image.spatial_shape), "spacing_mm": [float(s) for s in image.spacing],
+                 "model_grid": list(batch.shape[2:]), "seed": seed, "core_voxels": int(core.sum()),
+                 "windows": len(forward.windowed.windows), "passes_per_window": forward.windowed.passes},
+        "repeats": repeats,
+        "times_s": times,
+        "median_s": median,
+        "ratio": median["segxai"] / median["nnunet"],
+        "ratio_with_prediction": median["segxai_with_prediction"] / median["nnunet"],
+        "ratio_core": median["segxai_gradient"] / median["nnunet_logits"],
+        "target_ratio": TARGET_RATIO,
+    }
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "absent"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m, case, median = results["machine"], results["case"], results["median_s"]
+    verdict = "meets" if results["ratio"] <= results["target_ratio"] else "misses"
+    lines = [
+        "# nnU-Net v2: one backward through SegXAI's inference vs. nnUNetPredictor",
+        "",
+        f"CPU ({m['processor']}), {m['torch_threads']} torch thread(s), torch {m['torch']}, nnunetv2 {m['nnunetv2']}; "
+        f"the shipped demo model (2 folds x 8 flips per window, {case['windows']} windows of 16 x 24 x 24 on the "
+        f"{' x '.join(map(str, case['model_grid']))} model grid) on one {' x '.join(map(str, case['shape_xyz']))} "
+        f"phantom (seed {case['seed']}, {case['core_voxels']} core voxels); float32; median of "
+        f"{results['repeats']} interleaved runs after a warm-up.",
+        "",
+        "| what | median (s) | ratio to nnU-Net |",
+        "|---|---:|---:|",
+        f"| nnUNetPredictor.predict_single_npy_array (preprocess, predict, export) | {median['nnunet']:.3f} | 1.00x |",
+        f"| explain vanilla_gradient, class:core, prediction given (preprocess, forward + backward, map back) "
+        f"| {median['segxai']:.3f} | {results['ratio']:.2f}x |",
+        f"| explain vanilla_gradient, class:core, predicting first | {median['segxai_with_prediction']:.3f} "
+        f"| {results['ratio_with_prediction']:.2f}x |",
+        f"| core: nnUNetPredictor.predict_logits_from_preprocessed_data | {median['nnunet_logits']:.3f} | 1.00x |",
+        f"| core: SegmentationForward.gradient (forward + backward) | {median['segxai_gradient']:.3f} "
+        f"| {results['ratio_core']:.2f}x |",
+        "",
+        f"Target (issue 16): one backward <= {results['target_ratio']}x nnU-Net's own prediction; this run "
+        f"{verdict} it ({results['ratio']:.2f}x end to end, {results['ratio_core']:.2f}x for the cores).",
+        "",
+        f"Each window the class target touches costs {case['passes_per_window']} network passes (the case has "
+        f"{case['windows']} windows), more than `SegmentationForward`'s default `max_graph_windows` (8): its gradient takes the bounded-memory path, a "
+        "forward without a graph for dT/dL, then every pass forward again with its graph and backward (two "
+        "forwards and one backward, a backward costing about two forwards).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each (median reported)")
+    parser.add_argument("--seed", type=int, default=7, help="seed of the phantom case")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args(argv)
+    results = run(args.repeats, args.seed)
+    write_results(results, args.out, "nnunet_backward", markdown)
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
