@@ -54,6 +54,19 @@ def test_segment_writes_outputs_on_the_input_grid(tmp_path, voxelwise, volume, c
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
+def test_a_relative_output_folder_is_the_working_folders(tmp_path, voxelwise, volume, monkeypatch):
+    """``--out seg`` (what ``make demo`` and users type): the files and the manifest land in
+    ``./seg``, each listed once under its own name, checksums verified."""
+    from SegXAILib.pipeline import read_manifest
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", "segment", str(volume), "--model", str(voxelwise), "--out", "seg"]) == 0
+    manifest = read_manifest(tmp_path / "seg", verify=True)
+    assert sorted(entry["path"] for entry in manifest["files"]) == [
+        "labels.nii.gz", "probability_bright.nii.gz", "segmentation.json"]
+    assert not (tmp_path / "seg" / "seg").exists()
+
+
 def test_segment_dicom_series_input(tmp_path, voxelwise):
     from SegXAILib.io import write_dicom_series
 

@@ -237,14 +237,18 @@ def _summary(case: Case) -> dict[str, Any]:
 
 
 def _file_entries(out_dir: Path, files: Mapping[str, Path]) -> list[dict[str, Any]]:
+    """Manifest entries of ``files`` (role -> a file inside ``out_dir``: absolute, relative to the
+    working folder as the writers return it for a relative ``out_dir``, or relative to ``out_dir``)."""
+    root = Path(out_dir).resolve()
     entries = []
     for role, path in files.items():
         path = Path(path)
-        if not path.is_absolute():
-            path = out_dir / path
-        if not path.is_file():
-            raise SegXAIInputError(f"manifest: file {path} of role {role!r} does not exist")
-        entries.append({"role": role, "path": path.relative_to(out_dir).as_posix(), "sha256": file_sha256(path),
+        if not path.is_absolute() and not (path.is_file() and path.resolve().is_relative_to(root)):
+            path = Path(out_dir) / path
+        path = path.resolve()
+        if not path.is_file() or not path.is_relative_to(root):
+            raise SegXAIInputError(f"manifest: file {path} of role {role!r} does not exist in {root}")
+        entries.append({"role": role, "path": path.relative_to(root).as_posix(), "sha256": file_sha256(path),
                         "bytes": path.stat().st_size})
     return entries
 
