@@ -40,12 +40,6 @@ REFUSED = {
     # (one fold alone: fitting fails today, the unused deep-supervision heads see no data)
     "pattern_net": r"fold ensemble of 2 networks is not supported \(patterns belong to one network\)",
     "pattern_attribution": r"fold ensemble of 2 networks is not supported \(patterns belong to one network\)",
-    # a CAM reads one layer's activations per window; here each window is 2 folds x 8 flips
-    # (a one-fold card without mirror_axes runs Grad-CAM)
-    "gradcam": r"2 ensemble member\(s\) x 8 mirror flip\(s\) per window.*Grad-CAM",
-    "gradcam_plusplus": r"2 ensemble member\(s\) x 8 mirror flip\(s\) per window.*Grad-CAM",
-    "guided_gradcam": r"2 ensemble member\(s\) x 8 mirror flip\(s\) per window.*Grad-CAM",
-    "guided_gradcam_plusplus": r"2 ensemble member\(s\) x 8 mirror flip\(s\) per window.*Grad-CAM",
 }
 #: smaller still than test_attribution_all_methods' settings: 16 network passes per window
 NNUNET_CHEAP = {
@@ -54,6 +48,9 @@ NNUNET_CHEAP = {
     # deconvolution by one backward of the target; guided backprop keeps the exact per-voxel sum
     # (its only run through a fold ensemble with flips; about 20 s on one core)
     "deconvolution": {"aggregation": "target"},
+    # the Grad-CAM family reads the decoder's last stage of every fold and flip (16 per window)
+    "guided_gradcam": {"aggregation": "target"},
+    "guided_gradcam_plusplus": {"aggregation": "target"},
 }
 
 

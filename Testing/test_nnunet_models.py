@@ -113,11 +113,31 @@ def test_checkpoint_with_an_unknown_global_needs_trust_code(results_copy):
     checkpoint = _raw_checkpoint(path)
     checkpoint["note"] = Fraction(1, 3)  # any class outside nnU-Net's allow-list
     torch.save(checkpoint, path)
-    with pytest.raises(SegXAIInputError, match=r"fractions\.Fraction.*can run code.*trust_code=True"):
+    with pytest.raises(SegXAIInputError, match=r"fractions\.Fraction.*can run code.*trust_code=True") as refused:
         load_model(results_copy, device="cpu")
+    # only what is outside the allow-list is named (nnU-Net's numpy scalars are allowed)
+    assert "numpy" not in str(refused.value)
     model = load_model(results_copy, device="cpu", trust_code=True)
     weights = checkpoint["network_weights"]
     assert all(torch.equal(value, model.networks[1].state_dict()[key]) for key, value in weights.items())
+
+
+def test_an_untrusted_first_fold_says_how_to_write_the_card(results_copy):
+    """The card is completed from fold 0's checkpoint, read without trust: when that one holds
+    other objects, the error says which card fields make trust_code usable."""
+    path = results_copy / "fold_0" / "checkpoint_final.pth"
+    checkpoint = _raw_checkpoint(path)
+    checkpoint["note"] = Fraction(1, 3)
+    torch.save(checkpoint, path)
+    with pytest.raises(SegXAIInputError, match=r"fractions\.Fraction.*configuration.*trainer.*mirror_axes"):
+        load_model_card(results_copy)
+    card = {"architecture": {"format": "nnunetv2", "results_folder": ".", "configuration": "3d_fullres",
+                             "trainer": "nnUNetTrainer_5epochs"},
+            "inference": {"mirror_axes": [0, 1, 2]}}
+    (results_copy / "model_card.json").write_text(json.dumps(card))
+    model = load_model(results_copy, device="cpu", trust_code=True)
+    assert all(torch.equal(value, model.networks[0].state_dict()[key])
+               for key, value in checkpoint["network_weights"].items())
 
 
 def test_plans_naming_other_code_need_trust_code(results_copy):

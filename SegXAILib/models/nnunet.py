@@ -92,6 +92,14 @@ def safe_checkpoint_globals() -> list[Any]:
     return allowed
 
 
+def _global_name(value: Any) -> str:
+    """``module.qualname`` of an allow-listed global, with numpy's ``_core`` spelled ``core``."""
+    if isinstance(value, tuple):  # (object, "module.name") pairs of torch's safe_globals
+        return str(value[1]).replace("numpy._core", "numpy.core")
+    name = f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', getattr(value, '__name__', ''))}"
+    return name.replace("numpy._core", "numpy.core")
+
+
 def read_checkpoint(path: Path, trust_code: bool = False) -> dict[str, Any]:
     """An nnU-Net checkpoint (a pickled dict) read with ``weights_only=True`` and the allow-list
     :func:`safe_checkpoint_globals`; with ``trust_code`` anything else too (a full unpickling).
@@ -110,7 +118,10 @@ def read_checkpoint(path: Path, trust_code: bool = False) -> dict[str, Any]:
     except pickle.UnpicklingError as error:
         if not trust_code:
             try:
-                unknown = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or "unknown objects"
+                allowed = {_global_name(g) for g in safe_checkpoint_globals()}
+                names = [name for name in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                         if name.replace("numpy._core", "numpy.core") not in allowed]
+                unknown = ", ".join(names) or "unknown objects"
             except Exception:  # not a zip checkpoint: name the error instead
                 unknown = " ".join(str(error).split())[:300]
             raise SegXAIInputError(
@@ -198,7 +209,13 @@ def nnunet_card_data(data: dict[str, Any], card_path: Optional[Path]) -> dict[st
     first: Optional[dict[str, Any]] = None
     if ("configuration" not in architecture or "trainer" not in architecture or "mirror_axes" not in inference) \
             and isinstance(folds, list) and folds:
-        first = read_checkpoint(checkpoint_path(folder, folds[0], checkpoint_name))
+        path = checkpoint_path(folder, folds[0], checkpoint_name)
+        try:
+            first = read_checkpoint(path)
+        except SegXAIInputError as error:  # a card is read without trust: say how to do without
+            raise SegXAIInputError(f"{error}. The model card is completed from that checkpoint; to load this model "
+                                   "with trust_code, write a model_card.json giving architecture.configuration, "
+                                   "architecture.trainer and inference.mirror_axes") from None
     if first is not None:
         architecture.setdefault("configuration", first.get("init_args", {}).get("configuration", "3d_fullres"))
         architecture.setdefault("trainer", str(first.get("trainer_name", "nnUNetTrainer")))
@@ -244,7 +261,7 @@ def nnunet_summary_lines(card) -> list[str]:
         f"  labels       : {', '.join(f'{i}={name}' for i, name in enumerate(card.class_names))}",
     ]
     if not card.mirror_axes:
-        lines.append("  mirroring    : none (the checkpoint allows no mirroring)")
+        lines.append("  mirroring    : none (inference.mirror_axes is empty)")
     try:
         _, configuration, _, _ = _managers(card.resolve(arch["results_folder"]), str(arch["configuration"]))
         lines.insert(1, f"  nnU-Net grid : spacing {[float(s) for s in configuration.spacing]} mm, "
