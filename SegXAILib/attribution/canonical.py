@@ -2,7 +2,9 @@
 
 LRP needs a rule for every operation that mixes signals, and module hooks only see modules:
 MONAI's UNet nests its normalisation inside ``ADN`` blocks and adds / concatenates inside
-``forward`` methods (``cx + res`` in ``ResidualUnit``, ``torch.cat`` in ``SkipConnection``).
+``forward`` methods (``cx + res`` in ``ResidualUnit``, ``torch.cat`` in ``SkipConnection``);
+nnU-Net's ``PlainConvUNet`` (``dynamic_network_architectures``) passes a list of encoder
+outputs to its decoder, which upsamples and concatenates them in its ``forward``.
 :func:`canonicalise` therefore rebuilds the network, as a **copy** (the user's model is never
 modified), from a few modules that each do one thing:
 
@@ -18,12 +20,26 @@ canonical module         built from                                      forward
 :class:`Activation`      ``ReLU``, ``LeakyReLU``, ``PReLU``              the activation
 :class:`Add`             ``ResidualUnit``'s ``cx + res``;                ``y = a + b``
                          ``SkipConnection(mode="add")``
-:class:`Concat`          ``SkipConnection(mode="cat")`` (UNet skips)     ``y = cat(a, b)``
+:class:`Concat`          ``SkipConnection(mode="cat")`` (UNet skips);    ``y = cat(a, b)``
+                         ``PlainConvUNet``'s ``cat((up, skip), 1)``
 :class:`Sequential`,     ``nn.Sequential``, MONAI ``Convolution`` /      the same data flow
 :class:`Residual`,       ``ADN``, ``ResidualUnit``, ``SkipConnection``,
-:class:`Skip`            MONAI ``UNet`` (its ``model``)
+:class:`Skip`            MONAI ``UNet`` (its ``model``); nnU-Net
+                         ``PlainConvUNet`` (below)
 (dropped)                ``Dropout*``, ``Identity`` (eval mode)
 =======================  ==============================================  ===========================
+
+nnU-Net's PlainConvUNet
+-----------------------
+Its ``forward`` is ``decoder(encoder(x))`` with the encoder returning every stage's output
+(the skips) and the decoder, stage ``d`` from the bottom, computing ``x = stages[d](cat(
+transpconvs[d](x), skip), 1)`` and finally ``seg_layers[-1](x)``. Canonically this is the
+nested form MONAI's UNet has: level ``s`` is ``encoder.stages[s]`` followed by
+``Skip(level s+1 -> transpconvs[d], Concat)`` (upsampled channels first, then the skip) and
+``decoder.stages[d]``, ``d = n - 2 - s``; the innermost level is the bottleneck stage and the
+seg head follows level 0. The blocks (``StackedConvBlocks``, ``ConvDropoutNormReLU``: conv,
+dropout, norm, nonlinearity, in that order or with ``nonlin_first``) are sequences. Deep
+supervision (a list of outputs) and encoders that pool (``pool="max"``) are refused.
 
 Frozen normalisation
 --------------------
@@ -93,7 +109,8 @@ _DROPPED = (_nn.Identity, _nn.Dropout, _nn.Dropout1d, _nn.Dropout2d, _nn.Dropout
 _SUPPORTED_LEAVES = _CONVOLUTIONS + _TRANSPOSED + (_nn.Linear,) + _NORMS + _ACTIVATIONS + _DROPPED
 
 _SUPPORTED_TEXT = (
-    "supported: MONAI UNet (ResidualUnit, SkipConnection) and nn.Sequential networks of Conv/ConvTranspose/Linear, "
+    "supported: MONAI UNet (ResidualUnit, SkipConnection), nnU-Net's PlainConvUNet (deep supervision off) and "
+    "nn.Sequential networks of Conv/ConvTranspose/Linear, "
     "BatchNorm/InstanceNorm/GroupNorm, ReLU/LeakyReLU/PReLU and Dropout; attention and transformer networks "
     "(SwinUNETR, UNETR) are not supported"
 )
@@ -395,13 +412,16 @@ class Residual(_nn.Module):
 
 
 class Skip(_nn.Module):
-    """``merge(x, submodule(x))`` with a :class:`Concat` or :class:`Add` (MONAI SkipConnection)."""
+    """``merge(x, submodule(x))`` with a :class:`Concat` or :class:`Add` (MONAI SkipConnection);
+    ``merge(submodule(x), x)`` with ``skip_last`` (nnU-Net's decoder: upsampled channels first)."""
 
-    def __init__(self, submodule: _nn.Module, merge: CanonicalLeaf) -> None:
+    def __init__(self, submodule: _nn.Module, merge: CanonicalLeaf, skip_last: bool = False) -> None:
         super().__init__()
-        self.submodule, self.merge = submodule, merge
+        self.submodule, self.merge, self.skip_last = submodule, merge, bool(skip_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.skip_last:
+            return self.merge(self.submodule(x), x)
         return self.merge(x, self.submodule(x))
 
 
@@ -458,7 +478,8 @@ def _unsupported(module: _nn.Module, path: str, method: str, why: str = "") -> S
     )
 
 
-def _monai_types() -> dict[str, type]:
+def _known_types() -> dict[str, type]:
+    """The container classes with a canonical form: MONAI's and nnU-Net's (when installed)."""
     types: dict[str, type] = {}
     try:
         from monai.networks.blocks.convolutions import ResidualUnit
@@ -468,6 +489,19 @@ def _monai_types() -> dict[str, type]:
         types.update(ResidualUnit=ResidualUnit, SkipConnection=SkipConnection, UNet=UNet)
     except ImportError:  # pragma: no cover - monai is a dependency
         pass
+    try:  # nnU-Net v2's networks (optional dependency)
+        from dynamic_network_architectures.architectures.unet import PlainConvUNet
+        from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
+        from dynamic_network_architectures.building_blocks.simple_conv_blocks import (
+            ConvDropoutNormReLU,
+            StackedConvBlocks,
+        )
+        from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+
+        types.update(PlainConvUNet=PlainConvUNet, PlainConvEncoder=PlainConvEncoder, UNetDecoder=UNetDecoder,
+                     StackedConvBlocks=StackedConvBlocks, ConvDropoutNormReLU=ConvDropoutNormReLU)
+    except ImportError:
+        pass
     return types
 
 
@@ -476,7 +510,7 @@ def _is_plain_sequential(module: _nn.Module) -> bool:
     return isinstance(module, _nn.Sequential) and type(module).forward is _nn.Sequential.forward
 
 
-def _convert(module: _nn.Module, path: str, method: str, monai: dict[str, type]) -> list[_nn.Module]:
+def _convert(module: _nn.Module, path: str, method: str, types: dict[str, type]) -> list[_nn.Module]:
     """Canonical modules for ``module`` (a list: Sequentials are flattened into their parent)."""
     if isinstance(module, (_CONVOLUTIONS, _TRANSPOSED, _nn.Linear)):
         return [LinearLayer(module, path)]
@@ -489,18 +523,18 @@ def _convert(module: _nn.Module, path: str, method: str, monai: dict[str, type])
     if _is_plain_sequential(module):
         items: list[_nn.Module] = []
         for name, child in module.named_children():
-            items += _convert(child, _join(path, name), method, monai)
+            items += _convert(child, _join(path, name), method, types)
         return items
     kind = type(module)
-    if kind is monai.get("UNet"):
-        return _convert(module.model, _join(path, "model"), method, monai)
-    if kind is monai.get("ResidualUnit"):
-        body = _sequence(_convert(module.conv, _join(path, "conv"), method, monai))
-        residual_items = _convert(module.residual, _join(path, "residual"), method, monai)
+    if kind is types.get("UNet"):
+        return _convert(module.model, _join(path, "model"), method, types)
+    if kind is types.get("ResidualUnit"):
+        body = _sequence(_convert(module.conv, _join(path, "conv"), method, types))
+        residual_items = _convert(module.residual, _join(path, "residual"), method, types)
         residual = _sequence(residual_items) if residual_items else None
         return [Residual(body, residual, Add(f"{path} (cx + res)"))]
-    if kind is monai.get("SkipConnection"):
-        submodule = _sequence(_convert(module.submodule, _join(path, "submodule"), method, monai))
+    if kind is types.get("SkipConnection"):
+        submodule = _sequence(_convert(module.submodule, _join(path, "submodule"), method, types))
         if module.mode == "cat":
             merge: CanonicalLeaf = Concat(module.dim, f"{path} (cat)")
         elif module.mode == "add":
@@ -508,7 +542,44 @@ def _convert(module: _nn.Module, path: str, method: str, monai: dict[str, type])
         else:
             raise _unsupported(module, path, method, f"SkipConnection mode {module.mode!r} (only 'cat' and 'add')")
         return [Skip(submodule, merge)]
+    if kind is types.get("ConvDropoutNormReLU"):
+        # conv, dropout, norm, nonlinearity (or nonlin_first): its forward is all_modules
+        return _convert(module.all_modules, _join(path, "all_modules"), method, types)
+    if kind is types.get("StackedConvBlocks"):
+        return _convert(module.convs, _join(path, "convs"), method, types)
+    if kind is types.get("PlainConvEncoder") and not module.return_skips:
+        return _convert(module.stages, _join(path, "stages"), method, types)
+    if kind is types.get("PlainConvUNet"):
+        return [_plain_conv_unet(module, path, method, types)]
     raise _unsupported(module, path, method)
+
+
+def _plain_conv_unet(module: _nn.Module, path: str, method: str, types: dict[str, type]) -> _nn.Module:
+    """nnU-Net's ``PlainConvUNet`` as nested :class:`Skip` levels (see the module docstring)."""
+    encoder, decoder = module.encoder, module.decoder
+    if type(encoder) is not types.get("PlainConvEncoder") or type(decoder) is not types.get("UNetDecoder"):
+        raise _unsupported(module, path, method, "its encoder or decoder is not dynamic_network_architectures' "
+                                                 "PlainConvEncoder / UNetDecoder")
+    if decoder.deep_supervision:
+        raise _unsupported(module, path, method, "deep supervision is on (the network returns one output per decoder "
+                                                 "stage); set network.decoder.deep_supervision = False")
+    stages = list(encoder.stages.children())
+    count = len(stages)
+    if count < 1 or len(decoder.stages) != count - 1 or len(decoder.transpconvs) != count - 1:
+        raise _unsupported(module, path, method, "its decoder does not have one stage per encoder stage but the last")
+
+    def convert(child: _nn.Module, name: str) -> list[_nn.Module]:
+        return _convert(child, _join(path, name), method, types)
+
+    level = _sequence(convert(stages[-1], f"encoder.stages.{count - 1}"))
+    for s in range(count - 2, -1, -1):
+        d = count - 2 - s  # decoder stages run from the bottleneck up
+        upsampled = _sequence([level, *convert(decoder.transpconvs[d], f"decoder.transpconvs.{d}")])
+        merge = Concat(1, f"{_join(path, 'decoder')} (cat stage {d})")
+        items = convert(stages[s], f"encoder.stages.{s}") + [Skip(upsampled, merge, skip_last=True)]
+        level = _sequence(items + convert(decoder.stages[d], f"decoder.stages.{d}"))
+    head = len(decoder.seg_layers) - 1
+    return _sequence([level, *convert(decoder.seg_layers[head], f"decoder.seg_layers.{head}")])
 
 
 def _sequence(items: list[_nn.Module]) -> _nn.Module:
@@ -553,8 +624,9 @@ def canonicalise(network: _nn.Module, method: str = "lrp") -> CanonicalNetwork:
     Parameters
     ----------
     network : torch.nn.Module
-        A MONAI ``UNet`` or an ``nn.Sequential`` (nesting MONAI ``Convolution`` / ``ADN`` /
-        ``ResidualUnit`` / ``SkipConnection`` blocks) of supported layers. Not modified.
+        A MONAI ``UNet``, an nnU-Net ``PlainConvUNet`` (deep supervision off) or an
+        ``nn.Sequential`` (nesting MONAI ``Convolution`` / ``ADN`` / ``ResidualUnit`` /
+        ``SkipConnection`` blocks) of supported layers. Not modified.
     method : str
         Names the caller in error messages (``"lrp"``, ``"patternnet"``).
 
@@ -576,7 +648,7 @@ def canonicalise(network: _nn.Module, method: str = "lrp") -> CanonicalNetwork:
             f"{method}: not supported: the network is TorchScript; relevance rules need an eager torch.nn.Module "
             f"({EAGER_HINT})"
         )
-    items = _convert(network, "", method, _monai_types())
+    items = _convert(network, "", method, _known_types())
     if not items:
         raise _unsupported(network, "", method, "it has no layer with weights")
     body = _sequence(items)

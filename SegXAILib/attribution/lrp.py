@@ -80,8 +80,18 @@ subtraction and epsilon absorb relevance, so on trained networks the *relevance 
 ``sum(R_input) / T`` (:func:`relevance_sum_ratio`) differs from 1 (the benchmark reports it for
 the bundled lesion model).
 
-Limits: MONAI UNet and ``nn.Sequential`` networks only (see :mod:`.canonical`); SwinUNETR and
-other attention networks raise :class:`SegXAIInputError` "not supported".
+Fold ensembles and mirroring: the window function is the mean over members ``k`` and flips
+``s`` of ``s(f_k(s(x)))`` (logits averaged). Every member is canonicalised and gets the rules;
+the mean and the flips are linear, so their plain backward hands member ``k`` under flip ``s``
+the output relevance ``f_ks * dT/dL / passes``: the input relevance is the mean over members
+and flips of each one's relevance of its own logits with the same upstream weighting ``dT/dL``
+(LRP is linear in the relevance it starts from). Large targets run pass by pass
+(:meth:`~SegXAILib.models.windows.WindowedForward.vjp`), one member x flip x window batch at
+a time, with the same shares.
+
+Limits: MONAI UNet, nnU-Net's PlainConvUNet and ``nn.Sequential`` networks only (see
+:mod:`.canonical`); SwinUNETR and other attention networks raise :class:`SegXAIInputError`
+"not supported".
 """
 
 from __future__ import annotations
@@ -437,9 +447,10 @@ _STABILIZER = Parameter("stabilizer", "float", 1e-6, "stabiliser of the other ru
 class LRP(Attribution):
     """Layer-wise relevance propagation of the target's logits to the input voxels.
 
-    Runs on a canonical copy of the network (:func:`~SegXAILib.attribution.canonical.canonicalise`)
-    through the same window-exact forward and target as the other methods; see the module
-    docstring for the rules and composites.
+    Runs on a canonical copy of the network (:func:`~SegXAILib.attribution.canonical.canonicalise`;
+    of each member of a fold ensemble) through the same window-exact forward, mirror flips and
+    target as the other methods; see the module docstring for the rules, composites and
+    ensembles.
     """
 
     name = "lrp"
@@ -452,15 +463,15 @@ class LRP(Attribution):
 
     @property
     def relevance_forward(self) -> SegmentationForward:
-        """The forward of the canonical copy (built once; the user's network is not touched)."""
+        """The forward of the canonical copies, one per ensemble member (built once; the user's
+        networks are not touched)."""
         if self._relevance_forward is None:
             forward = self.forward
-            if len(forward.networks) > 1:  # the canonical copy is of one network
-                raise SegXAIInputError(f"{self.name}: a fold ensemble of {len(forward.networks)} networks is not "
-                                       "supported (LRP canonicalises one network); explain one member's card")
+            members = [canonicalise(network, self.name) for network in forward.networks]
             self._relevance_forward = SegmentationForward(
-                canonicalise(forward.network, self.name), forward.card, forward.spatial_shape, forward.target,
+                members[0], forward.card, forward.spatial_shape, forward.target,
                 amp=forward.windowed.amp, window_batch=forward.window_batch, max_graph_windows=forward.max_graph_windows,
+                networks=members,
             )
         return self._relevance_forward
 
@@ -491,7 +502,9 @@ class LRP(Attribution):
         if cancel is not None:
             cancel.raise_if_cancelled()
         forward = self.relevance_forward
-        with lrp_rules(forward.network, composite, epsilon, stabilizer):  # type: ignore[arg-type]
+        with contextlib.ExitStack() as stack:
+            for member in forward.networks:  # every fold's canonical copy propagates relevance
+                stack.enter_context(lrp_rules(member, composite, epsilon, stabilizer))  # type: ignore[arg-type]
             relevance = forward.gradient(inputs)
         report(progress, 1.0, self.name)
         return relevance
