@@ -33,9 +33,6 @@ EPS64 = float(np.finfo(np.float64).eps)
 DEMO = Path(__file__).resolve().parents[1] / "Resources" / "Models" / "nnunet_demo"
 #: the methods that refuse a fold ensemble with mirroring, and the reason their message gives
 REFUSED = {
-    # LRP's rules canonicalise one network's layers; an average of networks has no such graph
-    # (one fold alone is refused too: nnU-Net's PlainConvUNet has no relevance rule yet)
-    "lrp": r"fold ensemble of 2 networks is not supported \(LRP canonicalises one network\)",
     # patterns are fitted to one network's convolutions
     # (one fold alone: fitting fails today, the unused deep-supervision heads see no data)
     "pattern_net": r"fold ensemble of 2 networks is not supported \(patterns belong to one network\)",
