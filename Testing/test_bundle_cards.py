@@ -70,7 +70,8 @@ def test_the_card_comes_from_the_bundles_own_description(tmp_path):
     assert card.inference["blend"] == "gaussian" and card.inference["sw_batch_size"] == 2
     # the weights are part of the model's identity
     other = write_bundle(tmp_path / "other")
-    torch.save({k: v + 1 for k, v in torch.load(other / "models" / "model.pt").items()}, other / "models" / "model.pt")
+    torch.save({k: v + 1 for k, v in torch.load(other / "models" / "model.pt", weights_only=True).items()},
+               other / "models" / "model.pt")
     assert load_model_card(other).checksum() != card.checksum()
 
 
