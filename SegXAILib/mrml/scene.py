@@ -129,13 +129,22 @@ def save_scene_bundle(scene, path: str | os.PathLike) -> Path:
     application_logic(scene)  # headless: the module logics register the storage nodes
     # a temporary folder beside it, the bundle under its own name inside (Slicer names the
     # bundle's top folder after the file), then one rename
+    from vtkmodules.vtkCommonCore import vtkOutputWindow, vtkStringOutputWindow
+
     work = Path(tempfile.mkdtemp(prefix=".segxai-mrb-", dir=path.parent.resolve()))
+    # the zip writer reports every file it adds: keep VTK's messages, shown only on failure
+    previous, messages = vtkOutputWindow.GetInstance(), vtkStringOutputWindow()
+    vtkOutputWindow.SetInstance(messages)
     try:
         written = work / path.name
-        if not scene.WriteToMRB(str(written)) or not zipfile.is_zipfile(written):
-            raise SegXAIInputError(f"scene bundle {path}: Slicer could not write the scene (see the log)")
+        written_ok = scene.WriteToMRB(str(written))
+        vtkOutputWindow.SetInstance(previous)
+        if not written_ok or not zipfile.is_zipfile(written):
+            detail = " ".join(messages.GetOutput().split())[-500:]
+            raise SegXAIInputError(f"scene bundle {path}: Slicer could not write the scene ({detail})")
         os.replace(written, path)
     finally:
+        vtkOutputWindow.SetInstance(previous)
         shutil.rmtree(work, ignore_errors=True)
     return path
 
