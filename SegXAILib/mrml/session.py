@@ -36,12 +36,10 @@ from ..image import SegXAIInputError
 from ..pipeline.job import EngineJob, JobStatus
 from .logic import CaseNodes, case_image, show_case, show_explanations, show_instance_saliency, show_qa
 
-__all__ = ["CaseSession", "SessionUpdate", "slicer_python", "ACTIONS"]
+__all__ = ["CaseSession", "SessionUpdate", "slicer_python"]
 
 log = logging.getLogger(__name__)
 
-#: what a job of the session does
-ACTIONS = ("segment", "explain", "instance", "qa")
 
 
 def slicer_python() -> str:
@@ -71,7 +69,8 @@ class SessionUpdate:
     Attributes
     ----------
     action : str
-        The job's action (:data:`ACTIONS`), empty when no job ran.
+        The job's action (``segment``, ``explain``, ``instance`` or ``qa``), empty when no
+        job ran.
     status : JobStatus or None
         The job's progress and state.
     finished : bool

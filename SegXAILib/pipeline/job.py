@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -38,8 +38,6 @@ __all__ = ["EngineJob", "JobStatus", "engine_command", "KILL_AFTER_S", "IMAGE_FO
 KILL_AFTER_S = 2.0
 #: the case folder's image formats; NRRD keeps the geometry in float64 (NIfTI's sform is float32)
 IMAGE_FORMATS = (".nrrd", ".nii.gz")
-#: the states of a job
-STATES = ("running", "done", "failed", "cancelled")
 
 
 @dataclass
@@ -72,7 +70,6 @@ class JobStatus:
     eta_s: Optional[float] = None
     error: str = ""
     exit_code: Optional[int] = None
-    events: list = field(default_factory=list, repr=False)
 
     @property
     def finished(self) -> bool:
@@ -243,7 +240,6 @@ class EngineJob:
         now = time.monotonic()
         status.elapsed_s = now - self._started
         for event in self._read_events():
-            status.events.append(event)
             if event["event"] == "progress":
                 status.fraction = max(status.fraction, float(event.get("fraction", 0.0)))
                 status.step, status.message = str(event.get("step", "")), str(event.get("message", ""))
