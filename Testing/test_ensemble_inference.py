@@ -26,6 +26,7 @@ from SegXAILib.models import LoadedModel, load_model, segment
 from SegXAILib.models.card import model_card_from_dict
 from SegXAILib.models.inference import sliding_window_logits
 from SegXAILib.models.preprocessing import preprocess
+from SegXAILib.models import windows
 from SegXAILib.models.windows import WindowedForward, mirror_combinations, nnunet_gaussian, nnunet_steps
 
 PATCH = (8, 10, 6)
@@ -228,7 +229,7 @@ def test_segment_with_an_ensemble_averages_logits_then_activates(members):
 
 # ---- gradients -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("scheme", ["nnunet", "monai"])
-def test_class_target_gradient_equals_autograd_through_the_whole_ensemble(members, scheme):
+def test_class_target_gradient_equals_autograd_through_the_whole_ensemble(members, scheme, monkeypatch):
     card = make_card(overlap=0.5, scheme=scheme)
     shape = (16, 19, 9)
     x = torch.randn((1, 1, *shape), generator=torch.Generator().manual_seed(7))
@@ -250,7 +251,12 @@ def test_class_target_gradient_equals_autograd_through_the_whole_ensemble(member
     (gradient_naive,) = torch.autograd.grad(value_naive.sum(), leaf)
 
     counted = [Counting(m) for m in members]
-    for max_graph_windows in (10_000, 0):  # one graph; two passes, member x window batch x flip
+    patch_voxels = int(np.prod(PATCH))
+    # one graph; two passes (member x window batch x flip group), the flips of a window batch
+    # stacked in one call as far as PASS_BATCH_VOXELS allows, or one call per flip
+    for max_graph_windows, pass_batch_voxels in ((10_000, windows.PASS_BATCH_VOXELS), (0, windows.PASS_BATCH_VOXELS),
+                                                 (0, 0), (0, 4 * 2 * patch_voxels)):
+        monkeypatch.setattr(windows, "PASS_BATCH_VOXELS", pass_batch_voxels)
         forward = SegmentationForward(counted[0], card, shape, target, networks=counted, window_batch=2,
                                       max_graph_windows=max_graph_windows)
         for c in counted:
@@ -259,8 +265,10 @@ def test_class_target_gradient_equals_autograd_through_the_whole_ensemble(member
         # float32: sums over <= 27 windows x 16 passes of products of O(1) terms
         torch.testing.assert_close(gradient.double(), gradient_naive.double(), rtol=1e-4, atol=1e-5)
         if max_graph_windows == 0:
-            # bounded memory: every backward pass holds one window batch through one network
-            assert max(max(c.batches) for c in counted) <= 2
+            # bounded memory: every backward pass holds one window batch (2) through one network,
+            # times the flips that fit in PASS_BATCH_VOXELS
+            flips_per_call = max(1, min(8, pass_batch_voxels // (2 * patch_voxels)))
+            assert max(max(c.batches) for c in counted) == 2 * flips_per_call
     with torch.no_grad():
         torch.testing.assert_close(forward(x).double(), value_naive.detach(), rtol=1e-5, atol=1e-3)
 

@@ -91,7 +91,9 @@ class SegmentationForward:
         touches x members x flips), two passes: the blended logits without a graph, their
         gradient ``dT/dL``, then each member x window batch x flip back-propagated with its
         share of it (:meth:`WindowedForward.vjp`): the exact gradient with the memory of one
-        window batch through one network, whatever the volume's size.
+        window batch through one network, whatever the volume's size. A target linear in the
+        logits (:attr:`Target.linear`: class, instance, region and voxel sums) skips the
+        first pass: its ``dT/dL`` is the same everywhere.
         """
         x = x.detach()
         passes = len(self.windowed.windows_for(self.target.support)) * self.windowed.passes
@@ -100,8 +102,13 @@ class SegmentationForward:
             with torch.enable_grad():
                 (gradient,) = torch.autograd.grad(self(x).sum(), x)
             return gradient
-        with torch.no_grad():
-            logits = self.logits(x)
+        if self.target.linear:
+            # dT/dL is the same at any logits: read it at zero, no forward pass needed
+            logits = torch.zeros((x.shape[0], self.card.output_channels, *self.spatial_shape), device=x.device,
+                                 dtype=torch.promote_types(x.dtype, torch.float32))
+        else:
+            with torch.no_grad():
+                logits = self.logits(x)
         logits.requires_grad_(True)
         with torch.enable_grad():
             (cotangent,) = torch.autograd.grad(self.target(logits).sum(), logits)

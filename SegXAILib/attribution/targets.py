@@ -28,7 +28,7 @@ defaults to ``class_index`` (the softmax layout).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import torch
 
@@ -47,6 +47,9 @@ class Target:
     class_index: int
     channel: Optional[int]
     support: Optional[torch.Tensor]
+    #: ``T`` is linear in the logits, so ``dT/dlogits`` does not depend on them (a gradient
+    #: needs no forward pass to find it)
+    linear: ClassVar[bool] = False
 
     def _default_channel(self) -> None:
         self.channel = int(self.class_index) if self.channel is None else int(self.channel)
@@ -79,6 +82,7 @@ def _mask(mask: torch.Tensor, name: str) -> torch.Tensor:
 class RegionTarget(Target):
     """Sum of class ``class_index`` logits over a region (any mask: a drawn FN, a RoI)."""
 
+    linear: ClassVar[bool] = True
     class_index: int
     mask: torch.Tensor
     channel: Optional[int] = field(default=None, kw_only=True)
@@ -140,6 +144,7 @@ class ClassThresholdTarget(Target):
 class VoxelTarget(Target):
     """One output voxel ``f_c(x)_i``: the building block of per-voxel aggregation."""
 
+    linear: ClassVar[bool] = True
     class_index: int
     index: Sequence[int]
     spatial_shape: Sequence[int]
