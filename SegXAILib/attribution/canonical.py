@@ -3,8 +3,9 @@
 LRP needs a rule for every operation that mixes signals, and module hooks only see modules:
 MONAI's UNet nests its normalisation inside ``ADN`` blocks and adds / concatenates inside
 ``forward`` methods (``cx + res`` in ``ResidualUnit``, ``torch.cat`` in ``SkipConnection``);
-nnU-Net's ``PlainConvUNet`` (``dynamic_network_architectures``) passes a list of encoder
-outputs to its decoder, which upsamples and concatenates them in its ``forward``.
+nnU-Net's ``PlainConvUNet`` and ``ResidualEncoderUNet`` (``dynamic_network_architectures``)
+pass a list of encoder outputs to their decoder, which upsamples and concatenates them in its
+``forward``, and the residual encoder's blocks add in theirs (``out += residual``).
 :func:`canonicalise` therefore rebuilds the network, as a **copy** (the user's model is never
 modified), from a few modules that each do one thing:
 
@@ -15,17 +16,22 @@ canonical module         built from                                      forward
                          ``Linear``; a BatchNorm right after it is
                          merged into ``W, b`` exactly; an InstanceNorm /
                          GroupNorm right after it is *attached*
-                         (``s, c``: its frozen affine map, below)
+                         (``s, c``: its frozen affine map, below);
+                         the ``AvgPool`` of a residual block's skip
+                         (as the depthwise convolution it is)
 :class:`FrozenNorm`      a norm that does not follow a linear layer      ``y = s * x + c``
 :class:`Activation`      ``ReLU``, ``LeakyReLU``, ``PReLU``              the activation
 :class:`Add`             ``ResidualUnit``'s ``cx + res``;                ``y = a + b``
-                         ``SkipConnection(mode="add")``
+                         ``SkipConnection(mode="add")``; nnU-Net's
+                         ``BasicBlockD`` / ``BottleneckD``
+                         ``out += residual``
 :class:`Concat`          ``SkipConnection(mode="cat")`` (UNet skips);    ``y = cat(a, b)``
                          ``PlainConvUNet``'s ``cat((up, skip), 1)``
 :class:`Sequential`,     ``nn.Sequential``, MONAI ``Convolution`` /      the same data flow
 :class:`Residual`,       ``ADN``, ``ResidualUnit``, ``SkipConnection``,
 :class:`Skip`            MONAI ``UNet`` (its ``model``); nnU-Net
-                         ``PlainConvUNet`` (below)
+                         ``PlainConvUNet``, ``ResidualEncoderUNet``,
+                         ``ResidualUNet``, their blocks (below)
 (dropped)                ``Dropout*``, ``Identity`` (eval mode)
 =======================  ==============================================  ===========================
 
@@ -40,6 +46,21 @@ nested form MONAI's UNet has: level ``s`` is ``encoder.stages[s]`` followed by
 seg head follows level 0. The blocks (``StackedConvBlocks``, ``ConvDropoutNormReLU``: conv,
 dropout, norm, nonlinearity, in that order or with ``nonlin_first``) are sequences. Deep
 supervision (a list of outputs) and encoders that pool (``pool="max"``) are refused.
+
+nnU-Net's ResidualEncoderUNet
+-----------------------------
+The same nesting, with the ``ResidualEncoder``'s stem (a ``StackedConvBlocks``) before level 0
+(the skips are the stages' outputs, after the stem). Its stages are ``StackedResidualBlocks``:
+a sequence of ``BasicBlockD`` (``nonlin2(conv2(conv1(x)) + skip(x))``) or ``BottleneckD``
+(three convolutions), each the :class:`Residual` MONAI's ``ResidualUnit`` becomes (the same
+:class:`Add`, so the same rule) followed by its activation. The skip is the identity, or, where
+the block strides or changes the channel count, ``AvgPool(stride, stride)`` (kept only with
+a stride) and a 1x1 convolution with its norm. An average pool is the depthwise convolution
+with weights ``1 / prod(kernel)``, so it becomes a :class:`LinearLayer` of that convolution and
+gets the rule of a hidden convolution (the pool's channel count, which the pool itself does not
+know, is the block's ``input_channels``). ``ResidualUNet`` (``UNetResDecoder``: the same
+decoder with residual stages) is the same form. Squeeze-and-excitation blocks (a sigmoid gate)
+are refused; stochastic depth is the identity in eval mode.
 
 Frozen normalisation
 --------------------
@@ -72,6 +93,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -106,10 +128,12 @@ _INSTANCE_NORMS = (_nn.InstanceNorm1d, _nn.InstanceNorm2d, _nn.InstanceNorm3d)
 _NORMS = _BATCH_NORMS + _INSTANCE_NORMS + (_nn.GroupNorm,)
 _ACTIVATIONS = (_nn.ReLU, _nn.LeakyReLU, _nn.PReLU)
 _DROPPED = (_nn.Identity, _nn.Dropout, _nn.Dropout1d, _nn.Dropout2d, _nn.Dropout3d, _nn.AlphaDropout)
+_AVERAGE_POOLS = (_nn.AvgPool1d, _nn.AvgPool2d, _nn.AvgPool3d)
 _SUPPORTED_LEAVES = _CONVOLUTIONS + _TRANSPOSED + (_nn.Linear,) + _NORMS + _ACTIVATIONS + _DROPPED
 
 _SUPPORTED_TEXT = (
-    "supported: MONAI UNet (ResidualUnit, SkipConnection), nnU-Net's PlainConvUNet (deep supervision off) and "
+    "supported: MONAI UNet (ResidualUnit, SkipConnection), nnU-Net's PlainConvUNet, ResidualEncoderUNet and "
+    "ResidualUNet (deep supervision off, no squeeze-and-excitation) and "
     "nn.Sequential networks of Conv/ConvTranspose/Linear, "
     "BatchNorm/InstanceNorm/GroupNorm, ReLU/LeakyReLU/PReLU and Dropout; attention and transformer networks "
     "(SwinUNETR, UNETR) are not supported"
@@ -463,9 +487,11 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _unsupported(module: _nn.Module, path: str, method: str, why: str = "") -> SegXAIInputError:
-    """The error for ``module``: names its first leaf without a rule, else the module itself."""
-    for name, child in module.named_modules():
+def _unsupported(module: _nn.Module, path: str, method: str, why: str = "",
+                 leaf_first: bool = True) -> SegXAIInputError:
+    """The error for ``module``: names its first leaf without a rule, else (or with ``leaf_first``
+    False: ``why`` is about the whole module) the module itself."""
+    for name, child in (module.named_modules() if leaf_first else ()):
         if not list(child.children()) and not isinstance(child, _SUPPORTED_LEAVES):
             where = _join(path, name) if name else (path or "<network>")
             return SegXAIInputError(
@@ -500,6 +526,21 @@ def _known_types() -> dict[str, type]:
 
         types.update(PlainConvUNet=PlainConvUNet, PlainConvEncoder=PlainConvEncoder, UNetDecoder=UNetDecoder,
                      StackedConvBlocks=StackedConvBlocks, ConvDropoutNormReLU=ConvDropoutNormReLU)
+    except ImportError:
+        pass
+    try:  # its residual networks (apart: older releases may lack one of them)
+        from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet, ResidualUNet
+        from dynamic_network_architectures.building_blocks.residual import (
+            BasicBlockD,
+            BottleneckD,
+            StackedResidualBlocks,
+        )
+        from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
+        from dynamic_network_architectures.building_blocks.unet_residual_decoder import UNetResDecoder
+
+        types.update(ResidualEncoderUNet=ResidualEncoderUNet, ResidualUNet=ResidualUNet,
+                     ResidualEncoder=ResidualEncoder, UNetResDecoder=UNetResDecoder,
+                     StackedResidualBlocks=StackedResidualBlocks, BasicBlockD=BasicBlockD, BottleneckD=BottleneckD)
     except ImportError:
         pass
     return types
@@ -549,37 +590,111 @@ def _convert(module: _nn.Module, path: str, method: str, types: dict[str, type])
         return _convert(module.convs, _join(path, "convs"), method, types)
     if kind is types.get("PlainConvEncoder") and not module.return_skips:
         return _convert(module.stages, _join(path, "stages"), method, types)
-    if kind is types.get("PlainConvUNet"):
-        return [_plain_conv_unet(module, path, method, types)]
+    if kind is types.get("ResidualEncoder") and not module.return_skips:
+        return _stem(module, path, method, types) + _convert(module.stages, _join(path, "stages"), method, types)
+    if kind is types.get("StackedResidualBlocks"):
+        return _convert(module.blocks, _join(path, "blocks"), method, types)
+    if kind in (types.get("BasicBlockD"), types.get("BottleneckD")):
+        return _residual_block(module, path, method, types)
+    if kind in (types.get("PlainConvUNet"), types.get("ResidualEncoderUNet"), types.get("ResidualUNet")):
+        return [_nnunet_unet(module, path, method, types)]
     raise _unsupported(module, path, method)
 
 
-def _plain_conv_unet(module: _nn.Module, path: str, method: str, types: dict[str, type]) -> _nn.Module:
-    """nnU-Net's ``PlainConvUNet`` as nested :class:`Skip` levels (see the module docstring)."""
+def _stem(encoder: _nn.Module, path: str, method: str, types: dict[str, type]) -> list[_nn.Module]:
+    """A ``ResidualEncoder``'s stem (none with ``disable_default_stem``), which runs before its first stage."""
+    if getattr(encoder, "stem", None) is None:
+        return []
+    return _convert(encoder.stem, _join(path, "stem"), method, types)
+
+
+def _per_axis(value: int | Sequence[int], dims: int) -> tuple[int, ...]:
+    return tuple(int(v) for v in value) if isinstance(value, (tuple, list)) else (int(value),) * dims
+
+
+def _average_pool(pool: _nn.Module, channels: int, like: torch.Tensor, path: str, method: str) -> LinearLayer:
+    """``AvgPool{1,2,3}d`` on ``channels`` channels as the depthwise convolution it is: weights
+    ``1 / prod(kernel)`` (or ``1 / divisor_override``), ``groups = channels``, no bias."""
+    dims = _AVERAGE_POOLS.index(type(pool)) + 1
+    padded = any(int(p) != 0 for p in _per_axis(pool.padding, dims))
+    if pool.ceil_mode or (padded and not pool.count_include_pad):
+        # then the windows at the border average fewer values than a convolution would weigh
+        raise _unsupported(pool, path, method, "an average pool with ceil_mode or padding left out of the count is not "
+                                               "a convolution", leaf_first=False)
+    kernel = _per_axis(pool.kernel_size, dims)
+    stride = _per_axis(pool.stride if pool.stride is not None else pool.kernel_size, dims)
+    convolution = _CONVOLUTIONS[dims - 1](channels, channels, kernel, stride=stride, padding=pool.padding,
+                                          groups=channels, bias=False, device=like.device, dtype=like.dtype)
+    divisor = pool.divisor_override or math.prod(kernel)
+    with torch.no_grad():
+        convolution.weight.fill_(1.0 / divisor)
+    return LinearLayer(convolution, path)
+
+
+def _residual_block(module: _nn.Module, path: str, method: str, types: dict[str, type]) -> list[_nn.Module]:
+    """nnU-Net's ``BasicBlockD`` / ``BottleneckD``: ``nonlin(convs(x) + skip(x))`` as a
+    :class:`Residual` (MONAI's ResidualUnit form) and its activation (see the module docstring)."""
+    if module.apply_se:
+        raise _unsupported(module.squeeze_excitation, _join(path, "squeeze_excitation"), method,
+                           "squeeze-and-excitation multiplies the channels by a gate computed from them")
+    # drop_path (stochastic depth) is the identity in eval mode: nothing to add
+    bottleneck = type(module) is types.get("BottleneckD")
+    body: list[_nn.Module] = []
+    for name in ("conv1", "conv2", "conv3") if bottleneck else ("conv1", "conv2"):
+        body += _convert(getattr(module, name), _join(path, name), method, types)
+    residual: Optional[_nn.Module] = None
+    if isinstance(module.skip, _nn.Module):  # else the identity (a lambda)
+        like = module.conv1.conv.weight
+        items: list[_nn.Module] = []
+        for name, child in module.skip.named_children():
+            where = _join(path, f"skip.{name}")
+            if isinstance(child, _AVERAGE_POOLS):  # it runs on the block's input
+                items.append(_average_pool(child, int(module.input_channels), like, where, method))
+            else:
+                items += _convert(child, where, method, types)
+        residual = _sequence(items) if items else None
+    last = "nonlin3" if bottleneck else "nonlin2"
+    nonlin = getattr(module, last)  # a lambda (the identity) without a nonlinearity
+    tail = _convert(nonlin, _join(path, last), method, types) if isinstance(nonlin, _nn.Module) else []
+    return [Residual(_sequence(body), residual, Add(f"{path} (out += residual)")), *tail]
+
+
+def _nnunet_unet(module: _nn.Module, path: str, method: str, types: dict[str, type]) -> _nn.Module:
+    """nnU-Net's ``PlainConvUNet``, ``ResidualEncoderUNet`` or ``ResidualUNet`` as nested
+    :class:`Skip` levels (see the module docstring)."""
     encoder, decoder = module.encoder, module.decoder
-    if type(encoder) is not types.get("PlainConvEncoder") or type(decoder) is not types.get("UNetDecoder"):
+    encoders = (types.get("PlainConvEncoder"), types.get("ResidualEncoder"))
+    decoders = (types.get("UNetDecoder"), types.get("UNetResDecoder"))
+    if type(encoder) not in encoders or type(decoder) not in decoders:
         raise _unsupported(module, path, method, "its encoder or decoder is not dynamic_network_architectures' "
-                                                 "PlainConvEncoder / UNetDecoder")
+                                                 "PlainConvEncoder / ResidualEncoder / UNetDecoder / UNetResDecoder",
+                           leaf_first=False)
     if decoder.deep_supervision:
+        # about the whole network, whatever its layers: said first
         raise _unsupported(module, path, method, "deep supervision is on (the network returns one output per decoder "
-                                                 "stage); set network.decoder.deep_supervision = False")
+                                                 "stage); set network.decoder.deep_supervision = False",
+                           leaf_first=False)
     stages = list(encoder.stages.children())
     count = len(stages)
     if count < 1 or len(decoder.stages) != count - 1 or len(decoder.transpconvs) != count - 1:
-        raise _unsupported(module, path, method, "its decoder does not have one stage per encoder stage but the last")
+        raise _unsupported(module, path, method, "its decoder does not have one stage per encoder stage but the last",
+                           leaf_first=False)
 
     def convert(child: _nn.Module, name: str) -> list[_nn.Module]:
         return _convert(child, _join(path, name), method, types)
 
-    level = _sequence(convert(stages[-1], f"encoder.stages.{count - 1}"))
+    # the encoder converted in forward order: an error names the first layer without a rule
+    stem = _stem(encoder, _join(path, "encoder"), method, types)  # ResidualEncoder: before stage 0, not a skip
+    encoded = [convert(stage, f"encoder.stages.{s}") for s, stage in enumerate(stages)]
+    level = _sequence(encoded[-1])
     for s in range(count - 2, -1, -1):
         d = count - 2 - s  # decoder stages run from the bottleneck up
         upsampled = _sequence([level, *convert(decoder.transpconvs[d], f"decoder.transpconvs.{d}")])
         merge = Concat(1, f"{_join(path, 'decoder')} (cat stage {d})")
-        items = convert(stages[s], f"encoder.stages.{s}") + [Skip(upsampled, merge, skip_last=True)]
+        items = encoded[s] + [Skip(upsampled, merge, skip_last=True)]
         level = _sequence(items + convert(decoder.stages[d], f"decoder.stages.{d}"))
     head = len(decoder.seg_layers) - 1
-    return _sequence([level, *convert(decoder.seg_layers[head], f"decoder.seg_layers.{head}")])
+    return _sequence([*stem, level, *convert(decoder.seg_layers[head], f"decoder.seg_layers.{head}")])
 
 
 def _sequence(items: list[_nn.Module]) -> _nn.Module:
@@ -624,7 +739,8 @@ def canonicalise(network: _nn.Module, method: str = "lrp") -> CanonicalNetwork:
     Parameters
     ----------
     network : torch.nn.Module
-        A MONAI ``UNet``, an nnU-Net ``PlainConvUNet`` (deep supervision off) or an
+        A MONAI ``UNet``, an nnU-Net ``PlainConvUNet``, ``ResidualEncoderUNet`` or
+        ``ResidualUNet`` (deep supervision off, no squeeze-and-excitation) or an
         ``nn.Sequential`` (nesting MONAI ``Convolution`` / ``ADN`` / ``ResidualUnit`` /
         ``SkipConnection`` blocks) of supported layers. Not modified.
     method : str

@@ -89,9 +89,12 @@ and flips of each one's relevance of its own logits with the same upstream weigh
 (:meth:`~SegXAILib.models.windows.WindowedForward.vjp`), one member x flip x window batch at
 a time, with the same shares.
 
-Limits: MONAI UNet, nnU-Net's PlainConvUNet and ``nn.Sequential`` networks only (see
-:mod:`.canonical`); SwinUNETR and other attention networks raise :class:`SegXAIInputError`
-"not supported".
+Limits: MONAI UNet, nnU-Net's PlainConvUNet, ResidualEncoderUNet and ResidualUNet (deep
+supervision off, no squeeze-and-excitation) and ``nn.Sequential`` networks only (see
+:mod:`.canonical`; the residual encoder's additions get the proportional rule as MONAI's
+ResidualUnit does, the average pool of its skips the rule of a hidden convolution, being the
+depthwise convolution with weights ``1 / prod(kernel)``); SwinUNETR and other attention networks
+raise :class:`SegXAIInputError` "not supported".
 """
 
 from __future__ import annotations
