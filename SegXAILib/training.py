@@ -26,7 +26,7 @@ from .models.loaders import LoadedModel, load_model, native_cpu_convolutions
 from .models.preprocessing import preprocess, preprocess_labels
 from .progress import CancelToken, ProgressCallback, report, sub_progress
 
-__all__ = ["TrainingCase", "TrainingConfig", "train_model", "DEMO_MODELS", "train_demo_models"]
+__all__ = ["TrainingCase", "TrainingConfig", "train_model", "train_seed_ensemble", "DEMO_MODELS", "train_demo_models"]
 
 
 @dataclass(frozen=True)
@@ -175,6 +175,60 @@ def train_model(
     return final
 
 
+def train_seed_ensemble(
+    card_data: dict[str, Any],
+    train: Sequence[TrainingCase],
+    heldout: Sequence[TrainingCase],
+    out_dir: str | Path,
+    config: TrainingConfig,
+    seeds: Sequence[int],
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> ModelCard:
+    """A seed ensemble: one :func:`train_model` per seed into ``out_dir/seed<k>/``, then one card
+    ``out_dir/model_card.json`` listing every member's weights (an ensemble card: each window's
+    logits are the mean over the members), evaluated on ``heldout`` as an ensemble.
+
+    Seeds change the initial weights and the patches drawn, not the data: the members'
+    disagreement is the model's epistemic uncertainty that seed ensembles estimate
+    (Lakshminarayanan et al. 2017), read by :mod:`SegXAILib.uncertainty`.
+    """
+    seeds = [int(s) for s in seeds]
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise SegXAIInputError(f"seeds {seeds}: an ensemble needs at least two distinct seeds")
+    out_dir = check_writable_dir(out_dir)
+    members = []
+    for position, seed in enumerate(seeds):
+        step = sub_progress(progress, 0.9 * position / len(seeds), 0.9 * (position + 1) / len(seeds))
+        report(step, 0.0, f"seed {seed}")
+        member_config = TrainingConfig(**{**config.__dict__, "seed": seed})
+        members.append(train_model(card_data, train, heldout, out_dir / f"seed{seed}", member_config, step, cancel))
+    data = copy.deepcopy(card_data)
+    data["name"] = f"{data['name']}-seeds"
+    data["description"] = f"{data.get('description', '')} (seed ensemble of {len(seeds)}: {seeds})".strip()
+    data["architecture"]["weights"] = [f"seed{seed}/model.pt" for seed in seeds]
+    data["architecture"]["sha256"] = [member.architecture["sha256"] for member in members]
+    card = model_card_from_dict(copy.deepcopy(data), out_dir / "model_card.json")
+    report(progress, 0.9, "evaluating the ensemble on held-out cases")
+    loaded = load_model(card, device="cpu")
+    scores = []
+    for case in heldout:
+        prediction = segment(case.image, loaded, cancel=cancel)
+        scores.append(float(np.mean([dice_score(prediction.labels.array[0] == c, case.labels == c)
+                                     for c in range(1, card.num_classes)])))
+    data["metrics"] = {
+        "dice_heldout_mean": round(float(np.mean(scores)), 4) if scores else None,
+        "dice_heldout_per_case": [round(s, 4) for s in scores],
+        "members_dice_heldout_mean": [member.metrics.get("dice_heldout_mean") for member in members],
+    }
+    data.setdefault("provenance", {})["training"] = {
+        **members[0].provenance["training"], "seed": None, "seeds": seeds}
+    final = model_card_from_dict(data, out_dir / "model_card.json")
+    final.save(out_dir / "model_card.json")
+    report(progress, 1.0, "done")
+    return final
+
+
 # ---- the bundled demo models ------------------------------------------------------------------
 
 def _lesion_cases(seeds: Sequence[int]) -> list[TrainingCase]:
@@ -289,8 +343,10 @@ def train_demo_models(
     iterations: int | None = None,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
+    seeds: Sequence[int] | None = None,
 ) -> dict[str, ModelCard]:
-    """Train the bundled demo models (all, or ``names``) into ``out_dir/<folder>``."""
+    """Train the bundled demo models (all, or ``names``) into ``out_dir/<folder>``; with
+    ``seeds``, a seed ensemble of each (:func:`train_seed_ensemble`) into ``out_dir/<folder>_seeds``."""
     names = list(names or DEMO_MODELS)
     unknown = [n for n in names if n not in DEMO_MODELS]
     if unknown:
@@ -302,6 +358,10 @@ def train_demo_models(
             config = TrainingConfig(**{**config.__dict__, "iterations": iterations})
         step = sub_progress(progress, position / len(names), (position + 1) / len(names))
         report(step, 0.0, f"{name}: making phantoms")
+        if seeds:
+            cards[name] = train_seed_ensemble(card_factory(), cases(train_seeds), cases(heldout_seeds),
+                                              Path(out_dir) / f"{folder}_seeds", config, seeds, step, cancel)
+            continue
         cards[name] = train_model(
             card_factory(), cases(train_seeds), cases(heldout_seeds), Path(out_dir) / folder, config, step, cancel
         )

@@ -7,7 +7,8 @@ import torch
 
 from SegXAILib.models import load_model, load_model_card
 from SegXAILib.models.card import sha256_of
-from SegXAILib.training import DEMO_MODELS, TrainingConfig, train_model
+from SegXAILib.image import SegXAIInputError
+from SegXAILib.training import DEMO_MODELS, TrainingConfig, train_model, train_seed_ensemble
 
 
 @pytest.fixture(scope="module")
@@ -40,3 +41,21 @@ def test_same_seed_same_weights(tmp_path, cases):
     a, b, c = (torch.load(tmp_path / n / "model.pt", weights_only=True) for n in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_seed_ensemble_card_lists_each_seeds_member(tmp_path, cases):
+    card_factory, training, heldout = cases
+    config = TrainingConfig(iterations=3, batch_size=1)
+    ensemble = train_seed_ensemble(card_factory(), training, heldout, tmp_path / "seeds", config, [7, 8])
+    assert ensemble.weights_files == ["seed7/model.pt", "seed8/model.pt"]
+    assert ensemble.provenance["training"]["seeds"] == [7, 8]
+    assert len(ensemble.metrics["members_dice_heldout_mean"]) == 2
+    # each member is what a single training with that seed gives (training is seeded)
+    train(tmp_path / "single7", cases, seed=7)
+    single = torch.load(tmp_path / "single7" / "model.pt", weights_only=True)
+    member = torch.load(tmp_path / "seeds" / "seed7" / "model.pt", weights_only=True)
+    assert all(torch.equal(single[k], member[k]) for k in single)
+    loaded = load_model(load_model_card(tmp_path / "seeds"), device="cpu")
+    assert len(loaded.networks) == 2
+    with pytest.raises(SegXAIInputError, match="seeds"):
+        train_seed_ensemble(card_factory(), training, heldout, tmp_path / "bad", config, [3, 3])

@@ -30,7 +30,7 @@ def _cmd_train_demo(args: argparse.Namespace) -> int:
 
     out = args.out if args.out is not None else resources_dir() / "Models"
     with progress_bar("train-demo", not args.quiet) as progress, options_named(names="--models"):
-        cards = train_demo_models(out, args.models, args.iterations, progress=progress)
+        cards = train_demo_models(out, args.models, args.iterations, progress=progress, seeds=args.seeds)
     for name, card in cards.items():
         print(f"{name}: held-out Dice {card.metrics.get('dice_heldout_mean')} -> {card.path}")
     return 0
@@ -50,4 +50,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--out", type=Path, default=None, help="models folder (default: Resources/Models)")
     train.add_argument("--models", nargs="+", default=None, help="which: lesions parotid-S2 parotid-S4 parotid-S6")
     train.add_argument("--iterations", type=int, default=None, help="training iterations per model (default per model)")
+    train.add_argument("--seeds", type=int, nargs="+", default=None,
+                       help="train a seed ensemble of each model (one member per seed, at least two) into "
+                            "<folder>_seeds: its card averages the members, for uncertainty")
     train.set_defaults(run=_cmd_train_demo)
