@@ -145,7 +145,7 @@ def plan_samples(model: Union[LoadedModel, Sequence[LoadedModel]], sources: Sour
         An invalid source request (:func:`~.sources.check_sources`); several models without
         the ``ensemble`` source; ``flips`` on a card without mirror axes and no ``axes``;
         ``samples`` below 2 or above what the sources can give; a card whose activation is
-        not softmax or sigmoid.
+        not softmax or sigmoid; ``mc_dropout`` on a network without dropout layers.
     """
     checked = check_sources(sources)
     models = _as_models(model)
@@ -164,6 +164,10 @@ def plan_samples(model: Union[LoadedModel, Sequence[LoadedModel]], sources: Sour
                                    "inference.mirror_axes is empty); give the parameter axes (model-grid axes 0, 1, 2) "
                                    "to flip anyway")
         checked["flips"]["axes"] = list(axes)
+    if "mc_dropout" in checked:
+        for loaded in models:
+            with mc_dropout(loaded.networks, loaded.card.name, checked["mc_dropout"]["rate"]):
+                pass  # refuses a network without dropout before any prediction runs
     members = [(m, n) for m, loaded in enumerate(models) for n in range(len(loaded.networks))]
     enumerable = (2 ** len(axes) if "flips" in checked else 1) * (len(members) if "ensemble" in checked else 1)
     stochastic = any(SOURCES[name].stochastic for name in checked)
@@ -244,8 +248,8 @@ def iterate_samples(
             description.update(model=model_index, member=member)
         batch, model_affine = inputs[model_index]
         x = batch
-        # the draws happen in a fixed order whatever the sources, so that one source's numbers
-        # do not depend on which others were asked for
+        # the draws happen in one fixed order (gamma, factor, noise, spatial, dropout): the same
+        # request gives the same samples in whatever order its sources were listed
         gamma = rng.uniform(sources["gamma"]["low"], sources["gamma"]["high"]) if "gamma" in sources else None
         factor = (rng.uniform(sources["intensity_scale"]["low"], sources["intensity_scale"]["high"])
                   if "intensity_scale" in sources else None)

@@ -42,8 +42,8 @@ from ..image import SegXAIInputError
 from ..models.windows import mirror_combinations
 
 __all__ = ["SourceSpec", "SOURCES", "available_sources", "source_specs", "check_sources", "SourcesArgument",
-           "Flipped", "flip_combinations", "warp_volume", "spatial_matrix", "rotation_matrix", "apply_gamma", "add_noise",
-           "mc_dropout", "dropout_modules", "seeded_global_rng", "enumerable_count", "DROPOUT_NAMES"]
+           "Flipped", "flip_combinations", "warp_volume", "spatial_matrix", "rotation_matrix", "apply_gamma",
+           "add_noise", "mc_dropout", "dropout_modules", "seeded_global_rng", "DROPOUT_NAMES"]
 
 #: what :func:`check_sources` accepts: a name, names, or name -> parameters
 SourcesArgument = Union[str, Sequence[str], Mapping[str, Optional[Mapping[str, Any]]]]
@@ -172,7 +172,8 @@ def check_sources(sources: SourcesArgument) -> dict[str, dict[str, Any]]:
         unknown = [key for key in params if key not in known]
         if unknown:
             takes = ", ".join(known) or "no parameters"
-            raise SegXAIInputError(f"source {name!r} has no parameter {', '.join(map(repr, unknown))}; it takes {takes}")
+            names = ", ".join(map(repr, unknown))
+            raise SegXAIInputError(f"source {name!r} has no parameter {names}; it takes {takes}")
         values: dict[str, Any] = {}
         for parameter in spec.parameters:
             value = params.get(parameter.name, parameter.default)
@@ -349,14 +350,4 @@ def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
                 torch.mps.set_rng_state(saved)
             return
         yield
-
-
-def enumerable_count(checked: Mapping[str, Mapping[str, Any]], flip_axes: Sequence[int], members: int) -> int:
-    """Distinct samples of the deterministic sources: flip combinations x ensemble members."""
-    count = 1
-    if "flips" in checked:
-        count *= 2 ** len(flip_axes)
-    if "ensemble" in checked:
-        count *= members
-    return count
 
