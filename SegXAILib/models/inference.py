@@ -22,7 +22,7 @@ from .loaders import LoadedModel
 from .preprocessing import model_input, to_input_grid
 
 __all__ = ["Segmentation", "segment", "sliding_window_logits", "count_windows", "activate", "labels_from_probabilities",
-           "class_masks", "MULTI_LABEL_THRESHOLD"]
+           "class_masks", "probabilities_on_input_grid", "MULTI_LABEL_THRESHOLD"]
 
 #: a sigmoid (multi-label) model predicts class c where its probability exceeds this
 MULTI_LABEL_THRESHOLD = 0.5
@@ -198,6 +198,20 @@ def class_masks(probabilities: torch.Tensor, card: ModelCard) -> torch.Tensor:
     return masks
 
 
+def probabilities_on_input_grid(values: np.ndarray, model_affine: np.ndarray, image: Image, card: ModelCard) -> Image:
+    """Model-grid values ``(K', D, H, W)`` -> class probabilities ``(K, I, J, K)`` on ``image``'s grid.
+
+    ``values`` are the network's logits for an nnU-Net card (as nnU-Net: the logits resampled
+    back, then the activation, then the crop reverted) and the activated probabilities
+    (:func:`activate`) for every other card (mapped back by :func:`to_input_grid`).
+    """
+    if card.format == "nnunetv2":
+        from .nnunet import nnunet_logits_to_probabilities
+
+        return nnunet_logits_to_probabilities(values, model_affine, image, card)
+    return to_input_grid(values, model_affine, image, tuple(card.class_names))
+
+
 def labels_from_probabilities(probabilities: np.ndarray) -> np.ndarray:
     """``(K, ...)`` probabilities -> ``(1, ...)`` uint8 labels by argmax."""
     return np.argmax(probabilities, axis=0)[None].astype(np.uint8)
@@ -248,14 +262,8 @@ def segment(
     report(progress, 0.9, "mapping back to the input grid")
     if cancel is not None:
         cancel.raise_if_cancelled()
-    names = tuple(card.class_names)
-    if card.format == "nnunetv2":
-        from .nnunet import nnunet_logits_to_probabilities
-
-        # as nnU-Net: logits resampled back, then the activation, then the crop reverted
-        probability_image = nnunet_logits_to_probabilities(logits, model_affine, image, card)
-    else:
-        probability_image = to_input_grid(probabilities, model_affine, image, names)
+    probability_image = probabilities_on_input_grid(logits if card.format == "nnunetv2" else probabilities,
+                                                    model_affine, image, card)
     labels = image.with_array(labels_from_probabilities(probability_image.array), ("labels",))
     timings["postprocess"] = time.perf_counter() - start
     report(progress, 1.0, "done")

@@ -21,9 +21,9 @@ import torch
 
 from ..image import Image, SegXAIInputError
 from ..models.card import ModelCard
-from ..models.inference import Segmentation, activate, segment, sliding_window_logits
+from ..models.inference import Segmentation, activate, probabilities_on_input_grid, segment, sliding_window_logits
 from ..models.loaders import LoadedModel
-from ..models.preprocessing import model_input, to_input_grid
+from ..models.preprocessing import model_input
 from ..progress import CancelToken, ProgressCallback, report, sub_progress
 from .sources import (SOURCES, Flipped, SourcesArgument, add_noise, apply_gamma, check_sources, flip_combinations,
                       mc_dropout, seeded_global_rng, spatial_matrix, warp_volume)
@@ -190,20 +190,6 @@ def _without_mirroring(card: ModelCard) -> ModelCard:
     return dataclasses.replace(card, inference={**card.inference, "mirror_axes": []})
 
 
-def _probabilities_on_input_grid(output: torch.Tensor, model_affine: np.ndarray, image: Image,
-                                 card: ModelCard) -> np.ndarray:
-    """Network output ``(1, K', D, H, W)`` -> class probabilities ``(K, I, J, K)`` on the input
-    grid, exactly as :func:`~SegXAILib.models.inference.segment` maps them."""
-    names = tuple(card.class_names)
-    if card.format == "nnunetv2":
-        from ..models.nnunet import nnunet_logits_to_probabilities
-
-        # as nnU-Net: logits resampled back, then the activation, then the crop reverted
-        return nnunet_logits_to_probabilities(output[0].float().cpu().numpy(), model_affine, image, card).array
-    probabilities = activate(output, card)[0].float().cpu().numpy()
-    return to_input_grid(probabilities, model_affine, image, names).array
-
-
 def iterate_samples(
     image: Image,
     plan: SamplePlan,
@@ -293,7 +279,9 @@ def iterate_samples(
                                                networks=networks)
             if matrix is not None:
                 output = warp_volume(output, np.linalg.inv(matrix))  # back onto the model grid
-            probabilities = _probabilities_on_input_grid(output, model_affine, image, card)
+            values = output[0].float().cpu().numpy() if card.format == "nnunetv2" else \
+                activate(output, card)[0].float().cpu().numpy()
+            probabilities = probabilities_on_input_grid(values, model_affine, image, card).array
         report(progress, span[1], f"sample {index + 1} of {plan.samples}")
         yield description, probabilities.astype(np.float32, copy=False)
 
