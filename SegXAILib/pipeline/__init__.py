@@ -7,7 +7,7 @@ cohort building all call it; none re-implements a step. The steps stay callable 
 
 from .case import Case, QAResult
 from .read import read_case
-from .run import add_agg2exp, add_instance_maps, add_maps, add_qa, run_case, start_case
+from .run import add_agg2exp, add_instance_maps, add_maps, add_qa, add_uncertainty, run_case, start_case
 from .settings import (
     Agg2ExpSettings,
     CaseSettings,
@@ -52,6 +52,7 @@ __all__ = [
     "add_instance_maps",
     "add_qa",
     "add_agg2exp",
+    "add_uncertainty",
     "write_case",
     "read_case",
     "EngineJob",

@@ -91,6 +91,9 @@ class Case:
         The lesion table (:func:`~SegXAILib.pipeline.lesion_rows`).
     qa : QAResult or None
     agg2exp : ImportanceMatrix or None
+    uncertainty : UncertaintyResult or None
+        Voxel maps and per-structure / per-lesion tables of the prediction's uncertainty
+        (:func:`~SegXAILib.uncertainty.estimate_uncertainty`); the lesion rows carry theirs.
     reference : Image or None
         A reference label map on the input grid, class indices (TP / FP / FN groups, Agg2Exp's
         reference RoIs); for a model with one foreground class any non-zero voxel is the structure.
@@ -111,6 +114,7 @@ class Case:
     lesions: list = field(default_factory=list)
     qa: Optional[QAResult] = None
     agg2exp: Any = None
+    uncertainty: Any = None
     reference: Optional[Image] = None
     timings: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)

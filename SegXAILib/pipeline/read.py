@@ -271,7 +271,33 @@ def _read(out_dir: Path, manifest: Mapping[str, Any], source: str) -> Case:
         from ..evaluation import ImportanceMatrix
 
         case.agg2exp = ImportanceMatrix.from_dict(folder.json("agg2exp"))
+    if "uncertainty" in folder.files:
+        case.uncertainty = _read_uncertainty(folder)
     return case
+
+
+def _read_uncertainty(folder: _Folder):
+    """The :class:`~SegXAILib.uncertainty.UncertaintyResult` ``write_case`` wrote (maps and tables)."""
+    from ..uncertainty import RegionUncertainty, UncertaintyResult
+
+    document = folder.json("uncertainty")
+    maps = {}
+    for name, per_channel in document["files"].items():
+        maps[name] = Image.stack([folder.image(f"uncertainty:{name}:{channel}", channel) for channel in per_channel])
+    expected = {"mean_probability", "variance", "predictive_entropy", "expected_entropy", "mutual_information",
+                "mask_frequency"}
+    if set(maps) != expected:
+        raise SegXAIInputError(f"{folder.path('uncertainty')} (uncertainty): maps {sorted(maps)}, expected "
+                               f"{sorted(expected)}")
+    try:
+        structures = [RegionUncertainty(**row) for row in document["structures"]]
+        instances = [RegionUncertainty(**row) for row in document["instances"]]
+    except TypeError as error:
+        raise SegXAIInputError(f"{folder.path('uncertainty')} (uncertainty): a table row is malformed ({error})") from None
+    return UncertaintyResult(**maps, structures=structures, instances=instances, samples=int(document["samples"]),
+                             sources=dict(document["sources"]), seed=int(document["seed"]),
+                             activation=str(document["activation"]), settings=dict(document["settings"]),
+                             timings={k: float(v) for k, v in document["timings"].items()})
 
 
 def _read_inputs(folder: _Folder, manifest: Mapping[str, Any], card) -> Image:

@@ -16,6 +16,7 @@ from .settings import CaseSettings, MethodSettings
 from .steps import (
     agg2exp_matrix,
     check_channels,
+    estimate_case_uncertainty,
     explain_instances,
     explain_map,
     find_case_instances,
@@ -28,7 +29,7 @@ from .steps import (
     structure_index,
 )
 
-__all__ = ["run_case", "start_case", "add_maps", "add_instance_maps", "add_qa", "add_agg2exp"]
+__all__ = ["run_case", "start_case", "add_maps", "add_instance_maps", "add_qa", "add_agg2exp", "add_uncertainty"]
 
 
 @contextmanager
@@ -45,7 +46,9 @@ def _weights(settings: CaseSettings, n_instances: int) -> dict[str, float]:
     weights = {"segment": 1.0, "maps": 2.0 * len(settings.methods),
                "instances": 2.0 * n_instances * len(settings.instances.aggregations) if settings.instances.enabled else 0.0,
                "qa": 1.5 if (settings.qa.risk_model or settings.qa.method) else 0.0,
-               "agg2exp": 1.0 if settings.agg2exp.enabled else 0.0}
+               "agg2exp": 1.0 if settings.agg2exp.enabled else 0.0,
+               # a sample costs about one prediction
+               "uncertainty": float(settings.uncertainty.samples or 8) if settings.uncertainty.enabled else 0.0}
     total = sum(weights.values())
     return {k: v / total for k, v in weights.items()}
 
@@ -177,6 +180,21 @@ def add_agg2exp(
     return case
 
 
+def add_uncertainty(
+    case: Case,
+    model: LoadedModel,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> Case:
+    """The prediction's uncertainty under ``case.settings.uncertainty`` into ``case.uncertainty``;
+    the lesion table gains each lesion's uncertainty columns."""
+    with _timed(case.timings, "uncertainty"):
+        case.uncertainty = estimate_case_uncertainty(case, model, _labelled(progress, "uncertainty"), cancel)
+    if case.instance_labels is not None:
+        case.lesions = lesion_rows(case)
+    return case
+
+
 def run_case(
     image: Image,
     model: Optional[LoadedModel],
@@ -225,6 +243,8 @@ def run_case(
     add_maps(case, model, None, share("maps"), cancel)
     if settings.instances.enabled:
         add_instance_maps(case, model, None, share("instances"), cancel)
+    if settings.uncertainty.enabled:
+        add_uncertainty(case, model, share("uncertainty"), cancel)
     if settings.qa.risk_model or settings.qa.method:
         add_qa(case, model, share("qa"), cancel)
     if settings.agg2exp.enabled:

@@ -27,6 +27,7 @@ __all__ = [
     "QASettings",
     "Agg2ExpSettings",
     "PrecisionSettings",
+    "UncertaintySettings",
     "CaseSettings",
 ]
 
@@ -158,6 +159,42 @@ class Agg2ExpSettings(_Strict):
         return self
 
 
+class UncertaintySettings(_Strict):
+    """Predictive uncertainty of the case from prediction samples
+    (:func:`~SegXAILib.uncertainty.estimate_uncertainty`).
+
+    ``sources``: sample source -> its parameters (:func:`~SegXAILib.uncertainty.source_specs`):
+    ``flips`` (the card's mirror axes by default), ``gamma``, ``noise``, ``intensity_scale``,
+    ``spatial``, ``mc_dropout``, ``ensemble`` (the card's members, e.g. nnU-Net folds or a seed
+    ensemble, and ``models``: more model cards of the same classes). ``samples``: None means
+    every flip / member combination, or 10 with a random source. ``band_width_mm``: the
+    boundary band of the per-structure and per-lesion entropy; ``region_width_mm``: how far a
+    sample's version of a lesion may lie from it.
+    """
+
+    enabled: bool = False
+    sources: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"flips": {}})
+    samples: Optional[int] = Field(default=None, ge=2, le=65535)
+    seed: int = Field(default=0, ge=0)
+    models: list[str] = Field(default_factory=list)
+    band_width_mm: float = Field(default=2.0, ge=0.0)
+    region_width_mm: float = Field(default=10.0, ge=0.0)
+
+    @field_validator("sources")
+    @classmethod
+    def _check_sources(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from ..uncertainty import check_sources
+
+        check_sources(value)  # names, parameters, types and ranges; the defaults are filled in at run time
+        return value
+
+    @model_validator(mode="after")
+    def _models_need_ensemble(self) -> "UncertaintySettings":
+        if self.models and "ensemble" not in self.sources:
+            raise ValueError("models: more models need the source 'ensemble' (each sample one member)")
+        return self
+
+
 class PrecisionSettings(_Strict):
     """Numerics. ``segmentation``: ``auto`` is mixed precision on CUDA and float32 elsewhere.
     Attributions (class maps, instance maps, QA, Agg2Exp) always run in exact float32 with TF32
@@ -186,6 +223,7 @@ class CaseSettings(_Strict):
     instances: InstanceSettings = Field(default_factory=InstanceSettings)
     qa: QASettings = Field(default_factory=QASettings)
     agg2exp: Agg2ExpSettings = Field(default_factory=Agg2ExpSettings)
+    uncertainty: UncertaintySettings = Field(default_factory=UncertaintySettings)
     precision: PrecisionSettings = Field(default_factory=PrecisionSettings)
     device: str = "auto"
     # one name for the flag everywhere (load_model's trust_code, --trust-code); old files say trust_bundle

@@ -36,6 +36,8 @@ __all__ = [
     "select_instances",
     "explain_instances",
     "lesion_rows",
+    "LESION_UNCERTAINTY_KEYS",
+    "estimate_case_uncertainty",
     "resolve_risk_model",
     "score_qa",
     "agg2exp_case",
@@ -257,9 +259,46 @@ def lesion_rows(case: Case) -> list[dict]:
     if case.instance_labels is None:
         return []
     classes = reference_classes(case)
-    return instance_rows(case.instances, case.instance_labels.array[0], case.image, case.instance_maps,
+    rows = instance_rows(case.instances, case.instance_labels.array[0], case.image, case.instance_maps,
                          reference_mask=None if classes is None else classes == case.class_index,
                          shell_mm=case.settings.instances.shell_mm)
+    if case.uncertainty is not None:
+        # the uncertainty's instances are the same components of the same mask (same min_voxels)
+        per_instance = {row.instance: row for row in case.uncertainty.instances if row.class_index == case.class_index}
+        for row in rows:
+            found = per_instance.get(row.get("id"))
+            if found is not None:
+                row["uncertainty"] = {key: getattr(found, key) for key in LESION_UNCERTAINTY_KEYS}
+    return rows
+
+
+#: per-lesion uncertainty columns of the lesion table (:class:`~SegXAILib.uncertainty.RegionUncertainty`)
+LESION_UNCERTAINTY_KEYS = ("mean_confidence", "mean_entropy", "mean_mutual_information", "boundary_entropy",
+                           "pairwise_dice", "volume_cv", "soft_dice_confidence")
+
+
+def estimate_case_uncertainty(
+    case: Case,
+    model: LoadedModel,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+):
+    """:func:`~SegXAILib.uncertainty.estimate_uncertainty` of the case under
+    ``case.settings.uncertainty``, its instances those of the case (the prediction and
+    ``instances.min_voxels`` are the case's)."""
+    from ..uncertainty import estimate_uncertainty
+
+    chosen = case.settings.uncertainty
+    models = [model]
+    for text in chosen.models:
+        card = resolve_model_card(text)
+        models.append(load_model(card, device=model.device, trust_code=case.settings.trust_code))
+    amp = {"auto": None, "float32": False, "mixed": True}[case.settings.precision.segmentation]
+    return estimate_uncertainty(
+        case.image, models if len(models) > 1 else model, sources=chosen.sources, samples=chosen.samples,
+        seed=chosen.seed, prediction=case.segmentation, band_width=chosen.band_width_mm,
+        region_width=chosen.region_width_mm, width_unit="mm", min_instance_voxels=case.settings.instances.min_voxels,
+        amp=amp, progress=progress, cancel=cancel)
 
 
 # ---------------------------------------------------------------------------- QA

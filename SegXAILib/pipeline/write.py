@@ -16,6 +16,10 @@ last, so a folder without it is an unfinished run)::
     qa.json                                   QA: band, PC1, estimated Dice, EC curve
     qa_saliency.nii.gz                        the map the EC curve was taken of (channel sum)
     agg2exp.json                              Agg2Exp matrix
+    uncertainty/<map>_<channel>.nii.gz        uncertainty maps (mean probability, variance per class;
+                                              predictive / expected entropy, mutual information;
+                                              mask frequency per foreground class)
+    uncertainty.json                          how they were sampled, per-structure and per-lesion tables
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from ..io import atomic_path, check_writable_dir, write_image
 from ..models import Segmentation
 from ..progress import CancelToken
 from .case import Case
+from .steps import LESION_UNCERTAINTY_KEYS
 
 __all__ = ["MANIFEST", "MANIFEST_FORMAT", "write_case", "write_segmentation", "write_json", "read_manifest",
            "add_to_manifest", "lesion_csv", "file_sha256"]
@@ -121,6 +126,8 @@ def lesion_csv(rows: list[dict], channels: list[str], aggregations: list[str]) -
     has_maps = any(row.get("saliency") for row in rows)
     extra = [f"{key}_{aggregation}_{channel}" for aggregation in aggregations for channel in channels
              for key in LESION_SALIENCY_KEYS] if has_maps else []
+    if any(row.get("uncertainty") for row in rows):
+        extra += [f"uncertainty_{key}" for key in LESION_UNCERTAINTY_KEYS]
     buffer = _io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow([*base, *extra])
@@ -131,6 +138,7 @@ def lesion_csv(rows: list[dict], channels: list[str], aggregations: list[str]) -
         flat = {f"{key}_{aggregation}_{channel}": value
                 for aggregation, per_channel in (row.get("saliency") or {}).items()
                 for channel, stats in per_channel.items() for key, value in stats.items()}
+        flat.update({f"uncertainty_{key}": value for key, value in (row.get("uncertainty") or {}).items()})
         writer.writerow(["" if v is None else v for v in [*values, *(flat.get(c) for c in extra)]])
     return buffer.getvalue()
 
@@ -202,6 +210,17 @@ def write_case(case: Case, out_dir: Union[str, Path], cancel: Optional[CancelTok
                                            out_dir / f"qa_saliency{suffix}")
     if case.agg2exp is not None:
         files["agg2exp"] = write_json(case.agg2exp.to_dict(), out_dir / "agg2exp.json")
+    if case.uncertainty is not None:
+        check_writable_dir(out_dir / "uncertainty")
+        written: dict[str, dict[str, str]] = {}
+        for name, values in case.uncertainty.maps().items():
+            check()
+            for channel in values.channel_names:
+                files[f"uncertainty:{name}:{channel}"] = write_image(
+                    values.channel(channel), out_dir / "uncertainty" / f"{name}_{channel}{suffix}")
+                written.setdefault(name, {})[channel] = f"{name}_{channel}{suffix}"
+        files["uncertainty"] = write_json({**case.uncertainty.summary(), "files": written},
+                                          out_dir / "uncertainty.json")
     for role, path in (extra_files or {}).items():
         files[role] = Path(path)
     check()
@@ -233,6 +252,11 @@ def _summary(case: Case) -> dict[str, Any]:
         if case.qa.risk is not None:
             summary["qa_pc1"] = case.qa.risk["pc1"]
             summary["qa_estimated_dice"] = case.qa.risk["estimated_dice"]
+    if case.uncertainty is not None:
+        summary["uncertainty_samples"] = case.uncertainty.samples
+        for row in case.uncertainty.structures:
+            if row.class_index == case.class_index:
+                summary.update({f"uncertainty_{key}": getattr(row, key) for key in LESION_UNCERTAINTY_KEYS})
     return summary
 
 
