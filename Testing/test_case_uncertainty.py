@@ -119,3 +119,40 @@ def test_flips_on_a_card_without_mirroring_name_the_source(card):
     with pytest.raises(SegXAIInputError, match="mirror"):
         run_case(two_lesions(), None, settings_for(card, instances={"enabled": False},
                                                    uncertainty={"enabled": True}))
+
+
+# ---------------------------------------------------------------------------- segxai uncertainty
+
+
+def test_the_command_writes_the_pipelines_numbers(card, noisy_case, tmp_path, capsys):
+    from SegXAILib.cli.app import main
+
+    source = write_image(noisy_case.image, tmp_path / "image.nii.gz")
+    code = main(["-q", "uncertainty", str(source), "--model", str(card), "--out", str(tmp_path / "out"),
+                 "--device", "cpu", "--source", "noise:std=4", "--samples", "5", "--seed", "3",
+                 "--band-width-mm", "1.5"])
+    assert code == 0
+    assert "lesion 1" in capsys.readouterr().out
+    written = read_case(tmp_path / "out")
+    for name, values in noisy_case.uncertainty.maps().items():
+        # the image went through a NIfTI file: float32 voxels, geometry to float32 precision
+        np.testing.assert_allclose(written.uncertainty.maps()[name].array, values.array, rtol=1e-6, atol=1e-7)
+    assert [row["uncertainty"]["pairwise_dice"] for row in written.lesions] == pytest.approx(
+        [row["uncertainty"]["pairwise_dice"] for row in noisy_case.lesions])
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--source", "coin"], "--source"),
+    (["--source", "noise:std=[1"], "--source"),
+    (["--samples", "1"], "--samples"),
+    (["--source", "noise", "--ensemble-model", "x.json"], "--ensemble-model"),
+])
+def test_bad_options_are_named(card, tmp_path, capsys, options, words):
+    from SegXAILib.cli.app import main
+
+    source = write_image(two_lesions(), tmp_path / "image.nii.gz")
+    code = main(["-q", "uncertainty", str(source), "--model", str(card), "--out", str(tmp_path / "out"),
+                 "--device", "cpu", *options])
+    assert code == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "out" / "case.json").exists()

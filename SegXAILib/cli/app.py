@@ -13,14 +13,14 @@ from typing import Optional, Sequence
 
 from ..image import SegXAIInputError
 from ..progress import Cancelled
-from . import demo, evaluate, explain, lesions, patterns, qa, run, segment, view
+from . import demo, evaluate, explain, lesions, patterns, qa, run, segment, uncertainty, view
 
 __all__ = ["EXIT_BAD_INPUT", "build_parser", "main"]
 
 EXIT_BAD_INPUT = 2
 
 # Each adds its sub-commands with ``add_commands(subparsers)``, in the order ``segxai --help`` lists them.
-_COMMAND_GROUPS = (segment, explain, demo, lesions, patterns, evaluate, qa, run, view)
+_COMMAND_GROUPS = (segment, explain, uncertainty, demo, lesions, patterns, evaluate, qa, run, view)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,8 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from ..image import SegXAIInputError
 from ..validation import input_error
@@ -188,11 +189,12 @@ class UncertaintySettings(_Strict):
         check_sources(value)  # names, parameters, types and ranges; the defaults are filled in at run time
         return value
 
-    @model_validator(mode="after")
-    def _models_need_ensemble(self) -> "UncertaintySettings":
-        if self.models and "ensemble" not in self.sources:
-            raise ValueError("models: more models need the source 'ensemble' (each sample one member)")
-        return self
+    @field_validator("models")
+    @classmethod
+    def _models_need_ensemble(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if value and "ensemble" not in (info.data.get("sources") or {}):
+            raise ValueError("more models need the source 'ensemble' (each sample one member)")
+        return value
 
 
 class PrecisionSettings(_Strict):
