@@ -148,22 +148,23 @@ def ensemble_window_logits(
     mirrors: Sequence[tuple[int, ...]],
     patches: torch.Tensor,
     amp: bool = False,
-    max_batch_voxels: int = PASS_BATCH_VOXELS,
+    max_batch_voxels: Optional[int] = None,
 ) -> torch.Tensor:
     """Mean over members and flips of ``flip(f(flip(patches)))``: ``(B, K, *patch)``, float32
     (float64 for a float64 network).
 
     ``mirrors`` are spatial-axis combinations (:func:`mirror_combinations`); the empty one is
     the plain prediction. Logits are averaged (nnU-Net v2); the activation comes after. Flips
-    go through each member in batches of :func:`flip_groups` (``max_batch_voxels``; 0 or 1:
-    one flip per call); samples of a batch are independent in an eval-mode network, so the
+    go through each member in batches of :func:`flip_groups` (``max_batch_voxels``, default
+    :data:`PASS_BATCH_VOXELS`; 0 or 1: one flip per call); samples of a batch are independent in an eval-mode network, so the
     values are those of one call per flip up to float32 rounding.
     """
     autocast = torch.autocast("cuda", dtype=torch.float16) if amp and patches.is_cuda else contextlib.nullcontext()
     batch = patches.shape[0]
+    limit = PASS_BATCH_VOXELS if max_batch_voxels is None else max_batch_voxels
     total: Optional[torch.Tensor] = None
     for network in networks:
-        for group in flip_groups(mirrors, patches.shape, max_batch_voxels):
+        for group in flip_groups(mirrors, patches.shape, limit):
             with autocast:
                 stacked = network(_stacked_flips(patches, group))
             stacked = _widened(stacked)
