@@ -176,6 +176,51 @@ def test_the_panel_flow_runs_in_engine_processes_and_shows_exact_nodes(model_car
     assert finish(reopened).state == "done" and sorted(reopened.nodes.instance_saliency) == [1]
 
 
+def test_uncertainty_runs_in_the_engine_and_shows_the_api_numbers(model_card, tmp_path):
+    """Segment -> uncertainty (noise test-time augmentation): the entropy and mutual-information
+    volumes equal ``estimate_uncertainty`` run here on the same image and prediction, on the
+    input volume's exact grid; the tables carry the per-structure and per-lesion values."""
+    import math
+
+    from SegXAILib import mrml
+    from SegXAILib.models import load_model, load_model_card
+    from SegXAILib.mrml.logic import UNCERTAINTY_VOLUMES
+    from SegXAILib.uncertainty import estimate_uncertainty
+
+    scene, volumes, _, image = make_case(model_card, "lps_flipped")
+    session = session_for(scene, tmp_path)
+    session.segment(volumes, settings(model_card))
+    finish(session)
+    chosen = settings(model_card, uncertainty={"sources": {"noise": {"std": 10.0}}, "samples": 4, "seed": 5})
+    session.uncertainty(chosen)
+    assert finish(session).state == "done"
+    model = load_model(load_model_card(model_card), device="cpu")
+    direct = estimate_uncertainty(image, model, sources={"noise": {"std": 10.0}}, samples=4, seed=5,
+                                  prediction=session.case.segmentation)
+    assert float(direct.mutual_information.array.max()) > 0.01  # the noise moves voxels across 50
+    reference = ijk_to_ras(volumes[0])
+    for map_name in UNCERTAINTY_VOLUMES:
+        node = session.nodes.uncertainty[map_name][0]
+        assert np.array_equal(ijk_to_ras(node), reference)
+        np.testing.assert_array_equal(mrml.volume_node_to_image(node).array[0], getattr(direct, map_name).array[0])
+        display = node.GetDisplayNode()
+        assert display.GetWindowLevelMax() == pytest.approx(math.log(2))  # the entropy's bound for 2 classes
+    foreground = session.nodes.uncertainty["predictive_entropy"][0].GetID()
+    assert all(c.GetForegroundVolumeID() == foreground for c in mrml.slice_composite_nodes(scene))
+    table = mrml.table_node_columns(session.nodes.uncertainty_table)
+    assert table["structure"] == ["bright"]
+    assert table["mean_entropy"] == pytest.approx([direct.structures[0].mean_entropy])
+    lesions = mrml.table_node_columns(session.nodes.lesion_table)
+    assert lesions["voxels"] == [48, 12]
+    assert lesions["uncertainty pairwise_dice"] == pytest.approx([row.pairwise_dice for row in direct.instances])
+    # the job's case folder opens with the same volumes
+    other = mrml.headless_scene()
+    reopened = session_for(other, tmp_path / "again")
+    reopened.open(session.job.case_dir)
+    again = reopened.nodes.uncertainty["mutual_information"][0]
+    np.testing.assert_array_equal(mrml.volume_node_to_image(again).array[0], direct.mutual_information.array[0])
+
+
 def test_cancel_ends_the_process_tree_and_the_session_stays_ready(model_card, tmp_path):
     scene, volumes, _, _ = make_case(model_card, "oblique")
     session = session_for(scene, tmp_path)

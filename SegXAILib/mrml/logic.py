@@ -4,7 +4,7 @@ The case is computed by the pipeline (:func:`~SegXAILib.pipeline.run_case` and i
 steps), never here: this module only reads a Case and makes nodes of a scene (main thread).
 
 * :func:`show_segmentation`, :func:`show_explanations`, :func:`show_instance_saliency`,
-  :func:`show_qa`, :func:`show_case` turn a Case into nodes.
+  :func:`show_qa`, :func:`show_uncertainty`, :func:`show_case` turn a Case into nodes.
 * :func:`case_image` gathers input volume nodes into the image a case runs on.
 
 The Slicer panel computes in the engine process (:mod:`SegXAILib.mrml.session`) and shows the
@@ -14,6 +14,7 @@ case it reads back with these same functions.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -26,6 +27,8 @@ __all__ = [
     "show_explanations",
     "show_instance_saliency",
     "show_qa",
+    "show_uncertainty",
+    "UNCERTAINTY_VOLUMES",
     "show_case",
     "case_image",
     "DISPLAY_MODES",
@@ -35,6 +38,9 @@ log = logging.getLogger(__name__)
 
 #: how saliency maps are shown: paper 000's normalisation (unsigned, 17 % threshold) or signed
 DISPLAY_MODES = ("normalised", "signed")
+
+#: the uncertainty maps shown as volumes (every map is in the case folder), first = foreground
+UNCERTAINTY_VOLUMES = ("predictive_entropy", "mutual_information")
 
 
 def available_devices() -> list[tuple[str, str]]:
@@ -66,6 +72,8 @@ class CaseNodes:
     lesion_table: Any = None
     qa_table: Any = None
     chart: Any = None
+    uncertainty: dict = field(default_factory=dict)  # map name -> [volume node per channel]
+    uncertainty_table: Any = None
 
 
 def _display_maps(maps: Image, display: str) -> Image:
@@ -176,10 +184,54 @@ def show_qa(scene, case, nodes: CaseNodes, name: str = "SegXAI") -> CaseNodes:
     return nodes
 
 
+def show_uncertainty(scene, case, nodes: CaseNodes, reference_volume=None, opacity: float = 0.5,
+                     threshold: float = 0.1, foreground: bool = True, name: str = "SegXAI") -> CaseNodes:
+    """The predictive entropy and the mutual information (:data:`UNCERTAINTY_VOLUMES`) as volumes,
+    the per-structure uncertainty table, and the lesion table with its uncertainty columns.
+
+    The display range is fixed at ``[0, log K]`` nats (``log 2`` per channel for a sigmoid
+    model), the most either map can reach, so that colours mean the same in every case; values
+    below ``threshold`` of it are transparent. With ``foreground``, the entropy becomes the
+    slice views' foreground over ``reference_volume``. Volumes shown before are replaced.
+    """
+    from .display import saliency_volume_node, show_in_slice_views
+    from .tables import table_node_from_rows
+
+    uncertainty = case.uncertainty
+    if uncertainty is None:
+        raise SegXAIInputError("uncertainty: the case has no uncertainty result")
+    classes = len(case.card.class_names)
+    peak = math.log(classes) if uncertainty.activation == "softmax" else math.log(2.0)
+    maps = uncertainty.maps()
+    for map_name in UNCERTAINTY_VOLUMES:
+        for node in nodes.uncertainty.get(map_name, []):
+            scene.RemoveNode(node)
+        values = maps[map_name]
+        label = map_name.replace("_", " ")
+        volumes = []
+        for channel in values.channel_names:
+            node = saliency_volume_node(values, scene, f"{name} {label} {channel}", channel=channel,
+                                        threshold=threshold, signed=False, peak=peak,
+                                        reference_volume=reference_volume)
+            node.SetAttribute("SegXAI.Uncertainty", map_name)
+            volumes.append(node)
+        nodes.uncertainty[map_name] = volumes
+    if foreground:
+        show_in_slice_views(scene, background=reference_volume, foreground=nodes.uncertainty[UNCERTAINTY_VOLUMES[0]][0],
+                            foreground_opacity=opacity)
+    nodes.uncertainty_table = table_node_from_rows(uncertainty.structure_rows(), scene, name=f"{name} uncertainty",
+                                                   node=nodes.uncertainty_table)
+    _refresh_lesion_table(scene, case, nodes)
+    return nodes
+
+
 def show_case(scene, case, reference_volume=None, display: str = "normalised", name: str = "SegXAI") -> CaseNodes:
-    """Every result of ``case`` as nodes: segmentation, instances, lesion table, class-level and
-    instance maps, QA."""
+    """Every result of ``case`` as nodes: segmentation, instances, lesion table, uncertainty,
+    class-level and instance maps, QA (a saliency map, when there is one, is the foreground)."""
     nodes = show_segmentation(scene, case, reference_volume=reference_volume, name=name)
+    if case.uncertainty is not None:
+        show_uncertainty(scene, case, nodes, reference_volume=reference_volume, name=name,
+                         foreground=not case.maps and not case.instance_maps)
     if case.maps:
         show_explanations(scene, case, nodes, reference_volume=reference_volume, display=display, name=name)
     for identifier in case.instance_maps:

@@ -34,7 +34,8 @@ import numpy as np
 
 from ..image import SegXAIInputError
 from ..pipeline.job import EngineJob, JobStatus
-from .logic import CaseNodes, case_image, show_case, show_explanations, show_instance_saliency, show_qa
+from .logic import (CaseNodes, case_image, show_case, show_explanations, show_instance_saliency, show_qa,
+                    show_uncertainty)
 
 __all__ = ["CaseSession", "SessionUpdate", "slicer_python"]
 
@@ -263,6 +264,19 @@ class CaseSession:
             raise SegXAIInputError("qa: give a risk model or the map whose EC curve to show")
         return self._launch("qa", settings, {})
 
+    def uncertainty(self, settings, opacity: float = 0.5) -> EngineJob:
+        """Where the model is unsure: ``settings.uncertainty``'s samples (it is switched on
+        whatever its ``enabled``), shown as entropy and mutual-information volumes, the
+        uncertainty table and the lesion table's uncertainty columns."""
+        self._require_idle()
+        self._check_model(settings)
+        chosen = settings.to_dict()
+        chosen["methods"], chosen["qa"] = [], {}
+        chosen["agg2exp"] = {**chosen["agg2exp"], "enabled": False}
+        chosen["instances"] = {**chosen["instances"], "ids": [], "click_ras": None}  # the lesions, no maps
+        chosen["uncertainty"] = {**chosen["uncertainty"], "enabled": True}
+        return self._launch("uncertainty", type(settings).from_dict(chosen, source="settings"), {"opacity": opacity})
+
     def cancel(self) -> None:
         """End the running job's process tree (within :data:`~SegXAILib.pipeline.job.KILL_AFTER_S`)."""
         if self.busy:
@@ -337,3 +351,10 @@ class CaseSession:
         elif self.action == "qa":
             current.qa = case.qa
             show_qa(scene, current, self.nodes, name=self.name)
+        elif self.action == "uncertainty":
+            from ..pipeline import lesion_rows
+
+            current.uncertainty = case.uncertainty
+            current.lesions = lesion_rows(current)  # the lesions' own rows, their uncertainty added
+            show_uncertainty(scene, current, self.nodes, reference_volume=reference, opacity=show["opacity"],
+                             name=self.name)
