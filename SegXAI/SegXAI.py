@@ -79,6 +79,18 @@ except ImportError:  # headless: slicer-core (MRML without Qt) or no Slicer at a
 MAX_CHANNELS = 4
 #: the instance id spin box's range (the .ui's minimum and maximum)
 MAX_INSTANCE_ID = 100000
+#: the uncertainty samples the panel offers (more: the Python console or segxai uncertainty)
+MAX_UNCERTAINTY_SAMPLES = 1000
+MAX_SEED = 2**31 - 1
+#: the panel's uncertainty choices: key -> (menu text, sample sources, random: the samples box counts)
+UNCERTAINTY_PRESETS = {
+    "flips": ("flips over the model's mirror axes", {"flips": {}}, False),
+    "flips_all": ("flips over every axis", {"flips": {"axes": [0, 1, 2]}}, False),
+    "tta": ("intensity test-time augmentation (gamma, noise)", {"gamma": {}, "noise": {}}, True),
+    "spatial": ("small rotations and scaling", {"spatial": {}}, True),
+    "mc_dropout": ("MC dropout (networks with dropout)", {"mc_dropout": {}}, True),
+    "ensemble": ("ensemble (the model's folds / members)", {"ensemble": {}}, False),
+}
 
 
 #
@@ -124,6 +136,8 @@ class SegXAIParameterNode:
     display - "normalised" (paper 000, 17 % threshold) or "signed"; opacity of the overlay.
     riskModelPath - a calibrated QA risk model (JSON).
     outputFolder - where the case folders go (empty: a SegXAI folder in Slicer's temporary folder).
+    uncertaintySources - a key of UNCERTAINTY_PRESETS; uncertaintySamples / uncertaintySeed the
+        number of samples of a random source and its seed.
     """
 
     inputVolume0: vtkMRMLScalarVolumeNode
@@ -143,6 +157,9 @@ class SegXAIParameterNode:
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     riskModelPath: str = ""
     outputFolder: str = ""
+    uncertaintySources: str = "flips"
+    uncertaintySamples: Annotated[int, WithinRange(2, MAX_UNCERTAINTY_SAMPLES)] = 8
+    uncertaintySeed: Annotated[int, WithinRange(0, MAX_SEED)] = 0
 
 
 #
@@ -187,6 +204,7 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.explainCollapsibleButton.collapsed = False
         self.ui.lesionsCollapsibleButton.collapsed = True  # opened when there are lesions
         self.ui.qaCollapsibleButton.collapsed = True
+        self.ui.uncertaintyCollapsibleButton.collapsed = True
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -204,6 +222,8 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.explainButton.connect("clicked(bool)", self.onExplain)
         self.ui.pickLesionButton.connect("toggled(bool)", self.onPickLesionToggled)
         self.ui.qaButton.connect("clicked(bool)", self.onQA)
+        self.ui.uncertaintyButton.connect("clicked(bool)", self.onUncertainty)
+        self.ui.uncertaintySourceComboBox.connect("currentIndexChanged(int)", self.onUncertaintySourceChanged)
         self.ui.riskModelPathLineEdit.connect("currentPathChanged(QString)", self.onRiskModelChanged)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.lesionTableView.connect("selectionChanged()", self.onLesionSelected)
@@ -252,6 +272,9 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.displayComboBox.clear()
         self.ui.displayComboBox.addItem("normalised, hide below 17 % (paper 000)", "normalised")
         self.ui.displayComboBox.addItem("signed (blue negative, red positive)", "signed")
+        self.ui.uncertaintySourceComboBox.clear()
+        for key, (label, _, _) in UNCERTAINTY_PRESETS.items():
+            self.ui.uncertaintySourceComboBox.addItem(label, key)
         if self._missing:
             return
         from SegXAILib.mrml.logic import available_devices
@@ -330,6 +353,7 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._selectData(self.ui.methodComboBox, node.method)
             self._selectData(self.ui.targetComboBox, node.target)
             self._selectData(self.ui.displayComboBox, node.display)
+            self._selectData(self.ui.uncertaintySourceComboBox, node.uncertaintySources)
         finally:
             self._restoring = False
 
@@ -402,6 +426,14 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic.nodes is not None and (self.logic.nodes.saliency or self.logic.nodes.instance_saliency):
             slicer.util.setSliceViewerLayers(foregroundOpacity=value)
 
+    def onUncertaintySourceChanged(self, *args):
+        key = self.ui.uncertaintySourceComboBox.currentData or "flips"
+        self._write(uncertaintySources=key)
+        # samples and seed belong to a random source; the others give every combination
+        random = UNCERTAINTY_PRESETS.get(key, ("", {}, False))[2]
+        self.ui.uncertaintySamplesSpinBox.enabled = random
+        self.ui.uncertaintySeedSpinBox.enabled = random
+
     def onRiskModelChanged(self, *args):
         self._write(riskModelPath=self.ui.riskModelPathLineEdit.currentPath)
 
@@ -436,17 +468,21 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._write(methodParameters=json.dumps(values))
         return values
 
-    def _caseSettings(self, withMethod=False, riskModel=None, qaMethod=""):
+    def _caseSettings(self, withMethod=False, riskModel=None, qaMethod="", uncertainty=False):
         """The case settings of the parameter node's choices (the chosen method's map with
-        ``withMethod``); the Logic validates them."""
+        ``withMethod``, the uncertainty choices with ``uncertainty``); the Logic validates them."""
         node = self._parameterNode
+        chosen = None
+        if uncertainty:
+            chosen = self.logic.uncertaintySettings(node.uncertaintySources, node.uncertaintySamples,
+                                                    node.uncertaintySeed)
         model = node.modelCardPath if node.model == "file" else node.model
         target = "" if node.target == "class" else f"instance:{node.instanceId}"
         methods, params = [], None
         if withMethod:
             methods, params = [node.method], {node.method: self._methodParameters()}
         return self.logic.caseSettings(model, methods, params, target=target, device=node.device or "auto",
-                                       riskModel=riskModel, qaMethod=qaMethod)
+                                       riskModel=riskModel, qaMethod=qaMethod, uncertainty=chosen)
 
     def updateButtons(self, *args):
         if self.logic is None:
@@ -460,6 +496,7 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.explainButton.enabled = segmented and not busy
         self.ui.pickLesionButton.enabled = segmented
         self.ui.qaButton.enabled = segmented and not busy
+        self.ui.uncertaintyButton.enabled = segmented and not busy
         self.ui.installDependenciesButton.enabled = not busy
         self.ui.cancelButton.enabled = busy
         self.ui.instanceSpinBox.enabled = self.ui.targetComboBox.currentData == "instance"
@@ -548,6 +585,10 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.riskBandLabel.text = (f"risk band: {qa.risk['band'].upper()}  (PC1 {qa.risk['pc1']:.3g}, "
                                               f"estimated Dice {qa.risk['estimated_dice']:.2f})")
             slicer.modules.plots.logic().ShowChartInLayout(nodes.chart)
+        elif action == "uncertainty":
+            self.ui.uncertaintyLabel.text = self.logic.uncertaintySummary()
+            if nodes.lesion_table is not None:
+                self.ui.lesionTableView.setMRMLTableNode(nodes.lesion_table)
 
     def onCancel(self):
         self.logic.cancel()
@@ -614,6 +655,11 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         centroid = lesion_centroid_ras(table, rows[0]) if rows else None
         if centroid is not None:
             jump_slices_to(slicer.mrmlScene, centroid)
+
+    def onUncertainty(self):
+        node = self._parameterNode
+        self._start("Uncertainty", lambda: self.logic.uncertainty(self._caseSettings(uncertainty=True),
+                                                                   opacity=node.opacity))
 
     def onQA(self):
         riskModel = self.ui.riskModelPathLineEdit.currentPath or None
@@ -730,7 +776,7 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def caseSettings(model="lesions", methods=(), params=None, target="", device="auto", riskModel=None,
                      qaMethod=None, instances=None, aggregation="mean", instanceParams=None, className="",
-                     trustCode=False):
+                     trustCode=False, uncertainty=None):
         """Validated :class:`~SegXAILib.pipeline.CaseSettings` from the panel's choices.
 
         Parameters
@@ -765,6 +811,9 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
         trustCode : bool
             Allow models whose loading runs code: MONAI bundles (their configs) and the
             ``python`` card format (an importable network class).
+        uncertainty : dict, optional
+            :class:`~SegXAILib.pipeline.UncertaintySettings` fields (see
+            :meth:`uncertaintySettings`); computed with the case when ``enabled``.
 
         Raises
         ------
@@ -798,7 +847,21 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
                   "aggregations": [aggregation], **dict(instanceParams or {})}
         return CaseSettings.from_dict({"model": str(model), "class_name": className, "methods": entries,
                                        "instances": chosen, "qa": qa, "device": device,
-                                       "trust_code": bool(trustCode)}, source="settings")
+                                       "trust_code": bool(trustCode), "uncertainty": dict(uncertainty or {})},
+                                      source="settings")
+
+    @staticmethod
+    def uncertaintySettings(preset="flips", samples=8, seed=0):
+        """The uncertainty fields of a panel choice: ``preset`` a key of
+        :data:`UNCERTAINTY_PRESETS`; ``samples`` counts the draws of a random preset (the
+        others take every flip / member combination); ``seed`` seeds the random draws."""
+        from SegXAILib.image import SegXAIInputError
+
+        if preset not in UNCERTAINTY_PRESETS:
+            raise SegXAIInputError(f"uncertainty: {preset!r} is not one of {sorted(UNCERTAINTY_PRESETS)}")
+        _, sources, random = UNCERTAINTY_PRESETS[preset]
+        return {"sources": json.loads(json.dumps(sources)), "samples": int(samples) if random else None,
+                "seed": int(seed)}
 
     # ---- actions: each an engine process -----------------------------------------------------
     def segment(self, inputVolumes, settings):
@@ -817,6 +880,28 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
     def qa(self, settings):
         """Start the QA of the structure (risk band with ``settings.qa.risk_model``)."""
         return self.session.qa(settings)
+
+    def uncertainty(self, settings, opacity=0.5):
+        """Start the uncertainty of the prediction (``settings.uncertainty``'s samples)."""
+        return self.session.uncertainty(settings, opacity=opacity)
+
+    def uncertaintySummary(self):
+        """One line on the structure's uncertainty (the panel's label); empty without one."""
+        case = self.case
+        if case is None or case.uncertainty is None:
+            return ""
+        result = case.uncertainty
+        rows = [row for row in result.structures if row.class_index == case.class_index]
+        if not rows or rows[0].mean_entropy is None:
+            return f"{result.samples} samples: no predicted {case.structure} voxel"
+
+        def number(value):
+            return "n/a" if value is None else f"{value:.3f}"
+
+        row = rows[0]
+        return (f"{case.structure}: mean entropy {number(row.mean_entropy)} nats (boundary "
+                f"{number(row.boundary_entropy)}), pairwise Dice {number(row.pairwise_dice)}, soft Dice confidence "
+                f"{number(row.soft_dice_confidence)}; {result.samples} samples ({', '.join(result.sources)})")
 
     def poll(self):
         """The running job's progress; its results shown when it has ended (main thread)."""
@@ -987,6 +1072,18 @@ class SegXAITest(ScriptedLoadableModuleTest):
         self._waitForJob(widget)
         self.assertIn(logic.case.qa.band, ("low", "moderate", "high"))
         self.assertIn(logic.case.qa.band.upper(), widget.ui.riskBandLabel.text)
+
+        self.delayDisplay("Where the model is unsure")
+        widget._selectData(widget.ui.uncertaintySourceComboBox, "tta")
+        self.assertTrue(widget.ui.uncertaintySamplesSpinBox.enabled)
+        widget.ui.uncertaintySamplesSpinBox.value = 4
+        widget.ui.uncertaintyButton.click()
+        self._waitForJob(widget)
+        self.assertEqual(logic.case.uncertainty.samples, 4)
+        entropy = logic.nodes.uncertainty["predictive_entropy"][0]
+        self.assertTrue(all(c.GetForegroundVolumeID() == entropy.GetID()
+                            for c in slice_composite_nodes(slicer.mrmlScene)))
+        self.assertIn("mean entropy", widget.ui.uncertaintyLabel.text)
 
         self.delayDisplay("Cancel a long job")
         widget._selectData(widget.ui.methodComboBox, "smoothgrad")

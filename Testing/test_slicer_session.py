@@ -412,3 +412,32 @@ def test_lesion_table_rows_follow_the_view_model(model_card):
     assert mrml.table_row_of_model_row(table, 1) == 0
     assert mrml.lesion_centroid_ras(table, 0) == [1.5, -2.0, 3.25]
     assert mrml.lesion_centroid_ras(table, 2) is None and mrml.lesion_centroid_ras(table, -1) is None
+
+
+def test_the_panels_uncertainty_choices_are_valid_settings(model_card, tmp_path):
+    """Every preset of the panel's menu is a valid case setting (random ones count the samples
+    box, the others take every combination); the Logic's uncertainty job fills its summary."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("SegXAI", Path(__file__).parent.parent / "SegXAI" / "SegXAI.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    logic_class = module.SegXAILogic
+    for preset, (_, sources, random) in module.UNCERTAINTY_PRESETS.items():
+        chosen = logic_class.uncertaintySettings(preset, samples=6, seed=2)
+        settings = logic_class.caseSettings(model_card, device="cpu", uncertainty=chosen)
+        assert settings.uncertainty.sources == sources
+        assert settings.uncertainty.samples == (6 if random else None)
+    with pytest.raises(SegXAIInputError, match="coin"):
+        logic_class.uncertaintySettings("coin")
+
+    scene, volumes, _, _ = make_case(model_card, "oblique")
+    logic = logic_class(scene, workFolder=str(tmp_path / "jobs"), env=ENV)
+    logic.segment(volumes, logic_class.caseSettings(model_card, device="cpu"))
+    assert logic.wait().state == "done"
+    assert logic.uncertaintySummary() == ""
+    logic.uncertainty(logic_class.caseSettings(model_card, device="cpu", uncertainty=logic_class.uncertaintySettings(
+        "flips_all")))
+    assert logic.wait().state == "done"
+    # a per-voxel model under flips: every sample is the prediction
+    assert "pairwise Dice 1.000" in logic.uncertaintySummary() and "8 samples" in logic.uncertaintySummary()
