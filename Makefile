@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test,slicer,viewer]'
+	$(PY) -m pip install --quiet -e '.[test,slicer,viewer,batch]'
 	# test oracles for Grad-CAM / Grad-CAM++ and LRP; their torchvision dependency cannot sit
 	# beside the pinned CPU torch (PyPI's torchvision is a CUDA build) and is not needed for 3D
 	$(PY) -m pip install --quiet --no-deps grad-cam==1.5.7 ttach==0.0.3 zennit==0.5.1
