@@ -574,3 +574,27 @@ def test_the_registry_describes_every_source():
     assert specs["noise"]["stochastic"] and not specs["flips"]["stochastic"]
     checked = check_sources({"spatial": {"rotation_degrees": "5"}, "flips": {"axes": [2, 0]}})
     assert checked == {"spatial": {"rotation_degrees": 5.0, "scale": 0.1}, "flips": {"axes": (2, 0)}}
+
+
+@pytest.mark.parametrize("layer, channelwise", [(torch.nn.Dropout, False), (torch.nn.Dropout3d, True)])
+def test_mc_dropout_masks_come_from_the_seed_not_the_global_generator(layer, channelwise):
+    """Eager dropout draws its masks on the CPU from the sample's seed: torch's global
+    generators (each device has its own) play no part, so the maps are the same on any device.
+    The mask follows torch's definition: kept values scaled by 1 / (1 - p), zeros elsewhere,
+    per element (Dropout) or per channel (Dropout3d)."""
+    from SegXAILib.uncertainty.sources import mc_dropout
+
+    network = torch.nn.Sequential(layer(0.5)).eval()
+    x = torch.ones(1, 6, 4, 5, 3)
+    outputs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        with mc_dropout([network], "probe", generator=torch.Generator().manual_seed(9)):
+            outputs.append(network(x))
+    assert torch.equal(outputs[0], outputs[1])
+    values = set(outputs[0].unique().tolist())
+    assert values == {0.0, 2.0}
+    if channelwise:  # one draw per channel: each channel all kept or all dropped
+        per_channel = outputs[0].flatten(2)
+        assert torch.all(per_channel.amin(2) == per_channel.amax(2))
+    assert not network[0].training and not network[0]._forward_hooks  # restored

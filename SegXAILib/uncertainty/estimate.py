@@ -270,8 +270,11 @@ def iterate_samples(
             window_progress = sub_progress(progress, span[0], span[0] + 0.9 * (span[1] - span[0]))
             if dropout_seed is not None:
                 description["dropout_seed"] = dropout_seed
+                # eager dropout draws its masks on the CPU from this generator (the same on every
+                # device); the global generators serve only layers that take no hooks
                 with seeded_global_rng(dropout_seed, device), \
-                        mc_dropout(members, card.name, sources["mc_dropout"]["rate"]):
+                        mc_dropout(members, card.name, sources["mc_dropout"]["rate"],
+                                   torch.Generator().manual_seed(dropout_seed)):
                     output = sliding_window_logits(x, networks[0], sample_card, use_amp, window_progress, cancel,
                                                    networks=networks)
             else:

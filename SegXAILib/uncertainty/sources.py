@@ -294,10 +294,47 @@ def dropout_modules(network: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
+#: eager dropout layers whose masks SegXAI draws itself: element-wise (Dropout) or whole
+#: channels (Dropout1d / 2d / 3d), as torch defines them
+_ELEMENTWISE_DROPOUT = (torch.nn.Dropout,)
+_CHANNEL_DROPOUT = (torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d)
+
+
+def _drawn_dropout(generator: torch.Generator):
+    """A forward hook that applies dropout with a mask drawn on the CPU from ``generator``.
+
+    The layer stays in eval mode (its own output is its input); the hook returns
+    ``x * keep / (1 - p)`` with ``keep ~ Bernoulli(1 - p)`` per element (Dropout) or per
+    sample and channel (Dropout1d/2d/3d). Drawn on the CPU, the masks are the same on every
+    device, which torch's own dropout (each device its own generator) does not give.
+    """
+
+    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        p = float(module.p)
+        if p <= 0.0:
+            return x
+        if p >= 1.0:
+            return torch.zeros_like(x)
+        shape = tuple(x.shape) if isinstance(module, _ELEMENTWISE_DROPOUT) else (*x.shape[:2], *([1] * (x.ndim - 2)))
+        keep = torch.rand(shape, generator=generator, dtype=torch.float32) >= p
+        return x * keep.to(device=x.device, dtype=x.dtype) / (1.0 - p)
+
+    return hook
+
+
 @contextlib.contextmanager
-def mc_dropout(networks: Sequence[torch.nn.Module], model_name: str, rate: Optional[float] = None) -> Iterator[None]:
-    """Dropout layers of ``networks`` in train mode within the block (everything else left in
-    its mode, eval for a loaded model); ``rate`` replaces their probability. Restored after.
+def mc_dropout(networks: Sequence[torch.nn.Module], model_name: str, rate: Optional[float] = None,
+               generator: Optional[torch.Generator] = None) -> Iterator[None]:
+    """Dropout active in ``networks`` within the block (everything else left in its mode, eval
+    for a loaded model); ``rate`` replaces their probability. Restored after.
+
+    With ``generator`` (a CPU ``torch.Generator``), eager ``Dropout`` / ``Dropout1d/2d/3d``
+    layers stay in eval mode and a forward hook drops with masks drawn from it
+    (:func:`_drawn_dropout`): the same seed gives the same masks on every device. Other dropout
+    layers (alpha dropout, TorchScript modules, which take no Python hooks) are switched to
+    train mode and draw from torch's global generator of their device (see
+    :func:`seeded_global_rng`).
 
     Raises
     ------
@@ -313,16 +350,23 @@ def mc_dropout(networks: Sequence[torch.nn.Module], model_name: str, rate: Optio
                                    f"({', '.join(DROPOUT_NAMES)}); MC dropout needs a network trained with dropout")
         layers.extend(found)
     saved = [(layer, layer.training, getattr(layer, "p", None)) for layer in layers]
+    handles = []
     try:
         for layer in layers:
-            layer.train(True)
             if rate is not None:
                 if not hasattr(layer, "p"):
                     raise SegXAIInputError(f"source 'mc_dropout': model {model_name!r}: the rate of a TorchScript "
                                            "dropout layer cannot be changed; leave rate unset")
                 layer.p = float(rate)
+            if generator is not None and type(layer) in (*_ELEMENTWISE_DROPOUT, *_CHANNEL_DROPOUT):
+                layer.train(False)
+                handles.append(layer.register_forward_hook(_drawn_dropout(generator)))
+            else:
+                layer.train(True)
         yield
     finally:
+        for handle in handles:
+            handle.remove()
         for layer, training, p in saved:
             layer.train(training)
             if p is not None:
