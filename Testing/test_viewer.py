@@ -1,6 +1,7 @@
 """The browser viewer without a browser: its access token on real HTTP requests, the method
 form's values, where lesions are in a slice view, and the app's actions on a real trame-slicer
-scene (open a saved case, bad files, display changes). The browser end to end is
+scene (open a saved case, bad files, display changes, the uncertainty job with the per-voxel
+model against ``estimate_uncertainty`` run here). The browser end to end is
 ``test_viewer_browser.py``."""
 
 from __future__ import annotations
@@ -166,3 +167,147 @@ def test_segxai_view_refuses_bad_arguments(tmp_path):
     assert missing.returncode == 2 and "nothing" in missing.stderr and "no such" in missing.stderr
     port = subprocess.run(command + ["--port", "70000"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert port.returncode == 2 and "--port" in port.stderr
+
+
+# ---------------------------------------------------------------------------- uncertainty
+
+
+def test_every_uncertainty_preset_is_a_valid_case_setting():
+    """The viewer's presets: the sources of the menu's choice, the samples box counting only for
+    the random ones, form text converted, a bad field named."""
+    from SegXAILib.pipeline import CaseSettings
+    from SegXAILib.uncertainty import SOURCES
+    from SegXAILib.viewer.app import UNCERTAINTY_PRESETS, uncertainty_settings
+
+    assert {"flips", "flips_all", "tta", "mc_dropout", "ensemble"} <= set(UNCERTAINTY_PRESETS)
+    for preset, (_, sources, random) in UNCERTAINTY_PRESETS.items():
+        chosen = uncertainty_settings(preset, samples="6", seed="2")
+        settings = CaseSettings.from_dict({"uncertainty": chosen})
+        assert settings.uncertainty.sources == sources
+        assert settings.uncertainty.samples == (6 if random else None)
+        # random: a source that draws random numbers; the others enumerate every combination
+        assert random == any(SOURCES[name].stochastic for name in sources)
+    with pytest.raises(SegXAIInputError, match="coin"):
+        uncertainty_settings("coin")
+    with pytest.raises(SegXAIInputError, match="samples: expected a whole number"):
+        uncertainty_settings("tta", samples="2.5")
+    with pytest.raises(SegXAIInputError, match="seed: expected a whole number"):
+        uncertainty_settings("tta", seed="x")
+
+
+def _finish(viewer, timeout: float = 300.0) -> None:
+    """Poll as the server's loop does until the job has ended and its results are shown."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    viewer.poll()
+    while viewer.state.busy:
+        assert time.monotonic() < deadline, f"the job did not end within {timeout} s: {viewer.state.status}"
+        time.sleep(0.05)
+        viewer.poll()
+
+
+@pytest.fixture(scope="module")
+def voxel_case(viewer, tmp_path_factory):
+    """The per-voxel model (class 1 where the input > 50, conftest's) and an image of two bright
+    lesions on an oblique grid, opened as a file and segmented by the viewer's engine job."""
+    from conftest import write_voxelwise_card
+    from SegXAILib.io import write_image
+
+    folder = tmp_path_factory.mktemp("voxel-case")
+    card = write_voxelwise_card(folder / "model", orientation=None, threshold=50.0, patch=(8, 8, 8))
+    bright = np.zeros((12, 10, 8), np.float32)
+    bright[1:5, 1:5, 1:4] = 1.0  # lesion 1 (48 voxels)
+    bright[8:10, 6:9, 5:7] = 1.0  # lesion 2 (12 voxels)
+    bright *= np.random.default_rng(7).uniform(60.0, 140.0, bright.shape).astype(np.float32)
+    path = write_image(Image(bright[None], grid_matrix("oblique")), folder / "scan.nrrd")
+    viewer.session.forget()  # the module's viewer showed the demo case: a new image, a new case
+    viewer.volumes = []
+    viewer.state.model = str(card)
+    viewer.open(path)
+    viewer.segment()
+    _finish(viewer)
+    assert viewer.state.error == "" and [row["voxels"] for row in viewer.state.lesions] == [48, 12]
+    return card, path
+
+
+def test_uncertainty_runs_as_a_job_and_shows_the_api_entropy(viewer, voxel_case):
+    """Intensity TTA (gamma and noise, 4 samples, seed 3) through the viewer's job flow: the
+    entropy overlay equals ``estimate_uncertainty`` run here on the same image and prediction;
+    the summary and the lesion rows carry the case's values; a refused source is named in the
+    error; the job's case folder opens with its uncertainty shown."""
+    from SegXAILib import mrml
+    from SegXAILib.io import read_image
+    from SegXAILib.models import load_model, load_model_card
+    from SegXAILib.uncertainty import estimate_uncertainty
+
+    card, path = voxel_case
+    state = viewer.state
+    assert not state.has_uncertainty and state.uncertainty_summary == {}
+    state.uncertainty_source = "tta"
+    viewer._on_uncertainty_source(state.uncertainty_source)
+    assert state.uncertainty_random
+    state.uncertainty_samples, state.uncertainty_seed = "4", "3"  # as the form's text fields give them
+    version = state.overlay_version
+    viewer.ctrl.uncertainty()
+    assert state.error == "" and state.busy and state.status.startswith("uncertainty")
+    _finish(viewer)
+    assert state.error == "" and state.status.startswith("uncertainty: done")
+    case = viewer.session.case
+    case_dir = viewer.session.job.case_dir
+
+    model = load_model(load_model_card(card), device="cpu")
+    direct = estimate_uncertainty(read_image(path), model, sources={"gamma": {}, "noise": {}}, samples=4, seed=3,
+                                  prediction=case.segmentation)
+    assert float(direct.mutual_information.array.max()) > 0.01  # the samples disagree somewhere
+    entropy = viewer.session.nodes.uncertainty["predictive_entropy"][0]
+    assert all(c.GetForegroundVolumeID() == entropy.GetID() for c in mrml.slice_composite_nodes(viewer.scene))
+    # same code, same inputs, one thread each: the only order-dependent step is the noise's channel
+    # standard deviation (a reduction: a few float32 ulps of the noise scale, ~1e-5 of a logit at
+    # these intensities), and the entropy moves by at most 0.23 x the logit's change
+    np.testing.assert_allclose(mrml.volume_node_to_image(entropy).array[0], direct.predictive_entropy.array[0],
+                               rtol=0, atol=1e-5)
+    assert state.uncertainty_shown and state.has_uncertainty and state.overlay_version == version + 1
+
+    # the summary: the structure's row (3 decimals on the page)
+    summary = state.uncertainty_summary
+    structure = direct.structures[0]
+    assert summary["samples"] == 4 and summary["sources"] == "gamma, noise" and summary["structure"] == "bright"
+    for key in ("mean_entropy", "pairwise_dice", "soft_dice_confidence"):
+        assert summary[key] == pytest.approx(getattr(structure, key), abs=5e-4 + 1e-5), key
+        assert f"{summary[key]:.3f}" in summary["text"]
+    # the lesion rows: each lesion's values, as the case's lesion table has them
+    rows = {row["id"]: row for row in state.lesions}
+    assert sorted(rows) == [1, 2]
+    for lesion in case.lesions:
+        for key, value in lesion["uncertainty"].items():
+            shown = rows[lesion["id"]][f"uncertainty_{key}"]
+            assert (shown is None) if value is None else shown == pytest.approx(value, abs=5e-4), (lesion["id"], key)
+    assert rows[1]["uncertainty_mean_entropy"] is not None and rows[2]["uncertainty_pairwise_dice"] is not None
+
+    # bad form values and a refused source: named in state.error, never an exception
+    state.uncertainty_samples = "many"
+    viewer.ctrl.uncertainty()
+    assert "samples" in state.error and "many" in state.error and not state.busy
+    state.uncertainty_samples = "1"
+    viewer.ctrl.uncertainty()
+    assert "uncertainty.samples" in state.error and not state.busy
+    state.uncertainty_source = "flips"  # the per-voxel model's card has no mirror axes
+    viewer.ctrl.uncertainty()
+    assert state.error == "" and state.busy
+    _finish(viewer)
+    assert "flips" in state.error and "mirror" in state.error and state.status == "uncertainty: failed"
+    assert state.has_uncertainty and state.uncertainty_shown  # the last result stays
+
+    # the uncertainty job's case folder, opened: the entropy in front, the summary, the lesion values
+    state.update({"uncertainty_summary": {}, "lesions": [], "uncertainty_shown": False})
+    last_job = viewer.session.job
+    state.open_path = str(case_dir)
+    viewer.ctrl.open()
+    assert state.error == "" and viewer.session.job is last_job  # shown at once, nothing recomputed
+    assert state.has_uncertainty and state.uncertainty_shown and state.uncertainty_summary == summary
+    assert {row["id"]: row for row in state.lesions} == rows
+    shown = viewer.session.nodes.uncertainty["predictive_entropy"][0]
+    assert all(c.GetForegroundVolumeID() == shown.GetID() for c in mrml.slice_composite_nodes(viewer.scene))
+    np.testing.assert_allclose(mrml.volume_node_to_image(shown).array[0], direct.predictive_entropy.array[0],
+                               rtol=0, atol=1e-5)

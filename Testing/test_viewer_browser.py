@@ -2,7 +2,7 @@
 
 The quick demo's case folder is opened by the app; the tests then act like a user: pick a lesion in
 the axial view (its instance map must appear on the server's state *and* in the pixels of the view),
-cancel a long job, open a broken file, and talk to the server without its token.
+cancel a long job, run the uncertainty, open a broken file, and talk to the server without its token.
 
 Skipped only when ``playwright`` or ``chromium`` is missing. Screenshots are kept under
 ``Testing/artifacts/viewer/``; with ``SEGXAI_VIEWER_SCREENSHOT=1`` the one after the pick is also
@@ -52,6 +52,8 @@ CATALOGUE_SHOT = ROOT / "Resources" / "Catalogue" / "Screenshots" / "segxai_view
 #: a pick runs a new engine job (process start, model, instance saliency with two aggregations): about
 #: 15-20 s for the quick demo on 2 busy CPU cores (Testing/Benchmarks/results/viewer_latency.md); generous
 PICK_TIMEOUT_S = 120.0
+#: the uncertainty step: 2 samples of intensity TTA, each one full prediction of the quick demo; generous
+UNCERTAINTY_TIMEOUT_S = 240.0
 #: "busy goes false within a few seconds" after Cancel
 CANCEL_TIMEOUT_S = 5.0
 #: the neighbourhood of the click compared before/after the pick: a disc of this fraction of the
@@ -196,6 +198,19 @@ def test_cancel_stops_a_long_job_and_the_app_keeps_working(page):
     assert get(page, "error") == "" or "cancel" in get(page, "error").lower()
     # the app still works: a pick shows an instance map again
     _pick(page, _on_view_target(page))
+
+
+def test_uncertainty_shows_its_summary(page):
+    wait_idle(page)
+    set_state(page, uncertainty_source="tta", uncertainty_samples=2, uncertainty_seed=0)
+    page.click("#segxai-uncertainty")
+    wait_state(page, "s.get('uncertainty_shown') && !s.get('busy')", UNCERTAINTY_TIMEOUT_S)
+    assert get(page, "error") == ""
+    summary = get(page, "uncertainty_summary")
+    assert summary["samples"] == 2 and 0.0 <= summary["mean_entropy"] <= np.log(2) + 1e-3  # 2 classes: <= log 2
+    page.wait_for_selector("#segxai-uncertainty-summary:has-text('mean entropy')", timeout=10_000)
+    assert summary["text"] in page.inner_text("#segxai-uncertainty-summary")
+    assert all("uncertainty_mean_entropy" in row for row in get(page, "lesions"))
 
 
 def test_a_bad_file_gets_a_clear_error_and_the_app_keeps_working(page, demo_case, tmp_path):

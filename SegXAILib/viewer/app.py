@@ -10,8 +10,11 @@ Views: axial (large), coronal and sagittal (and 3D with ``three_d``). Controls: 
 folder or an image, a method picker with the method's parameter form (from the registry), a
 target picker, Explain, display (normalised with a threshold, or signed) and opacity,
 pick-lesion mode (a click in a slice view computes that lesion's instance saliency, mean and
-max aggregations), the lesion table (a row click centres the views on the lesion), QA (risk
-band and EC-curve plot), a progress bar with Cancel, and the last error.
+max aggregations), the lesion table (a row click centres the views on the lesion; with
+uncertainty, each lesion's entropy and pairwise Dice), QA (risk band and EC-curve plot),
+uncertainty (a sample-source preset of :data:`UNCERTAINTY_PRESETS`, samples and seed for the
+random ones: the predictive entropy overlay and the structure's summary), a progress bar with
+Cancel, and the last error.
 
 The state keys and element ids below are the viewer's interface for its end-to-end tests.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import io
 import logging
 import math
@@ -30,8 +34,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..image import SegXAIInputError
+from ..mrml.logic import UNCERTAINTY_VOLUMES
+from ..pipeline.steps import LESION_UNCERTAINTY_KEYS
 
-__all__ = ["ViewerApp", "parameter_values", "lesion_targets"]
+__all__ = ["ViewerApp", "parameter_values", "lesion_targets", "uncertainty_settings", "uncertainty_summary",
+           "UNCERTAINTY_PRESETS"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,19 @@ VIEW_IDS = {"Red": "segxai-view-red", "Green": "segxai-view-green", "Yellow": "s
 PICK_AGGREGATIONS = ["mean", "max"]
 #: seconds between two polls of the running job
 POLL_S = 0.1
+#: the uncertainty choices, as the Slicer panel's (SegXAI/SegXAI.py keeps its own copy: the
+#: library never imports the module): key -> (menu text, sample sources, random: samples and
+#: seed count; the others take every flip / member combination)
+UNCERTAINTY_PRESETS = {
+    "flips": ("flips over the model's mirror axes", {"flips": {}}, False),
+    "flips_all": ("flips over every axis", {"flips": {"axes": [0, 1, 2]}}, False),
+    "tta": ("intensity test-time augmentation (gamma, noise)", {"gamma": {}, "noise": {}}, True),
+    "spatial": ("small rotations and scaling", {"spatial": {}}, True),
+    "mc_dropout": ("MC dropout (networks with dropout)", {"mc_dropout": {}}, True),
+    "ensemble": ("ensemble (the model's folds / members)", {"ensemble": {}}, False),
+}
+#: the structure's uncertainty values the summary carries (:class:`~SegXAILib.uncertainty.RegionUncertainty`)
+SUMMARY_KEYS = ("mean_entropy", "boundary_entropy", "pairwise_dice", "soft_dice_confidence")
 
 
 def parameter_values(spec: dict, values: dict) -> dict:
@@ -106,6 +126,67 @@ def lesion_targets(case, xy_to_ras: np.ndarray, dimensions: Sequence[int]) -> li
     return targets
 
 
+def _whole(name: str, value: Any) -> int:
+    """A whole number from a form field (text fields give strings), naming the parameter."""
+    try:
+        number = float(value)
+        if isinstance(value, bool) or not number.is_integer():
+            raise ValueError(value)
+    except (TypeError, ValueError):
+        raise SegXAIInputError(f"{name}: expected a whole number, got {value!r}") from None
+    return int(number)
+
+
+def uncertainty_settings(preset: str, samples: Any = 8, seed: Any = 0) -> dict:
+    """The :class:`~SegXAILib.pipeline.UncertaintySettings` fields of a viewer choice.
+
+    Parameters
+    ----------
+    preset : str
+        A key of :data:`UNCERTAINTY_PRESETS`.
+    samples, seed : int or str
+        The number of draws of a random preset and their seed (form text accepted); a
+        non-random preset takes every combination (``samples`` None). The ranges are the
+        settings' (checked when the case settings are made).
+
+    Raises
+    ------
+    SegXAIInputError
+        An unknown preset; a ``samples`` or ``seed`` that is not a whole number.
+    """
+    if preset not in UNCERTAINTY_PRESETS:
+        raise SegXAIInputError(f"uncertainty source: {preset!r} is not one of {sorted(UNCERTAINTY_PRESETS)}")
+    _, sources, random = UNCERTAINTY_PRESETS[preset]
+    return {"sources": copy.deepcopy(sources),  # the table's lists stay the table's
+            "samples": _whole("samples", samples) if random else None,
+            "seed": _whole("seed", seed) if random else 0}
+
+
+def uncertainty_summary(case) -> dict:
+    """The case structure's uncertainty for the page: :data:`SUMMARY_KEYS` (3 decimals, None
+    when the structure has no predicted voxel), ``structure``, ``samples``, ``sources`` and a
+    one-line ``text``; {} without an uncertainty result."""
+    result = None if case is None else case.uncertainty
+    if result is None:
+        return {}
+    rows = [row for row in result.structures if row.class_index == case.class_index]
+    values = {key: _json_ready(getattr(rows[0], key)) if rows else None for key in SUMMARY_KEYS}
+    sources = ", ".join(result.sources)
+    summary = {"structure": case.structure, **values, "samples": int(result.samples), "sources": sources}
+    if values["mean_entropy"] is None:
+        summary["text"] = f"{result.samples} samples ({sources}): no predicted {case.structure} voxel"
+        return summary
+
+    def number(value):
+        return "n/a" if value is None else f"{value:.3f}"
+
+    summary["text"] = (f"{case.structure}: mean entropy {number(values['mean_entropy'])} nats (boundary "
+                       f"{number(values['boundary_entropy'])}), pairwise Dice {number(values['pairwise_dice'])}, "
+                       f"soft Dice confidence {number(values['soft_dice_confidence'])}; {result.samples} samples "
+                       f"({sources})")
+    return summary
+
+
 def _json_ready(value: Any) -> Any:
     """Table cells for the page: numbers rounded, NaN as None."""
     if isinstance(value, (float, np.floating)):
@@ -169,6 +250,7 @@ class ViewerApp:
         self.volumes: list = []  # image volumes opened without a case (to segment)
         self._shown: tuple = ()  # what the foreground shows: ("map", name) or ("instance", id)
         self._asked: tuple = ()  # what the running job will show
+        self._sources = ""  # the running uncertainty job's sample sources (its error names them)
         self._targets_time = -1
         self._click = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "SegXAI click")
         self._click.CreateDefaultDisplayNodes()
@@ -196,11 +278,15 @@ class ViewerApp:
             "pick_mode": False, "instance_aggregation": PICK_AGGREGATIONS[0], "lesions": [], "lesion_targets": [],
             "instance_shown": 0, "overlay_version": 0, "qa_band": "", "qa_figure": "", "risk_model": "",
             "has_case": False, "has_volumes": False,
+            "uncertainty_presets": [{"value": key, "title": label} for key, (label, _, _) in UNCERTAINTY_PRESETS.items()],
+            "uncertainty_source": "flips", "uncertainty_samples": 8, "uncertainty_seed": 0, "uncertainty_random": False,
+            "uncertainty_shown": False, "uncertainty_summary": {}, "has_uncertainty": False,
         })
         state.change("method")(self._on_method)
         state.change("pick_mode")(self._on_pick_mode)
         state.change("opacity")(self._on_opacity)
         state.change("display", "threshold", "instance_aggregation")(self._on_display)
+        state.change("uncertainty_source")(self._on_uncertainty_source)
         self._on_method(state.method)
 
     def _on_method(self, method, **_) -> None:
@@ -214,6 +300,10 @@ class ViewerApp:
                          "choices": [str(c) for c in parameter.get("choices") or []]})
             values[parameter["name"]] = default if isinstance(default, (bool, int, float, str)) else ""
         self.state.method_form, self.state.method_params = form, values
+
+    def _on_uncertainty_source(self, uncertainty_source, **_) -> None:
+        # samples and seed belong to a random source; the others give every combination
+        self.state.uncertainty_random = UNCERTAINTY_PRESETS.get(uncertainty_source, ("", {}, False))[2]
 
     def _on_pick_mode(self, pick_mode, **_) -> None:
         if pick_mode:
@@ -263,7 +353,7 @@ class ViewerApp:
         if path.is_dir() and (path / "case.json").is_file():
             self.session.open(path, display=self.state.display)
             self.volumes = []
-            self._shown = ("map", next(iter(self.session.case.maps))) if self.session.case.maps else ()
+            self._shown = self._first_overlay()
             self._after_case()
             return
         image = read_image(path)
@@ -325,6 +415,34 @@ class ViewerApp:
         self.session.qa(settings)
         self._started()
 
+    def uncertainty(self) -> None:
+        """Where the model is unsure: the chosen preset's samples in the engine; the predictive
+        entropy becomes the overlay. The case's own instance and uncertainty settings (band
+        widths, members) are kept; the preset, samples and seed replace the sampling."""
+        state = self.state
+        chosen = uncertainty_settings(state.uncertainty_source, state.uncertainty_samples, state.uncertainty_seed)
+        case = self.session.case
+        if case is None:
+            raise SegXAIInputError("uncertainty: no case: open a case folder or segment first")
+        fields = case.settings.uncertainty.model_dump()
+        fields.update(chosen)
+        if "ensemble" not in chosen["sources"]:
+            fields["models"] = []  # more models only count as ensemble members
+        instances = {**case.settings.instances.model_dump(), "ids": [], "click_ras": None}
+        self._sources = ", ".join(chosen["sources"])
+        self.session.uncertainty(self._settings(uncertainty=fields, instances=instances),
+                                 opacity=float(state.opacity))
+        self._asked = ("uncertainty", UNCERTAINTY_VOLUMES[0])
+        self._started()
+
+    def show_uncertainty(self) -> None:
+        """The case's predictive entropy in front again (after a saliency map was shown)."""
+        case = self.session.case
+        if case is None or case.uncertainty is None or not self.session.nodes.uncertainty:
+            raise SegXAIInputError("uncertainty: the case has none: run Uncertainty first")
+        self._shown = ("uncertainty", UNCERTAINTY_VOLUMES[0])
+        self._show_overlay()
+
     def cancel(self) -> None:
         self.session.cancel()
         self.state.status = "cancelling..."
@@ -363,7 +481,10 @@ class ViewerApp:
         if update.finished:
             self.state.busy = False
             if update.error:
-                self.state.error, self.state.status = update.error, f"{update.action}: failed"
+                error = update.error
+                if update.action == "uncertainty":  # the engine's message may not say which source failed
+                    error = f"uncertainty (sources: {self._sources}): {error}"
+                self.state.error, self.state.status = error, f"{update.action}: failed"
             elif update.state == "cancelled":
                 self.state.status = f"{update.action}: cancelled"
             else:
@@ -380,21 +501,45 @@ class ViewerApp:
             self._shown = self._asked
             self._show_overlay()
         elif action == "segment":
-            self._shown = ("map", next(iter(case.maps))) if case.maps else ()
+            self._shown = self._first_overlay()
             self._after_case()
         elif action == "qa":
             self._show_qa()
+        elif action == "uncertainty":  # the session showed the entropy in front
+            self._shown = self._asked
+            self._overlay_shown(0)
+            self._show_uncertainty_state()
         self._render()
+
+    def _first_overlay(self) -> tuple:
+        """What a new case shows first (as ``show_case``): its first map, else its entropy."""
+        case = self.session.case
+        if case.maps:
+            return ("map", next(iter(case.maps)))
+        if case.uncertainty is not None and self.session.nodes.uncertainty:
+            return ("uncertainty", UNCERTAINTY_VOLUMES[0])
+        return ()
+
+    def _show_uncertainty_state(self) -> None:
+        """The lesion table (with each lesion's uncertainty) and the uncertainty summary."""
+        case = self.session.case
+        rows = []
+        for index, row in enumerate(case.lesions):
+            shown = {"key": index, **{key: _json_ready(row.get(key)) for key in ("id", "voxels", "volume_mm3",
+                                                                               "mean_probability", "group")}}
+            values = row.get("uncertainty") or {}
+            shown.update({f"uncertainty_{key}": _json_ready(values.get(key)) for key in LESION_UNCERTAINTY_KEYS})
+            rows.append(shown)
+        self.state.lesions = rows
+        self.state.uncertainty_summary = uncertainty_summary(case)
+        self.state.has_uncertainty = case.uncertainty is not None
 
     def _after_case(self) -> None:
         """A new case: the lesion table, the views reset and centred on the largest lesion."""
         from ..mrml import jump_slices_to
 
         case = self.session.case
-        rows = [{"key": index, **{key: _json_ready(row.get(key)) for key in ("id", "voxels", "volume_mm3",
-                                                                              "mean_probability", "group")}}
-                for index, row in enumerate(case.lesions)]
-        self.state.lesions = rows
+        self._show_uncertainty_state()
         self.state.has_case = True
         # outlines only in the slice views: a filled contour would hide the saliency inside it
         nodes = self.session.nodes
@@ -411,13 +556,22 @@ class ViewerApp:
             self._show_qa()
         if self._shown:  # show_case left the last instance map in front: the class map first
             self._show_overlay()
+        else:
+            self.state.uncertainty_shown = False
         self._refresh_targets(force=True)
 
     def _show_overlay(self) -> None:
         from ..mrml.logic import show_explanations, show_instance_saliency
 
         session, display = self.session, self.state.display
-        if self._shown[0] == "map":
+        if self._shown[0] == "uncertainty":  # fixed [0, log K] nats: display and threshold are the maps'
+            from ..mrml import show_in_slice_views
+
+            show_in_slice_views(self.scene, background=session.reference_volume,
+                                foreground=session.nodes.uncertainty[self._shown[1]][0],
+                                foreground_opacity=float(self.state.opacity))
+            self._overlay_shown(0)
+        elif self._shown[0] == "map":
             show_explanations(self.scene, session.case, session.nodes, reference_volume=session.reference_volume,
                               display=display, threshold=float(self.state.threshold),
                               opacity=float(self.state.opacity), maps=[self._shown[1]], name=session.name)
@@ -435,6 +589,7 @@ class ViewerApp:
 
     def _overlay_shown(self, instance_id: int) -> None:
         self.state.instance_shown = int(instance_id)
+        self.state.uncertainty_shown = bool(self._shown) and self._shown[0] == "uncertainty"
         self.state.overlay_version = int(self.state.overlay_version) + 1
 
     def _show_qa(self) -> None:
@@ -481,6 +636,8 @@ class ViewerApp:
         ctrl.segment = act(self.segment)
         ctrl.explain = act(self.explain)
         ctrl.qa = act(self.qa)
+        ctrl.uncertainty = act(self.uncertainty)
+        ctrl.show_uncertainty = act(self.show_uncertainty)
         ctrl.cancel = act(self.cancel)
         ctrl.jump_to_lesion = act(self.jump_to_lesion)
         server.trigger("jump_to_lesion")(ctrl.jump_to_lesion)  # called by name from the table's rows
@@ -534,6 +691,8 @@ class ViewerApp:
                             with html.Tr():
                                 for title in ("lesion", "voxels", "mm3", "p"):
                                     html.Th(title)
+                                html.Th("H", v_if=("has_uncertainty",), title="mean predictive entropy (nats)")
+                                html.Th("Dice", v_if=("has_uncertainty",), title="mean pairwise Dice of the samples")
                             # rows without an id: reference lesions the prediction missed (FN)
                             with html.Tr(v_for="row in lesions", key="row.key",
                                          id=("row.id ? 'segxai-lesion-' + row.id : undefined",),
@@ -543,11 +702,30 @@ class ViewerApp:
                                 html.Td("{{ row.voxels }}")
                                 html.Td("{{ row.volume_mm3 }}")
                                 html.Td("{{ row.mean_probability }}")
+                                html.Td("{{ row.uncertainty_mean_entropy }}", v_if=("has_uncertainty",))
+                                html.Td("{{ row.uncertainty_pairwise_dice }}", v_if=("has_uncertainty",))
                         v3.VTextField(v_model=("risk_model",), label="risk model (JSON or bundled:<model>/<method>)",
                                       density="compact", hide_details=True, classes="mt-2")
                         v3.VBtn("QA", click=ctrl.qa, id="segxai-qa", disabled=("busy || !has_case",), classes="my-2")
                         html.Div("risk band: {{ qa_band }}", v_show=("qa_band",), id="segxai-qa-band")
                         html.Img(src=("qa_figure",), v_show=("qa_figure",), style="width:100%;")
+                        v3.VSelect(v_model=("uncertainty_source",), items=("uncertainty_presets",),
+                                   label="uncertainty samples from", density="compact", hide_details=True,
+                                   id="segxai-uncertainty-source", classes="mt-2")
+                        with html.Div(style="display:flex;gap:8px;"):
+                            v3.VTextField(v_model=("uncertainty_samples",), label="samples", type="number",
+                                          density="compact", hide_details=True, disabled=("!uncertainty_random",),
+                                          id="segxai-uncertainty-samples")
+                            v3.VTextField(v_model=("uncertainty_seed",), label="seed", type="number",
+                                          density="compact", hide_details=True, disabled=("!uncertainty_random",),
+                                          id="segxai-uncertainty-seed")
+                        with html.Div(style="display:flex;gap:8px;"):
+                            v3.VBtn("Uncertainty", click=ctrl.uncertainty, id="segxai-uncertainty",
+                                    disabled=("busy || !has_case",), classes="my-2")
+                            v3.VBtn("Show entropy", click=ctrl.show_uncertainty, id="segxai-uncertainty-show",
+                                    disabled=("busy || !has_uncertainty || uncertainty_shown",), classes="my-2")
+                        html.Div("{{ uncertainty_summary.text }}", v_show=("has_uncertainty",),
+                                 id="segxai-uncertainty-summary", style="font-size:12px;")
                     with html.Div(style="display:flex;flex:1;flex-direction:row;background:black;"):
                         view("Red", VIEW_IDS["Red"], "flex:2;")
                         with html.Div(style="display:flex;flex:1;flex-direction:column;"):
