@@ -82,15 +82,6 @@ MAX_INSTANCE_ID = 100000
 #: the uncertainty samples the panel offers (more: the Python console or segxai uncertainty)
 MAX_UNCERTAINTY_SAMPLES = 1000
 MAX_SEED = 2**31 - 1
-#: the panel's uncertainty choices: key -> (menu text, sample sources, random: the samples box counts)
-UNCERTAINTY_PRESETS = {
-    "flips": ("flips over the model's mirror axes", {"flips": {}}, False),
-    "flips_all": ("flips over every axis", {"flips": {"axes": [0, 1, 2]}}, False),
-    "tta": ("intensity test-time augmentation (gamma, noise)", {"gamma": {}, "noise": {}}, True),
-    "spatial": ("small rotations and scaling", {"spatial": {}}, True),
-    "mc_dropout": ("MC dropout (networks with dropout)", {"mc_dropout": {}}, True),
-    "ensemble": ("ensemble (the model's folds / members)", {"ensemble": {}}, False),
-}
 
 
 #
@@ -136,7 +127,7 @@ class SegXAIParameterNode:
     display - "normalised" (paper 000, 17 % threshold) or "signed"; opacity of the overlay.
     riskModelPath - a calibrated QA risk model (JSON).
     outputFolder - where the case folders go (empty: a SegXAI folder in Slicer's temporary folder).
-    uncertaintySources - a key of UNCERTAINTY_PRESETS; uncertaintySamples / uncertaintySeed the
+    uncertaintySources - a key of SegXAILib.uncertainty.UNCERTAINTY_PRESETS; uncertaintySamples / uncertaintySeed the
         number of samples of a random source and its seed.
     """
 
@@ -273,10 +264,12 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.displayComboBox.addItem("normalised, hide below 17 % (paper 000)", "normalised")
         self.ui.displayComboBox.addItem("signed (blue negative, red positive)", "signed")
         self.ui.uncertaintySourceComboBox.clear()
-        for key, (label, _, _) in UNCERTAINTY_PRESETS.items():
-            self.ui.uncertaintySourceComboBox.addItem(label, key)
         if self._missing:
             return
+        from SegXAILib.uncertainty import UNCERTAINTY_PRESETS
+
+        for key, (label, _, _) in UNCERTAINTY_PRESETS.items():
+            self.ui.uncertaintySourceComboBox.addItem(label, key)
         from SegXAILib.mrml.logic import available_devices
         from SegXAILib.sample_data import BUNDLED_MODELS
         from SegXAIMethodForm import methodSpecs
@@ -427,10 +420,14 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.setSliceViewerLayers(foregroundOpacity=value)
 
     def onUncertaintySourceChanged(self, *args):
-        key = self.ui.uncertaintySourceComboBox.currentData or "flips"
+        key = self.ui.uncertaintySourceComboBox.currentData
+        if not key:  # the menu is empty until the dependencies are installed
+            return
+        from SegXAILib.uncertainty import UNCERTAINTY_PRESETS
+
         self._write(uncertaintySources=key)
         # samples and seed belong to a random source; the others give every combination
-        random = UNCERTAINTY_PRESETS.get(key, ("", {}, False))[2]
+        random = UNCERTAINTY_PRESETS[key][2]
         self.ui.uncertaintySamplesSpinBox.enabled = random
         self.ui.uncertaintySeedSpinBox.enabled = random
 
@@ -852,16 +849,12 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def uncertaintySettings(preset="flips", samples=8, seed=0):
-        """The uncertainty fields of a panel choice: ``preset`` a key of
-        :data:`UNCERTAINTY_PRESETS`; ``samples`` counts the draws of a random preset (the
-        others take every flip / member combination); ``seed`` seeds the random draws."""
-        from SegXAILib.image import SegXAIInputError
+        """The uncertainty fields of a panel choice (:func:`SegXAILib.uncertainty.preset_settings`):
+        ``preset`` a key of ``UNCERTAINTY_PRESETS``; ``samples`` and ``seed`` count for a random
+        preset (the others take every flip / member combination)."""
+        from SegXAILib.uncertainty import preset_settings
 
-        if preset not in UNCERTAINTY_PRESETS:
-            raise SegXAIInputError(f"uncertainty: {preset!r} is not one of {sorted(UNCERTAINTY_PRESETS)}")
-        _, sources, random = UNCERTAINTY_PRESETS[preset]
-        return {"sources": json.loads(json.dumps(sources)), "samples": int(samples) if random else None,
-                "seed": int(seed)}
+        return preset_settings(preset, samples, seed)
 
     # ---- actions: each an engine process -----------------------------------------------------
     def segment(self, inputVolumes, settings):
@@ -887,21 +880,9 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
 
     def uncertaintySummary(self):
         """One line on the structure's uncertainty (the panel's label); empty without one."""
-        case = self.case
-        if case is None or case.uncertainty is None:
-            return ""
-        result = case.uncertainty
-        rows = [row for row in result.structures if row.class_index == case.class_index]
-        if not rows or rows[0].mean_entropy is None:
-            return f"{result.samples} samples: no predicted {case.structure} voxel"
+        from SegXAILib.mrml.logic import uncertainty_summary
 
-        def number(value):
-            return "n/a" if value is None else f"{value:.3f}"
-
-        row = rows[0]
-        return (f"{case.structure}: mean entropy {number(row.mean_entropy)} nats (boundary "
-                f"{number(row.boundary_entropy)}), pairwise Dice {number(row.pairwise_dice)}, soft Dice confidence "
-                f"{number(row.soft_dice_confidence)}; {result.samples} samples ({', '.join(result.sources)})")
+        return uncertainty_summary(self.case).get("text", "")
 
     def poll(self):
         """The running job's progress; its results shown when it has ended (main thread)."""

@@ -423,7 +423,9 @@ def test_the_panels_uncertainty_choices_are_valid_settings(model_card, tmp_path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     logic_class = module.SegXAILogic
-    for preset, (_, sources, random) in module.UNCERTAINTY_PRESETS.items():
+    from SegXAILib.uncertainty import UNCERTAINTY_PRESETS
+
+    for preset, (_, sources, random) in UNCERTAINTY_PRESETS.items():
         chosen = logic_class.uncertaintySettings(preset, samples=6, seed=2)
         settings = logic_class.caseSettings(model_card, device="cpu", uncertainty=chosen)
         assert settings.uncertainty.sources == sources

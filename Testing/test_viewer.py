@@ -177,7 +177,7 @@ def test_every_uncertainty_preset_is_a_valid_case_setting():
     the random ones, form text converted, a bad field named."""
     from SegXAILib.pipeline import CaseSettings
     from SegXAILib.uncertainty import SOURCES
-    from SegXAILib.viewer.app import UNCERTAINTY_PRESETS, uncertainty_settings
+    from SegXAILib.uncertainty import UNCERTAINTY_PRESETS, preset_settings as uncertainty_settings
 
     assert {"flips", "flips_all", "tta", "mc_dropout", "ensemble"} <= set(UNCERTAINTY_PRESETS)
     for preset, (_, sources, random) in UNCERTAINTY_PRESETS.items():

@@ -28,7 +28,9 @@ __all__ = [
     "show_instance_saliency",
     "show_qa",
     "show_uncertainty",
+    "uncertainty_summary",
     "UNCERTAINTY_VOLUMES",
+    "UNCERTAINTY_SUMMARY_KEYS",
     "show_case",
     "case_image",
     "DISPLAY_MODES",
@@ -41,6 +43,8 @@ DISPLAY_MODES = ("normalised", "signed")
 
 #: the uncertainty maps shown as volumes (every map is in the case folder), first = foreground
 UNCERTAINTY_VOLUMES = ("predictive_entropy", "mutual_information")
+#: the structure's uncertainty values a front end shows beside the maps
+UNCERTAINTY_SUMMARY_KEYS = ("mean_entropy", "boundary_entropy", "pairwise_dice", "soft_dice_confidence")
 
 
 def available_devices() -> list[tuple[str, str]]:
@@ -223,6 +227,31 @@ def show_uncertainty(scene, case, nodes: CaseNodes, reference_volume=None, opaci
                                                    node=nodes.uncertainty_table)
     _refresh_lesion_table(scene, case, nodes)
     return nodes
+
+
+def uncertainty_summary(case) -> dict:
+    """The case structure's uncertainty as the front ends show it: :data:`UNCERTAINTY_SUMMARY_KEYS`
+    (None when the structure has no predicted voxel), ``structure``, ``samples``, ``sources``
+    and a one-line ``text``; {} without an uncertainty result."""
+    result = None if case is None else case.uncertainty
+    if result is None:
+        return {}
+    rows = [row for row in result.structures if row.class_index == case.class_index]
+    values = {key: getattr(rows[0], key) if rows else None for key in UNCERTAINTY_SUMMARY_KEYS}
+    sources = ", ".join(result.sources)
+    summary = {"structure": case.structure, **values, "samples": int(result.samples), "sources": sources}
+    if values["mean_entropy"] is None:
+        summary["text"] = f"{result.samples} samples ({sources}): no predicted {case.structure} voxel"
+        return summary
+
+    def number(value) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    summary["text"] = (f"{case.structure}: mean entropy {number(values['mean_entropy'])} nats (boundary "
+                       f"{number(values['boundary_entropy'])}), pairwise Dice {number(values['pairwise_dice'])}, "
+                       f"soft Dice confidence {number(values['soft_dice_confidence'])}; {result.samples} samples "
+                       f"({sources})")
+    return summary
 
 
 def show_case(scene, case, reference_volume=None, display: str = "normalised", name: str = "SegXAI") -> CaseNodes:

@@ -7,10 +7,13 @@ Confidence), all on the input grid."""
 from .estimate import (DEFAULT_STOCHASTIC_SAMPLES, SamplePlan, UncertaintyResult, estimate_uncertainty,
                        iterate_samples, plan_samples)
 from .sources import SOURCES, SourceSpec, available_sources, check_sources, source_specs
+from .presets import UNCERTAINTY_PRESETS, preset_settings
 from .statistics import (RegionUncertainty, UncertaintyAccumulator, bernoulli_entropy, boundary_band, entropy,
                          instance_regions, pooled_pairwise_dice)
 
 __all__ = [
+    "UNCERTAINTY_PRESETS",
+    "preset_settings",
     "estimate_uncertainty",
     "UncertaintyResult",
     "RegionUncertainty",

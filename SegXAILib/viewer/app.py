@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import copy
 import io
 import logging
 import math
@@ -34,11 +33,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..image import SegXAIInputError
-from ..mrml.logic import UNCERTAINTY_VOLUMES
+from ..mrml.logic import UNCERTAINTY_VOLUMES, uncertainty_summary
 from ..pipeline.steps import LESION_UNCERTAINTY_KEYS
+from ..uncertainty.presets import UNCERTAINTY_PRESETS, preset_settings
 
-__all__ = ["ViewerApp", "parameter_values", "lesion_targets", "uncertainty_settings", "uncertainty_summary",
-           "UNCERTAINTY_PRESETS"]
+__all__ = ["ViewerApp", "parameter_values", "lesion_targets"]
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +47,7 @@ VIEW_IDS = {"Red": "segxai-view-red", "Green": "segxai-view-green", "Yellow": "s
 PICK_AGGREGATIONS = ["mean", "max"]
 #: seconds between two polls of the running job
 POLL_S = 0.1
-#: the uncertainty choices, as the Slicer panel's (SegXAI/SegXAI.py keeps its own copy: the
-#: library never imports the module): key -> (menu text, sample sources, random: samples and
-#: seed count; the others take every flip / member combination)
-UNCERTAINTY_PRESETS = {
-    "flips": ("flips over the model's mirror axes", {"flips": {}}, False),
-    "flips_all": ("flips over every axis", {"flips": {"axes": [0, 1, 2]}}, False),
-    "tta": ("intensity test-time augmentation (gamma, noise)", {"gamma": {}, "noise": {}}, True),
-    "spatial": ("small rotations and scaling", {"spatial": {}}, True),
-    "mc_dropout": ("MC dropout (networks with dropout)", {"mc_dropout": {}}, True),
-    "ensemble": ("ensemble (the model's folds / members)", {"ensemble": {}}, False),
-}
 #: the structure's uncertainty values the summary carries (:class:`~SegXAILib.uncertainty.RegionUncertainty`)
-SUMMARY_KEYS = ("mean_entropy", "boundary_entropy", "pairwise_dice", "soft_dice_confidence")
 
 
 def parameter_values(spec: dict, values: dict) -> dict:
@@ -124,67 +111,6 @@ def lesion_targets(case, xy_to_ras: np.ndarray, dimensions: Sequence[int]) -> li
         if 0.0 <= x < width and 0.0 <= y < height:
             targets.append({"id": int(instance.id), "x": x / width, "y": 1.0 - y / height, "on_slice": inside})
     return targets
-
-
-def _whole(name: str, value: Any) -> int:
-    """A whole number from a form field (text fields give strings), naming the parameter."""
-    try:
-        number = float(value)
-        if isinstance(value, bool) or not number.is_integer():
-            raise ValueError(value)
-    except (TypeError, ValueError):
-        raise SegXAIInputError(f"{name}: expected a whole number, got {value!r}") from None
-    return int(number)
-
-
-def uncertainty_settings(preset: str, samples: Any = 8, seed: Any = 0) -> dict:
-    """The :class:`~SegXAILib.pipeline.UncertaintySettings` fields of a viewer choice.
-
-    Parameters
-    ----------
-    preset : str
-        A key of :data:`UNCERTAINTY_PRESETS`.
-    samples, seed : int or str
-        The number of draws of a random preset and their seed (form text accepted); a
-        non-random preset takes every combination (``samples`` None). The ranges are the
-        settings' (checked when the case settings are made).
-
-    Raises
-    ------
-    SegXAIInputError
-        An unknown preset; a ``samples`` or ``seed`` that is not a whole number.
-    """
-    if preset not in UNCERTAINTY_PRESETS:
-        raise SegXAIInputError(f"uncertainty source: {preset!r} is not one of {sorted(UNCERTAINTY_PRESETS)}")
-    _, sources, random = UNCERTAINTY_PRESETS[preset]
-    return {"sources": copy.deepcopy(sources),  # the table's lists stay the table's
-            "samples": _whole("samples", samples) if random else None,
-            "seed": _whole("seed", seed) if random else 0}
-
-
-def uncertainty_summary(case) -> dict:
-    """The case structure's uncertainty for the page: :data:`SUMMARY_KEYS` (3 decimals, None
-    when the structure has no predicted voxel), ``structure``, ``samples``, ``sources`` and a
-    one-line ``text``; {} without an uncertainty result."""
-    result = None if case is None else case.uncertainty
-    if result is None:
-        return {}
-    rows = [row for row in result.structures if row.class_index == case.class_index]
-    values = {key: _json_ready(getattr(rows[0], key)) if rows else None for key in SUMMARY_KEYS}
-    sources = ", ".join(result.sources)
-    summary = {"structure": case.structure, **values, "samples": int(result.samples), "sources": sources}
-    if values["mean_entropy"] is None:
-        summary["text"] = f"{result.samples} samples ({sources}): no predicted {case.structure} voxel"
-        return summary
-
-    def number(value):
-        return "n/a" if value is None else f"{value:.3f}"
-
-    summary["text"] = (f"{case.structure}: mean entropy {number(values['mean_entropy'])} nats (boundary "
-                       f"{number(values['boundary_entropy'])}), pairwise Dice {number(values['pairwise_dice'])}, "
-                       f"soft Dice confidence {number(values['soft_dice_confidence'])}; {result.samples} samples "
-                       f"({sources})")
-    return summary
 
 
 def _json_ready(value: Any) -> Any:
@@ -420,7 +346,7 @@ class ViewerApp:
         entropy becomes the overlay. The case's own instance and uncertainty settings (band
         widths, members) are kept; the preset, samples and seed replace the sampling."""
         state = self.state
-        chosen = uncertainty_settings(state.uncertainty_source, state.uncertainty_samples, state.uncertainty_seed)
+        chosen = preset_settings(state.uncertainty_source, state.uncertainty_samples, state.uncertainty_seed)
         case = self.session.case
         if case is None:
             raise SegXAIInputError("uncertainty: no case: open a case folder or segment first")
@@ -531,7 +457,8 @@ class ViewerApp:
             shown.update({f"uncertainty_{key}": _json_ready(values.get(key)) for key in LESION_UNCERTAINTY_KEYS})
             rows.append(shown)
         self.state.lesions = rows
-        self.state.uncertainty_summary = uncertainty_summary(case)
+        # rounded for the page (3 decimals; NaN as None)
+        self.state.uncertainty_summary = {key: _json_ready(value) for key, value in uncertainty_summary(case).items()}
         self.state.has_uncertainty = case.uncertainty is not None
 
     def _after_case(self) -> None:
