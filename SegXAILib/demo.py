@@ -4,8 +4,9 @@ The bundled real T1 with synthetic lesions inserted (a two-channel FLAIR-like + 
 segmentation by the bundled lesion model -> class-level maps of the lesion class -> instance
 maps (max aggregation) of every predicted lesion -> the lesion table (TP / FP against the
 inserted truth) -> the QA risk band of the lesion class from the shipped risk model -> the
-Agg2Exp matrix -> NIfTI outputs on the input grid, a Slicer scene bundle (``.mrb``) and an
-HTML report.
+Agg2Exp matrix -> the prediction's uncertainty (test-time left-right flips and mild noise,
+when the settings enable it) -> NIfTI outputs on the input grid, a Slicer scene bundle
+(``.mrb``) and an HTML report.
 
 :class:`DemoSettings` sizes the work; :meth:`DemoSettings.reduced` is the setting the test
 suite runs (a crop around one lesion, fewer samples).
@@ -17,7 +18,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -28,6 +29,10 @@ from .metrics import dice_score
 from .pipeline import Case, CaseSettings
 from .progress import CancelToken, ProgressCallback, report, sub_progress
 
+if TYPE_CHECKING:
+    from .report import HtmlReport
+    from .uncertainty import RegionUncertainty
+
 __all__ = ["DEMO_SEED", "DemoSettings", "DemoResult", "demo_case", "demo_phantom", "run_demo"]
 
 #: seed of the lesions inserted into the sample (the lesion model never saw it in training)
@@ -35,6 +40,23 @@ DEMO_SEED = 2026
 
 #: share of a map's max |value| below which overlays are transparent (paper 000 used 17 %)
 OVERLAY_THRESHOLD = 0.17
+
+#: predictive entropy (nats) below which the report's entropy overlay is transparent: the
+#: entropy of a 95 % / 5 % two-class vote, -0.95 ln 0.95 - 0.05 ln 0.05 = 0.199 nats
+ENTROPY_FLOOR = float(-0.95 * np.log(0.95) - 0.05 * np.log(0.05))
+
+#: mutual information (nats) below which the report's overlay is transparent: about what half
+#: the samples at 40 % and half at 60 % give (ln 2 - h(0.4) = 0.020 nats), a mild disagreement
+MUTUAL_INFORMATION_FLOOR = 0.02
+
+#: per-lesion uncertainty columns of the report's lesion table: key of the lesion row's
+#: ``uncertainty`` (``lesions.json``) -> column title
+REPORT_UNCERTAINTY_COLUMNS = {
+    "mean_entropy": "mean entropy (nats)",
+    "boundary_entropy": "boundary entropy (nats)",
+    "pairwise_dice": "pairwise Dice",
+    "soft_dice_confidence": "soft Dice confidence",
+}
 
 
 @dataclass(frozen=True)
@@ -122,9 +144,9 @@ def run_demo(
     the Slicer scene.
 
     Outputs: the case folder of :func:`~SegXAILib.pipeline.write_case` (segmentation, maps,
-    instance maps, lesion table, QA, Agg2Exp, ``case.json``), plus ``input_<channel>.nii.gz``,
-    ``truth_lesions.nii.gz``, ``scene.mrb`` and ``report.html`` with ``figures/``, all listed in
-    the manifest.
+    instance maps, lesion table, QA, Agg2Exp, uncertainty when enabled, ``case.json``), plus
+    ``input_<channel>.nii.gz``, ``truth_lesions.nii.gz``, ``scene.mrb`` and ``report.html`` with
+    ``figures/``, all listed in the manifest.
     """
     from .pipeline import add_to_manifest, load_case_model, run_case, write_case
 
@@ -200,7 +222,8 @@ def _write_scene(path: Path, case: Case) -> Path:
 
 def _report_rows(case: Case) -> list[dict]:
     """The lesion table as the report shows it (the lesions with an instance map): the local peak of each channel's instance map
-    (over the lesion and its shell) and the share of the first channel's positive mass inside."""
+    (over the lesion and its shell), the share of the first channel's positive mass inside and,
+    when the case has uncertainty, the lesion's :data:`REPORT_UNCERTAINTY_COLUMNS`."""
     first = case.image.channel_names[0]
     aggregation = case.settings.instances.aggregations[0]
     rows = []
@@ -208,14 +231,112 @@ def _report_rows(case: Case) -> list[dict]:
         if row["id"] not in case.instance_maps:
             continue
         saliency = (row.get("saliency") or {}).get(aggregation, {})
+        uncertainty = row.get("uncertainty")  # absent without uncertainty: no columns
         rows.append({
             "id": row["id"], "group": row["group"], "volume_mm3": row["volume_mm3"],
             "centroid_ras": [round(float(v), 1) for v in row["centroid_ras"]],
             "mean_probability": row["mean_probability"],
             **{f"local peak {c}": saliency[c]["peak_positive_local"] for c in case.image.channel_names if c in saliency},
             **({f"share inside {first}": saliency[first]["share_inside"]} if first in saliency else {}),
+            **({title: uncertainty.get(key) for key, title in REPORT_UNCERTAINTY_COLUMNS.items()}
+               if uncertainty is not None else {}),
         })
     return rows
+
+
+def _structure_uncertainty(case: Case) -> Optional["RegionUncertainty"]:
+    """The structure's :class:`~SegXAILib.uncertainty.RegionUncertainty` row, or None without uncertainty."""
+    if case.uncertainty is None:
+        return None
+    return next((row for row in case.uncertainty.structures if row.class_index == case.class_index), None)
+
+
+def _uncertainty_channel(case: Case, values: Image) -> Image:
+    """The structure's channel of an entropy map: softmax models have one (``entropy``),
+    sigmoid models one per foreground class."""
+    name = case.structure if case.structure in values.channel_names else values.channel_names[0]
+    return values.channel(name)
+
+
+def _floor_share(values: Image, floor: float) -> tuple[float, float]:
+    """``(threshold share, max)`` that hides values below the absolute ``floor`` in
+    :func:`~SegXAILib.report.overlay_figure`, whose threshold is a share of the map's max."""
+    largest = float(np.nanmax(values.array)) if values.array.size else 0.0
+    return (min(1.0, floor / largest) if largest > 0 else 1.0), largest
+
+
+#: the anatomical direction of a model-grid axis by its orientation code letter
+_AXIS_DIRECTIONS = {"R": "left-right", "L": "left-right", "A": "front-back", "P": "front-back",
+                    "S": "up-down", "I": "up-down"}
+
+
+def _describe_sources(sources: dict[str, dict[str, Any]], orientation: Optional[str]) -> str:
+    """``flips (axes 0 = left-right), noise (std 0.05)``: the sample sources with their
+    parameters; flip axes named by the card's orientation code (e.g. ``RAS``) when it has one."""
+    def value(key: str, item: Any) -> str:
+        if key == "axes" and isinstance(item, (list, tuple)):
+            named = orientation is not None and len(orientation) == 3
+            return ", ".join(f"{axis} = {_AXIS_DIRECTIONS.get(orientation[axis].upper(), '?')}" if named else str(axis)
+                             for axis in item)
+        return ", ".join(str(v) for v in item) if isinstance(item, (list, tuple)) else str(item)
+
+    return ", ".join(f"{name} ({', '.join(f'{k} {value(k, v)}' for k, v in params.items())})" if params else name
+                     for name, params in sources.items())
+
+
+def _add_uncertainty_section(html: "HtmlReport", case: Case, structure: Optional["RegionUncertainty"],
+                             point: np.ndarray, outlines: Image, colors: dict, names: dict) -> None:
+    """"Where the model is unsure": how the samples were drawn, the predictive entropy and
+    mutual information through lesion 1 (absolute floors, see :data:`ENTROPY_FLOOR`), the
+    structure's uncertainty."""
+    from .report import overlay_figure
+
+    uncertainty = case.uncertainty
+    flair = case.image.channel_names[0]
+    html.add_heading("Where the model is unsure")
+    notes = [note for source, note in (("flips", "flips act on the model's grid"),
+                                       ("noise", "the noise's std is a share of each input channel's std"))
+             if source in uncertainty.sources]
+    html.add_paragraph(
+        f"The prediction was repeated {uncertainty.samples} times with the sample sources "
+        f"{_describe_sources(uncertainty.sources, case.card.orientation)}, seed {uncertainty.seed}"
+        + (f" ({'; '.join(notes)})" if notes else "") + "; each sample is a full prediction. "
+        "The predictive entropy of the samples' mean probability is the total uncertainty (nats; at most "
+        f"ln 2 = {np.log(2):.3f} for two classes), the mutual information the part that comes from the samples "
+        "disagreeing. Per lesion: the mean entropy inside it, the mean entropy in a "
+        f"{uncertainty.settings.get('band_width', case.settings.uncertainty.band_width_mm):g} mm band around its "
+        "boundary, the pooled pairwise Dice of the samples' versions of it and the soft Dice confidence of the "
+        "prediction against the mean probability. Test-time augmentation measures how stable the prediction is "
+        "under these changes, not whether it is right: read it beside the QA band."
+    )
+    for key, floor, title, meaning in (
+            ("predictive_entropy", ENTROPY_FLOOR, "Predictive entropy",
+             "a 95 % / 5 % vote"),
+            ("mutual_information", MUTUAL_INFORMATION_FLOOR, "Mutual information",
+             "half the samples at 40 % and half at 60 %")):
+        values = _uncertainty_channel(case, getattr(uncertainty, key))
+        share, largest = _floor_share(values, floor)
+        figure = overlay_figure(case.image.channel(flair), point, labels=outlines, saliency=values, threshold=share,
+                                signed=False, label_colors=colors, label_names=names,
+                                title=f"{title} (nats), through lesion 1")
+        shown = (f"transparent below {floor:.3f} nats (about {meaning})" if largest > floor
+                 else f"nowhere above {floor:.3f} nats (about {meaning}); only its maximum is drawn")
+        html.add_figure(figure, caption=f"{title} of the {uncertainty.samples} samples, {shown}; colour scale from 0 "
+                        f"to the map's maximum, {largest:.3f} nats", name=f"uncertainty_{key}")
+    if structure is not None:
+        html.add_key_values({
+            "structure": structure.structure,
+            "samples": uncertainty.samples,
+            "mean confidence (max mean probability)": structure.mean_confidence,
+            "mean entropy inside (nats)": structure.mean_entropy,
+            "mean mutual information inside (nats)": structure.mean_mutual_information,
+            "boundary entropy (nats)": structure.boundary_entropy,
+            "boundary band voxels": structure.boundary_voxels,
+            "pairwise Dice of the samples": structure.pairwise_dice,
+            "volume (mm^3): prediction / mean of the samples": (structure.volume_mm3, structure.volume_mean_mm3),
+            "volume coefficient of variation": structure.volume_cv,
+            "soft Dice confidence": structure.soft_dice_confidence,
+        }, caption=f"Uncertainty of the {structure.structure} class")
 
 
 def _check(cancel: Optional[CancelToken]) -> None:
@@ -244,12 +365,14 @@ def _write_report(out_dir: Path, case: Case, truth: np.ndarray, dice: float, see
     risk_model, _ = resolve_risk_model(case.qa.risk_model)
     qa = {**case.qa.to_dict(), "dice_against_truth": dice}
     curve, matrix = case.qa.curve, case.agg2exp
+    structure = _structure_uncertainty(case)
     html = HtmlReport("SegXAI demo: why did the model draw these lesions?", out_dir)
     html.add_paragraph(
         "The bundled head T1 MRI (ITK example data) with synthetic white-matter lesions inserted "
         f"(seed {seed}), as a two-channel FLAIR-like + T1 case, segmented by the bundled demo lesion "
         "model, then explained: class-level saliency of the lesion class, the saliency of every "
-        "predicted lesion on its own (instance saliency, max aggregation), and the lesion table. "
+        "predicted lesion on its own (instance saliency, max aggregation), the lesion table and, when "
+        "the run samples predictions, where the model is unsure. "
         "Outlines: red = the model's lesions, green = inserted lesion voxels the model missed. "
         f"Overlays are transparent below {OVERLAY_THRESHOLD:.0%} of the map's maximum. The model is "
         "trained on phantoms; this is a demonstration, not a clinical result."
@@ -262,6 +385,11 @@ def _write_report(out_dir: Path, case: Case, truth: np.ndarray, dice: float, see
         "predicted lesion volume (mm^3)": float(prediction.sum() * image.voxel_volume),
         "inserted lesion volume (mm^3)": float(truth.sum() * image.voxel_volume),
         "QA risk band of the lesion contour": f"{qa['band']} (estimated Dice {qa['estimated_dice']:.2f})",
+        **({f"lesion uncertainty ({case.uncertainty.samples} samples)":
+            f"soft Dice confidence {structure.soft_dice_confidence:.3f}, pairwise Dice {structure.pairwise_dice:.3f}, "
+            f"boundary entropy {structure.boundary_entropy:.3f} nats"}
+           if structure is not None and None not in (structure.soft_dice_confidence, structure.pairwise_dice,
+                                                     structure.boundary_entropy) else {}),
         "model": f"{card.name} {card.version} (held-out Dice {card.metrics.get('dice_heldout_mean')})",
         "device": device,
         "Slicer scene": Path(scene).name if scene is not None else "not written",
@@ -302,7 +430,9 @@ def _write_report(out_dir: Path, case: Case, truth: np.ndarray, dice: float, see
                                    width_inches=4.8, height_inches=1.9)
         view = html.image_cell(thumbnail, alt=f"lesion {identifier}", name=f"lesion{identifier}_thumb")
         rows_with_views.append({"view": view, **row})
-    html.add_table(rows_with_views, caption="Lesion table (peaks within the lesion and a 5 mm shell)")
+    html.add_table(rows_with_views, caption="Lesion table (peaks within the lesion and a 5 mm shell"
+                   + ("; entropy, pairwise Dice and soft Dice confidence: see 'Where the model is unsure')"
+                      if case.uncertainty is not None else ")"))
     for row in lesion_rows:
         identifier = row["id"]
         point = image.ijk_to_ras_points(np.argwhere(labels == identifier).mean(axis=0))[0]
@@ -334,6 +464,10 @@ def _write_report(out_dir: Path, case: Case, truth: np.ndarray, dice: float, see
     )
     html.add_figure(matrix_figure(matrix, title="Agg2Exp importance (absolute mass)"), caption="Agg2Exp matrix",
                     name="agg2exp_matrix")
+
+    if case.uncertainty is not None:
+        _check(cancel)
+        _add_uncertainty_section(html, case, structure, through_largest, outlines, colors, names)
 
     if scene is not None:
         html.add_paragraph(f"The whole case opens in 3D Slicer from {Path(scene).name} (File > Add Data): inputs, "
