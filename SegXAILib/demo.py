@@ -203,15 +203,18 @@ def run_demo(
 
 def _write_scene(path: Path, case: Case) -> Path:
     """The case as a Slicer scene bundle: inputs, segmentation (with the risk band as segment
-    tags), instances, class and instance saliency volumes (transparent below the threshold),
-    the lesion and QA tables and the EC-curve chart."""
+    tags), instances, uncertainty (entropy and mutual-information volumes, its table), class
+    and instance saliency volumes (transparent below the threshold), the lesion and QA tables
+    and the EC-curve chart."""
     from .mrml import headless_scene, image_to_volume_node, save_scene_bundle
-    from .mrml.logic import show_explanations, show_instance_saliency, show_qa, show_segmentation
+    from .mrml.logic import show_explanations, show_instance_saliency, show_qa, show_segmentation, show_uncertainty
 
     image = case.image
     scene = headless_scene()
     volumes = [image_to_volume_node(image.channel(name), scene, name=f"SegXAI demo {name}") for name in image.channel_names]
     nodes = show_segmentation(scene, case, reference_volume=volumes[0])
+    if case.uncertainty is not None:  # the saliency maps stay the views' foreground
+        show_uncertainty(scene, case, nodes, reference_volume=volumes[0], foreground=False)
     show_explanations(scene, case, nodes, reference_volume=volumes[0])
     for identifier in case.instance_maps:
         show_instance_saliency(scene, case, identifier, nodes, reference_volume=volumes[0], display="signed")

@@ -176,8 +176,15 @@ def test_scene_bundle_opens_with_the_case(demo_dir, case):
     qa = json.loads((demo_dir / "qa.json").read_text(encoding="utf-8"))
     assert segment_risk_tags(segmentation, "lesion")["band"] == qa["band"]
     assert qa["band"] in ("low", "moderate", "high")
-    assert scene.GetNumberOfNodesByClass("vtkMRMLTableNode") >= 2
+    assert scene.GetNumberOfNodesByClass("vtkMRMLTableNode") >= 3  # lesions, QA, uncertainty
     assert scene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode") >= 1
+    # the uncertainty volumes hold the written maps on the case grid
+    from SegXAILib.io import read_image
+
+    entropy = volume_node_to_image(volumes["SegXAI predictive entropy entropy"])
+    written = read_image(demo_dir / "uncertainty" / "predictive_entropy_entropy.nii.gz")
+    np.testing.assert_allclose(entropy.ijk_to_ras, image.ijk_to_ras, atol=1e-4)
+    np.testing.assert_allclose(entropy.array, written.array, rtol=1e-6, atol=1e-7)
 
 
 def test_agg2exp_matrix_rows_share_the_mass(demo_dir):
