@@ -156,3 +156,26 @@ def test_bad_options_are_named(card, tmp_path, capsys, options, words):
     assert code == 2
     assert words in capsys.readouterr().err
     assert not (tmp_path / "out" / "case.json").exists()
+
+
+def test_more_model_cards_form_the_ensemble(card, tmp_path):
+    """``uncertainty.models``: each card one sample beside the case's own model; the mean
+    probability is the mean of the models' own predictions (segmented independently)."""
+    from SegXAILib.models import load_model, load_model_card, segment
+
+    other = write_voxelwise_card(tmp_path / "other", orientation=None, threshold=6.5, patch=(8, 8, 8))
+    image = two_lesions()
+    case = run_case(image, None, settings_for(card, uncertainty={
+        "enabled": True, "sources": {"ensemble": {}}, "models": [str(other)]}))
+    assert case.uncertainty.samples == 2
+    predictions = [segment(image, load_model(load_model_card(path), device="cpu")).probabilities.array
+                   for path in (card, other)]
+    np.testing.assert_allclose(case.uncertainty.mean_probability.array, (predictions[0] + predictions[1]) / 2,
+                               atol=1e-6)
+    # mutual information of two samples: H(mean) - mean of H, in nats (float32 maps)
+    def entropy(p):
+        return -(p * np.log(np.clip(p, 1e-30, None))).sum(axis=0)
+
+    information = entropy((predictions[0] + predictions[1]) / 2) - (entropy(predictions[0]) + entropy(predictions[1])) / 2
+    np.testing.assert_allclose(case.uncertainty.mutual_information.array[0], np.clip(information, 0, None), atol=1e-5)
+    assert float(information.max()) > 0.01  # the two thresholds disagree
