@@ -1,7 +1,7 @@
 """The ``segxai`` command: its parser and :func:`main`.
 
 Exit codes: 0 success, 2 bad input (a clear message names the file or option), 130
-interrupted, 1 any other failure.
+interrupted, 1 any other failure; ``segxai batch``: 3 when some cases failed (the others finished).
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from typing import Optional, Sequence
 
 from ..image import SegXAIInputError
 from ..progress import Cancelled
-from . import demo, evaluate, explain, lesions, patterns, qa, run, segment, uncertainty, view
+from . import batch, demo, evaluate, explain, lesions, patterns, qa, run, segment, uncertainty, view
 
 __all__ = ["EXIT_BAD_INPUT", "build_parser", "main"]
 
 EXIT_BAD_INPUT = 2
 
 # Each adds its sub-commands with ``add_commands(subparsers)``, in the order ``segxai --help`` lists them.
-_COMMAND_GROUPS = (segment, explain, uncertainty, demo, lesions, patterns, evaluate, qa, run, view)
+_COMMAND_GROUPS = (segment, explain, uncertainty, demo, lesions, patterns, evaluate, qa, run, batch, view)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,135 @@
+"""``segxai batch CASES.csv --settings SETTINGS.json --out DIR``: a cohort on Dask (:mod:`SegXAILib.batch`).
+
+Exit codes: 0 every case done (or finished before), 3 some cases failed (each in
+``DIR/failures/<id>.json``, the others finished), 2 bad input before any work, 130 interrupted
+(a rerun resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..image import SegXAIInputError
+from .common import options_named, progress_bar
+
+__all__ = ["add_commands", "EXIT_CASES_FAILED"]
+
+#: some cases failed, the others finished
+EXIT_CASES_FAILED = 3
+
+
+def _settings(args: argparse.Namespace):
+    from ..pipeline import CaseSettings
+
+    with options_named(settings="--settings"):
+        settings = CaseSettings.load(args.settings)
+    device = "cuda" if args.gpus and (args.cluster == "local" and not args.scheduler) else args.device
+    if args.gpus and args.device not in (None, "auto", "cuda"):
+        raise SegXAIInputError(f"--device {args.device}: --gpus runs each worker on its own GPU (device cuda)")
+    if device:
+        settings = CaseSettings.from_dict({**settings.to_dict(), "device": device}, "--device")
+    return settings
+
+
+def _check_local_device(settings, args: argparse.Namespace) -> None:
+    """The device is checked here only when the cases run on this machine's CPUs (GPUs are the
+    workers' own: a GPU worker sees only its CUDA_VISIBLE_DEVICES)."""
+    from ..models import resolve_device
+
+    if not args.scheduler and args.cluster == "local" and not args.gpus:
+        with options_named("device"):
+            resolve_device(settings.device)
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from ..batch import JobOptions, check_batch, read_cases, run_batch
+    from ..io import check_writable_dir
+    from ..pipeline import resolve_model_card
+
+    # everything a user typed is checked before a cluster starts (exit 2)
+    if args.scheduler and args.workers is not None:
+        raise SegXAIInputError("--workers: the workers of --scheduler are that cluster's")
+    if args.workers is not None and args.workers < 0:
+        raise SegXAIInputError(f"--workers {args.workers}: must be >= 0 (0 runs the cases in this process)")
+    if args.gpus and args.workers == 0:
+        raise SegXAIInputError("--workers 0: runs in this process, not one worker per GPU (--gpus)")
+    if args.cluster != "local" and args.workers == 0:
+        raise SegXAIInputError(f"--workers 0: --cluster {args.cluster} needs at least one job")
+    settings = _settings(args)
+    _check_local_device(settings, args)
+    with options_named(settings="--settings"):
+        card = resolve_model_card(settings.model)
+    cases = read_cases(args.cases, card.input_channels)
+    check_batch(settings, cases)
+    with options_named(output="--out"):
+        check_writable_dir(args.out)
+    with options_named("cores", "memory", "walltime"):
+        options = JobOptions(cores=args.cores, memory=args.memory, walltime=args.walltime, queue=args.queue,
+                             account=args.account, gpus=args.gpus, job_extra=tuple(args.job_extra or ()),
+                             interface=args.interface)
+    quiet = bool(getattr(args, "quiet", False))
+    workers = args.workers if args.workers is not None else 1
+    # library errors past this point name settings fields (settings.model, trust_code), as SETTINGS.json has them
+    if workers == 0 and not args.scheduler and args.cluster == "local":
+        with progress_bar("cases", enabled=not quiet) as bar:
+            result = run_batch(cases, settings, args.out, None, progress=bar, cases_csv=args.cases)
+    else:
+        from ..batch import connect, dashboard_link
+
+        with connect(args.scheduler, args.cluster, workers, args.gpus, options, quiet=True) as (client, info):
+            dashboard = dashboard_link(client)
+            print(f"segxai batch: Dask dashboard {dashboard}" if dashboard else
+                  "segxai batch: no Dask dashboard (it needs bokeh: pip install bokeh)", file=sys.stderr)
+            threads = args.cores if args.cluster != "local" else 1
+            with progress_bar("cases", enabled=not quiet) as bar:
+                result = run_batch(cases, settings, args.out, client, progress=bar, cases_csv=args.cases,
+                                   cluster_info=info, threads_per_worker=None if args.scheduler else threads)
+    counts = result.counts
+    print(f"segxai batch: {len(result.cases)} cases: {counts['done']} done, {counts['skipped']} finished before, "
+          f"{counts['failed']} failed ({Path(result.out_dir) / 'batch.json'})", file=sys.stderr)
+    for identifier in result.ids("failed"):
+        record = result.cases[identifier]
+        print(f"  {identifier}: {record.get('error', '')} ({Path(result.out_dir) / record.get('failure', '')})",
+              file=sys.stderr)
+    return 0 if result.ok else EXIT_CASES_FAILED
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Add ``batch`` to the ``segxai`` sub-parsers."""
+    batch = commands.add_parser(
+        "batch", help="run a cohort (CASES.csv) through the case engine on Dask, resumable",
+        description="Runs every case of CASES.csv (columns: case, one per model input channel, optional "
+                    "reference; relative paths from the CSV's folder) with the CaseSettings of --settings, one Dask "
+                    "task per case, into DIR/cases/<id>/ (a case folder with case.json). A rerun skips the finished "
+                    "cases (checked against their manifests' SHA-256) and redoes the partial ones; a failing case is "
+                    "recorded in DIR/failures/<id>.json and the others go on; DIR/batch.json summarises. "
+                    f"Exit 0 when every case is done, {EXIT_CASES_FAILED} when some failed, 2 on bad input, "
+                    "130 when interrupted.")
+    batch.add_argument("cases", type=Path, metavar="CASES.csv", help="the cases: case, <channel>..., [reference]")
+    batch.add_argument("--settings", required=True, type=Path, help="CaseSettings JSON (as for segxai run)")
+    batch.add_argument("--out", required=True, type=Path, help="the batch folder (created; an earlier run resumed)")
+    where = batch.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="an existing Dask scheduler (tcp://host:8786); nothing is started")
+    where.add_argument("--cluster", default="local", choices=("local", "slurm", "pbs", "sge"),
+                       help="local: worker processes on 127.0.0.1 (default); slurm / pbs / sge: one batch job per "
+                            "worker through dask-jobqueue")
+    batch.add_argument("--workers", type=int, default=None,
+                       help="worker processes (local, default 1; 0: in this process, no Dask) or jobs (slurm / pbs / "
+                            "sge); with --gpus, at most one per visible GPU")
+    batch.add_argument("--gpus", action="store_true",
+                       help="local: one worker per visible GPU, each with its CUDA_VISIBLE_DEVICES; job queues: "
+                            "one GPU per job")
+    batch.add_argument("--device", default=None, help="overrides the settings' device")
+    jobs = batch.add_argument_group("job queues (--cluster slurm / pbs / sge)")
+    jobs.add_argument("--cores", type=int, default=1, help="CPUs per job: its worker's torch threads (default 1)")
+    jobs.add_argument("--memory", default="8GB", help="memory per job (default 8GB)")
+    jobs.add_argument("--walltime", default=None, help="HH:MM:SS per job")
+    jobs.add_argument("--queue", default=None, help="queue (PBS, SGE) or partition (SLURM)")
+    jobs.add_argument("--account", default=None, help="account / project charged")
+    jobs.add_argument("--job-extra", action="append", default=None, metavar="DIRECTIVE",
+                      help="one more directive per use, as the scheduler writes it (--constraint=a100, -pe smp 4)")
+    jobs.add_argument("--interface", default=None, help="network interface of the scheduler and workers (ib0)")
+    batch.set_defaults(run=_cmd_batch)
