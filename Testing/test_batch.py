@@ -209,6 +209,8 @@ def test_two_workers_equal_the_pipeline_case_by_case(cohort, client, tmp_path):
     summary = json.loads((tmp_path / "dask" / "batch.json").read_text())
     assert summary["state"] == "done" and summary["counts"] == {"done": 6, "skipped": 0, "failed": 0, "pending": 0}
     assert summary["cases"][0]["metadata"] == {"age": "40"}
+    # the dashboard (bokeh is in the batch extra) is served on the loopback interface only
+    assert result.dashboard.startswith("http://127.0.0.1:") and summary["cluster"]["dashboard"] == result.dashboard
 
 
 def test_a_gpu_cluster_gives_each_worker_its_own_device(tmp_path):
