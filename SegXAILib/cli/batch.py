@@ -1,8 +1,10 @@
-"""``segxai batch CASES.csv --settings SETTINGS.json --out DIR``: a cohort on Dask (:mod:`SegXAILib.batch`).
+"""``segxai batch CASES.csv --settings SETTINGS.json --out DIR``: a cohort on Dask (:mod:`SegXAILib.batch`);
+``segxai batch-report DIR [--calibrate MAP]``: its cohort analyses (:func:`SegXAILib.batch.cohort_report`).
 
-Exit codes: 0 every case done (or finished before), 3 some cases failed (each in
+Exit codes of ``batch``: 0 every case done (or finished before), 3 some cases failed (each in
 ``DIR/failures/<id>.json``, the others finished), 2 bad input before any work, 130 interrupted
-(a rerun resumes).
+(a rerun resumes). ``batch-report``: 0 written, 2 bad input (not a batch folder, an unknown map,
+too few cases to calibrate on).
 """
 
 from __future__ import annotations
@@ -96,8 +98,21 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     return 0 if result.ok else EXIT_CASES_FAILED
 
 
+def _cmd_batch_report(args: argparse.Namespace) -> int:
+    from ..batch import cohort_report
+
+    quiet = bool(getattr(args, "quiet", False))
+    with progress_bar("batch report", enabled=not quiet) as bar, \
+            options_named("seed", batch_dir="BATCH_DIR", method="--calibrate"):
+        path = cohort_report(args.batch_dir, calibrate=args.calibrate, progress=bar, seed=args.seed)
+    print(path)
+    if args.calibrate:
+        print(Path(args.batch_dir) / f"risk_{args.calibrate}.json")
+    return 0
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    """Add ``batch`` to the ``segxai`` sub-parsers."""
+    """Add ``batch`` and ``batch-report`` to the ``segxai`` sub-parsers."""
     batch = commands.add_parser(
         "batch", help="run a cohort (CASES.csv) through the case engine on Dask, resumable",
         description="Runs every case of CASES.csv (columns: case, one per model input channel, optional "
@@ -133,3 +148,19 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                       help="one more directive per use, as the scheduler writes it (--constraint=a100, -pe smp 4)")
     jobs.add_argument("--interface", default=None, help="network interface of the scheduler and workers (ib0)")
     batch.set_defaults(run=_cmd_batch)
+
+    batch_report = commands.add_parser(
+        "batch-report", help="the cohort analyses of a batch folder: each case's report and cohort.html",
+        description="Writes DIR/cases/<id>/report.html for every finished case (listed in its case.json, so the "
+                    "folder still verifies), and DIR/cohort.html + cohort_report.json: one row per case (status, error, "
+                    "structure volume, instances, QA band and estimated Dice, uncertainty, Dice against the "
+                    "reference, a link to its report), the Agg2Exp global matrix and outliers; with --calibrate, the "
+                    "QA risk model calibrated on the cases with a reference (DIR/risk_<MAP>.json and plots). "
+                    "Exit 0 when written, 2 on bad input.")
+    batch_report.add_argument("batch_dir", type=Path, metavar="BATCH_DIR", help="a folder written by segxai batch")
+    batch_report.add_argument("--calibrate", default=None, metavar="MAP",
+                              help="calibrate the QA risk model on this class-level map of the batch's settings "
+                                   "(at least 10 finished cases with a reference)")
+    batch_report.add_argument("--seed", type=int, default=0,
+                              help="seed of the outliers' Isolation Forests and the calibration's folds (default 0)")
+    batch_report.set_defaults(run=_cmd_batch_report)

@@ -1,7 +1,7 @@
 """Reports: static figures (axial/coronal/sagittal overlays) and a self-contained HTML builder."""
 
 from .figures import PLANES, PlaneSlices, overlay_figure, plane_slices, saliency_rgba, save_figure
-from .html import HtmlReport, ImageCell, escape, format_value
+from .html import HtmlReport, ImageCell, LinkCell, escape, format_value
 
 __all__ = [
     "PLANES",
@@ -12,6 +12,7 @@ __all__ = [
     "save_figure",
     "HtmlReport",
     "ImageCell",
+    "LinkCell",
     "escape",
     "format_value",
 ]

@@ -25,7 +25,7 @@ import numpy as np
 from ..image import SegXAIInputError
 from ..io import atomic_path, check_writable_dir
 
-__all__ = ["HtmlReport", "ImageCell", "format_value", "escape"]
+__all__ = ["HtmlReport", "ImageCell", "LinkCell", "format_value", "escape"]
 
 
 class ImageCell:
@@ -36,6 +36,17 @@ class ImageCell:
 
     def to_html(self) -> str:
         return f'<img class="thumb" src="{escape(quote(self.src))}" alt="{escape(self.alt)}" loading="lazy">'
+
+
+class LinkCell:
+    """A table cell linking to a file of the report's folder (``href`` relative to it, e.g. a
+    case's own report)."""
+
+    def __init__(self, href: str, text: str) -> None:
+        self.href, self.text = str(href), str(text)
+
+    def to_html(self) -> str:
+        return f'<a href="{escape(quote(self.href))}">{escape(self.text)}</a>'
 
 
 _CSS = """
@@ -156,7 +167,7 @@ class HtmlReport:
 
         Values go through :func:`format_value` (floats to ``digits`` significant digits),
         numbers are right-aligned, missing keys are empty cells; everything is escaped.
-        An :class:`ImageCell` value shows its image (a thumbnail).
+        An :class:`ImageCell` value shows its image (a thumbnail), a :class:`LinkCell` its link.
         """
         rows = list(rows)
         for position, row in enumerate(rows):
@@ -176,7 +187,7 @@ class HtmlReport:
             cells = []
             for column in columns:
                 value = row.get(column)
-                if isinstance(value, ImageCell):
+                if isinstance(value, (ImageCell, LinkCell)):
                     cells.append(f"<td>{value.to_html()}</td>")
                     continue
                 css = ' class="num"' if _is_number(value) else ""

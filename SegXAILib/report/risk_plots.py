@@ -17,7 +17,7 @@ import numpy as np
 from ..image import SegXAIInputError
 from ..topology.risk import RiskModel, _sigmoid
 
-__all__ = ["ec_curve_figure", "roc_figure", "dice_figure", "write_risk_plots"]
+__all__ = ["ec_curve_figure", "curve_figure", "roc_figure", "dice_figure", "write_risk_plots"]
 
 #: band colours (high, moderate, low)
 BAND_COLORS = {"high": "#d1495b", "moderate": "#edae49", "low": "#00798c"}
@@ -71,6 +71,28 @@ def ec_curve_figure(model: RiskModel, curve: Optional[np.ndarray] = None, title:
     ax.set_xlabel("normalised saliency threshold t (superlevel)")
     ax.set_ylabel("Euler characteristic chi(t)")
     ax.set_title(title or f"EC curve, {model.method}")
+    ax.legend(loc="best", fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def curve_figure(thresholds: np.ndarray, curve: np.ndarray, title: str = ""):
+    """A case's EC curve alone (a QA without a risk model has no calibration cohort to draw).
+
+    Parameters
+    ----------
+    thresholds, curve : ndarray, shape (T,)
+    title : str
+    """
+    thresholds, curve = np.asarray(thresholds, dtype=float), np.asarray(curve, dtype=float)
+    if thresholds.ndim != 1 or curve.shape != thresholds.shape:
+        raise SegXAIInputError(f"curve must have the shape of thresholds {thresholds.shape}, got {curve.shape}")
+    figure = _figure()
+    ax = figure.add_subplot(1, 1, 1)
+    ax.plot(thresholds, curve, color="black", linewidth=2.0, label="this case")
+    ax.set_xlabel("normalised saliency threshold t (superlevel)")
+    ax.set_ylabel("Euler characteristic chi(t)")
+    ax.set_title(title or "EC curve")
     ax.legend(loc="best", fontsize=8)
     figure.tight_layout()
     return figure

@@ -15,7 +15,7 @@ from .euler import (
     persistence_diagram,
 )
 from .risk import RiskModel, bundled_risk_model, calibrate_risk_model, saliency_curve
-from .cohort import calibrate_cohort, cohort_curves, read_cohort
+from .cohort import batch_case_dice, batch_curves, calibrate_cohort, cohort_curves, is_batch_folder, read_cohort
 
 __all__ = [
     "betti_curves",
@@ -30,4 +30,7 @@ __all__ = [
     "calibrate_cohort",
     "cohort_curves",
     "read_cohort",
+    "batch_curves",
+    "batch_case_dice",
+    "is_batch_folder",
 ]

@@ -6,6 +6,11 @@ holds, per case, the predicted mask and one saliency map per attribution method 
 the case's input grid), and ``cohort.json`` / ``cohort.csv`` with each case's Dice against
 its reference and how it was made (seed, degradation, method parameters, model checksum).
 :func:`calibrate_cohort` (``segxai qa calibrate``) reads it.
+
+A batch folder of :func:`SegXAILib.batch.run_batch` (``segxai batch``) is a calibration cohort
+too: its finished cases with a reference (``batch_case.json``) and a class-level map of the
+method give the same curves and Dice (:func:`batch_curves`), and :func:`calibrate_cohort` takes
+either folder.
 """
 
 from __future__ import annotations
@@ -30,6 +35,12 @@ __all__ = [
     "read_cohort",
     "cohort_curves",
     "calibrate_cohort",
+    "BATCH_SUMMARY",
+    "is_batch_folder",
+    "read_batch_summary",
+    "batch_case_masks",
+    "batch_case_dice",
+    "batch_curves",
 ]
 
 COHORT_FORMAT = "segxai-qa-cohort"
@@ -38,6 +49,12 @@ COHORT_VERSION = 1
 COHORT_MODELS = ("lesions", "deepbet")
 #: How the per-channel maps become one saliency map
 CHANNEL_REDUCTION = "sum"
+#: a batch folder's summary and its format (:mod:`SegXAILib.batch.run`, a front end this layer
+#: does not import: the folder is read as files)
+BATCH_SUMMARY = "batch.json"
+BATCH_FORMAT = "segxai-batch"
+#: statuses of a batch case whose folder is finished
+_FINISHED = ("done", "skipped")
 
 
 class _CohortModelSchema(BaseModel):
@@ -149,7 +166,9 @@ def calibrate_cohort(
     cancel: Optional[CancelToken] = None,
     **options: Any,
 ):
-    """Calibrate a :class:`~SegXAILib.topology.risk.RiskModel` from a cohort folder.
+    """Calibrate a :class:`~SegXAILib.topology.risk.RiskModel` from a cohort folder or a batch
+    folder (:func:`is_batch_folder`; ``method`` is then the name of a class-level map of its
+    settings, see :func:`batch_curves`).
 
     ``options`` go to :func:`~SegXAILib.topology.risk.calibrate_risk_model`
     (``insufficient_quantile``, ``sensitivity_target``, ``specificity_target``, ``cv_folds``,
@@ -159,11 +178,178 @@ def calibrate_cohort(
     from .risk import calibrate_risk_model
 
     thresholds = default_thresholds(n_thresholds)
-    curves, dice, ids, document = cohort_curves(cohort_dir, method, thresholds, progress, cancel)
+    if is_batch_folder(cohort_dir):
+        curves, dice, ids, provenance = batch_curves(cohort_dir, method, thresholds, progress, cancel)
+    else:
+        curves, dice, ids, document = cohort_curves(cohort_dir, method, thresholds, progress, cancel)
+        provenance = {"method": method, "method_parameters": document["methods"][method],
+                      "model_checksum": document["model"]["checksum"]}
     model = calibrate_risk_model(
-        curves, dice, thresholds, method, document["methods"][method], document["model"]["checksum"], **options
+        curves, dice, thresholds, provenance["method"], provenance["method_parameters"], provenance["model_checksum"],
+        **options
     )
     return model, curves, dice, ids
+
+
+# ---------------------------------------------------------------------------- batch folders
+
+
+def is_batch_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` is a batch folder (``batch.json``; a cohort folder has ``cohort.json``)."""
+    return (Path(folder) / BATCH_SUMMARY).is_file()
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise SegXAIInputError(f"{what} {path}: cannot be read ({error.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SegXAIInputError(f"{what} {path}: not valid JSON ({error})") from None
+
+
+def read_batch_summary(batch_dir: str | Path) -> dict[str, Any]:
+    """The ``batch.json`` of a batch folder, checked to be one (its format and a list of cases)."""
+    batch_dir = Path(batch_dir)
+    if not batch_dir.is_dir():
+        raise SegXAIInputError(f"batch_dir {batch_dir}: no such folder")
+    document = _read_json(batch_dir / BATCH_SUMMARY, "batch")
+    if not isinstance(document, dict) or document.get("format") != BATCH_FORMAT or not isinstance(
+            document.get("cases"), list):
+        raise SegXAIInputError(f"batch {batch_dir / BATCH_SUMMARY}: not a batch summary (format "
+                               f"{document.get('format') if isinstance(document, dict) else None!r}, expected "
+                               f"{BATCH_FORMAT!r} with a list of cases)")
+    return document
+
+
+def batch_case_masks(case_dir: str | Path) -> tuple[np.ndarray, Optional[np.ndarray], dict[str, Any]]:
+    """The predicted structure and its reference of one case folder of a batch.
+
+    The structure is the manifest's ``structure`` (its class index from ``segmentation.json``);
+    the reference is the label map ``batch_case.json`` records, as the pipeline reads one: for a
+    model with one foreground class any non-zero voxel is the structure, else the voxels of the
+    structure's class index.
+
+    Returns
+    -------
+    prediction : ndarray of bool, shape (I, J, K)
+    reference : ndarray of bool, shape (I, J, K), or None
+        None when the case had no reference.
+    manifest : dict
+        The case's ``case.json``.
+    """
+    case_dir = Path(case_dir)
+    manifest = _read_json(case_dir / "case.json", "case manifest")
+    try:
+        files = {entry["role"]: case_dir / entry["path"] for entry in manifest["files"]}
+        classes = [row["name"] for row in _read_json(files["summary"], "segmentation summary")["classes"]]
+        index = classes.index(manifest["structure"])
+        labels = read_image(files["labels"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise SegXAIInputError(f"case folder {case_dir}: not a complete case folder ({type(error).__name__}: "
+                               f"{error})") from None
+    prediction = np.rint(labels.array[0]).astype(np.int64) == index
+    record = _read_json(files["batch_case"], "batch case") if "batch_case" in files else {}
+    if not record.get("reference"):
+        return prediction, None, manifest
+    path = Path(record["reference"])
+    if not path.exists():
+        raise SegXAIInputError(f"case folder {case_dir}: its reference {path} (batch_case.json) is missing")
+    reference = read_image(path)
+    if not reference.same_grid(labels):
+        raise SegXAIInputError(f"case folder {case_dir}: its reference {path} is not on the case's grid "
+                               f"(shape {reference.spatial_shape} vs {labels.spatial_shape})")
+    values = reference.array[0]
+    truth = values != 0 if len(classes) == 2 else np.rint(values).astype(np.int64) == index
+    return prediction, truth, manifest
+
+
+def batch_case_dice(case_dir: str | Path) -> Optional[float]:
+    """Dice of a batch case's predicted structure against its reference (:func:`batch_case_masks`);
+    None without a reference."""
+    from ..metrics import dice_score
+
+    prediction, reference, _ = batch_case_masks(case_dir)
+    return None if reference is None else dice_score(prediction, reference)
+
+
+def batch_curves(
+    batch_dir: str | Path,
+    method: str,
+    thresholds: np.ndarray,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, Any]]:
+    """EC curves and Dice of a batch folder's cases for the class-level map named ``method``.
+
+    A case counts when it finished (``done`` or ``skipped`` in ``batch.json``), had a reference
+    and predicts the structure; its curve is :func:`~SegXAILib.topology.risk.saliency_curve` of
+    the map's channels summed (float64, then float32, as the pipeline's QA sums them) inside the
+    predicted structure, its Dice :func:`batch_case_dice`'s.
+
+    Returns
+    -------
+    curves : ndarray, shape (N, T)
+    dice : ndarray, shape (N,)
+    case_ids : list of str, length N
+    provenance : dict
+        ``method`` (the attribution method), ``method_parameters`` (``params``, ``target``
+        ``class:<structure>``, ``channel_reduction``: what :func:`~SegXAILib.pipeline.score_qa`
+        compares) and ``model_checksum``, the same for every case.
+
+    Raises
+    ------
+    SegXAIInputError
+        Not a batch folder; no case with a reference has the map; a map made for another
+        target; cases of different models or map parameters.
+    """
+    from ..metrics import dice_score
+    from .risk import saliency_curve
+
+    batch_dir = Path(batch_dir)
+    document = read_batch_summary(batch_dir)
+    finished = [record for record in document["cases"] if record.get("status") in _FINISHED]
+    curves, dice, ids = [], [], []
+    provenance: Optional[dict[str, Any]] = None
+    for index, record in enumerate(finished):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        case_dir = batch_dir / "cases" / str(record["id"])
+        prediction, reference, manifest = batch_case_masks(case_dir)
+        files = {entry["role"]: case_dir / entry["path"] for entry in manifest["files"]}
+        if reference is None or not prediction.any() or f"map:{method}:metadata" not in files:
+            continue
+        metadata = _read_json(files[f"map:{method}:metadata"], "map metadata")
+        structure = manifest["structure"]
+        target = metadata.get("target") or {}
+        if target.get("spec") != "class" or target.get("class_name") != structure:
+            raise SegXAIInputError(f"method {method!r}: the map of case {record['id']} explains {target!r}, not the "
+                                   f"class target of the structure {structure!r}")
+        case_provenance = {
+            "method": str(metadata["method"]),
+            "method_parameters": {"params": json.loads(json.dumps(metadata["parameters"], default=str)),
+                                  "target": f"class:{structure}", "channel_reduction": CHANNEL_REDUCTION},
+            "model_checksum": str(manifest["model"]["checksum"]),
+        }
+        if provenance is None:
+            provenance = case_provenance
+        elif case_provenance != provenance:
+            raise SegXAIInputError(f"batch {batch_dir}: case {record['id']}'s {method} map was made by another "
+                                   f"model or with other parameters ({case_provenance}) than the earlier cases' "
+                                   f"({provenance})")
+        total = None
+        for channel in manifest["grid"]["channels"]:
+            values = read_image(files[f"map:{method}:{channel}"]).array[0].astype(np.float64)
+            total = values if total is None else total + values
+        saliency = total.astype(np.float32)
+        curves.append(saliency_curve(saliency, prediction, thresholds))
+        dice.append(dice_score(prediction, reference))
+        ids.append(str(record["id"]))
+        report(progress, (index + 1) / max(1, len(finished)), f"EC curve {record['id']}")
+    if not curves or provenance is None:
+        raise SegXAIInputError(f"method {method!r}: no finished case of the batch {batch_dir} has a reference, a "
+                               f"predicted structure and a class-level map named {method!r}")
+    return np.asarray(curves, dtype=np.float64), np.asarray(dice), ids, provenance
 
 
 
