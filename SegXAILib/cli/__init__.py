@@ -5,7 +5,7 @@ One module per command group, each adding its sub-commands with ``add_commands(s
 :mod:`.segment` (segment, info), :mod:`.explain` (explain, methods), :mod:`.demo` (demo,
 train-demo), :mod:`.lesions` (lesions, lesion-context), :mod:`.patterns` (patterns fit),
 :mod:`.evaluate` (evaluate, agg2exp), :mod:`.qa` (qa cohort / calibrate / score), :mod:`.run`
-(run: the engine process); :mod:`.common`
+(run: the engine process), :mod:`.counterfactual` (counterfactual train / explain); :mod:`.common`
 holds what they share. The commands only parse and check options, call the library and write
 or print its results; the library never imports this package.
 """

@@ -13,14 +13,14 @@ from typing import Optional, Sequence
 
 from ..image import SegXAIInputError
 from ..progress import Cancelled
-from . import batch, demo, evaluate, explain, lesions, patterns, qa, run, segment, uncertainty, view
+from . import batch, counterfactual, demo, evaluate, explain, lesions, patterns, qa, run, segment, uncertainty, view
 
 __all__ = ["EXIT_BAD_INPUT", "build_parser", "main"]
 
 EXIT_BAD_INPUT = 2
 
 # Each adds its sub-commands with ``add_commands(subparsers)``, in the order ``segxai --help`` lists them.
-_COMMAND_GROUPS = (segment, explain, uncertainty, demo, lesions, patterns, evaluate, qa, run, batch, view)
+_COMMAND_GROUPS = (segment, explain, uncertainty, counterfactual, demo, lesions, patterns, evaluate, qa, run, batch, view)
 
 
 def build_parser() -> argparse.ArgumentParser:

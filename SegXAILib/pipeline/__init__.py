@@ -7,10 +7,12 @@ cohort building all call it; none re-implements a step. The steps stay callable 
 
 from .case import Case, QAResult
 from .read import read_case
-from .run import add_agg2exp, add_instance_maps, add_maps, add_qa, add_uncertainty, run_case, start_case
+from .run import (add_agg2exp, add_counterfactual, add_instance_maps, add_maps, add_qa, add_uncertainty, run_case,
+                  start_case)
 from .settings import (
     Agg2ExpSettings,
     CaseSettings,
+    CounterfactualSettings,
     InstanceSettings,
     MethodSettings,
     PrecisionSettings,
@@ -46,6 +48,7 @@ __all__ = [
     "QASettings",
     "Agg2ExpSettings",
     "PrecisionSettings",
+    "CounterfactualSettings",
     "run_case",
     "start_case",
     "add_maps",
@@ -53,6 +56,7 @@ __all__ = [
     "add_qa",
     "add_agg2exp",
     "add_uncertainty",
+    "add_counterfactual",
     "write_case",
     "read_case",
     "EngineJob",

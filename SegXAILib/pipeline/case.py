@@ -94,6 +94,12 @@ class Case:
     uncertainty : UncertaintyResult or None
         Voxel maps and per-structure / per-lesion tables of the prediction's uncertainty
         (:func:`~SegXAILib.uncertainty.estimate_uncertainty`); the lesion rows carry theirs.
+    counterfactuals : dict
+        Instance id -> :class:`~SegXAILib.counterfactual.CounterfactualRelevance`: G+(x), G-(x)
+        and ``R = G+(x) - G-(x)`` ``(C, I, J, K)``, the rewritten patch and the model's scores.
+    counterfactual_generators : dict or None
+        The generator pair they came from: path, SHA-256 of the file, model, class, geometry,
+        training config.
     reference : Image or None
         A reference label map on the input grid, class indices (TP / FP / FN groups, Agg2Exp's
         reference RoIs); for a model with one foreground class any non-zero voxel is the structure.
@@ -115,6 +121,8 @@ class Case:
     qa: Optional[QAResult] = None
     agg2exp: Any = None
     uncertainty: Any = None
+    counterfactuals: dict = field(default_factory=dict)
+    counterfactual_generators: Optional[dict] = None
     reference: Optional[Image] = None
     timings: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)

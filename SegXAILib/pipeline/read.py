@@ -25,7 +25,7 @@ from ..models import Segmentation
 from .case import Case, QAResult
 from .settings import CaseSettings
 from .steps import find_case_instances, read_case_images, resolve_model_card, structure_index
-from .write import MANIFEST, read_manifest
+from .write import COUNTERFACTUAL_KINDS, MANIFEST, read_manifest
 
 __all__ = ["read_case"]
 
@@ -62,7 +62,9 @@ def read_case(out_dir: Union[str, Path], verify: bool = True, ijk_to_ras: Option
         and the structure's probability, as :func:`~SegXAILib.pipeline.find_case_instances` did,
         and checked against the written instance map); ``maps`` and ``instance_maps``
         ``(C, I, J, K)`` float32; ``lesions``, ``qa``, ``agg2exp``, ``timings`` (rounded to
-        milliseconds as written), ``notes`` and ``settings``.
+        milliseconds as written), ``notes`` and ``settings``; ``counterfactuals`` (instance id ->
+        :class:`~SegXAILib.counterfactual.CounterfactualRelevance`, maps ``(C, I, J, K)``
+        float32, patch ``(1, I, J, K)`` uint8) and ``counterfactual_generators``.
 
         What is not in the folder is not invented: ``segmentation.model_labels`` is None (an
         attribution step on a read case predicts again); ``reference`` is None; the background
@@ -273,7 +275,32 @@ def _read(out_dir: Path, manifest: Mapping[str, Any], source: str) -> Case:
         case.agg2exp = ImportanceMatrix.from_dict(folder.json("agg2exp"))
     if "uncertainty" in folder.files:
         case.uncertainty = _read_uncertainty(folder)
+    if "counterfactual" in folder.files:
+        case.counterfactuals, case.counterfactual_generators = _read_counterfactuals(folder, len(case.instances))
     return case
+
+
+def _read_counterfactuals(folder: _Folder, instances: int) -> tuple[dict, Optional[dict]]:
+    """``({id: CounterfactualRelevance}, generators)`` as ``write_case`` wrote them."""
+    from ..counterfactual import CounterfactualRelevance
+
+    document = folder.json("counterfactual")
+    source = f"{folder.path('counterfactual')} (counterfactual)"
+    results = {}
+    for key, entry in document["instances"].items():
+        identifier = int(key)
+        if not 1 <= identifier <= instances:
+            raise SegXAIInputError(f"{source}: instance {identifier}, the case has {instances} instance(s)")
+        images = {kind: Image.stack([folder.image(f"counterfactual:{identifier}:{kind}:{channel}", channel)
+                                     for channel in folder.channels]) for kind in COUNTERFACTUAL_KINDS}
+        role = f"counterfactual:{identifier}:patch"
+        patch = _integers(folder.image(role, "patch"), f"{folder.path(role)} ({role})", np.uint8)
+        centre = tuple(int(v) for v in entry["centre_model_ijk"])
+        if len(centre) != 3:
+            raise SegXAIInputError(f"{source}: instance {identifier}: centre_model_ijk {list(centre)}, expected 3 indices")
+        results[identifier] = CounterfactualRelevance(images["plus"], images["minus"], images["relevance"], patch,
+                                                      centre, {k: float(v) for k, v in entry["scores"].items()})
+    return results, document.get("generators")
 
 
 def _read_uncertainty(folder: _Folder):

@@ -17,19 +17,23 @@ from .steps import (
     agg2exp_matrix,
     check_channels,
     estimate_case_uncertainty,
+    explain_counterfactuals,
     explain_instances,
     explain_map,
     find_case_instances,
     lesion_rows,
+    load_case_generators,
     load_case_model,
     predict,
     resolve_model_card,
     score_qa,
+    select_counterfactual_instances,
     select_instances,
     structure_index,
 )
 
-__all__ = ["run_case", "start_case", "add_maps", "add_instance_maps", "add_qa", "add_agg2exp", "add_uncertainty"]
+__all__ = ["run_case", "start_case", "add_maps", "add_instance_maps", "add_qa", "add_agg2exp", "add_uncertainty",
+           "add_counterfactual"]
 
 
 @contextmanager
@@ -41,6 +45,13 @@ def _timed(timings: dict, name: str) -> Iterator[None]:
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
+def _expected_instances(selection) -> int:
+    """How many instances a selection (``ids`` / ``click_ras`` / ``max_instances``) will likely pick."""
+    if selection.ids is not None:
+        return len(selection.ids)
+    return 1 if selection.click_ras is not None else selection.max_instances or 4
+
+
 def _weights(settings: CaseSettings, n_instances: int) -> dict[str, float]:
     """Rough shares of the run's time per step, for one progress bar over the whole case."""
     weights = {"segment": 1.0, "maps": 2.0 * len(settings.methods),
@@ -48,7 +59,10 @@ def _weights(settings: CaseSettings, n_instances: int) -> dict[str, float]:
                "qa": 1.5 if (settings.qa.risk_model or settings.qa.method) else 0.0,
                "agg2exp": 1.0 if settings.agg2exp.enabled else 0.0,
                # a sample costs about one prediction
-               "uncertainty": float(settings.uncertainty.samples or 8) if settings.uncertainty.enabled else 0.0}
+               "uncertainty": float(settings.uncertainty.samples or 8) if settings.uncertainty.enabled else 0.0,
+               # a few forward passes of the model on a crop per instance
+               "counterfactual": 0.5 * _expected_instances(settings.counterfactual)
+               if settings.counterfactual.enabled else 0.0}
     total = sum(weights.values())
     return {k: v / total for k, v in weights.items()}
 
@@ -195,6 +209,30 @@ def add_uncertainty(
     return case
 
 
+def add_counterfactual(
+    case: Case,
+    model: LoadedModel,
+    instance_ids: Optional[Sequence[int]] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> Case:
+    """Counterfactual relevance (paper 004) of ``instance_ids`` (those ``case.settings.counterfactual``
+    selects by default) into ``case.counterfactuals``, with the generators of
+    ``case.settings.counterfactual.generators``; their description (file checksum included) into
+    ``case.counterfactual_generators``. The instances are the case's (its one prediction)."""
+    chosen = select_counterfactual_instances(case) if instance_ids is None else [int(i) for i in instance_ids]
+    if not chosen:
+        if not case.instances:
+            case.notes.append(f"counterfactual: not computed, the model predicts no {case.structure!r} instance")
+        return case
+    with _timed(case.timings, "counterfactual"):
+        generators, info = load_case_generators(case, model)
+        case.counterfactuals.update(explain_counterfactuals(case, model, generators, chosen,
+                                                            _labelled(progress, "counterfactual"), cancel))
+        case.counterfactual_generators = info
+    return case
+
+
 def run_case(
     image: Image,
     model: Optional[LoadedModel],
@@ -228,9 +266,7 @@ def run_case(
         Everything on the input grid; :func:`~SegXAILib.pipeline.write_case` writes it.
     """
     model = _check_model(model, settings)
-    expected = len(settings.instances.ids) if settings.instances.ids is not None else (
-        1 if settings.instances.click_ras is not None else settings.instances.max_instances or 4)
-    shares = _weights(settings, expected)
+    shares = _weights(settings, _expected_instances(settings.instances))
     position = [0.0]
 
     def share(step: str) -> Optional[ProgressCallback]:
@@ -245,6 +281,8 @@ def run_case(
         add_instance_maps(case, model, None, share("instances"), cancel)
     if settings.uncertainty.enabled:
         add_uncertainty(case, model, share("uncertainty"), cancel)
+    if settings.counterfactual.enabled:
+        add_counterfactual(case, model, None, share("counterfactual"), cancel)
     if settings.qa.risk_model or settings.qa.method:
         add_qa(case, model, share("qa"), cancel)
     if settings.agg2exp.enabled:

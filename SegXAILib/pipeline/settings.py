@@ -29,6 +29,7 @@ __all__ = [
     "Agg2ExpSettings",
     "PrecisionSettings",
     "UncertaintySettings",
+    "CounterfactualSettings",
     "CaseSettings",
 ]
 
@@ -197,6 +198,59 @@ class UncertaintySettings(_Strict):
         return value
 
 
+class CounterfactualSettings(_Strict):
+    """Counterfactual relevance of the case's instances (paper 004, METHODS section 7):
+    a trained generator pair (:func:`~SegXAILib.counterfactual.train_counterfactual`) rewrites a
+    patch around each chosen instance into G+(x) (more lesion) and G-(x) (less), and
+    ``R = G+(x) - G-(x)``.
+
+    ``generators``: the generators file (``generators.pt``) or the folder ``segxai
+    counterfactual train`` wrote it into. ``ids`` / ``max_instances`` / ``click_ras`` /
+    ``click_radius_mm`` choose the instances as :class:`InstanceSettings` does (``None``: every
+    instance, largest first, at most ``max_instances``; ``[]``: none). The instances are the
+    case's (``instances.enabled`` must be true).
+    """
+
+    enabled: bool = False
+    generators: str = Field(default="", validate_default=True)
+    ids: Optional[list[int]] = None
+    max_instances: Optional[int] = Field(default=None, ge=1)
+    click_ras: Optional[tuple[float, float, float]] = None
+    click_radius_mm: float = Field(default=5.0, ge=0.0)
+
+    @field_validator("ids")
+    @classmethod
+    def _positive_ids(cls, value: Optional[list[int]]) -> Optional[list[int]]:
+        if value is not None and any(i < 1 for i in value):
+            raise ValueError("instance ids start at 1 (1 = the largest instance)")
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("each instance id at most once")
+        return value
+
+    @field_validator("click_ras")
+    @classmethod
+    def _finite_click(cls, value: Optional[tuple[float, float, float]]) -> Optional[tuple[float, float, float]]:
+        import math
+
+        if value is not None and not all(math.isfinite(v) for v in value):
+            raise ValueError("expected three finite RAS coordinates in mm")
+        return value
+
+    @field_validator("generators")
+    @classmethod
+    def _generators_when_enabled(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("enabled") and not value.strip():
+            raise ValueError("required when counterfactual.enabled is true (a generators file or the folder "
+                             "'segxai counterfactual train' wrote)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_selection(self) -> "CounterfactualSettings":
+        if self.click_ras is not None and self.ids is not None:
+            raise ValueError("give ids or click_ras, not both")
+        return self
+
+
 class PrecisionSettings(_Strict):
     """Numerics. ``segmentation``: ``auto`` is mixed precision on CUDA and float32 elsewhere.
     Attributions (class maps, instance maps, QA, Agg2Exp) always run in exact float32 with TF32
@@ -237,6 +291,7 @@ class CaseSettings(_Strict):
     qa: QASettings = Field(default_factory=QASettings)
     agg2exp: Agg2ExpSettings = Field(default_factory=Agg2ExpSettings)
     uncertainty: UncertaintySettings = Field(default_factory=UncertaintySettings)
+    counterfactual: CounterfactualSettings = Field(default_factory=CounterfactualSettings)
     precision: PrecisionSettings = Field(default_factory=PrecisionSettings)
     device: str = "auto"
     # one name for the flag everywhere (load_model's trust_code, --trust-code); old files say trust_bundle
@@ -250,6 +305,8 @@ class CaseSettings(_Strict):
             raise ValueError(f"methods: map name(s) {duplicated} appear twice; give each a distinct label")
         if self.qa.method and self.qa.method not in names:
             raise ValueError(f"qa.method {self.qa.method!r} is not one of the methods {names}")
+        if self.counterfactual.enabled and not self.instances.enabled:
+            raise ValueError("counterfactual.enabled: explains the case's instances; it needs instances.enabled")
         return self
 
     @field_validator("device")

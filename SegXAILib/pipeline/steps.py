@@ -38,6 +38,11 @@ __all__ = [
     "lesion_rows",
     "LESION_UNCERTAINTY_KEYS",
     "estimate_case_uncertainty",
+    "GENERATORS_FILE",
+    "resolve_generators_path",
+    "load_case_generators",
+    "select_counterfactual_instances",
+    "explain_counterfactuals",
     "resolve_risk_model",
     "score_qa",
     "agg2exp_case",
@@ -193,24 +198,29 @@ def find_case_instances(segmentation: Segmentation, class_index: int, min_voxels
 
 def select_instances(case: Case) -> list[int]:
     """The instance ids that get instance maps under ``case.settings.instances``."""
+    return _chosen_instances(case, case.settings.instances, "instances")
+
+
+def _chosen_instances(case: Case, chosen: Any, section: str) -> list[int]:
+    """The instance ids a selection (``ids``, ``max_instances``, ``click_ras``,
+    ``click_radius_mm``) of the settings' ``section`` picks; errors name its fields."""
     from ..instances import instance_at
 
-    chosen = case.settings.instances
     count = len(case.instances)
     if chosen.click_ras is not None:
         if count == 0:
-            raise SegXAIInputError(f"instances.click_ras: the prediction has no instance of {case.structure!r}")
+            raise SegXAIInputError(f"{section}.click_ras: the prediction has no instance of {case.structure!r}")
         labels = case.instance_labels.array[0]
         try:
             return [instance_at(labels, case.image, chosen.click_ras, radius_mm=chosen.click_radius_mm)]
         except SegXAIInputError as error:
-            raise SegXAIInputError(f"instances.click_ras {list(chosen.click_ras)}: {error}") from None
+            raise SegXAIInputError(f"{section}.click_ras {list(chosen.click_ras)}: {error}") from None
     if chosen.ids is not None:
         unknown = [i for i in chosen.ids if i > count]
         if unknown:
             raise SegXAIInputError(
-                f"instances.ids: no instance {', '.join(map(str, unknown))}; the prediction has {count} instance(s) of "
-                f"{case.structure!r} (ids 1.. by decreasing size, at least {chosen.min_voxels} voxels)"
+                f"{section}.ids: no instance {', '.join(map(str, unknown))}; the prediction has {count} instance(s) of "
+                f"{case.structure!r} (ids 1.. by decreasing size, at least {case.settings.instances.min_voxels} voxels)"
             )
         return list(chosen.ids)
     return [i.id for i in case.instances][: chosen.max_instances]
@@ -299,6 +309,89 @@ def estimate_case_uncertainty(
         seed=chosen.seed, prediction=case.segmentation, band_width=chosen.band_width_mm,
         region_width=chosen.region_width_mm, width_unit="mm", min_instance_voxels=case.settings.instances.min_voxels,
         amp=amp, progress=progress, cancel=cancel)
+
+
+# ---------------------------------------------------------------------------- counterfactuals
+
+#: the generators file ``segxai counterfactual train`` writes into its folder
+GENERATORS_FILE = "generators.pt"
+
+
+def resolve_generators_path(text: Union[str, Path]) -> Path:
+    """The generators file of ``counterfactual.generators``: a file, or a folder holding
+    :data:`GENERATORS_FILE`."""
+    path = Path(text)
+    if path.is_dir():
+        path = path / GENERATORS_FILE
+    if not path.is_file():
+        raise SegXAIInputError(f"counterfactual.generators {text}: no generators file (a file, or a folder holding "
+                               f"{GENERATORS_FILE} as 'segxai counterfactual train' writes it)")
+    return path
+
+
+def load_case_generators(case: Case, model: LoadedModel):
+    """``(generators, info)``: the pair of ``case.settings.counterfactual.generators`` on the
+    model's device (read with ``weights_only=True``), checked to be trained for the case's model
+    and structure; ``info`` (path, SHA-256 of the file, model, class, geometry, training config)
+    is what ``counterfactual.json`` records."""
+    from ..counterfactual import load_counterfactual_generators
+    from .write import file_sha256
+
+    path = resolve_generators_path(case.settings.counterfactual.generators)
+    try:
+        generators = load_counterfactual_generators(path, model.device)
+    except SegXAIInputError as error:  # "generators <path>: ..." -> the settings field
+        raise SegXAIInputError(f"counterfactual.{error}") from None
+    if generators.model_name and generators.model_name != case.card.name:
+        raise SegXAIInputError(f"counterfactual.generators {path}: trained against model {generators.model_name!r}, "
+                               f"the case's model is {case.card.name!r}")
+    if generators.class_index != case.class_index:
+        trained = case.card.class_names[generators.class_index] if generators.class_index < len(case.card.classes) \
+            else str(generators.class_index)
+        raise SegXAIInputError(f"counterfactual.generators {path}: trained for class {trained!r}, the case's "
+                               f"structure is {case.structure!r}")
+    info = {"path": str(path.resolve()), "sha256": file_sha256(path), "model_name": generators.model_name,
+            "class_index": generators.class_index, "geometry": generators.geometry.describe(),
+            "config": generators.config.to_dict()}
+    return generators, info
+
+
+def select_counterfactual_instances(case: Case) -> list[int]:
+    """The instance ids ``case.settings.counterfactual`` selects (as :func:`select_instances`
+    does for instance maps)."""
+    if case.instance_labels is None:
+        raise SegXAIInputError("counterfactual: the case has no instances (settings.instances.enabled is false)")
+    return _chosen_instances(case, case.settings.counterfactual, "counterfactual")
+
+
+def explain_counterfactuals(
+    case: Case,
+    model: LoadedModel,
+    generators: Any,
+    instance_ids: Sequence[int],
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> dict:
+    """:func:`~SegXAILib.counterfactual.counterfactual_relevance` of each instance (its mask
+    the region): ``{id: CounterfactualRelevance}``, maps ``(C, I, J, K)`` on the input grid."""
+    from ..counterfactual import counterfactual_relevance
+    from ..progress import track
+
+    if case.instance_labels is None:
+        raise SegXAIInputError("counterfactual: the case has no instances (settings.instances.enabled is false)")
+    labels = case.instance_labels.array[0]
+    results = {}
+    with exact_float32(model.device):
+        for identifier in track([int(i) for i in instance_ids], progress, cancel, "counterfactual relevance"):
+            if not 1 <= identifier <= len(case.instances):
+                raise SegXAIInputError(f"counterfactual: no instance {identifier}; the prediction has "
+                                       f"{len(case.instances)} instance(s) of {case.structure!r}")
+            region = case.instance_labels.with_array((labels == identifier).astype(np.uint8)[None], ("instance",))
+            try:
+                results[identifier] = counterfactual_relevance(case.image, model, generators, region=region)
+            except SegXAIInputError as error:
+                raise SegXAIInputError(f"counterfactual: instance {identifier}: {error}") from None
+    return results
 
 
 # ---------------------------------------------------------------------------- QA

@@ -20,6 +20,12 @@ last, so a folder without it is an unfinished run)::
                                               predictive / expected entropy, mutual information;
                                               mask frequency per foreground class)
     uncertainty.json                          how they were sampled, per-structure and per-lesion tables
+    counterfactual/instance<id>_{plus,minus,relevance}_<channel>.nii.gz
+                                              counterfactual relevance (paper 004): G+(x), G-(x) and
+                                              R = G+(x) - G-(x), model intensity units
+    counterfactual/instance<id>_patch.nii.gz  where the generators rewrote the image (uint8)
+    counterfactual.json                       scores of x, G+(x), G-(x) per instance; the generators
+                                              (path, SHA-256, model, geometry, training config)
 """
 
 from __future__ import annotations
@@ -221,6 +227,8 @@ def write_case(case: Case, out_dir: Union[str, Path], cancel: Optional[CancelTok
                 written.setdefault(name, {})[channel] = f"{name}_{channel}{suffix}"
         files["uncertainty"] = write_json({**case.uncertainty.summary(), "files": written},
                                           out_dir / "uncertainty.json")
+    if case.counterfactuals:
+        files.update(_write_counterfactuals(case, out_dir, suffix, check))
     for role, path in (extra_files or {}).items():
         files[role] = Path(path)
     check()
@@ -242,6 +250,36 @@ def write_case(case: Case, out_dir: Union[str, Path], cancel: Optional[CancelTok
     return write_json(manifest, out_dir / MANIFEST)
 
 
+#: the images of one instance's counterfactual relevance (CounterfactualRelevance attributes)
+COUNTERFACTUAL_KINDS = ("plus", "minus", "relevance")
+
+
+def _write_counterfactuals(case: Case, out_dir: Path, suffix: str, check) -> dict[str, Path]:
+    """``counterfactual/`` and ``counterfactual.json`` (see the module docstring)."""
+    folder = check_writable_dir(out_dir / "counterfactual")
+    files: dict[str, Path] = {}
+    instances: dict[str, Any] = {}
+    for identifier, result in case.counterfactuals.items():
+        check()
+        names: dict[str, Any] = {}
+        for kind in COUNTERFACTUAL_KINDS:
+            values = getattr(result, kind)
+            for channel in values.channel_names:
+                name = f"instance{identifier}_{kind}_{channel}{suffix}"
+                files[f"counterfactual:{identifier}:{kind}:{channel}"] = write_image(values.channel(channel),
+                                                                                     folder / name)
+                names.setdefault(kind, {})[channel] = name
+        names["patch"] = f"instance{identifier}_patch{suffix}"
+        files[f"counterfactual:{identifier}:patch"] = write_image(result.patch, folder / names["patch"])
+        instances[str(identifier)] = {"centre_model_ijk": list(result.centre), "scores": dict(result.scores),
+                                      "files": names}
+    document = {"method": "cyclegan_activation_maximisation", "structure": case.structure,
+                "units": "the model's normalised input intensities", "generators": case.counterfactual_generators,
+                "instances": instances}
+    files["counterfactual"] = write_json(document, out_dir / "counterfactual.json")
+    return files
+
+
 def _summary(case: Case) -> dict[str, Any]:
     summary: dict[str, Any] = {"status": "ok" if case.mask.any() else "empty_prediction", "notes": list(case.notes),
                                "structure_voxels": int(case.mask.sum()),
@@ -257,6 +295,8 @@ def _summary(case: Case) -> dict[str, Any]:
         for row in case.uncertainty.structures:
             if row.class_index == case.class_index:
                 summary.update({f"uncertainty_{key}": getattr(row, key) for key in LESION_UNCERTAINTY_KEYS})
+    if case.counterfactuals:
+        summary["counterfactuals"] = [int(i) for i in case.counterfactuals]
     return summary
 
 
