@@ -333,3 +333,42 @@ def test_argparse_refuses_both_selections(card, constant_generators, tmp_path):
         main(["counterfactual", "explain", "x.nii.gz", "--model", str(card), "--out", str(tmp_path / "out"),
               "--generators", str(constant_generators), "--instance", "1", "--click", "0,0,0"])
     assert exit_.value.code == 2 and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------- MRML bridge and engine job
+
+def test_the_engine_job_shows_the_counterfactual_as_nodes(card, constant_generators, tmp_path):
+    """Segment -> counterfactual of lesion 1 through the engine process: R as a signed saliency
+    volume (0.75 scale on the patch, 0 elsewhere), G+(x) and G-(x) as volumes, all on the input
+    volume's exact grid; R is the views' foreground; a reopened case folder shows the same."""
+    pytest.importorskip("slicer")
+    from SegXAILib import mrml
+    from SegXAILib.mrml.logic import counterfactual_summary
+    from SegXAILib.mrml.session import CaseSession
+
+    image = phantom(6, grid="oblique")
+    scene = mrml.headless_scene()
+    volume = mrml.image_to_volume_node(image, scene, "input")
+    session = CaseSession(scene, tmp_path / "jobs", env={"OMP_NUM_THREADS": "1"})
+    settings = settings_for(card, constant_generators)
+    session.segment([volume], CaseSettings.from_dict({**settings.to_dict(), "counterfactual": {}}))
+    assert session.wait(300).state == "done"
+    session.counterfactual(1, settings)
+    update = session.wait(300)
+    assert update.state == "done", update.error
+    shown = session.nodes.counterfactual[1]
+    relevance = mrml.volume_node_to_image(shown["relevance"][0])
+    patch = session.case.counterfactuals[1].patch.array[0].astype(bool)
+    np.testing.assert_allclose(relevance.array[0][patch], 0.75 * SCALE, rtol=1e-6)
+    assert float(np.abs(relevance.array[0][~patch]).max()) == 0.0
+    np.testing.assert_allclose(relevance.ijk_to_ras, mrml.volume_node_to_image(volume).ijk_to_ras, atol=1e-9)
+    plus = mrml.volume_node_to_image(shown["plus"][0]).array[0]
+    np.testing.assert_allclose(plus[patch], image.array[0][patch] + 0.5 * SCALE, rtol=1e-6)
+    assert all(c.GetForegroundVolumeID() == shown["relevance"][0].GetID() for c in mrml.slice_composite_nodes(scene))
+    summary = counterfactual_summary(session.case, 1)
+    assert summary["plus"] - summary["original"] == pytest.approx(0.5 * SCALE, abs=1e-5)
+    other = mrml.headless_scene()
+    reopened = CaseSession(other, tmp_path / "again")
+    reopened.open(session.job.case_dir)
+    back = mrml.volume_node_to_image(reopened.nodes.counterfactual[1]["relevance"][0])
+    np.testing.assert_array_equal(back.array, relevance.array)

@@ -4,7 +4,8 @@ The case is computed by the pipeline (:func:`~SegXAILib.pipeline.run_case` and i
 steps), never here: this module only reads a Case and makes nodes of a scene (main thread).
 
 * :func:`show_segmentation`, :func:`show_explanations`, :func:`show_instance_saliency`,
-  :func:`show_qa`, :func:`show_uncertainty`, :func:`show_case` turn a Case into nodes.
+  :func:`show_qa`, :func:`show_uncertainty`, :func:`show_counterfactual`, :func:`show_case` turn
+  a Case into nodes.
 * :func:`case_image` gathers input volume nodes into the image a case runs on.
 
 The Slicer panel computes in the engine process (:mod:`SegXAILib.mrml.session`) and shows the
@@ -28,6 +29,8 @@ __all__ = [
     "show_instance_saliency",
     "show_qa",
     "show_uncertainty",
+    "show_counterfactual",
+    "counterfactual_summary",
     "uncertainty_summary",
     "UNCERTAINTY_VOLUMES",
     "UNCERTAINTY_SUMMARY_KEYS",
@@ -78,6 +81,8 @@ class CaseNodes:
     chart: Any = None
     uncertainty: dict = field(default_factory=dict)  # map name -> [volume node per channel]
     uncertainty_table: Any = None
+    # instance id -> {"plus" | "minus" | "relevance": [volume node per channel]}
+    counterfactual: dict = field(default_factory=dict)
 
 
 def _display_maps(maps: Image, display: str) -> Image:
@@ -229,6 +234,58 @@ def show_uncertainty(scene, case, nodes: CaseNodes, reference_volume=None, opaci
     return nodes
 
 
+def show_counterfactual(scene, case, instance_id: int, nodes: CaseNodes, reference_volume=None, opacity: float = 0.5,
+                        threshold: float = 0.17, foreground: bool = True, name: str = "SegXAI") -> dict:
+    """One instance's counterfactual (paper 004) as volumes: G+(x) and G-(x) shown like the
+    input (its window), and ``R = G+(x) - G-(x)`` as a signed saliency volume (red: what G+
+    adds, blue: what it removes; transparent below ``threshold`` of max |R|). With
+    ``foreground``, R becomes the slice views' foreground, centred on the instance. Volumes
+    shown before for the instance are replaced. Returns ``{"plus", "minus", "relevance"}`` ->
+    [volume node per channel]."""
+    from .display import jump_slices_to, saliency_volume_node, show_in_slice_views
+    from .nodes import image_to_volume_node, place_under
+
+    if instance_id not in case.counterfactuals:
+        raise SegXAIInputError(f"instance {instance_id}: no counterfactual computed")
+    result = case.counterfactuals[instance_id]
+    for node in (n for kind in nodes.counterfactual.get(instance_id, {}).values() for n in kind):
+        scene.RemoveNode(node)
+    transform = reference_volume.GetParentTransformNode() if reference_volume is not None else None
+    shown: dict[str, list] = {"plus": [], "minus": [], "relevance": []}
+    for label, image in (("plus", result.plus), ("minus", result.minus)):
+        for channel in image.channel_names:
+            node = image_to_volume_node(image.channel(channel), scene, f"{name} lesion {instance_id} G{'+' if label == 'plus' else '-'}(x) {channel}",
+                                        parent_transform=transform)
+            if reference_volume is not None:
+                place_under(scene, node, reference_volume)
+            node.SetAttribute("SegXAI.Counterfactual", label)
+            shown[label].append(node)
+    for channel in result.relevance.channel_names:
+        node = saliency_volume_node(result.relevance, scene, f"{name} lesion {instance_id} R {channel}", channel=channel,
+                                    threshold=threshold, signed=True, reference_volume=reference_volume)
+        node.SetAttribute("SegXAI.Counterfactual", "relevance")
+        shown["relevance"].append(node)
+    nodes.counterfactual[instance_id] = shown
+    if foreground:
+        show_in_slice_views(scene, background=reference_volume, foreground=shown["relevance"][0],
+                            foreground_opacity=opacity)
+        jump_slices_to(scene, case.instances[instance_id - 1].centroid_ras)
+    return shown
+
+
+def counterfactual_summary(case, instance_id: int) -> dict:
+    """One instance's counterfactual scores for a front end: ``original``, ``plus``, ``minus``
+    (the model's mean lesion logit over the region) and a one-line ``text``; {} without one."""
+    result = None if case is None else case.counterfactuals.get(int(instance_id))
+    if result is None:
+        return {}
+    scores = {key: float(result.scores[key]) for key in ("original", "plus", "minus") if key in result.scores}
+    text = (f"lesion {instance_id}: model score {scores.get('original', float('nan')):.3f} on the image, "
+            f"{scores.get('plus', float('nan')):.3f} after G+ (more lesion), {scores.get('minus', float('nan')):.3f} "
+            "after G- (less lesion); R = G+(x) - G-(x)")
+    return {**scores, "text": text}
+
+
 def uncertainty_summary(case) -> dict:
     """The case structure's uncertainty as the front ends show it: :data:`UNCERTAINTY_SUMMARY_KEYS`
     (None when the structure has no predicted voxel), ``structure``, ``samples``, ``sources``
@@ -256,7 +313,8 @@ def uncertainty_summary(case) -> dict:
 
 def show_case(scene, case, reference_volume=None, display: str = "normalised", name: str = "SegXAI") -> CaseNodes:
     """Every result of ``case`` as nodes: segmentation, instances, lesion table, uncertainty,
-    class-level and instance maps, QA (a saliency map, when there is one, is the foreground)."""
+    class-level and instance maps, counterfactuals, QA (a saliency map, when there is one, is
+    the foreground)."""
     nodes = show_segmentation(scene, case, reference_volume=reference_volume, name=name)
     if case.uncertainty is not None:
         show_uncertainty(scene, case, nodes, reference_volume=reference_volume, name=name,
@@ -266,6 +324,9 @@ def show_case(scene, case, reference_volume=None, display: str = "normalised", n
     for identifier in case.instance_maps:
         show_instance_saliency(scene, case, identifier, nodes, reference_volume=reference_volume, display=display,
                                name=name)
+    for identifier in case.counterfactuals:
+        show_counterfactual(scene, case, identifier, nodes, reference_volume=reference_volume, name=name,
+                            foreground=not case.maps and not case.instance_maps)
     if case.qa is not None:
         show_qa(scene, case, nodes, name=name)
     return nodes

@@ -34,8 +34,8 @@ import numpy as np
 
 from ..image import SegXAIInputError
 from ..pipeline.job import EngineJob, JobStatus
-from .logic import (CaseNodes, case_image, show_case, show_explanations, show_instance_saliency, show_qa,
-                    show_uncertainty)
+from .logic import (CaseNodes, case_image, show_case, show_counterfactual, show_explanations, show_instance_saliency,
+                    show_qa, show_uncertainty)
 
 __all__ = ["CaseSession", "SessionUpdate", "slicer_python"]
 
@@ -277,6 +277,26 @@ class CaseSession:
         chosen["uncertainty"] = {**chosen["uncertainty"], "enabled": True}
         return self._launch("uncertainty", type(settings).from_dict(chosen, source="settings"), {"opacity": opacity})
 
+    def counterfactual(self, instance_id: int, settings, opacity: float = 0.5) -> EngineJob:
+        """One lesion's counterfactual (paper 004) with ``settings.counterfactual.generators``:
+        G+(x), G-(x) and R, R shown as the foreground, centred on the lesion."""
+        self._require_idle()
+        self._check_model(settings)
+        case = self.case
+        instance_id = int(instance_id)
+        if not 1 <= instance_id <= len(case.instances):
+            raise SegXAIInputError(f"instance {instance_id}: the prediction has {len(case.instances)} instance(s) "
+                                   f"of {case.structure!r}")
+        chosen = settings.to_dict()
+        chosen["methods"], chosen["qa"] = [], {}
+        chosen["agg2exp"] = {**chosen["agg2exp"], "enabled": False}
+        chosen["uncertainty"] = {**chosen["uncertainty"], "enabled": False}
+        chosen["instances"] = {**chosen["instances"], "enabled": True, "ids": [], "click_ras": None}
+        chosen["counterfactual"] = {**chosen["counterfactual"], "enabled": True, "ids": [instance_id],
+                                    "click_ras": None}
+        return self._launch("counterfactual", type(settings).from_dict(chosen, source="settings"),
+                            {"opacity": opacity, "instance": instance_id})
+
     def cancel(self) -> None:
         """End the running job's process tree (within :data:`~SegXAILib.pipeline.job.KILL_AFTER_S`)."""
         if self.busy:
@@ -351,6 +371,11 @@ class CaseSession:
         elif self.action == "qa":
             current.qa = case.qa
             show_qa(scene, current, self.nodes, name=self.name)
+        elif self.action == "counterfactual":
+            current.counterfactuals.update(case.counterfactuals)
+            current.counterfactual_generators = case.counterfactual_generators
+            show_counterfactual(scene, current, show["instance"], self.nodes, reference_volume=reference,
+                                opacity=show["opacity"], name=self.name)
         elif self.action == "uncertainty":
             from ..pipeline import lesion_rows
 
