@@ -127,6 +127,7 @@ class SegXAIParameterNode:
     display - "normalised" (paper 000, 17 % threshold) or "signed"; opacity of the overlay.
     riskModelPath - a calibrated QA risk model (JSON).
     outputFolder - where the case folders go (empty: a SegXAI folder in Slicer's temporary folder).
+    counterfactualGenerators - a trained counterfactual generator pair (generators.pt or its folder).
     uncertaintySources - a key of SegXAILib.uncertainty.UNCERTAINTY_PRESETS; uncertaintySamples / uncertaintySeed the
         number of samples of a random source and its seed.
     """
@@ -148,6 +149,7 @@ class SegXAIParameterNode:
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     riskModelPath: str = ""
     outputFolder: str = ""
+    counterfactualGenerators: str = ""
     uncertaintySources: str = "flips"
     uncertaintySamples: Annotated[int, WithinRange(2, MAX_UNCERTAINTY_SAMPLES)] = 8
     uncertaintySeed: Annotated[int, WithinRange(0, MAX_SEED)] = 0
@@ -196,6 +198,7 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.lesionsCollapsibleButton.collapsed = True  # opened when there are lesions
         self.ui.qaCollapsibleButton.collapsed = True
         self.ui.uncertaintyCollapsibleButton.collapsed = True
+        self.ui.counterfactualCollapsibleButton.collapsed = True
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -214,6 +217,8 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.pickLesionButton.connect("toggled(bool)", self.onPickLesionToggled)
         self.ui.qaButton.connect("clicked(bool)", self.onQA)
         self.ui.uncertaintyButton.connect("clicked(bool)", self.onUncertainty)
+        self.ui.counterfactualButton.connect("clicked(bool)", self.onCounterfactual)
+        self.ui.counterfactualGeneratorsPathLineEdit.connect("currentPathChanged(QString)", self.onGeneratorsChanged)
         self.ui.uncertaintySourceComboBox.connect("currentIndexChanged(int)", self.onUncertaintySourceChanged)
         self.ui.riskModelPathLineEdit.connect("currentPathChanged(QString)", self.onRiskModelChanged)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
@@ -340,6 +345,7 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             self.ui.modelCardPathLineEdit.currentPath = node.modelCardPath
             self.ui.riskModelPathLineEdit.currentPath = node.riskModelPath
+            self.ui.counterfactualGeneratorsPathLineEdit.currentPath = node.counterfactualGenerators
             self.ui.outputFolderButton.directory = self.logic.outputFolder(node.outputFolder)
             self._selectData(self.ui.modelComboBox, node.model)
             self._selectData(self.ui.deviceComboBox, node.device)
@@ -431,6 +437,10 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.uncertaintySamplesSpinBox.enabled = random
         self.ui.uncertaintySeedSpinBox.enabled = random
 
+    def onGeneratorsChanged(self, *args):
+        self._write(counterfactualGenerators=self.ui.counterfactualGeneratorsPathLineEdit.currentPath)
+        self.updateButtons()
+
     def onRiskModelChanged(self, *args):
         self._write(riskModelPath=self.ui.riskModelPathLineEdit.currentPath)
 
@@ -467,7 +477,8 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _caseSettings(self, withMethod=False, riskModel=None, qaMethod="", uncertainty=False):
         """The case settings of the parameter node's choices (the chosen method's map with
-        ``withMethod``, the uncertainty choices with ``uncertainty``); the Logic validates them."""
+        ``withMethod``, the uncertainty choices with ``uncertainty``; the counterfactual
+        generators always); the Logic validates them."""
         node = self._parameterNode
         chosen = None
         if uncertainty:
@@ -479,7 +490,8 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if withMethod:
             methods, params = [node.method], {node.method: self._methodParameters()}
         return self.logic.caseSettings(model, methods, params, target=target, device=node.device or "auto",
-                                       riskModel=riskModel, qaMethod=qaMethod, uncertainty=chosen)
+                                       riskModel=riskModel, qaMethod=qaMethod, uncertainty=chosen,
+                                       counterfactualGenerators=node.counterfactualGenerators)
 
     def updateButtons(self, *args):
         if self.logic is None:
@@ -494,6 +506,8 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.pickLesionButton.enabled = segmented
         self.ui.qaButton.enabled = segmented and not busy
         self.ui.uncertaintyButton.enabled = segmented and not busy
+        self.ui.counterfactualButton.enabled = (segmented and not busy
+                                                 and bool(self.ui.counterfactualGeneratorsPathLineEdit.currentPath))
         self.ui.installDependenciesButton.enabled = not busy
         self.ui.cancelButton.enabled = busy
         self.ui.instanceSpinBox.enabled = self.ui.targetComboBox.currentData == "instance"
@@ -582,6 +596,8 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.riskBandLabel.text = (f"risk band: {qa.risk['band'].upper()}  (PC1 {qa.risk['pc1']:.3g}, "
                                               f"estimated Dice {qa.risk['estimated_dice']:.2f})")
             slicer.modules.plots.logic().ShowChartInLayout(nodes.chart)
+        elif action == "counterfactual":
+            self.ui.counterfactualLabel.text = self.logic.counterfactualSummary(self.ui.instanceSpinBox.value)
         elif action == "uncertainty":
             self.ui.uncertaintyLabel.text = self.logic.uncertaintySummary()
             if nodes.lesion_table is not None:
@@ -652,6 +668,12 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         centroid = lesion_centroid_ras(table, rows[0]) if rows else None
         if centroid is not None:
             jump_slices_to(slicer.mrmlScene, centroid)
+
+    def onCounterfactual(self):
+        """The counterfactual of the lesion in the instance box (a picked lesion sets it)."""
+        node, instanceId = self._parameterNode, int(self.ui.instanceSpinBox.value)
+        self._start(f"Counterfactual of lesion {instanceId}", lambda: self.logic.counterfactual(
+            instanceId, self._caseSettings(), opacity=node.opacity))
 
     def onUncertainty(self):
         node = self._parameterNode
@@ -773,7 +795,7 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def caseSettings(model="lesions", methods=(), params=None, target="", device="auto", riskModel=None,
                      qaMethod=None, instances=None, aggregation="mean", instanceParams=None, className="",
-                     trustCode=False, uncertainty=None):
+                     trustCode=False, uncertainty=None, counterfactualGenerators=""):
         """Validated :class:`~SegXAILib.pipeline.CaseSettings` from the panel's choices.
 
         Parameters
@@ -811,6 +833,9 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
         uncertainty : dict, optional
             :class:`~SegXAILib.pipeline.UncertaintySettings` fields (see
             :meth:`uncertaintySettings`); computed with the case when ``enabled``.
+        counterfactualGenerators : str
+            A trained counterfactual generator pair (``generators.pt`` or its folder), used by
+            :meth:`counterfactual`.
 
         Raises
         ------
@@ -844,7 +869,8 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
                   "aggregations": [aggregation], **dict(instanceParams or {})}
         return CaseSettings.from_dict({"model": str(model), "class_name": className, "methods": entries,
                                        "instances": chosen, "qa": qa, "device": device,
-                                       "trust_code": bool(trustCode), "uncertainty": dict(uncertainty or {})},
+                                       "trust_code": bool(trustCode), "uncertainty": dict(uncertainty or {}),
+                                       "counterfactual": {"generators": str(counterfactualGenerators or "")}},
                                       source="settings")
 
     @staticmethod
@@ -873,6 +899,16 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
     def qa(self, settings):
         """Start the QA of the structure (risk band with ``settings.qa.risk_model``)."""
         return self.session.qa(settings)
+
+    def counterfactual(self, instanceId, settings, opacity=0.5):
+        """Start one lesion's counterfactual (``settings.counterfactual.generators``)."""
+        return self.session.counterfactual(instanceId, settings, opacity=opacity)
+
+    def counterfactualSummary(self, instanceId):
+        """One line on a lesion's counterfactual scores (the panel's label); empty without one."""
+        from SegXAILib.mrml.logic import counterfactual_summary
+
+        return counterfactual_summary(self.case, instanceId).get("text", "")
 
     def uncertainty(self, settings, opacity=0.5):
         """Start the uncertainty of the prediction (``settings.uncertainty``'s samples)."""

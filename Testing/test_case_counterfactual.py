@@ -372,3 +372,28 @@ def test_the_engine_job_shows_the_counterfactual_as_nodes(card, constant_generat
     reopened.open(session.job.case_dir)
     back = mrml.volume_node_to_image(reopened.nodes.counterfactual[1]["relevance"][0])
     np.testing.assert_array_equal(back.array, relevance.array)
+
+
+def test_the_slicer_logic_runs_the_counterfactual(card, constant_generators, tmp_path):
+    """The panel's Logic: the generators path goes into the case settings; its counterfactual
+    job fills the summary line with the scores the case holds."""
+    pytest.importorskip("slicer")
+    import importlib.util
+
+    from SegXAILib import mrml
+
+    spec = importlib.util.spec_from_file_location("SegXAI", ROOT / "SegXAI" / "SegXAI.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    scene = mrml.headless_scene()
+    volume = mrml.image_to_volume_node(phantom(7), scene, "input")
+    logic = module.SegXAILogic(scene, workFolder=str(tmp_path / "jobs"), env={"OMP_NUM_THREADS": "1"})
+    settings = logic.caseSettings(card, device="cpu", counterfactualGenerators=str(constant_generators))
+    assert settings.counterfactual.generators == str(constant_generators) and not settings.counterfactual.enabled
+    logic.segment([volume], settings)
+    assert logic.wait().state == "done"
+    assert logic.counterfactualSummary(1) == ""
+    logic.counterfactual(1, settings)
+    assert logic.wait().state == "done"
+    scores = logic.case.counterfactuals[1].scores
+    assert f"{scores['plus']:.3f} after G+" in logic.counterfactualSummary(1)
