@@ -13,8 +13,9 @@ Writes, into the batch folder of :func:`~SegXAILib.batch.run_batch`:
   (:func:`~SegXAILib.topology.calibrate_cohort`): ``risk_<method>.json`` and its plots;
 * ``cohort_report.json``: the same rows, the global matrix and the outlier scores, machine-readable.
 
-Evaluation tables of attribution methods (``segxai evaluate``) re-run the model for each method
-and perturbation and are not made from a batch folder.
+The evaluation tables of attribution methods over the batch (:func:`~SegXAILib.batch.evaluate_batch`,
+``segxai batch-evaluate``: ``evaluation/evaluation.{md,csv,json}``) are linked and shown in
+``cohort.html`` when they exist.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any, Optional, Union
 
 from ..image import SegXAIInputError
 from ..progress import CancelToken, ProgressCallback, report
+from .evaluate import EVALUATION_DIR
 
 __all__ = ["cohort_report", "COHORT_REPORT", "COHORT_SUMMARY", "COHORT_COLUMNS"]
 
@@ -110,6 +112,33 @@ def _agg2exp(cases: dict[str, Any], dice: dict[str, Optional[float]], n_estimato
         outliers.update(cohort_outliers(results, variant, first.card.class_names[1:], n_estimators=n_estimators,
                                         seed=seed))
     return matrix, outliers, variant
+
+
+def _add_markdown(html, text: str) -> None:
+    """The Markdown of :func:`~SegXAILib.evaluation.markdown_tables` as report sections: headings
+    (one level below the report's section), paragraphs and pipe tables as tables."""
+    table: list[list[str]] = []
+
+    def flush() -> None:
+        if table:
+            header, *body = table
+            html.add_table([dict(zip(header, cells)) for cells in body], columns=header)
+            table.clear()
+
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("|"):
+            cells = [cell.strip() for cell in stripped.strip("|").split("|")]
+            if not all(set(cell) <= set("-: ") and cell for cell in cells):  # the separator row is layout only
+                table.append(cells)
+            continue
+        flush()
+        if stripped.startswith("#"):
+            level = len(stripped) - len(stripped.lstrip("#"))
+            html.add_heading(stripped[level:].strip(), min(6, level + 2))
+        elif stripped:
+            html.add_paragraph(stripped)
+    flush()
 
 
 def cohort_report(
@@ -255,10 +284,23 @@ def cohort_report(
             html.add_figure(path, caption=f"{name.replace('_', ' ')} of the calibration", name=f"calibration_{name}")
 
     html.add_heading("Evaluation of attribution methods")
-    html.add_paragraph(
-        "Not made from a batch folder: the evaluation tables (segxai evaluate: fidelity, pointing, faithfulness, "
-        "sensitivity, randomisation) re-run the model for every method and perturbation of each case. Run segxai "
-        "evaluate on the cohort's images (the cases CSV's files) for them.")
+    evaluation = batch_dir / EVALUATION_DIR / "evaluation.md"
+    if evaluation.is_file():
+        html.add_paragraph(
+            "The evaluation tables of segxai batch-evaluate (SegXAILib.batch.evaluate_batch): the attribution methods "
+            "scored on the finished cases with the prediction written in each case folder and the reference its "
+            "batch_case.json records, mean ± sd over the cases. Per case, method and variant: evaluation.csv; the "
+            "configuration, the methods' parameters and the curves: evaluation.json.")
+        html.add_table([{"file": LinkCell(f"{EVALUATION_DIR}/{name}", name)}
+                        for name in ("evaluation.md", "evaluation.csv", "evaluation.json")
+                        if (batch_dir / EVALUATION_DIR / name).is_file()], caption="Evaluation tables")
+        _add_markdown(html, evaluation.read_text(encoding="utf-8"))
+    else:
+        html.add_paragraph(
+            "Not made yet. segxai batch-evaluate DIR --methods M,M scores attribution methods (fidelity, pointing, "
+            "faithfulness, sensitivity, complexity, randomisation, ...) on the finished cases of the batch, with the "
+            "predictions written in the case folders: DIR/evaluation/evaluation.{md,csv,json}, shown here by the "
+            "next segxai batch-report.")
 
     summary = {"format": "segxai-cohort-report", "version": 1, "batch": "batch.json",
                "columns": COHORT_COLUMNS, "cases": rows}
@@ -266,6 +308,9 @@ def cohort_report(
         matrix, outliers, variant = agg2exp
         summary["agg2exp"] = {"variant": variant, "global": matrix.to_dict(),
                               "context_use": matrix.context_use(), "outliers": outliers}
+    if evaluation.is_file():
+        summary["evaluation"] = {name: f"{EVALUATION_DIR}/{name}" for name in
+                                 ("evaluation.md", "evaluation.csv", "evaluation.json")}
     if calibration is not None:
         summary["calibration"] = {"risk_model": calibration[2].name, "cases": calibration[1],
                                   "plots": {k: Path(v).name for k, v in calibration[3].items()}}

@@ -404,12 +404,22 @@ def run_batch(
 
 def _run_on_cluster(client: Any, todo: Sequence[BatchCase], settings_data: dict[str, Any], out: Path, finish,
                     cancel: Optional[CancelToken], threads_per_worker: Optional[int]) -> None:
-    from distributed import as_completed
-
     client.register_plugin(ModelPlugin(threads_per_worker), name=PLUGIN_NAME)
     # pure=False: a rerun is a new task even for the same case (its folder was removed)
     futures = {client.submit(run_case_task, case, settings_data, str(out),
-                             key=f"segxai-case-{case.id}-{os.urandom(4).hex()}", pure=False): case for case in todo}
+                             key=f"segxai-case-{case.id}-{os.urandom(4).hex()}", pure=False): case.id for case in todo}
+    _collect(client, futures, finish, cancel)
+
+
+def _collect(client: Any, futures: dict[Any, str], finish, cancel: Optional[CancelToken]) -> None:
+    """Hand each task's result (a case's record) to ``finish`` as it completes.
+
+    ``futures``: Dask future -> case id. A task whose worker died (KilledWorker) or that was lost
+    gives a ``failed`` record of its case; ``cancel`` (polled) cancels the tasks not finished and
+    raises :class:`~SegXAILib.progress.Cancelled`.
+    """
+    from distributed import as_completed
+
     pending = as_completed(list(futures))
     try:
         while True:
@@ -422,11 +432,11 @@ def _run_on_cluster(client: Any, todo: Sequence[BatchCase], settings_data: dict[
                 time.sleep(_POLL_S)
                 continue
             for future in batch:
-                case = futures[future]
+                identifier = futures[future]
                 try:
                     result = future.result()
                 except Exception as error:  # the worker died (KilledWorker) or the task was lost
-                    result = {"id": case.id, "status": "failed", "kind": "internal",
+                    result = {"id": identifier, "status": "failed", "kind": "internal",
                               "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(),
                               "worker": None, "seconds": None}
                 finish(result)

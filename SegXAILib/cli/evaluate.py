@@ -34,7 +34,8 @@ from ..io import IMAGE_SUFFIXES
 from .case_settings import settings_from_options
 from .common import device_option, load_case_model, model_help, options_named, progress_bar, trust_option
 
-__all__ = ["add_commands", "CaseFiles", "parse_cases", "parse_method_params"]
+__all__ = ["add_commands", "CaseFiles", "parse_cases", "parse_method_params", "add_run_options",
+           "add_evaluation_options", "evaluation_request", "evaluation_errors_named"]
 
 #: the options of ``segxai evaluate`` by the EvaluationConfig field (or evaluate_case parameter) they set
 _EVALUATE_OPTIONS = dict(
@@ -198,15 +199,12 @@ def _command_line() -> str:
     return "segxai " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
 
 
-# ---- segxai evaluate ---------------------------------------------------------------------------
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .. import __version__
-    from ..evaluation.runner import METRICS, EvaluationConfig, csv_table, evaluate_case, markdown_tables, summarise
-    from ..io import check_writable_dir
-    from ..pipeline import predict
-    from ..progress import sub_progress
+def evaluation_request(args: argparse.Namespace):
+    """``(methods, config)`` of the options :func:`add_evaluation_options` added: method key ->
+    parameters (``random`` included) and the checked
+    :class:`~SegXAILib.evaluation.EvaluationConfig`; errors name the options."""
+    from ..evaluation.runner import METRICS, EvaluationConfig
 
-    card, cases = _card_and_cases(args)
     params = parse_method_params(args.methods, list(args.param or []))
     params.setdefault("random", {})
     with options_named(**_EVALUATE_OPTIONS):
@@ -221,6 +219,25 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         ).check()
     if not math.isfinite(config.baseline):
         raise SegXAIInputError(f"--baseline {args.baseline}: must be a finite number")
+    return params, config
+
+
+def evaluation_errors_named(**renamed: str):
+    """A block whose library errors name ``segxai evaluate``'s options (``--metrics``, ``--class``,
+    ...) and ``renamed``'s (parameter -> option)."""
+    return options_named(**_EVALUATE_OPTIONS, **renamed)
+
+
+# ---- segxai evaluate ---------------------------------------------------------------------------
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .. import __version__
+    from ..evaluation.runner import csv_table, evaluate_case, markdown_tables, summarise
+    from ..io import check_writable_dir
+    from ..pipeline import predict
+    from ..progress import sub_progress
+
+    card, cases = _card_and_cases(args)
+    params, config = evaluation_request(args)
     settings = _case_settings(args)
     for case in cases:  # every file readable and on its grid before anything is written
         _read_case(case, card)
@@ -393,6 +410,46 @@ def _cmd_agg2exp(args: argparse.Namespace) -> int:
 
 
 # ---- parsers -----------------------------------------------------------------------------------
+def add_run_options(command: argparse.ArgumentParser) -> None:
+    """``--seed`` and ``--window-batch``."""
+    command.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    command.add_argument("--window-batch", type=int, default=1, metavar="N", help="sliding windows per network call")
+
+
+def add_evaluation_options(command: argparse.ArgumentParser,
+                           class_help: str = "class to explain (default: the first foreground class)") -> None:
+    """The methods (``--methods``, ``--param``) and the EvaluationConfig options of ``segxai
+    evaluate`` (read by :func:`evaluation_request`, with :func:`add_run_options`' ``--seed`` and
+    ``--window-batch``)."""
+    command.add_argument("--methods", required=True, metavar="M,M",
+                         help="attribution methods, comma-separated (see: segxai methods); NAME@LABEL scores one "
+                              "method under several settings (kernel_shap@cubes); random is always added")
+    command.add_argument("--param", action="append", default=[], metavar="METHOD.NAME=VALUE",
+                         help="a method parameter (repeatable), e.g. smoothgrad.n_samples=10, kernel_shap@cubes.features=cubes")
+    command.add_argument("--metrics", default="all", metavar="M,M",
+                         help="all (default) or any of fidelity, pointing, region_dice, faithfulness, sensitivity, "
+                              "complexity, efficiency, randomisation")
+    command.add_argument("--class", dest="class_name", default="", metavar="NAME", help=class_help)
+    command.add_argument("--variants", default="signed,absolute", metavar="V,V", help="signed, absolute (default both)")
+    command.add_argument("--fidelity-score", default="target", metavar="S",
+                         help="target (normalised class target, default) or dice (Dice against the clean prediction)")
+    command.add_argument("--fidelity-step", type=float, default=0.025, metavar="F", help="share per step (default 0.025)")
+    command.add_argument("--baseline", type=float, default=0.0, metavar="V",
+                         help="masking value on the model grid (preprocessed intensities; default 0)")
+    command.add_argument("--n-subsets", type=int, default=100, metavar="N", help="faithfulness subsets (default 100)")
+    command.add_argument("--subset-fraction", type=float, default=0.01, metavar="F",
+                         help="faithfulness subset size as a share of the voxels (default 0.01)")
+    command.add_argument("--sensitivity-samples", type=int, default=3, metavar="N", help="noisy inputs (default 3)")
+    command.add_argument("--noise-level", type=float, default=0.05, metavar="F",
+                         help="sensitivity noise sigma as a share of the input range (default 0.05)")
+    command.add_argument("--slic-segments", type=int, default=200, metavar="N", help="SLIC supervoxels (default 200)")
+    command.add_argument("--slic-compactness", type=float, default=0.1, metavar="F", help="SLIC compactness (default 0.1)")
+    command.add_argument("--cascading", action="store_true",
+                         help="randomisation: Adebayo's layer-by-layer cascade (one map per layer) instead of one step")
+    command.add_argument("--batch-size", type=int, default=8, metavar="N", help="perturbed volumes per forward")
+    command.add_argument("--title", default="", help="title of the tables")
+
+
 def _common(command: argparse.ArgumentParser) -> None:
     command.add_argument("--model", required=True, help=model_help())
     command.add_argument("--images", nargs="+", required=True, metavar="CASE",
@@ -401,8 +458,7 @@ def _common(command: argparse.ArgumentParser) -> None:
     command.add_argument("--reference", nargs="+", default=None, metavar="MASK",
                          help="one reference mask per case, in the order of --images (overrides reference.* in folders)")
     command.add_argument("--out", required=True, type=Path, help="output folder")
-    command.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
-    command.add_argument("--window-batch", type=int, default=1, metavar="N", help="sliding windows per network call")
+    add_run_options(command)
     trust_option(command)
     device_option(command)
 
@@ -413,34 +469,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "evaluate", help="score attribution methods (fidelity, pointing, region Dice, faithfulness, sensitivity, "
                          "complexity, efficiency, randomisation) over cases; random baseline included")
     _common(evaluate)
-    evaluate.add_argument("--methods", required=True, metavar="M,M",
-                          help="attribution methods, comma-separated (see: segxai methods); NAME@LABEL scores one "
-                               "method under several settings (kernel_shap@cubes); random is always added")
-    evaluate.add_argument("--param", action="append", default=[], metavar="METHOD.NAME=VALUE",
-                          help="a method parameter (repeatable), e.g. smoothgrad.n_samples=10, kernel_shap@cubes.features=cubes")
-    evaluate.add_argument("--metrics", default="all", metavar="M,M",
-                          help="all (default) or any of fidelity, pointing, region_dice, faithfulness, sensitivity, "
-                               "complexity, efficiency, randomisation")
-    evaluate.add_argument("--class", dest="class_name", default="", metavar="NAME",
-                          help="class to explain (default: the first foreground class)")
-    evaluate.add_argument("--variants", default="signed,absolute", metavar="V,V", help="signed, absolute (default both)")
-    evaluate.add_argument("--fidelity-score", default="target", metavar="S",
-                          help="target (normalised class target, default) or dice (Dice against the clean prediction)")
-    evaluate.add_argument("--fidelity-step", type=float, default=0.025, metavar="F", help="share per step (default 0.025)")
-    evaluate.add_argument("--baseline", type=float, default=0.0, metavar="V",
-                          help="masking value on the model grid (preprocessed intensities; default 0)")
-    evaluate.add_argument("--n-subsets", type=int, default=100, metavar="N", help="faithfulness subsets (default 100)")
-    evaluate.add_argument("--subset-fraction", type=float, default=0.01, metavar="F",
-                          help="faithfulness subset size as a share of the voxels (default 0.01)")
-    evaluate.add_argument("--sensitivity-samples", type=int, default=3, metavar="N", help="noisy inputs (default 3)")
-    evaluate.add_argument("--noise-level", type=float, default=0.05, metavar="F",
-                          help="sensitivity noise sigma as a share of the input range (default 0.05)")
-    evaluate.add_argument("--slic-segments", type=int, default=200, metavar="N", help="SLIC supervoxels (default 200)")
-    evaluate.add_argument("--slic-compactness", type=float, default=0.1, metavar="F", help="SLIC compactness (default 0.1)")
-    evaluate.add_argument("--cascading", action="store_true",
-                          help="randomisation: Adebayo's layer-by-layer cascade (one map per layer) instead of one step")
-    evaluate.add_argument("--batch-size", type=int, default=8, metavar="N", help="perturbed volumes per forward")
-    evaluate.add_argument("--title", default="", help="title of the tables")
+    add_evaluation_options(evaluate)
     evaluate.set_defaults(run=_cmd_evaluate)
 
     agg = commands.add_parser(
