@@ -246,7 +246,7 @@ def test_the_calibrated_risk_model_is_the_batchs_curves_and_scores_a_new_case(ba
 
     out = batch["out"]
     model = RiskModel.load(out / "risk_gradient_x_input.json")
-    ids = json.loads((out / "cohort_report.json").read_text(encoding="utf-8"))["calibration"]["cases"]
+    ids = json.loads((out / "cohort_report.json").read_text(encoding="utf-8"))["calibration"][0]["cases"]
     assert ids == [f"c{n:02d}" for n in range(N_REFERENCED)] and model.n_cases == N_REFERENCED
     expected = [dice_score(read_image(out / "cases" / i / "labels.nii.gz").array[0] == 1, reference_of(int(i[1:])))
                 for i in ids]
@@ -259,6 +259,32 @@ def test_the_calibrated_risk_model_is_the_batchs_curves_and_scores_a_new_case(ba
                                        "uncertainty": {"enabled": False}, "agg2exp": {"enabled": False}})
     case = run_case(case_image(3), load_case_model(settings), settings)
     assert case.qa.band in ("low", "moderate", "high")
+
+
+def test_the_qa_benchmark_puts_the_maps_beside_the_predicted_volume(batch):
+    """The benchmark row of the calibrated map: its AUROCs are the risk model's; the volume
+    baseline's AUROC is recomputed here from the written label maps and the model's own
+    insufficient cut (sklearn's roc_auc_score, the better direction)."""
+    from sklearn.metrics import roc_auc_score
+
+    from SegXAILib.topology import RiskModel
+
+    out = batch["out"]
+    summary = json.loads((out / "cohort_report.json").read_text(encoding="utf-8"))
+    (row,) = summary["qa_benchmark"]
+    model = RiskModel.load(out / "risk_gradient_x_input.json")
+    ids = summary["calibration"][0]["cases"]
+    assert row["method"] == "gradient_x_input" and row["cases"] == model.n_cases
+    assert row["auroc_pc1"] == pytest.approx(model.auroc) and row["auroc_pc1_cv"] == pytest.approx(model.auroc_cv_mean)
+    insufficient = model.calibration_dice < model.insufficient_dice
+    assert row["insufficient"] == int(insufficient.sum())
+    volumes = []
+    for case in ids:
+        labels = read_image(out / "cases" / case / "labels.nii.gz")
+        volumes.append(float((labels.array[0] == 1).sum() * labels.voxel_volume))
+    small = roc_auc_score(insufficient, -np.asarray(volumes))
+    assert row["auroc_volume"] == pytest.approx(max(small, 1 - small), rel=1e-9)
+    assert "QA benchmark" in (out / "cohort.html").read_text(encoding="utf-8")
 
 
 def test_the_command_and_its_bad_input(batch, tmp_path, capsys):

@@ -23,7 +23,9 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
 
 from ..image import SegXAIInputError
 from ..progress import CancelToken, ProgressCallback, report
@@ -141,9 +143,44 @@ def _add_markdown(html, text: str) -> None:
     flush()
 
 
+def qa_benchmark_rows(calibrations: Sequence[tuple[Any, Sequence[str]]],
+                      volumes: dict[str, Optional[float]]) -> list[dict[str, Any]]:
+    """One row per risk model: its cases, insufficient cases, training and cross-validated
+    AUROC, and the AUROC of the predicted volume on the same cases as a baseline.
+
+    Parameters
+    ----------
+    calibrations : sequence of (RiskModel, case ids)
+        Each model with the ids of its calibration cases, in its calibration order.
+    volumes : dict
+        Case id -> predicted structure volume (mm^3).
+
+    Returns
+    -------
+    list of dict
+        ``method``, ``cases``, ``insufficient``, ``auroc_pc1``, ``auroc_pc1_cv``,
+        ``auroc_volume`` (the better of small-is-bad and large-is-bad: optimistic) and
+        ``volume_direction``.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    rows = []
+    for model, ids in calibrations:
+        insufficient = model.calibration_insufficient()
+        volume = np.array([float(volumes.get(case) or 0.0) for case in ids])
+        auroc_volume, direction = None, ""
+        if 0 < insufficient.sum() < len(insufficient):
+            small = float(roc_auc_score(insufficient, -volume))  # small volume flags
+            auroc_volume, direction = (small, "small") if small >= 0.5 else (1.0 - small, "large")
+        rows.append({"method": model.method, "cases": int(model.n_cases), "insufficient": int(insufficient.sum()),
+                     "auroc_pc1": float(model.auroc), "auroc_pc1_cv": float(model.auroc_cv_mean),
+                     "auroc_volume": auroc_volume, "volume_direction": direction})
+    return rows
+
+
 def cohort_report(
     batch_dir: Union[str, os.PathLike],
-    calibrate: Optional[str] = None,
+    calibrate: Union[None, str, Sequence[str]] = None,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
     n_estimators: int = 100,
@@ -156,10 +193,12 @@ def cohort_report(
     ----------
     batch_dir : path-like
         A batch folder of :func:`~SegXAILib.batch.run_batch` (``batch.json``).
-    calibrate : str, optional
-        The name of a class-level map of the batch's settings: calibrate the QA risk model on the
-        finished cases with a reference (at least 10), writing ``risk_<calibrate>.json`` and
-        ``risk_<calibrate>_{ec_curve,roc,dice_pc1}.png`` into the batch folder.
+    calibrate : str or sequence of str, optional
+        Class-level maps of the batch's settings (``"all"``: every one): calibrate the QA risk
+        model of each on the finished cases with a reference (at least 10), writing
+        ``risk_<map>.json`` and ``risk_<map>_{ec_curve,roc,dice_pc1}.png`` into the batch
+        folder, and benchmark them side by side on the same cases with the predicted volume as
+        the baseline detector (:func:`qa_benchmark_rows`).
     progress, cancel
         ``progress(fraction, "case c03")``; ``cancel`` stops between cases.
     n_estimators, seed : int
@@ -185,19 +224,25 @@ def cohort_report(
     document = read_batch_summary(batch_dir)
     settings = CaseSettings.from_dict(document.get("settings"), f"batch {batch_dir / 'batch.json'}: settings")
     maps = [m.name for m in settings.methods]
-    if calibrate is not None and calibrate not in maps:
-        raise SegXAIInputError(f"method {calibrate!r}: not a class-level map of the batch {batch_dir} (its settings' "
-                               f"methods are {maps})")
+    names = ([] if calibrate is None else maps if calibrate == "all" else
+             [calibrate] if isinstance(calibrate, str) else list(calibrate))
+    for name in names:
+        if name not in maps:
+            raise SegXAIInputError(f"method {name!r}: not a class-level map of the batch {batch_dir} (its settings' "
+                                   f"methods are {maps})")
     records = list(document["cases"])
 
-    # the calibration first: a request that cannot be met fails before anything is written
-    calibration = None
-    if calibrate is not None:
-        report(progress, 0.0, f"calibrating the QA risk model on {calibrate} maps")
-        model, _, _, ids = calibrate_cohort(batch_dir, calibrate, cancel=cancel, seed=seed, **calibration_options)
-        risk_path = model.save(batch_dir / f"risk_{calibrate}.json")
-        plots = write_risk_plots(batch_dir, model, prefix=f"risk_{calibrate}_")
-        calibration = (model, ids, risk_path, plots)
+    # the calibrations first: a request that cannot be met fails before anything is written
+    fitted = []
+    for number, name in enumerate(names):
+        report(progress, 0.1 * number / len(names), f"calibrating the QA risk model on {name} maps")
+        model, _, _, ids = calibrate_cohort(batch_dir, name, cancel=cancel, seed=seed, **calibration_options)
+        fitted.append((name, model, ids))
+    calibrations = []
+    for name, model, ids in fitted:
+        risk_path = model.save(batch_dir / f"risk_{name}.json")
+        plots = write_risk_plots(batch_dir, model, prefix=f"risk_{name}_")
+        calibrations.append((model, ids, risk_path, plots))
 
     rows: list[dict[str, Any]] = []
     cases: dict[str, Any] = {}
@@ -263,13 +308,23 @@ def cohort_report(
             html.add_paragraph(f"Outliers not scored: {outliers.get('skipped')}")
 
     html.add_heading("QA calibration")
-    if calibration is None:
+    if not calibrations:
         html.add_paragraph(
-            "Not asked for. segxai batch-report DIR --calibrate MAP calibrates the QA risk model (paper 000) on the "
-            "finished cases with a reference and the class-level map MAP (at least 10): risk_MAP.json, which "
-            "qa.risk_model of later runs can use, and its plots.")
+            "Not asked for. segxai batch-report DIR --calibrate MAP [MAP ...] (or all) calibrates the QA risk model "
+            "(paper 000) of each class-level map on the finished cases with a reference (at least 10): risk_MAP.json, "
+            "which qa.risk_model of later runs can use, its plots, and a benchmark of the maps against the predicted "
+            "volume.")
     else:
-        model, ids, risk_path, plots = calibration
+        volumes = {row["case"]: row.get("structure_volume_mm3") for row in rows}
+        benchmark = qa_benchmark_rows([(model, ids) for model, ids, _, _ in calibrations], volumes)
+        html.add_paragraph(
+            "The risk models side by side on their calibration cases, with the predicted structure volume as the "
+            "baseline detector of the insufficient contours (Dice below the cohort's cut): a score that does not beat "
+            "the volume adds nothing a size check would not give. The volume AUROC is taken in the direction that "
+            "detects best (small or large volumes), so it is an optimistic baseline.")
+        html.add_table(benchmark, caption="QA benchmark: AUROC for insufficient contours")
+    for model, ids, risk_path, plots in calibrations:
+        calibrate = model.method
         html.add_paragraph(
             f"The risk model calibrated on {model.n_cases} cases of this batch (those with a reference, a predicted "
             f"structure and the {calibrate} map), the EC curves of the {model.method} map inside the predicted "
@@ -311,9 +366,12 @@ def cohort_report(
     if evaluation.is_file():
         summary["evaluation"] = {name: f"{EVALUATION_DIR}/{name}" for name in
                                  ("evaluation.md", "evaluation.csv", "evaluation.json")}
-    if calibration is not None:
-        summary["calibration"] = {"risk_model": calibration[2].name, "cases": calibration[1],
-                                  "plots": {k: Path(v).name for k, v in calibration[3].items()}}
+    if calibrations:
+        summary["calibration"] = [{"risk_model": path.name, "method": model.method, "cases": ids,
+                                   "plots": {k: Path(v).name for k, v in plots.items()}}
+                                  for model, ids, path, plots in calibrations]
+        summary["qa_benchmark"] = qa_benchmark_rows([(model, ids) for model, ids, _, _ in calibrations],
+                                                    {row["case"]: row.get("structure_volume_mm3") for row in rows})
     write_json(summary, batch_dir / COHORT_SUMMARY)
     path = html.write(COHORT_REPORT)
     report(progress, 1.0, "done")

@@ -13,6 +13,7 @@ evaluated (listed in ``evaluation.json``, the others scored), 2 bad input before
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -134,10 +135,12 @@ def _cmd_batch_report(args: argparse.Namespace) -> int:
     quiet = bool(getattr(args, "quiet", False))
     with progress_bar("batch report", enabled=not quiet) as bar, \
             options_named("seed", batch_dir="BATCH_DIR", method="--calibrate"):
-        path = cohort_report(args.batch_dir, calibrate=args.calibrate, progress=bar, seed=args.seed)
+        calibrate = None if args.calibrate is None else "all" if args.calibrate == ["all"] else args.calibrate
+        path = cohort_report(args.batch_dir, calibrate=calibrate, progress=bar, seed=args.seed)
     print(path)
-    if args.calibrate:
-        print(Path(args.batch_dir) / f"risk_{args.calibrate}.json")
+    summary = json.loads((Path(args.batch_dir) / "cohort_report.json").read_text(encoding="utf-8"))
+    for calibration in summary.get("calibration", []):
+        print(Path(args.batch_dir) / calibration["risk_model"])
     return 0
 
 
@@ -224,9 +227,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                     "QA risk model calibrated on the cases with a reference (DIR/risk_<MAP>.json and plots). "
                     "Exit 0 when written, 2 on bad input.")
     batch_report.add_argument("batch_dir", type=Path, metavar="BATCH_DIR", help="a folder written by segxai batch")
-    batch_report.add_argument("--calibrate", default=None, metavar="MAP",
-                              help="calibrate the QA risk model on this class-level map of the batch's settings "
-                                   "(at least 10 finished cases with a reference)")
+    batch_report.add_argument("--calibrate", default=None, nargs="+", metavar="MAP",
+                              help="calibrate the QA risk model of these class-level maps of the batch's settings "
+                                   "('all': every one; at least 10 finished cases with a reference) and benchmark "
+                                   "them against the predicted volume")
     batch_report.add_argument("--seed", type=int, default=0,
                               help="seed of the outliers' Isolation Forests and the calibration's folds (default 0)")
     batch_report.set_defaults(run=_cmd_batch_report)
