@@ -220,6 +220,20 @@ def test_overlay_panels_have_physical_proportions(sample_head):
         assert box.width / box.height == pytest.approx(width / height, rel=0.02), plane
 
 
+def test_a_given_grey_window_replaces_the_backgrounds_percentiles():
+    """Counterfactual figures share one grey scale: the window given is every panel's, the
+    default the background's 1st-99th percentile."""
+    background = _scene("ras", marker=False)
+    default = tuple(np.percentile(background.array[0], [1, 99]))
+    for window, expected in ((None, default), ((-5000.0, 5000.0), (-5000.0, 5000.0))):
+        fig = overlay_figure(background, MARKER, window=window)
+        for ax in fig.axes[:3]:
+            assert ax.images[0].get_clim() == pytest.approx(expected)
+    for bad in ((1.0, 1.0), (2.0, 1.0), (0.0, float("nan"))):
+        with pytest.raises(SegXAIInputError, match="window"):
+            overlay_figure(background, MARKER, window=bad)
+
+
 def test_grid_mismatch_is_refused():
     background = _scene("ras")
     other_grid = _scene("coronal")

@@ -1,7 +1,8 @@
 """The browser viewer without a browser: its access token on real HTTP requests, the method
 form's values, where lesions are in a slice view, and the app's actions on a real trame-slicer
 scene (open a saved case, bad files, display changes, the uncertainty job with the per-voxel
-model against ``estimate_uncertainty`` run here). The browser end to end is
+model against ``estimate_uncertainty`` run here, a lesion's counterfactual with generators of
+known R). The browser end to end is
 ``test_viewer_browser.py``."""
 
 from __future__ import annotations
@@ -167,6 +168,9 @@ def test_segxai_view_refuses_bad_arguments(tmp_path):
     assert missing.returncode == 2 and "nothing" in missing.stderr and "no such" in missing.stderr
     port = subprocess.run(command + ["--port", "70000"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert port.returncode == 2 and "--port" in port.stderr
+    generators = subprocess.run(command + ["--generators", str(tmp_path / "no-generators")], capture_output=True,
+                                text=True, cwd=ROOT, timeout=120)
+    assert generators.returncode == 2 and "--generators" in generators.stderr and "no-generators" in generators.stderr
 
 
 # ---------------------------------------------------------------------------- uncertainty
@@ -311,3 +315,118 @@ def test_uncertainty_runs_as_a_job_and_shows_the_api_entropy(viewer, voxel_case)
     assert all(c.GetForegroundVolumeID() == shown.GetID() for c in mrml.slice_composite_nodes(viewer.scene))
     np.testing.assert_allclose(mrml.volume_node_to_image(shown).array[0], direct.predictive_entropy.array[0],
                                rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- counterfactuals
+
+
+@pytest.fixture(scope="module")
+def counterfactual_case(viewer, tmp_path_factory):
+    """``test_case_counterfactual``'s per-voxel model (lesion logit x - 2) and phantom on an
+    oblique grid, opened as a file and segmented by the viewer's engine job; generators of
+    known behaviour: G+ adds 0.5 scale, G- subtracts 0.25 scale on the patch (so R = 0.75
+    scale there, 0 elsewhere), and the same pair trained for another model."""
+    from test_case_counterfactual import GEOMETRY, THRESHOLD, make_generators, phantom
+    from conftest import write_voxelwise_card
+    from SegXAILib.io import write_image
+
+    folder = tmp_path_factory.mktemp("counterfactual-case")
+    card = write_voxelwise_card(folder / "model", orientation="RAS", threshold=THRESHOLD, patch=GEOMETRY.context_size)
+    (folder / "constant").mkdir()
+    make_generators(0.5, -0.25).save(folder / "constant" / "generators.pt")
+    other = make_generators(0.5, -0.25, model_name="another-model").save(folder / "other.pt")
+    image = phantom(6, grid="oblique")
+    path = write_image(image, folder / "scan.nrrd")
+    viewer.session.forget()
+    viewer.volumes = []
+    viewer.state.model = str(card)
+    viewer.open(path)
+    viewer.segment()
+    _finish(viewer)
+    assert viewer.state.error == "" and len(viewer.session.case.instances) >= 2
+    return {"image": image, "constant": folder / "constant", "other": other, "folder": folder}
+
+
+def test_counterfactual_runs_as_a_job_and_shows_r(viewer, counterfactual_case):
+    """The selected lesion's counterfactual through the viewer's job flow: R is the overlay and
+    equals the known R (0.75 scale on the patch, 0 elsewhere) on the input grid; the summary
+    carries the case's scores; no lesion, no generators file and generators of another model
+    are named in ``state.error``; the job's case folder opens with R in front again."""
+    from test_case_counterfactual import SCALE
+    from SegXAILib import mrml
+
+    state = viewer.state
+    image = counterfactual_case["image"]
+    assert state.counterfactual_ids == [] and state.counterfactual_summary == {} and state.lesion_selected == 0
+    state.counterfactual_generators = str(counterfactual_case["constant"])
+    viewer.ctrl.counterfactual()  # no lesion selected yet
+    assert "no lesion selected" in state.error and not state.busy
+    viewer.jump_to_lesion(1)  # a row of the lesion table
+    assert state.lesion_selected == 1
+    state.counterfactual_generators = str(counterfactual_case["folder"] / "missing")
+    viewer.ctrl.counterfactual()
+    assert "counterfactual.generators" in state.error and "missing" in state.error and not state.busy
+
+    state.counterfactual_generators = str(counterfactual_case["constant"])
+    version = state.overlay_version
+    viewer.ctrl.counterfactual()
+    assert state.error == "" and state.busy and state.status.startswith("counterfactual")
+    _finish(viewer)
+    assert state.error == "" and state.status.startswith("counterfactual: done")
+    case_dir = viewer.session.job.case_dir
+    case = viewer.session.case
+    result = case.counterfactuals[1]
+    labels = case.instance_labels.array[0]
+    patch = result.patch.array[0].astype(bool)
+    assert patch.any() and patch[labels == 1].any()  # the patch is around lesion 1
+
+    relevance_node = viewer.session.nodes.counterfactual[1]["relevance"][0]
+    assert all(c.GetForegroundVolumeID() == relevance_node.GetID() for c in mrml.slice_composite_nodes(viewer.scene))
+    shown = mrml.volume_node_to_image(relevance_node)
+    np.testing.assert_allclose(shown.array[0][patch], 0.75 * SCALE, rtol=1e-6)
+    assert float(np.abs(shown.array[0][~patch]).max()) == 0.0
+    np.testing.assert_array_equal(shown.array, result.relevance.array)
+    np.testing.assert_allclose(shown.ijk_to_ras, image.ijk_to_ras, rtol=0, atol=1e-9)
+    plus = mrml.volume_node_to_image(viewer.session.nodes.counterfactual[1]["plus"][0]).array[0]
+    np.testing.assert_allclose(plus[patch], image.array[0][patch] + 0.5 * SCALE, rtol=1e-6)
+    assert state.counterfactual_shown == 1 and state.counterfactual_ids == [1] and state.instance_shown == 0
+    assert state.overlay_version == version + 1 and not state.uncertainty_shown
+
+    summary = state.counterfactual_summary
+    assert summary["id"] == 1
+    for key in ("original", "plus", "minus"):  # 3 decimals on the page
+        assert summary[key] == pytest.approx(result.scores[key], abs=5e-4 + 1e-9), key
+        assert f"{result.scores[key]:.3f}" in summary["text"]
+    # G+ adds 0.5 scale, G- subtracts 0.25 scale to a per-voxel logit: the mean logit moves as much
+    assert summary["plus"] - summary["original"] == pytest.approx(0.5 * SCALE, abs=1e-3 + 1e-5)
+    assert summary["original"] - summary["minus"] == pytest.approx(0.25 * SCALE, abs=1e-3 + 1e-5)
+
+    # the threshold slider re-shows R (signed whatever the display), nothing recomputed
+    last_job = viewer.session.job
+    state.threshold = 0.5
+    viewer._on_display()
+    again = viewer.session.nodes.counterfactual[1]["relevance"][0]
+    np.testing.assert_array_equal(mrml.volume_node_to_image(again).array, result.relevance.array)
+    assert viewer.session.job is last_job and state.counterfactual_shown == 1
+
+    # generators of another model: the engine refuses them, the error names the field
+    state.counterfactual_generators = str(counterfactual_case["other"])
+    viewer.ctrl.counterfactual()
+    assert state.error == "" and state.busy
+    _finish(viewer)
+    assert "counterfactual.generators" in state.error and "another-model" in state.error
+    assert state.status == "counterfactual: failed" and state.counterfactual_shown == 1  # the last result stays
+
+    # the counterfactual job's case folder, opened: R in front, the summary, nothing recomputed
+    state.update({"counterfactual_summary": {}, "counterfactual_ids": [], "counterfactual_shown": 0})
+    failed_job = viewer.session.job
+    state.open_path = str(case_dir)
+    viewer.ctrl.open()
+    assert state.error == "" and viewer.session.job is failed_job
+    assert state.counterfactual_shown == 1 and state.counterfactual_ids == [1] and state.counterfactual_summary == summary
+    reopened = viewer.session.nodes.counterfactual[1]["relevance"][0]
+    assert all(c.GetForegroundVolumeID() == reopened.GetID() for c in mrml.slice_composite_nodes(viewer.scene))
+    np.testing.assert_allclose(mrml.volume_node_to_image(reopened).array, result.relevance.array, rtol=0, atol=0)
+    assert state.lesion_selected == 0
+    viewer.ctrl.show_counterfactual()  # the first computed one (no lesion selected)
+    assert state.error == "" and state.counterfactual_shown == 1

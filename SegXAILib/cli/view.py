@@ -1,4 +1,5 @@
-"""``segxai view [CASE_DIR | IMAGE ...] [--model M]``: the browser viewer (:mod:`SegXAILib.viewer`)."""
+"""``segxai view [CASE_DIR | IMAGE ...] [--model M] [--generators PATH]``: the browser viewer
+(:mod:`SegXAILib.viewer`)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,14 @@ def _cmd_view(args: argparse.Namespace) -> int:
             raise SegXAIInputError(f"{path}: no such case folder or image")
     if len(args.paths) > 1 and any(path.is_dir() and (path / "case.json").is_file() for path in args.paths):
         raise SegXAIInputError("give one case folder, or image files (one per model input)")
+    if args.generators is not None and not args.generators.exists():
+        raise SegXAIInputError(f"--generators {args.generators}: no such file or folder (generators.pt or the folder "
+                               "'segxai counterfactual train' wrote)")
     if args.port < 0 or args.port > 65535:
         raise SegXAIInputError(f"--port must be in 0..65535, got {args.port}")
     out = args.out or Path(tempfile.mkdtemp(prefix="segxai-view-"))
-    viewer = ViewerApp(out, model=args.model, device=args.device, three_d=args.three_d)
+    viewer = ViewerApp(out, model=args.model, device=args.device, three_d=args.three_d,
+                       generators=None if args.generators is None else str(args.generators.resolve()))
     viewer.open_paths(args.paths)
     if args.model and viewer.volumes:
         viewer.segment()
@@ -42,6 +47,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                     "image files (one per model input) are segmented with --model. Work runs in the engine process.")
     view.add_argument("paths", nargs="*", type=Path, help="a case folder, or image files (one per model input)")
     view.add_argument("--model", default=None, help="bundled model name or model card, for images")
+    view.add_argument("--generators", type=Path, default=None,
+                      help="counterfactual generators (generators.pt or the folder 'segxai counterfactual train' "
+                           "wrote): the viewer's Counterfactual explains the selected lesion with them")
     view.add_argument("--device", default="auto", help="the engine's device: auto, cpu, cuda, cuda:N, mps")
     view.add_argument("--host", default="127.0.0.1",
                       help="address to bind (default 127.0.0.1; another address still needs the token)")

@@ -4,7 +4,8 @@ read back from its folder with :func:`~SegXAILib.pipeline.read_case`).
 What the case has is shown, nothing is invented: the summary (model, structure, volumes per
 class, device, notes), the class-level maps through the largest instance (or the structure's
 centre), the lesion table with each lesion's instance saliency and uncertainty columns, the QA
-(band, estimated Dice, EC curve), where the model is unsure and the Agg2Exp matrix. The sections
+(band, estimated Dice, EC curve), where the model is unsure, the Agg2Exp matrix and each
+explained lesion's counterfactual relevance (G+(x), G-(x), R and the scores). The sections
 are those of the demo's report (:mod:`SegXAILib.report.sections`).
 """
 
@@ -18,9 +19,9 @@ import numpy as np
 from ..image import SegXAIInputError
 from ..progress import CancelToken
 from .html import HtmlReport
-from .sections import (OVERLAY_THRESHOLD, add_agg2exp_section, add_class_maps_section, add_lesion_section,
-                       add_qa_section, add_timings, add_uncertainty_section, lesion_report_rows, prediction_outlines,
-                       structure_uncertainty, view_point)
+from .sections import (OVERLAY_THRESHOLD, add_agg2exp_section, add_class_maps_section, add_counterfactual_section,
+                       add_lesion_section, add_qa_section, add_timings, add_uncertainty_section, lesion_report_rows,
+                       prediction_outlines, structure_uncertainty, view_point)
 
 if TYPE_CHECKING:
     from ..pipeline import Case
@@ -62,8 +63,8 @@ def write_case_report(case: "Case", out_dir: Union[str, Path], title: Optional[s
     Parameters
     ----------
     case : Case
-        Images on the input grid ``(C, I, J, K)``; maps, instances, QA, uncertainty and Agg2Exp
-        are shown when present.
+        Images on the input grid ``(C, I, J, K)``; maps, instances, counterfactuals, QA,
+        uncertainty and Agg2Exp are shown when present.
     out_dir : path-like
         Usually the case's own folder (the report's figures go to ``out_dir/figures``).
     title : str, optional
@@ -80,8 +81,8 @@ def write_case_report(case: "Case", out_dir: Union[str, Path], title: Optional[s
     html = HtmlReport(title or f"SegXAI case report: {case.structure} ({card.name})", Path(out_dir))
     html.add_paragraph(
         f"The case segmented by {card.name} and explained for the {case.structure} class: class-level maps, "
-        "instance saliency of each instance and the lesion table, the QA risk band, where the model is unsure and "
-        "the Agg2Exp matrix, as far as the run computed them. Red outline: the model's "
+        "instance saliency of each instance and the lesion table, counterfactual relevance, the QA risk band, where "
+        "the model is unsure and the Agg2Exp matrix, as far as the run computed them. Red outline: the model's "
         f"{case.structure}. Overlays are transparent below {OVERLAY_THRESHOLD:.0%} of the map's maximum."
     )
     html.add_key_values({**case_summary(case), **dict(extra_summary or {})}, caption="Summary")
@@ -97,6 +98,8 @@ def write_case_report(case: "Case", out_dir: Union[str, Path], title: Optional[s
         html.add_heading("Lesions")
         html.add_table([{k: row.get(k) for k in ("id", "group", "voxels", "volume_mm3", "mean_probability")}
                         for row in case.lesions], caption="Lesion table")
+    if case.counterfactuals:
+        add_counterfactual_section(html, case, outlines, cancel)
     if case.qa is not None:
         qa = case.qa
         if qa.risk is not None:

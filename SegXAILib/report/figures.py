@@ -239,6 +239,7 @@ def overlay_figure(
     label_names: Mapping[int, str] | None = None,
     width_inches: float = 12.0,
     height_inches: float = 4.6,
+    window: tuple[float, float] | None = None,
 ):
     """Axial, coronal and sagittal views through ``ras_point`` with label outlines and saliency.
 
@@ -269,6 +270,9 @@ def overlay_figure(
         Draw a colour bar for the saliency scale (at the right, outside the views).
     label_names : dict, optional
         Label value -> name for the legend (default ``"label <value>"``).
+    window : (float, float), optional
+        The grey window ``(low, high)`` of the background (default: its 1st-99th percentile),
+        so that figures of related images (an image and its counterfactuals) share one scale.
 
     Returns
     -------
@@ -287,7 +291,12 @@ def overlay_figure(
     _check_grid(background, saliency, "saliency")
 
     views = plane_slices(background, ras_point)
-    low, high = _window(np.asarray(background.array[0], dtype=float))
+    if window is not None:
+        low, high = (float(v) for v in window)
+        if not (np.isfinite(low) and np.isfinite(high) and high > low):
+            raise SegXAIInputError(f"overlay_figure: window must be two finite values, low < high, got {window!r}")
+    else:
+        low, high = _window(np.asarray(background.array[0], dtype=float))
 
     label_views = label_values = None
     colors: dict[int, tuple] = {}

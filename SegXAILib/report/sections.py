@@ -16,7 +16,7 @@ import numpy as np
 
 from ..image import Image, SegXAIInputError
 from ..progress import CancelToken
-from .figures import overlay_figure
+from .figures import _window, overlay_figure
 from .html import HtmlReport
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["OVERLAY_THRESHOLD", "ENTROPY_FLOOR", "MUTUAL_INFORMATION_FLOOR", "REPORT_UNCERTAINTY_COLUMNS", "Outlines",
            "prediction_outlines", "view_point", "lesion_report_rows", "structure_uncertainty", "describe_sources",
            "add_class_maps_section", "add_lesion_section", "add_qa_section", "add_agg2exp_section",
-           "add_uncertainty_section", "add_timings"]
+           "add_uncertainty_section", "add_counterfactual_section", "counterfactual_report_rows", "add_timings"]
 
 #: share of a map's max |value| below which overlays are transparent (paper 000 used 17 %)
 OVERLAY_THRESHOLD = 0.17
@@ -316,6 +316,66 @@ def add_uncertainty_section(html: HtmlReport, case: "Case", structure: Optional[
             "volume coefficient of variation": structure.volume_cv,
             "soft Dice confidence": structure.soft_dice_confidence,
         }, caption=f"Uncertainty of the {structure.structure} class")
+
+
+def counterfactual_report_rows(case: "Case") -> list[dict]:
+    """One row per instance with a counterfactual: the model's score (mean lesion logit over the
+    generators' central region, ``counterfactual.json``'s ``scores``) of x, G+(x) and G-(x), the
+    rewritten patch's voxels and the extremes of R (first channel)."""
+    first = case.image.channel_names[0]
+    rows = []
+    for identifier, result in case.counterfactuals.items():
+        relevance = result.relevance.channel(first).array[0]
+        rows.append({"lesion": int(identifier), "x": result.scores.get("original"), "G+(x)": result.scores.get("plus"),
+                     "G-(x)": result.scores.get("minus"), "patch voxels": int(np.count_nonzero(result.patch.array)),
+                     f"max R ({first})": float(relevance.max()), f"min R ({first})": float(relevance.min())})
+    return rows
+
+
+def add_counterfactual_section(html: HtmlReport, case: "Case", outlines: Outlines,
+                               cancel: Optional[CancelToken] = None) -> None:
+    """"Counterfactual relevance": what R means, the scores table (:func:`counterfactual_report_rows`)
+    and, per instance, G+(x), G-(x) and the signed R over x through the instance's centroid
+    (first channel)."""
+    image = case.image
+    first = image.channel_names[0]
+    generators = case.counterfactual_generators or {}
+    html.add_heading("Counterfactual relevance")
+    html.add_paragraph(
+        "Paper 004: two generators, trained on the model's own predictions, rewrite a patch around each lesion so "
+        f"that the frozen model sees more {case.structure} (G+) or less (G-). R = G+(x) - G-(x) is signed: red is "
+        "what G+ adds (what the model would need to see more of), blue what it removes (what it would need to see "
+        "less of). Outside the patch G+(x) and G-(x) equal the image and R is 0. The scores are the model's mean "
+        f"{case.structure} logit over the patch's central region; values are in the model's normalised intensity "
+        "units." + (f" Generators: {generators['path']} (SHA-256 {str(generators.get('sha256', ''))[:12]}...)."
+                    if generators.get("path") else ""))
+    html.add_table(counterfactual_report_rows(case), caption="Counterfactual scores (model score of x, G+(x), G-(x))")
+    labels = case.instance_labels.array[0] if case.instance_labels is not None else None
+    for identifier, result in case.counterfactuals.items():
+        inside = np.argwhere(labels == identifier) if labels is not None else np.empty((0, 3))
+        if not len(inside):  # the instance's voxels are unknown: the patch's centre
+            inside = np.argwhere(result.patch.array[0] > 0)
+        point = image.ijk_to_ras_points(inside.mean(axis=0))[0]
+        # one grey scale for x, G+(x) and G-(x): what the generators change stays visible
+        window = _window(np.concatenate([v.channel(first).array[0].ravel().astype(float)
+                                         for v in (image, result.plus, result.minus)]))
+        for kind, values, title in (("plus", result.plus, "G+(x): more lesion"),
+                                    ("minus", result.minus, "G-(x): less lesion")):
+            _check(cancel)
+            figure = overlay_figure(values.channel(first), point, labels=outlines.labels, label_colors=outlines.colors,
+                                    label_names=outlines.names, title=f"Lesion {identifier}: {title} ({first})",
+                                    window=window)
+            score, original = (result.scores.get(key, float("nan")) for key in (kind, "original"))
+            html.add_figure(figure, caption=f"Lesion {identifier}: {title}, model score {score:.3f} (x: "
+                            f"{original:.3f}); the grey scale of x, G+(x) and G-(x) is the same", name=f"counterfactual{identifier}_{kind}")
+        _check(cancel)
+        figure = overlay_figure(image.channel(first), point, labels=outlines.labels,
+                                saliency=result.relevance.channel(first), threshold=OVERLAY_THRESHOLD, signed=True,
+                                label_colors=outlines.colors, label_names=outlines.names,
+                                title=f"Lesion {identifier}: R = G+(x) - G-(x) over x ({first})", window=window)
+        html.add_figure(figure, caption=f"Lesion {identifier}: R over the image (red: what G+ adds, blue: what it "
+                        f"removes; transparent below {OVERLAY_THRESHOLD:.0%} of max |R|)",
+                        name=f"counterfactual{identifier}_relevance")
 
 
 def add_timings(html: HtmlReport, timings: dict[str, float], device: str) -> None:

@@ -13,8 +13,10 @@ pick-lesion mode (a click in a slice view computes that lesion's instance salien
 max aggregations), the lesion table (a row click centres the views on the lesion; with
 uncertainty, each lesion's entropy and pairwise Dice), QA (risk band and EC-curve plot),
 uncertainty (a sample-source preset of :data:`UNCERTAINTY_PRESETS`, samples and seed for the
-random ones: the predictive entropy overlay and the structure's summary), a progress bar with
-Cancel, and the last error.
+random ones: the predictive entropy overlay and the structure's summary), counterfactual
+relevance (paper 004: a generators path; the selected lesion's ``R = G+(x) - G-(x)`` overlay and
+the model's scores of x, G+(x) and G-(x)), a progress bar with Cancel, and the last error. The
+selected lesion is the last one clicked in pick-lesion mode or in the lesion table.
 
 The state keys and element ids below are the viewer's interface for its end-to-end tests.
 """
@@ -33,7 +35,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..image import SegXAIInputError
-from ..mrml.logic import UNCERTAINTY_VOLUMES, uncertainty_summary
+from ..mrml.logic import UNCERTAINTY_VOLUMES, counterfactual_summary, uncertainty_summary
 from ..pipeline.steps import LESION_UNCERTAINTY_KEYS
 from ..uncertainty.presets import UNCERTAINTY_PRESETS, preset_settings
 
@@ -139,10 +141,13 @@ class ViewerApp:
         The access token (a new random one by default).
     name : str, optional
         The trame server's name (several viewers in one process need distinct names).
+    generators : str, optional
+        The counterfactual generators (a ``generators.pt`` or the folder ``segxai counterfactual
+        train`` wrote): the generators field's first value.
     """
 
     def __init__(self, work_dir, model: Optional[str] = None, device: str = "auto", three_d: bool = False,
-                 token: Optional[str] = None, name: Optional[str] = None) -> None:
+                 token: Optional[str] = None, name: Optional[str] = None, generators: Optional[str] = None) -> None:
         if not os.environ.get("DISPLAY"):  # offscreen without an X server: EGL (Mesa's llvmpipe on a CPU)
             os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
         from trame.app import get_server
@@ -173,8 +178,11 @@ class ViewerApp:
         self.session = CaseSession(self.scene, work_dir)
         self.model = model
         self.device = device
+        self.generators = str(generators or "")
         self.volumes: list = []  # image volumes opened without a case (to segment)
-        self._shown: tuple = ()  # what the foreground shows: ("map", name) or ("instance", id)
+        # what the foreground shows: ("map", name), ("instance", id), ("uncertainty", map name) or
+        # ("counterfactual", id)
+        self._shown: tuple = ()
         self._asked: tuple = ()  # what the running job will show
         self._sources = ""  # the running uncertainty job's sample sources (its error names them)
         self._targets_time = -1
@@ -207,6 +215,8 @@ class ViewerApp:
             "uncertainty_presets": [{"value": key, "title": label} for key, (label, _, _) in UNCERTAINTY_PRESETS.items()],
             "uncertainty_source": "flips", "uncertainty_samples": 8, "uncertainty_seed": 0, "uncertainty_random": False,
             "uncertainty_shown": False, "uncertainty_summary": {}, "has_uncertainty": False,
+            "lesion_selected": 0, "counterfactual_generators": self.generators, "counterfactual_ids": [],
+            "counterfactual_shown": 0, "counterfactual_summary": {},
         })
         state.change("method")(self._on_method)
         state.change("pick_mode")(self._on_pick_mode)
@@ -369,6 +379,56 @@ class ViewerApp:
         self._shown = ("uncertainty", UNCERTAINTY_VOLUMES[0])
         self._show_overlay()
 
+    def _counterfactual_lesion(self, instance_id: Optional[int]) -> int:
+        """``instance_id``, else the selected lesion (a pick-mode click or a table row)."""
+        case = self.session.case
+        if case is None:
+            raise SegXAIInputError("counterfactual: no case: open a case folder or segment first")
+        chosen = int(instance_id or self.state.lesion_selected or 0)
+        if chosen == 0:
+            raise SegXAIInputError("counterfactual: no lesion selected: click one in pick-lesion mode or in the "
+                                   "lesion table")
+        if not 1 <= chosen <= len(case.instances):
+            raise SegXAIInputError(f"counterfactual: lesion {chosen}: the case has {len(case.instances)} lesion(s)")
+        return chosen
+
+    def counterfactual(self, instance_id: Optional[int] = None) -> None:
+        """The counterfactual (paper 004) of ``instance_id`` (the selected lesion by default) with
+        the generators of ``state.counterfactual_generators``, in the engine; R becomes the
+        overlay. The case's own instance settings are kept (the same lesions, the same ids)."""
+        from ..pipeline.steps import resolve_generators_path
+
+        instance_id = self._counterfactual_lesion(instance_id)
+        generators = str(self.state.counterfactual_generators or "").strip()
+        if not generators:
+            raise SegXAIInputError("counterfactual.generators: give the generators file (generators.pt) or the "
+                                   "folder 'segxai counterfactual train' wrote")
+        path = Path(generators).expanduser().resolve()  # the engine's working folder is not the viewer's
+        resolve_generators_path(path)  # a missing file: said now, not by the engine
+        case = self.session.case
+        instances = {**case.settings.instances.model_dump(), "ids": [], "click_ras": None}
+        counterfactual = {**case.settings.counterfactual.model_dump(), "generators": str(path), "ids": None,
+                          "click_ras": None}
+        self.session.counterfactual(instance_id, self._settings(instances=instances, counterfactual=counterfactual),
+                                    opacity=float(self.state.opacity))
+        self._asked = ("counterfactual", instance_id)
+        self._started()
+
+    def show_counterfactual(self, instance_id: Optional[int] = None) -> None:
+        """A computed counterfactual's R in front again: ``instance_id``, else the selected
+        lesion's when it has one, else the first computed."""
+        case = self.session.case
+        computed = list(case.counterfactuals) if case is not None else []
+        if not computed:
+            raise SegXAIInputError("counterfactual: the case has none: run Counterfactual first")
+        chosen = int(instance_id or 0) or (int(self.state.lesion_selected or 0)
+                                           if int(self.state.lesion_selected or 0) in computed else computed[0])
+        if chosen not in computed:
+            raise SegXAIInputError(f"counterfactual: lesion {chosen} has none (computed: "
+                                   f"{', '.join(map(str, computed))})")
+        self._shown = ("counterfactual", chosen)
+        self._show_overlay()
+
     def cancel(self) -> None:
         self.session.cancel()
         self.state.status = "cancelling..."
@@ -380,6 +440,7 @@ class ViewerApp:
         if case is None or not 1 <= int(instance_id) <= len(case.instances):
             raise SegXAIInputError(f"lesion {instance_id}: no such lesion")
         jump_slices_to(self.scene, case.instances[int(instance_id) - 1].centroid_ras)
+        self.state.lesion_selected = int(instance_id)
         self._refresh_targets(force=True)
         self._render()
 
@@ -391,7 +452,12 @@ class ViewerApp:
             if self.session.busy:
                 self.state.error = "a job is running: wait for it or cancel it before picking a lesion"
                 return
-            self._attempt(lambda: self.instance_map(self.session.instance_at(self._click)))
+            self._attempt(self._picked)
+
+    def _picked(self) -> None:
+        instance_id = self.session.instance_at(self._click)
+        self.state.lesion_selected = int(instance_id)  # the lesion a Counterfactual then explains
+        self.instance_map(instance_id)
 
     # ---- jobs --------------------------------------------------------------------------------
     def _started(self) -> None:
@@ -435,13 +501,21 @@ class ViewerApp:
             self._shown = self._asked
             self._overlay_shown(0)
             self._show_uncertainty_state()
+        elif action == "counterfactual":  # the session showed R in front, centred on the lesion
+            self._shown = self._asked
+            self.state.lesion_selected = int(self._asked[1])
+            self._overlay_shown(0)
+            self._show_counterfactual_state()
         self._render()
 
     def _first_overlay(self) -> tuple:
-        """What a new case shows first (as ``show_case``): its first map, else its entropy."""
+        """What a new case shows first (as ``show_case``): its first map, else (without
+        instance maps) its first counterfactual's R, else its entropy."""
         case = self.session.case
         if case.maps:
             return ("map", next(iter(case.maps)))
+        if case.counterfactuals and not case.instance_maps:
+            return ("counterfactual", next(iter(case.counterfactuals)))
         if case.uncertainty is not None and self.session.nodes.uncertainty:
             return ("uncertainty", UNCERTAINTY_VOLUMES[0])
         return ()
@@ -461,12 +535,27 @@ class ViewerApp:
         self.state.uncertainty_summary = {key: _json_ready(value) for key, value in uncertainty_summary(case).items()}
         self.state.has_uncertainty = case.uncertainty is not None
 
+    def _show_counterfactual_state(self) -> None:
+        """The lesions with a counterfactual and the summary of the one shown (or, when none is
+        in front, of the first computed)."""
+        case = self.session.case
+        computed = [int(i) for i in case.counterfactuals]
+        self.state.counterfactual_ids = computed
+        shown = self._shown[1] if self._shown and self._shown[0] == "counterfactual" else (computed[0] if computed
+                                                                                           else 0)
+        # rounded for the page (3 decimals); the text keeps the summary's own
+        summary = counterfactual_summary(case, shown) if shown else {}
+        self.state.counterfactual_summary = {"id": shown, **{key: _json_ready(value) for key, value in
+                                                             summary.items()}} if summary else {}
+
     def _after_case(self) -> None:
         """A new case: the lesion table, the views reset and centred on the largest lesion."""
         from ..mrml import jump_slices_to
 
         case = self.session.case
         self._show_uncertainty_state()
+        self.state.lesion_selected = 0
+        self._show_counterfactual_state()
         self.state.has_case = True
         # outlines only in the slice views: a filled contour would hide the saliency inside it
         nodes = self.session.nodes
@@ -485,13 +574,20 @@ class ViewerApp:
             self._show_overlay()
         else:
             self.state.uncertainty_shown = False
+            self.state.counterfactual_shown = 0
         self._refresh_targets(force=True)
 
     def _show_overlay(self) -> None:
-        from ..mrml.logic import show_explanations, show_instance_saliency
+        from ..mrml.logic import show_counterfactual, show_explanations, show_instance_saliency
 
         session, display = self.session, self.state.display
-        if self._shown[0] == "uncertainty":  # fixed [0, log K] nats: display and threshold are the maps'
+        if self._shown[0] == "counterfactual":  # R is signed whatever the display; the threshold applies
+            show_counterfactual(self.scene, session.case, self._shown[1], session.nodes,
+                                reference_volume=session.reference_volume, opacity=float(self.state.opacity),
+                                threshold=float(self.state.threshold), name=session.name)
+            self._overlay_shown(0)
+            self._show_counterfactual_state()
+        elif self._shown[0] == "uncertainty":  # fixed [0, log K] nats: display and threshold are the maps'
             from ..mrml import show_in_slice_views
 
             show_in_slice_views(self.scene, background=session.reference_volume,
@@ -517,6 +613,8 @@ class ViewerApp:
     def _overlay_shown(self, instance_id: int) -> None:
         self.state.instance_shown = int(instance_id)
         self.state.uncertainty_shown = bool(self._shown) and self._shown[0] == "uncertainty"
+        self.state.counterfactual_shown = int(self._shown[1]) if self._shown and self._shown[0] == "counterfactual" \
+            else 0
         self.state.overlay_version = int(self.state.overlay_version) + 1
 
     def _show_qa(self) -> None:
@@ -565,6 +663,8 @@ class ViewerApp:
         ctrl.qa = act(self.qa)
         ctrl.uncertainty = act(self.uncertainty)
         ctrl.show_uncertainty = act(self.show_uncertainty)
+        ctrl.counterfactual = act(self.counterfactual)
+        ctrl.show_counterfactual = act(self.show_counterfactual)
         ctrl.cancel = act(self.cancel)
         ctrl.jump_to_lesion = act(self.jump_to_lesion)
         server.trigger("jump_to_lesion")(ctrl.jump_to_lesion)  # called by name from the table's rows
@@ -623,7 +723,8 @@ class ViewerApp:
                             # rows without an id: reference lesions the prediction missed (FN)
                             with html.Tr(v_for="row in lesions", key="row.key",
                                          id=("row.id ? 'segxai-lesion-' + row.id : undefined",),
-                                         style=("row.id ? 'cursor:pointer' : 'color:grey'",),
+                                         style=("(row.id ? 'cursor:pointer' : 'color:grey') + "
+                                                "(row.id && row.id === lesion_selected ? ';background:#fff3c4' : '')",),
                                          click="row.id && trigger('jump_to_lesion', [row.id])"):
                                 html.Td("{{ row.id }}")
                                 html.Td("{{ row.voxels }}")
@@ -653,6 +754,34 @@ class ViewerApp:
                                     disabled=("busy || !has_uncertainty || uncertainty_shown",), classes="my-2")
                         html.Div("{{ uncertainty_summary.text }}", v_show=("has_uncertainty",),
                                  id="segxai-uncertainty-summary", style="font-size:12px;")
+                        v3.VTextField(v_model=("counterfactual_generators",),
+                                      label="counterfactual generators (generators.pt or its folder)",
+                                      density="compact", hide_details=True, id="segxai-counterfactual-generators",
+                                      classes="mt-2")
+                        html.Div("selected lesion: {{ lesion_selected || 'none (pick one or click a row)' }}",
+                                 id="segxai-lesion-selected", style="font-size:12px;")
+                        with html.Div(style="display:flex;gap:8px;"):
+                            v3.VBtn("Counterfactual", click=ctrl.counterfactual, id="segxai-counterfactual",
+                                    disabled=("busy || !has_case || !lesion_selected || !counterfactual_generators",),
+                                    classes="my-2")
+                            v3.VBtn("Show R", click=ctrl.show_counterfactual, id="segxai-counterfactual-show",
+                                    disabled=("busy || !counterfactual_ids.length || (counterfactual_shown && "
+                                              "(counterfactual_shown === lesion_selected || "
+                                              "!counterfactual_ids.includes(lesion_selected)))",),
+                                    classes="my-2")
+                        with html.Div(v_show=("counterfactual_summary.text",), id="segxai-counterfactual-summary",
+                                      style="font-size:12px;"):
+                            with html.Table(style="width:100%;"):
+                                with html.Tr():
+                                    for title in ("lesion", "x", "G+(x)", "G-(x)"):
+                                        html.Th(title)
+                                with html.Tr():
+                                    html.Td("{{ counterfactual_summary.id }}")
+                                    html.Td("{{ counterfactual_summary.original }}")
+                                    html.Td("{{ counterfactual_summary.plus }}")
+                                    html.Td("{{ counterfactual_summary.minus }}")
+                            html.Div("model score (mean lesion logit) of each image. R = G+(x) - G-(x): red what "
+                                     "G+ adds, blue what it removes.")
                     with html.Div(style="display:flex;flex:1;flex-direction:row;background:black;"):
                         view("Red", VIEW_IDS["Red"], "flex:2;")
                         with html.Div(style="display:flex;flex:1;flex-direction:column;"):
