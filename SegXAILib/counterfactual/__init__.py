@@ -14,9 +14,15 @@ Typical use::
     trained = train_counterfactual(domains, SegmentationScore(model, geometry), config, "ckpt/")
     trained.generators.save("generators.pt")
     result = counterfactual_relevance(image, model, trained.generators, region=instance_mask)
+
+For a classifier ``(B, C, H, W) -> (B, K)`` (paper 004's own setting)::
+
+    domains = classifier_domains(patches, classifier, class_index=1)
+    trained = train_counterfactual(domains, ClassifierScore(classifier, 1), config)
+    relevance = trained.generators.plus(x) - trained.generators.minus(x)   # R on the patch
 """
 
-from .domains import CounterfactualDomains, PatchGeometry, build_domains, crop_context
+from .domains import CounterfactualDomains, PatchGeometry, build_domains, classifier_domains, crop_context
 from .explain import CounterfactualRelevance, counterfactual_relevance
 from .losses import (LossWeights, activation_loss, cycle_loss, discriminator_loss, dssim, generator_adversarial_loss,
                      similarity_loss)
@@ -26,7 +32,7 @@ from .training import (CHECKPOINT_NAME, HISTORY_COLUMNS, CounterfactualConfig, C
                        CounterfactualTraining, load_counterfactual_generators, train_counterfactual)
 
 __all__ = [
-    "PatchGeometry", "CounterfactualDomains", "build_domains", "crop_context",
+    "PatchGeometry", "CounterfactualDomains", "build_domains", "classifier_domains", "crop_context",
     "IntensityFrame", "ResidualGenerator", "PairDiscriminator",
     "LossWeights", "dssim", "cycle_loss", "similarity_loss", "discriminator_loss", "generator_adversarial_loss",
     "activation_loss",

@@ -9,13 +9,18 @@ no predicted lesion voxel anywhere in the patch. No reference label is used, as 
 Each patch comes with a *context crop* around it, as large as the model needs (by default
 the card's patch size): the activation-maximisation score pastes a generated patch back into
 its context and runs the frozen model on the crop (:mod:`SegXAILib.counterfactual.scores`).
+
+For a classifier (paper 004's own setting) :func:`classifier_domains` builds the same
+structure from labelled-or-not patches: the classifier's input is the whole patch, so the
+context, the patch and the region are one box (:meth:`PatchGeometry.for_classifier`), each
+patch is its own one-patch "volume", and the domains are the classifier's own predictions.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +32,7 @@ from ..models.loaders import LoadedModel
 from ..models.preprocessing import model_input, preprocess_labels
 from ..progress import CancelToken, ProgressCallback, track
 
-__all__ = ["PatchGeometry", "CounterfactualDomains", "build_domains", "crop_context"]
+__all__ = ["PatchGeometry", "CounterfactualDomains", "build_domains", "classifier_domains", "crop_context"]
 
 
 def _ints(values, name: str, count: int) -> tuple[int, ...]:
@@ -127,6 +132,19 @@ class PatchGeometry:
         return {"spatial_dims": self.spatial_dims, "patch_size": list(self.patch_size),
                 "context_size": list(self.context_size), "region_size": list(self.region_size),
                 "slice_axis": self.slice_axis}
+
+    @classmethod
+    def for_classifier(cls, patch_size: Sequence[int]) -> "PatchGeometry":
+        """The geometry of a classifier whose input is the whole patch: context = patch = region.
+
+        ``patch_size``: ``(H, W)`` (a 2D classifier; the patch is stored as a one-slice box
+        ``(H, W, 1)`` along ``slice_axis`` 2) or ``(D, H, W)`` (3D).
+        """
+        if len(patch_size) not in (2, 3):
+            raise SegXAIInputError(f"patch_size {list(patch_size)}: expected 2 (2D) or 3 (3D) sizes")
+        sizes = _ints(patch_size, "patch_size", len(patch_size))
+        context = (*sizes, 1) if len(sizes) == 2 else sizes
+        return cls(len(sizes), sizes, context, sizes, 2)
 
     @classmethod
     def from_dict(cls, data: dict) -> "PatchGeometry":
@@ -296,3 +314,67 @@ def build_domains(
     lesion = torch.tensor(lesion_rows, dtype=torch.int64).reshape(-1, 4)
     free = torch.tensor(free_rows, dtype=torch.int64).reshape(-1, 4)
     return CounterfactualDomains(volumes, lesion, free, geometry, class_index)
+
+
+def classifier_domains(
+    patches: np.ndarray | torch.Tensor,
+    classifier: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
+    class_index: int = 1,
+    batch_size: int = 256,
+) -> CounterfactualDomains:
+    """The two domains for a classifier: the patches it assigns to ``class_index`` and the rest.
+
+    As :func:`build_domains` does for a segmentation model, the split comes from the frozen
+    model's own predictions, never from reference labels (paper 004 uses none): the *lesion*
+    domain holds the patches with ``P(class_index) > 1/2`` (for two classes, those whose argmax
+    is ``class_index``), the *lesion-free* domain all others. Each patch becomes its own
+    one-patch volume whose centre row is ``(patch index, *centre)``, so
+    ``domains.lesion[:, 0]`` and ``domains.free[:, 0]`` index ``patches``. The geometry is
+    :meth:`PatchGeometry.for_classifier`; :class:`~SegXAILib.counterfactual.ClassifierScore`
+    ignores the context (it equals the patch) and runs the classifier on the generated patch.
+
+    Parameters
+    ----------
+    patches : numpy.ndarray or torch.Tensor
+        ``(N, C, H, W)`` (2D classifier) or ``(N, C, D, H, W)`` (3D) classifier inputs.
+    classifier : torch.nn.Module or callable
+        ``(B, C, *spatial) -> (B, K)`` logits (``K = 1``: one logit for class 1); used as it is
+        (put it in eval mode first), without gradients, on the device of its parameters.
+    class_index : int
+        The class whose probability G+ raises (0 .. K-1; 0 or 1 for one logit).
+    batch_size : int
+        Patches per classifier call.
+
+    Returns
+    -------
+    CounterfactualDomains
+        ``volumes``: one ``(C, H, W, 1)`` (2D) or ``(C, D, H, W)`` tensor per patch (CPU, float32).
+    """
+    from .scores import ClassifierScore  # scores imports this module
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise SegXAIInputError(f"batch_size {batch_size!r}: expected an integer >= 1")
+    x = torch.as_tensor(patches)
+    if x.dtype == torch.bool or x.is_complex():
+        raise SegXAIInputError(f"patches: expected real numbers, got {x.dtype}")
+    if x.ndim not in (4, 5) or x.shape[0] < 1 or x.shape[1] < 1:
+        raise SegXAIInputError(f"patches {tuple(x.shape)}: expected (N, C, H, W) or (N, C, D, H, W) with N, C >= 1")
+    x = x.detach().to("cpu", torch.float32, copy=True).contiguous()  # the domains own their patches
+    if not bool(torch.isfinite(x).all()):
+        raise SegXAIInputError("patches: contain NaN or infinite values")
+    geometry = PatchGeometry.for_classifier(tuple(x.shape[2:]))
+    score = ClassifierScore(classifier, class_index)
+    parameter = next(iter(classifier.parameters()), None) if isinstance(classifier, torch.nn.Module) else None
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    with torch.no_grad():
+        log_odds = torch.cat([score(None, x[s:s + batch_size].to(device)).cpu()
+                              for s in range(0, len(x), int(batch_size))])
+    positive = log_odds > 0  # P(class_index) > 1/2
+    volumes = [geometry.from_generator(patch[None])[0] for patch in x]  # (C, *patch_shape) each
+    centre = [s // 2 for s in geometry.patch_shape]  # crop_context puts this voxel at the crop's centre
+
+    def rows(mask: torch.Tensor) -> torch.Tensor:
+        index = torch.nonzero(mask).reshape(-1, 1)
+        return torch.cat([index, torch.tensor(centre, dtype=torch.int64).expand(len(index), 3)], dim=1)
+
+    return CounterfactualDomains(volumes, rows(positive), rows(~positive), geometry, int(class_index))
