@@ -92,6 +92,21 @@ class SessionUpdate:
         return "failed" if self.error else self.status.state
 
 
+def _job_settings(settings, **sections):
+    """``settings`` for a job that computes only ``sections`` (settings field -> the values to
+    set in it): every other optional step (class maps, QA, Agg2Exp, uncertainty,
+    counterfactuals, instance maps) is off, so that an action never recomputes another's
+    results. The case's instances are still found (the lesion table)."""
+    chosen = settings.to_dict()
+    chosen["methods"], chosen["qa"] = [], {}
+    for name in ("agg2exp", "uncertainty", "counterfactual"):
+        chosen[name] = {**chosen[name], "enabled": False}
+    chosen["instances"] = {**chosen["instances"], "ids": [], "click_ras": None}
+    for name, values in sections.items():
+        chosen[name] = {**chosen[name], **values}
+    return type(settings).from_dict(chosen, source="settings")
+
+
 class CaseSession:
     """One case in a scene, computed by engine processes.
 
@@ -164,6 +179,14 @@ class CaseSession:
         if self.case is None:
             raise SegXAIInputError("no case: segment the input volumes first")
         return self.case
+
+    def _require_instance(self, instance_id) -> int:
+        case = self.case
+        instance_id = int(instance_id)
+        if not 1 <= instance_id <= len(case.instances):
+            raise SegXAIInputError(f"instance {instance_id}: the prediction has {len(case.instances)} instance(s) "
+                                   f"of {case.structure!r}")
+        return instance_id
 
     def _job_dir(self, action: str) -> Path:
         self._count += 1
@@ -243,16 +266,8 @@ class CaseSession:
         """The instance map of one lesion (``settings.instances``: samples, aggregation...)."""
         self._require_idle()
         self._check_model(settings)
-        case = self.case
-        instance_id = int(instance_id)
-        if not 1 <= instance_id <= len(case.instances):
-            raise SegXAIInputError(f"instance {instance_id}: the prediction has {len(case.instances)} instance(s) "
-                                   f"of {case.structure!r}")
-        chosen = settings.to_dict()
-        chosen["methods"] = []
-        chosen["qa"] = {}
-        chosen["instances"] = {**chosen["instances"], "enabled": True, "ids": [instance_id], "click_ras": None}
-        return self._launch("instance", type(settings).from_dict(chosen, source="settings"),
+        instance_id = self._require_instance(instance_id)
+        return self._launch("instance", _job_settings(settings, instances={"enabled": True, "ids": [instance_id]}),
                             {"display": display, "opacity": opacity, "instance": instance_id})
 
     def qa(self, settings) -> EngineJob:
@@ -270,32 +285,17 @@ class CaseSession:
         uncertainty table and the lesion table's uncertainty columns."""
         self._require_idle()
         self._check_model(settings)
-        chosen = settings.to_dict()
-        chosen["methods"], chosen["qa"] = [], {}
-        chosen["agg2exp"] = {**chosen["agg2exp"], "enabled": False}
-        chosen["instances"] = {**chosen["instances"], "ids": [], "click_ras": None}  # the lesions, no maps
-        chosen["uncertainty"] = {**chosen["uncertainty"], "enabled": True}
-        return self._launch("uncertainty", type(settings).from_dict(chosen, source="settings"), {"opacity": opacity})
+        return self._launch("uncertainty", _job_settings(settings, uncertainty={"enabled": True}), {"opacity": opacity})
 
     def counterfactual(self, instance_id: int, settings, opacity: float = 0.5) -> EngineJob:
         """One lesion's counterfactual (paper 004) with ``settings.counterfactual.generators``:
         G+(x), G-(x) and R, R shown as the foreground, centred on the lesion."""
         self._require_idle()
         self._check_model(settings)
-        case = self.case
-        instance_id = int(instance_id)
-        if not 1 <= instance_id <= len(case.instances):
-            raise SegXAIInputError(f"instance {instance_id}: the prediction has {len(case.instances)} instance(s) "
-                                   f"of {case.structure!r}")
-        chosen = settings.to_dict()
-        chosen["methods"], chosen["qa"] = [], {}
-        chosen["agg2exp"] = {**chosen["agg2exp"], "enabled": False}
-        chosen["uncertainty"] = {**chosen["uncertainty"], "enabled": False}
-        chosen["instances"] = {**chosen["instances"], "enabled": True, "ids": [], "click_ras": None}
-        chosen["counterfactual"] = {**chosen["counterfactual"], "enabled": True, "ids": [instance_id],
-                                    "click_ras": None}
-        return self._launch("counterfactual", type(settings).from_dict(chosen, source="settings"),
-                            {"opacity": opacity, "instance": instance_id})
+        instance_id = self._require_instance(instance_id)
+        chosen = _job_settings(settings, instances={"enabled": True},
+                               counterfactual={"enabled": True, "ids": [instance_id], "click_ras": None})
+        return self._launch("counterfactual", chosen, {"opacity": opacity, "instance": instance_id})
 
     def cancel(self) -> None:
         """End the running job's process tree (within :data:`~SegXAILib.pipeline.job.KILL_AFTER_S`)."""
