@@ -1090,6 +1090,20 @@ class SegXAITest(ScriptedLoadableModuleTest):
         self.assertIn(logic.case.qa.band, ("low", "moderate", "high"))
         self.assertIn(logic.case.qa.band.upper(), widget.ui.riskBandLabel.text)
 
+        self.delayDisplay("What would change the model's mind about lesion 1")
+        widget.ui.counterfactualGeneratorsPathLineEdit.currentPath = str(bundled_model_card("lesions").parent
+                                                                          / "counterfactual" / "generators.pt")
+        widget.ui.instanceSpinBox.value = 1
+        self.assertTrue(widget.ui.counterfactualButton.enabled)
+        widget.ui.counterfactualButton.click()
+        self._waitForJob(widget)
+        relevance = logic.nodes.counterfactual[1]["relevance"][0]
+        self.assertTrue(all(c.GetForegroundVolumeID() == relevance.GetID()
+                            for c in slice_composite_nodes(slicer.mrmlScene)))
+        scores = logic.case.counterfactuals[1].scores
+        self.assertGreater(scores["plus"], scores["original"])
+        self.assertIn("after G+", widget.ui.counterfactualLabel.text)
+
         self.delayDisplay("Where the model is unsure")
         widget._selectData(widget.ui.uncertaintySourceComboBox, "tta")
         self.assertTrue(widget.ui.uncertaintySamplesSpinBox.enabled)
