@@ -35,7 +35,7 @@ def train_set():
 
 
 @pytest.fixture(scope="module")
-def test_set():
+def held_out_set():
     return make_shape_patches(200, seed=2)
 
 
@@ -107,9 +107,9 @@ def test_phantoms_are_seeded():
 
 # ---- the classifier ------------------------------------------------------------------------------
 
-def test_the_classifier_learns_the_rule_on_held_out_patches(classifier, test_set):
-    probability = predict_probability(classifier, test_set.images)
-    accuracy = float(((probability >= 0.5) == test_set.labels.astype(bool)).mean())
+def test_the_classifier_learns_the_rule_on_held_out_patches(classifier, held_out_set):
+    probability = predict_probability(classifier, held_out_set.images)
+    accuracy = float(((probability >= 0.5) == held_out_set.labels.astype(bool)).mean())
     assert accuracy >= 0.9, accuracy
     assert not any(p.requires_grad for p in classifier.parameters()) and not classifier.training
 
@@ -170,14 +170,14 @@ def test_domains_of_a_known_classifier_in_2d_and_3d(outputs, spatial):
 
 # ---- the counterfactuals -------------------------------------------------------------------------
 
-def test_the_generators_move_the_class_probability_on_held_out_patches(trained, classifier, test_set):
+def test_the_generators_move_the_class_probability_on_held_out_patches(trained, classifier, held_out_set):
     """The paper's check: G+ raises P(class 1) on patches of class 0, G- lowers it on class 1."""
-    x = torch.from_numpy(test_set.images)
+    x = torch.from_numpy(held_out_set.images)
     with torch.no_grad():
         plus, minus = trained.generators.plus(x), trained.generators.minus(x)
     original = predict_probability(classifier, x)
     p_plus, p_minus = predict_probability(classifier, plus), predict_probability(classifier, minus)
-    round_, elongated = test_set.labels == 0, test_set.labels == 1
+    round_, elongated = held_out_set.labels == 0, held_out_set.labels == 1
     assert p_plus[round_].mean() - original[round_].mean() > 0.3
     assert p_minus[elongated].mean() - original[elongated].mean() < -0.3
     assert (p_plus[round_] > original[round_]).mean() >= 0.9
