@@ -20,6 +20,7 @@ import numpy as np
 from .image import Image, SegXAIInputError
 
 __all__ = [
+    "check_nifti_complete",
     "read_image",
     "read_channels",
     "write_image",
@@ -96,6 +97,70 @@ def _check_voxels(image: Image, source: str) -> None:
         raise SegXAIInputError(f"{source}: {bad} voxels are NaN or Inf; expected finite intensities")
 
 
+def check_nifti_complete(path: str | os.PathLike) -> None:
+    """A NIfTI file must hold every voxel its header promises, and a ``.nii.gz`` must be a whole
+    gzip stream: ITK's reader fills a truncated file with zeros without an error (NRRD and
+    MetaImage readers do raise). Other formats pass unchecked.
+
+    Raises
+    ------
+    SegXAIInputError
+        A truncated or corrupt stream, or fewer bytes than the header needs, naming the file.
+    """
+    import gzip
+    import zlib
+
+    path = Path(path)
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    opener = gzip.open if name.endswith(".gz") else open
+    size = 0
+    header = b""
+    try:
+        with opener(path, "rb") as handle:
+            # the header first, on its own: a cut stream still yields it before its end fails
+            while len(header) < 540:
+                block = handle.read(540 - len(header))
+                if not block:
+                    break
+                header += block
+            size = len(header)
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                size += len(block)
+    except (OSError, EOFError, zlib.error) as error:
+        if _nifti_bytes(header) is None:
+            return  # not a NIfTI at all (not gzip, no header): ITK's reader says what it is
+        raise SegXAIInputError(f"image {path}: truncated or corrupt ({error})") from None
+    expected = _nifti_bytes(header)
+    if expected is None:
+        return  # no NIfTI header: ITK's reader refuses it with its own message
+    if size < expected:
+        raise SegXAIInputError(f"image {path}: truncated or corrupt NIfTI ({size} bytes, its header needs "
+                               f"{expected})")
+
+
+def _nifti_bytes(header: bytes) -> int | None:
+    """Header plus voxel bytes a NIfTI-1 / NIfTI-2 header declares; None if not a NIfTI header."""
+    import struct
+
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(f"{order}i", header[:4])[0] == 348:  # NIfTI-1
+            dims = struct.unpack(f"{order}8h", header[40:56])
+            bitpix = struct.unpack(f"{order}h", header[72:74])[0]
+            offset = int(struct.unpack(f"{order}f", header[108:112])[0])
+        elif len(header) >= 540 and struct.unpack(f"{order}i", header[:4])[0] == 540:  # NIfTI-2
+            bitpix = struct.unpack(f"{order}h", header[14:16])[0]
+            dims = struct.unpack(f"{order}8q", header[16:80])
+            offset = struct.unpack(f"{order}q", header[168:176])[0]
+        else:
+            continue
+        if not 1 <= dims[0] <= 7:
+            return None
+        return offset + int(np.prod([max(1, d) for d in dims[1 : dims[0] + 1]], dtype=np.int64)) * bitpix // 8
+    return None
+
+
 def read_image(path: str | os.PathLike, channel_name: str | None = None) -> Image:
     """Read a 3D image file or a DICOM series folder.
 
@@ -109,8 +174,9 @@ def read_image(path: str | os.PathLike, channel_name: str | None = None) -> Imag
     Raises
     ------
     SegXAIInputError
-        Missing or unreadable file, not an image, not 3D (2D, or 4D with more than one
-        volume), non-numeric or non-finite voxels.
+        Missing or unreadable file, a truncated or corrupt NIfTI (:func:`check_nifti_complete`),
+        not an image, not 3D (2D, or 4D with more than one volume), non-numeric or non-finite
+        voxels.
     """
     import SimpleITK as sitk
 
@@ -130,6 +196,7 @@ def read_image(path: str | os.PathLike, channel_name: str | None = None) -> Imag
             reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
             image = reader.Execute()
         else:
+            check_nifti_complete(path)  # before ITK, which would read the missing voxels as zeros
             image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"

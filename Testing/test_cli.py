@@ -141,6 +141,27 @@ def test_4d_image(tmp_path, voxelwise, capsys):
             "4D with 3 volumes", out)
 
 
+@pytest.mark.parametrize("suffix, cut", [(".nii.gz", "data"), (".nii", "data"), (".nii.gz", "stream")])
+def test_truncated_nifti(tmp_path, voxelwise, capsys, suffix, cut):
+    """ITK fills a NIfTI cut inside its voxel data with zeros and raises nothing; SegXAI refuses
+    it (a whole gzip stream, every voxel the header promises), naming the file."""
+    import gzip
+
+    array = np.random.default_rng(0).normal(size=(24, 20, 16)).astype(np.float32)
+    path = write_image(Image(array), tmp_path / f"scan{suffix}")
+    if cut == "stream":  # the compressed file cut short: the gzip stream has no end
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) * 3 // 4])
+    else:  # a whole stream (or plain file) holding three quarters of the voxels
+        raw = gzip.decompress(path.read_bytes()) if suffix == ".nii.gz" else path.read_bytes()
+        short = raw[: len(raw) * 3 // 4]
+        path.write_bytes(gzip.compress(short) if suffix == ".nii.gz" else short)
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(path))).shape == (16, 20, 24)  # ITK reads it silently
+    out = tmp_path / "out"
+    assert_bad_input(["segment", str(path), "--model", str(voxelwise), "--out", str(out)], capsys,
+                     f"image {path}: truncated or corrupt", out)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_non_finite_voxels(tmp_path, voxelwise, capsys, bad):
     array = np.zeros((8, 8, 8), np.float32)

@@ -10,10 +10,7 @@ inconsistent file is a :class:`~SegXAILib.image.SegXAIInputError` naming that fi
 
 from __future__ import annotations
 
-import gzip
 import json
-import struct
-import zlib
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -143,8 +140,10 @@ class _Folder:
 
     def image(self, role: str, channel_name: str) -> Image:
         path = self.path(role)
-        image = read_image(path, channel_name)
-        _check_nifti_complete(path, role)
+        try:
+            image = read_image(path, channel_name)  # a truncated file is refused there
+        except SegXAIInputError as error:
+            raise SegXAIInputError(f"{error} ({role})") from None
         return self.on_grid(image, f"{path} ({role})")
 
     def json(self, role: str) -> Any:
@@ -153,48 +152,6 @@ class _Folder:
             return json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise SegXAIInputError(f"{path} ({role}): not readable JSON ({error})") from None
-
-
-def _check_nifti_complete(path: Path, role: str) -> None:
-    """A NIfTI file must hold every voxel its header promises: ITK's reader fills a truncated
-    one with zeros without an error (NRRD and MetaImage readers do raise)."""
-    name = path.name.lower()
-    if not name.endswith((".nii", ".nii.gz")):
-        return
-    opener = gzip.open if name.endswith(".gz") else open
-    size = 0
-    header = b""
-    try:
-        with opener(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                if len(header) < 540:
-                    header += block[: 540 - len(header)]
-                size += len(block)
-    except (OSError, EOFError, zlib.error) as error:
-        raise SegXAIInputError(f"{path} ({role}): truncated or corrupt ({error})") from None
-    expected = _nifti_bytes(header)
-    if expected is None or size < expected:
-        raise SegXAIInputError(f"{path} ({role}): truncated or corrupt NIfTI ({size} bytes, its header needs "
-                               f"{expected})")
-
-
-def _nifti_bytes(header: bytes) -> Optional[int]:
-    """Header plus voxel bytes a NIfTI-1 / NIfTI-2 header declares; None if not a NIfTI header."""
-    for order in "<>":
-        if len(header) >= 348 and struct.unpack(f"{order}i", header[:4])[0] == 348:  # NIfTI-1
-            dims = struct.unpack(f"{order}8h", header[40:56])
-            bitpix = struct.unpack(f"{order}h", header[72:74])[0]
-            offset = int(struct.unpack(f"{order}f", header[108:112])[0])
-        elif len(header) >= 540 and struct.unpack(f"{order}i", header[:4])[0] == 540:  # NIfTI-2
-            bitpix = struct.unpack(f"{order}h", header[14:16])[0]
-            dims = struct.unpack(f"{order}8q", header[16:80])
-            offset = struct.unpack(f"{order}q", header[168:176])[0]
-        else:
-            continue
-        if not 1 <= dims[0] <= 7:
-            return None
-        return offset + int(np.prod([max(1, d) for d in dims[1 : dims[0] + 1]], dtype=np.int64)) * bitpix // 8
-    return None
 
 
 def _integers(image: Image, where: str, dtype: type) -> Image:
