@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import grid_matrix, write_voxelwise_card
+from conftest import write_voxelwise_card
+from test_counterfactual import phantom as core_phantom
 from SegXAILib.counterfactual import (CHECKPOINT_NAME, CounterfactualConfig, CounterfactualGenerators, IntensityFrame,
                                       PatchGeometry, ResidualGenerator, counterfactual_relevance,
                                       load_counterfactual_generators)
@@ -48,17 +49,10 @@ SCALE = 2.0  # the generators' intensity frame: G adds scale * tanh(head bias)
 
 
 def phantom(seed: int, shape=(32, 32, 8), grid: str = "identity") -> Image:
-    """Tissue (a disc, intensity about 1) with three bright blobs (+2: above the threshold)."""
-    rng = np.random.default_rng(seed)
-    array = np.zeros(shape, np.float32)
-    ii, jj, kk = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
-    tissue = ((ii - 15.5) / 15) ** 2 + ((jj - 15.5) / 15) ** 2 < 1
-    array[tissue] = 1 + rng.normal(0, 0.2, tissue.sum())
-    for _ in range(3):
-        c = rng.integers([6, 6, 1], [26, 26, 7])
-        blob = ((ii - c[0]) ** 2 + (jj - c[1]) ** 2) / 4 + (kk - c[2]) ** 2 / 2 < 1
-        array[blob & tissue] += 2.0
-    return Image(array[None], grid_matrix(grid), ("ch0",))
+    """``test_counterfactual``'s phantom (tissue with three blobs above the threshold) as the
+    card's channel ``ch0``."""
+    image = core_phantom(seed, shape, grid)
+    return Image(image.array, image.ijk_to_ras, ("ch0",))
 
 
 @pytest.fixture(scope="module")
