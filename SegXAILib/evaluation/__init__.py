@@ -5,7 +5,9 @@
 * :mod:`.runner`: every metric for every method on a case, and the cohort tables
   (``segxai evaluate``);
 * :mod:`.agg2exp`: Agg2Exp RoI importance matrices, the global matrix and graph, and
-  Isolation-Forest outliers (``segxai agg2exp``).
+  Isolation-Forest outliers (``segxai agg2exp``);
+* :mod:`.failure_detection`: statistics for judging reference-free QA scores as failure
+  detectors (AURC, AUROC, DeLong, cluster bootstrap, Holm, partial Spearman, grouped CV).
 """
 
 from .agg2exp import (
@@ -23,6 +25,27 @@ from .agg2exp import (
     spearman_with_dice,
     top_k_graph,
 )
+from .failure_detection import (
+    BootstrapResult,
+    DeLongResult,
+    PairedBootstrapResult,
+    aurc,
+    auroc,
+    auroc_at_thresholds,
+    cluster_bootstrap,
+    delong_ci,
+    delong_test,
+    excess_aurc,
+    holm,
+    insufficient_at_quantile,
+    optimal_aurc,
+    out_of_fold_predictions,
+    paired_bootstrap_difference,
+    partial_spearman,
+    repeated_grouped_folds,
+    risk_coverage_curve,
+    spearman,
+)
 from .runner import METRICS, EvaluationConfig, evaluate_case, markdown_tables, summarise
 
 __all__ = [
@@ -39,6 +62,25 @@ __all__ = [
     "roi_importance",
     "spearman_with_dice",
     "top_k_graph",
+    "BootstrapResult",
+    "DeLongResult",
+    "PairedBootstrapResult",
+    "aurc",
+    "auroc",
+    "auroc_at_thresholds",
+    "cluster_bootstrap",
+    "delong_ci",
+    "delong_test",
+    "excess_aurc",
+    "holm",
+    "insufficient_at_quantile",
+    "optimal_aurc",
+    "out_of_fold_predictions",
+    "paired_bootstrap_difference",
+    "partial_spearman",
+    "repeated_grouped_folds",
+    "risk_coverage_curve",
+    "spearman",
     "METRICS",
     "EvaluationConfig",
     "evaluate_case",
