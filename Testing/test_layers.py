@@ -17,7 +17,7 @@ LAYERS = {
     "__init__": 0, "image": 0, "io": 0, "validation": 0, "progress": 0, "metrics": 0, "sample_data": 0, "phantoms": 0,
     "models": 1,
     "attribution": 2,
-    "instances": 3, "topology": 3, "evaluation": 3, "uncertainty": 3, "counterfactual": 3,
+    "instances": 3, "topology": 3, "evaluation": 3, "uncertainty": 3, "counterfactual": 3, "qa": 3,
     "pipeline": 4,
     "mrml": 5, "report": 5, "dicom": 5,
     "cli": 6, "demo": 6, "engine": 6, "training": 6, "viewer": 6, "batch": 6,
