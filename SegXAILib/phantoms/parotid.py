@@ -25,19 +25,20 @@ S6       5.00 x rho_HN  (0.500)  present (1.0)          high contrast, rod
 
 Geometry
 --------
-Each case draws (all in physical mm, from ``seed``): the head's three semi-axes (72-95 % of
-the half field of view along each axis), the sphere's radius (17-27 % of the smallest half
-field of view) and centre (inside the head), the rod's direction (uniform on the sphere; this
-is the sphere's orientation too, since a sphere has none of its own) and radius (1-2 voxel
-sizes, at most 40 % of the sphere's). The rod starts at the sphere's centre and runs to the
-head's surface (as the mandible runs from the gland to the chin; at least the sphere's radius
-plus 30 % of the smallest half field of view long), so its one end inside the head marks the
-gland, which even without sphere contrast (S2) the image determines. The label is
-the sphere minus the rod's voxels (gland and bone do not overlap; a draw that would cut the
-gland into pieces is redrawn). Without a rod, nothing is drawn there: the whole sphere is
-gland and the rod mask is empty. Sphere and rod lie inside the head, at least one voxel size
-from its surface. The geometry does not depend on the variant: one seed gives the same head,
-sphere and rod position in S1 .. S6, only the densities differ.
+Each case draws (all in physical mm, from ``seed``): the head's three semi-axes (72-95 % of the
+half field of view along each axis), the sphere's radius (17-27 % of the smallest half field of
+view by default; ``sphere_radius_fraction`` widens the range, so that a QA cohort can vary the
+true gland size independently of the image quality) and centre (inside the head), the rod's
+direction (uniform on the sphere; this is the sphere's orientation too, since a sphere has none
+of its own) and radius (1-2 voxel sizes, at most 40 % of the sphere's). The rod starts at the
+sphere's centre and runs to the head's surface (as the mandible runs from the gland to the
+chin; at least the sphere's radius plus 30 % of the smallest half field of view long), so its
+one end inside the head marks the gland, which even without sphere contrast (S2) the image
+determines. The label is the sphere minus the rod's voxels (gland and bone do not overlap; a
+draw that would cut the gland into pieces is redrawn). Without a rod, nothing is drawn there:
+the whole sphere is gland and the rod mask is empty. Sphere and rod lie inside the head, at
+least one voxel size from its surface. The geometry does not depend on the variant: one seed
+gives the same head, sphere and rod position in S1 .. S6, only the densities differ.
 """
 
 from __future__ import annotations
@@ -159,6 +160,20 @@ def _check_grid(shape: Sequence[int], spacing: Sequence[float]) -> tuple[tuple[i
     return tuple(int(n) for n in shape_t), np.asarray(spacing_t)  # type: ignore[return-value]
 
 
+def _check_radius_fraction(fraction: Sequence[float]) -> tuple[float, float]:
+    try:
+        low, high = (float(f) for f in fraction)
+    except (TypeError, ValueError):
+        raise SegXAIInputError(
+            f"sphere_radius_fraction must be two numbers (low, high), got {fraction!r}"
+        ) from None
+    if not (np.isfinite(low) and np.isfinite(high) and 0.0 < low <= high <= 0.4):
+        raise SegXAIInputError(
+            f"sphere_radius_fraction must satisfy 0 < low <= high <= 0.4, got {fraction!r}"
+        )
+    return low, high
+
+
 def _random_unit_vector(rng: np.random.Generator) -> np.ndarray:
     v = rng.standard_normal(3)
     return v / np.linalg.norm(v)
@@ -170,6 +185,7 @@ def make_parotid_phantom(
     shape: Sequence[int] = (48, 48, 48),
     spacing: Sequence[float] = (2.0, 2.0, 2.0),
     noise: float = 0.02,
+    sphere_radius_fraction: tuple[float, float] = (0.17, 0.27),
 ) -> ParotidPhantom:
     """Make one synthetic parotid case of a variant ``"S1"`` .. ``"S6"``.
 
@@ -186,6 +202,11 @@ def make_parotid_phantom(
     noise : float
         Standard deviation of the additive Gaussian noise (densities: head 0.1, rod 1.0); the
         default 0.02 hides the 5 % sphere contrast (0.005) voxel by voxel. 0 for none.
+    sphere_radius_fraction : (float, float)
+        ``(low, high)``: the sphere's radius is drawn uniformly from ``[low, high)`` times the
+        smallest half field of view, ``0 < low <= high <= 0.4`` (a larger sphere cannot keep
+        inside the smallest head with a rod of 30 % of the half field of view beside it). The
+        default ``(0.17, 0.27)`` gives the same cases as before the parameter existed.
 
     Returns
     -------
@@ -195,7 +216,8 @@ def make_parotid_phantom(
     Raises
     ------
     SegXAIInputError
-        For an unknown ``variant`` or a bad ``seed``, ``shape``, ``spacing`` or ``noise``.
+        For an unknown ``variant`` or a bad ``seed``, ``shape``, ``spacing``, ``noise`` or
+        ``sphere_radius_fraction``.
     """
     if variant not in PAROTID_VARIANTS:
         raise SegXAIInputError(f"variant must be one of {sorted(PAROTID_VARIANTS)}, got {variant!r}")
@@ -213,6 +235,7 @@ def make_parotid_phantom(
         raise SegXAIInputError(f"noise must be a number, got {noise!r}") from None
     if not np.isfinite(noise) or noise < 0:
         raise SegXAIInputError(f"noise must be a finite number >= 0, got {noise!r}")
+    radius_low, radius_high = _check_radius_fraction(sphere_radius_fraction)
 
     geometry_rng, noise_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     ijk_to_ras = parotid_grid(shape_t, spacing_arr)
@@ -227,7 +250,8 @@ def make_parotid_phantom(
     # sphere and rod must keep one voxel size away from the head's surface
     inner = ndimage.distance_transform_edt(head, sampling=spacing_arr) > float(spacing_arr.max())
     for _attempt in range(1000):
-        sphere_radius = geometry_rng.uniform(0.17, 0.27) * scale
+        # uniform(low, high) with the default floats draws exactly what the former constants did
+        sphere_radius = geometry_rng.uniform(radius_low, radius_high) * scale
         rod_radius = min(geometry_rng.uniform(1.0, 2.0) * float(spacing_arr.max()), 0.4 * sphere_radius)
         direction = _random_unit_vector(geometry_rng)
         centre = geometry_rng.uniform(-1.0, 1.0, size=3) * head_axes
