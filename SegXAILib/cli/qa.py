@@ -2,6 +2,12 @@
 
 * ``segxai qa cohort --model lesions|deepbet --out DIR [--cases N] [--method NAME[:k=v,...]]``
   builds a calibration cohort (:func:`SegXAILib.pipeline.cohort.build_cohort`);
+* ``segxai qa cohort --benchmark NAME --out DIR [--workers K]`` builds (or resumes) a QA
+  benchmark cohort (:func:`SegXAILib.pipeline.qa_cohort.build_qa_cohort`), and
+  ``segxai qa cohort --model ANY --images IMG... --references REF... --method M --out DIR`` one
+  of your own cases with any model (:func:`~SegXAILib.pipeline.qa_cohort.build_user_cohort`);
+* ``segxai qa benchmark --cohort DIR... --out DIR`` judges every detector on the same cases
+  (:func:`SegXAILib.qa.report.write_benchmark`);
 * ``segxai qa calibrate --cohort DIR --method NAME --out RISK.json`` fits a risk model and
   writes its plots beside it (ROC with the cut points, Dice vs PC1, the cohort's EC band);
 * ``segxai qa score IMAGE... --model M --risk RISK.json [--out DIR]`` scores one case: PC1,
@@ -41,12 +47,21 @@ def _fraction(name: str, value: float, closed_right: bool = False) -> float:
 
 
 def _cmd_cohort(args: argparse.Namespace) -> int:
+    if args.benchmark is not None or args.images:
+        return _cmd_benchmark_cohort(args)
     from ..pipeline import MethodSettings
     from ..pipeline.cohort import build_cohort, default_methods
     from ..topology.cohort import COHORT_MODELS, read_cohort
 
+    if args.model is None:
+        raise SegXAIInputError("give --model (lesions or deepbet), --benchmark NAME, or --model with --images and "
+                               "--references (your own cases)")
     if args.model not in COHORT_MODELS:
-        raise SegXAIInputError(f"--model {args.model!r}: expected one of {', '.join(COHORT_MODELS)}")
+        raise SegXAIInputError(f"--model {args.model!r}: the built-in calibration cohorts are {', '.join(COHORT_MODELS)}; "
+                               "for any other model give your own cases with --images and --references")
+    if args.references or args.workers != 1:
+        raise SegXAIInputError("--references / --workers: only with --images or --benchmark")
+    args.cases = 40 if args.cases is None else args.cases
     _positive_int("--cases", args.cases)
     _positive_int("--seed", args.seed, 0)
     from ..models import resolve_device
@@ -72,6 +87,74 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
     print(f"{len(dice)} case(s), Dice {min(dice):.3f} .. {max(dice):.3f}, {empty} empty prediction(s)")
     print(f"methods: {', '.join(document['methods'])}")
     print(f"cohort: {path}")
+    return 0
+
+
+def _cmd_benchmark_cohort(args: argparse.Namespace) -> int:
+    """``--benchmark NAME`` (a built-in QA benchmark cohort) or ``--images ... --references ...``
+    (the user's cases, any model)."""
+    from ..models import resolve_device
+    from ..pipeline import MethodSettings
+    from ..pipeline.qa_cohort import QA_COHORTS, build_qa_cohort, build_user_cohort
+    from ..topology.cohort import read_cohort
+
+    _positive_int("--workers", args.workers)
+    _positive_int("--seed", args.seed, 0)
+    with options_named("device"):
+        resolve_device(args.device)
+    with options_named("method"):
+        methods = [MethodSettings.parse(text) for text in args.method] if args.method else None
+    if args.benchmark is not None:
+        if args.images or args.references:
+            raise SegXAIInputError("--benchmark builds its own cases: give either --benchmark or --images/--references")
+        if args.benchmark not in QA_COHORTS:
+            raise SegXAIInputError(f"--benchmark {args.benchmark!r}: expected one of {', '.join(QA_COHORTS)}")
+        if args.cases is not None:
+            _positive_int("--cases", args.cases)
+        with progress_bar(f"qa cohort ({args.benchmark})", not args.quiet) as progress, \
+                options_named("device", "seed", "workers", n_cases="--cases", methods="--method"):
+            path = build_qa_cohort(args.benchmark, args.out, n_cases=args.cases,
+                                   seed=args.seed, methods=methods, device=args.device, workers=args.workers,
+                                   progress=progress)
+    else:
+        if args.model is None:
+            raise SegXAIInputError("--images: give the model that segments them with --model")
+        if args.cases is not None:
+            raise SegXAIInputError("--cases: your cohort has one case per --images entry")
+        if len(args.images) != len(args.references):
+            raise SegXAIInputError(f"--references: {len(args.references)} given for {len(args.images)} case(s) in "
+                                   "--images; give one reference label map per case")
+        if not methods:
+            raise SegXAIInputError("--method: name at least one attribution method for your cohort "
+                                   "(e.g. --method gradcam --method vanilla_gradient)")
+        images = [text.split(",") for text in args.images]
+        with progress_bar("qa cohort (your cases)", not args.quiet) as progress, \
+                options_named("device", "workers", methods="--method", images="--images", references="--references",
+                              model="--model", trust_code="--trust-code"):
+            path = build_user_cohort(args.out, args.model, images, args.references, methods, device=args.device,
+                                     trust_code=args.trust_code, workers=args.workers, progress=progress)
+    document = read_cohort(path.parent)
+    dice = [c["dice"] for c in document["cases"]]
+    empty = sum(c["status"] != "ok" for c in document["cases"])
+    print(f"{len(dice)} case(s), Dice {min(dice):.3f} .. {max(dice):.3f}, {empty} without a contour")
+    print(f"methods: {', '.join(document['methods'])}")
+    print(f"cohort: {path}")
+    return 0
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from ..qa.report import write_benchmark
+
+    _positive_int("--folds", args.folds, 2)
+    _positive_int("--repeats", args.repeats)
+    _positive_int("--resamples", args.resamples, 100)
+    with progress_bar("qa benchmark", not args.quiet) as progress, \
+            options_named(cohort_dirs="--cohort", n_splits="--folds", n_repeats="--repeats",
+                          n_resamples="--resamples", out_dir="--out"):
+        paths = write_benchmark(args.cohort, args.out, n_splits=args.folds, n_repeats=args.repeats,
+                                n_resamples=args.resamples, progress=progress)
+    for path in paths:
+        print(path)
     return 0
 
 
@@ -168,17 +251,41 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     qa = commands.add_parser("qa", help="QA risk scores from the topology of saliency maps (cohort, calibrate, score)")
     qa_commands = qa.add_subparsers(dest="qa_command", required=True, metavar="QA_COMMAND")
 
-    cohort = qa_commands.add_parser("cohort", help="build a calibration cohort (degraded cases, masks, saliency, Dice)")
-    cohort.add_argument("--model", required=True, help="lesions (lesion phantoms) or deepbet (the degraded sample T1)")
+    cohort = qa_commands.add_parser(
+        "cohort", help="build a cohort: a calibration cohort (--model lesions|deepbet), a QA benchmark cohort "
+                       "(--benchmark NAME) or your own cases (--model ANY --images ... --references ...)")
+    cohort.add_argument("--model", default=None,
+                        help="lesions (lesion phantoms) or deepbet (the degraded sample T1); with --images: any model "
+                             "(" + model_help() + ")")
+    cohort.add_argument("--benchmark", default=None, metavar="NAME",
+                        help="a built-in QA benchmark cohort: c1_parotid_S2, c1_parotid_S4, c1_parotid_S6, c2_lesions, "
+                             "c3_deepbet, c4_contours (resumable)")
+    cohort.add_argument("--images", nargs="+", default=[], metavar="IMAGE[,IMAGE...]",
+                        help="your cases: one per case (channels joined by commas, in the card's order)")
+    cohort.add_argument("--references", nargs="+", default=[], metavar="LABELS",
+                        help="one reference label map per case (on its image's grid)")
+    cohort.add_argument("--workers", type=int, default=1, help="processes for --benchmark / --images (default 1)")
     cohort.add_argument("--out", required=True, type=Path, help="cohort folder")
-    cohort.add_argument("--cases", type=int, default=40, metavar="N", help="number of cases (default 40)")
+    cohort.add_argument("--cases", type=int, default=None, metavar="N",
+                        help="number of cases (default 40; --benchmark: the cohort's size)")
     cohort.add_argument("--method", action="append", default=[], metavar="NAME[:k=v,...]",
                         help="attribution method (repeatable), e.g. guided_gradcam:aggregation=target; "
                              "default: guided_gradcam, gradcam_plusplus, guided_backprop, smoothgrad (lesions), "
                              "vanilla_gradient, gradient_x_input (deepbet)")
     cohort.add_argument("--seed", type=int, default=0, help="cohort seed (case seeds, severity order)")
+    trust_option(cohort)
     device_option(cohort)
     cohort.set_defaults(run=_cmd_cohort)
+
+    benchmark = qa_commands.add_parser(
+        "benchmark", help="every QA detector on the same cases of one or more cohorts: tables, CIs, paired tests")
+    benchmark.add_argument("--cohort", required=True, nargs="+", type=Path, metavar="DIR",
+                           help="cohort folders (segxai qa cohort --benchmark / --images)")
+    benchmark.add_argument("--out", required=True, type=Path, help="folder for qa_benchmark.json / .md and plots")
+    benchmark.add_argument("--folds", type=int, default=5, help="grouped cross-validation folds (default 5)")
+    benchmark.add_argument("--repeats", type=int, default=10, help="repeats of the cross-validation (default 10)")
+    benchmark.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    benchmark.set_defaults(run=_cmd_benchmark)
 
     calibrate = qa_commands.add_parser("calibrate", help="fit a risk model on a cohort")
     calibrate.add_argument("--cohort", required=True, type=Path, help="cohort folder (segxai qa cohort)")

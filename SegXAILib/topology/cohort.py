@@ -137,9 +137,27 @@ def cohort_curves(
         )
     usable = [c for c in document["cases"] if c["status"] == "ok"]
     curves, dice, ids = [], [], []
+    from .euler import default_thresholds
+
+    # a QA benchmark cohort stores its curves (on default_thresholds(N)), not its maps
+    stored = isinstance(document.get("thresholds"), int) and len(thresholds) == document["thresholds"] \
+        and np.array_equal(thresholds, default_thresholds(document["thresholds"]))
     for index, case in enumerate(usable):
         if cancel is not None:
             cancel.raise_if_cancelled()
+        if "curves" in (case.get("files") or {}):
+            if not stored:
+                raise SegXAIInputError(f"cohort {cohort_dir}: its curves are stored on {document.get('thresholds')} "
+                                       f"thresholds; calibrate with that many")
+            from ..qa.cohort_table import read_case_curves
+
+            named = read_case_curves(cohort_dir / case["files"]["curves"])
+            if method not in named:
+                continue  # no map (the method could not run on this case)
+            curves.append(named[method])
+            dice.append(float(case["dice"]))
+            ids.append(str(case["case_id"]))
+            continue
         try:
             mask_path = cohort_dir / case["files"]["mask"]
             saliency_path = cohort_dir / case["files"]["saliency"][method]

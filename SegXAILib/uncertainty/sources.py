@@ -339,7 +339,7 @@ def mc_dropout(networks: Sequence[torch.nn.Module], model_name: str, rate: Optio
     Raises
     ------
     SegXAIInputError
-        A network without dropout layers, naming the model.
+        A network without dropout layers, or (``rate`` unset) whose every rate is 0, naming the model.
     """
     layers = []
     for number, network in enumerate(networks):
@@ -348,6 +348,11 @@ def mc_dropout(networks: Sequence[torch.nn.Module], model_name: str, rate: Optio
             member = f" (ensemble member {number})" if len(networks) > 1 else ""
             raise SegXAIInputError(f"source 'mc_dropout': model {model_name!r}{member} has no dropout layer "
                                    f"({', '.join(DROPOUT_NAMES)}); MC dropout needs a network trained with dropout")
+        if rate is None and all(getattr(layer, "p", 1.0) == 0 for layer in found):
+            member = f" (ensemble member {number})" if len(networks) > 1 else ""
+            raise SegXAIInputError(f"source 'mc_dropout': model {model_name!r}{member}: every dropout layer has rate "
+                                   "0 (trained without dropout), so the samples would all be equal; give a rate "
+                                   "to drop anyway")
         layers.extend(found)
     saved = [(layer, layer.training, getattr(layer, "p", None)) for layer in layers]
     handles = []

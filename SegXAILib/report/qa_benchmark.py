@@ -1,0 +1,115 @@
+"""``segxai qa benchmark``: the QA detector tables of one or more cohorts as JSON, Markdown and
+risk-coverage plots (:func:`SegXAILib.qa.benchmark.benchmark_cohort` on each cohort).
+
+Files (atomic): ``qa_benchmark.json`` (every number), ``qa_benchmark.md`` (one table per
+cohort, best detector first, then the paired comparisons) and ``qa_risk_coverage_<cohort>.png``
+(selective risk against coverage for the best detector of each family).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from ..image import SegXAIInputError
+from ..io import atomic_path, check_writable_dir
+from ..progress import ProgressCallback, report, sub_progress
+from ..qa.benchmark import benchmark_cohort, benchmark_markdown, detector_scores
+from ..qa.cohort_table import read_cohort_table
+
+__all__ = ["write_benchmark", "risk_coverage_figure"]
+
+
+def risk_coverage_figure(cases, curves, methods, result: dict[str, Any], title: str = ""):
+    """Selective risk (mean 1 - Dice of the accepted cases) against coverage for the best
+    detector (lowest AURC) of each family, with the oracle and random."""
+    from ..evaluation.failure_detection import risk_coverage_curve
+    from .risk_plots import _figure
+
+    cv = result["cross_validation"]
+    detectors = {d.name: d for d in detector_scores(cases, curves, methods, cv["n_splits"], cv["n_repeats"], cv["seed"],
+                                                    result["quantile"])}
+    risk = 1.0 - np.array([float(c["dice"]) for c in cases])
+    best: dict[str, dict] = {}
+    for row in result["rows"]:
+        if row["family"] in ("ablation",):
+            continue
+        if row["family"] not in best or row["aurc"] < best[row["family"]]["aurc"]:
+            best[row["family"]] = row
+    figure = _figure(6.4, 4.4)
+    axes = figure.add_subplot(1, 1, 1)
+    coverage, selective = risk_coverage_curve(risk, risk)
+    axes.plot(coverage, selective, color="black", linestyle=":", label=f"oracle (AURC {result['optimal_aurc']:.3f})")
+    for family, row in sorted(best.items(), key=lambda item: item[1]["aurc"]):
+        coverage, selective = risk_coverage_curve(detectors[row["detector"]].scores, risk)
+        axes.plot(coverage, selective, label=f"{row['detector']} ({row['aurc']:.3f})")
+    axes.set_xlabel("coverage (fraction of contours accepted)")
+    axes.set_ylabel("selective risk (mean 1 - Dice)")
+    axes.set_title(title)
+    axes.legend(fontsize=6, loc="upper left")
+    figure.tight_layout()
+    return figure
+
+
+def write_benchmark(
+    cohort_dirs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    n_splits: int = 5,
+    n_repeats: int = 10,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    progress: Optional[ProgressCallback] = None,
+) -> list[Path]:
+    """Benchmark every cohort of ``cohort_dirs`` and write the files into ``out_dir``.
+
+    Cohorts are named by their ``cohort`` entry (a user cohort by its folder name). Returns the
+    paths written.
+    """
+    from .figures import save_figure
+
+    if not cohort_dirs:
+        raise SegXAIInputError("cohort_dirs: give at least one cohort folder")
+    loaded = []
+    for path in cohort_dirs:  # every folder is read before anything is written
+        document, cases, curves = read_cohort_table(path)
+        name = document.get("cohort", "user")
+        name = Path(path).name if name == "user" else name
+        loaded.append((name, Path(path), document, cases, curves))
+    names = [item[0] for item in loaded]
+    if len(set(names)) != len(names):
+        raise SegXAIInputError(f"cohort_dirs: two folders hold the same cohort ({names})")
+    out_dir = check_writable_dir(out_dir)
+    results: dict[str, Any] = {}
+    markdown = ["# QA detectors judged on the same cases", "",
+                "Made by `segxai qa benchmark` (QA_PROTOCOL.md). Risk = 1 - Dice; AURC is the primary metric "
+                "(lower is better; excess AURC = AURC - the oracle's). Fitted detectors (EC PC1, regressor, "
+                "combinations) are scored out of fold: grouped K-fold by phantom / scan, repeated; 95 % CIs by "
+                "cluster bootstrap.", ""]
+    written = []
+    for index, (name, path, document, cases, curves) in enumerate(loaded):
+        step = sub_progress(progress, index / len(loaded), (index + 1) / len(loaded))
+        report(step, 0.0, f"{name}: {len(cases)} cases")
+        methods = list(document["methods"])
+        result = benchmark_cohort(cases, curves, methods, n_splits=n_splits, n_repeats=n_repeats,
+                                  n_resamples=n_resamples, seed=seed)
+        result.update(cohort=name, folder=str(path), model=document["model"], source=document.get("source", ""),
+                      methods=methods, complete=bool(document.get("complete")))
+        results[name] = result
+        description = (f"Model `{document['model'].get('card_name')}`; {document.get('source', '')}; "
+                       f"methods {', '.join(methods)}.")
+        markdown.append(benchmark_markdown(name, result, description))
+        figure = risk_coverage_figure(cases, curves, methods, result, title=name)
+        written.append(save_figure(figure, out_dir / f"qa_risk_coverage_{name}.png"))
+        report(step, 1.0, f"{name}: best {result['best']}")
+    json_path = out_dir / "qa_benchmark.json"
+    with atomic_path(json_path) as temporary:
+        temporary.write_text(json.dumps({"format": "segxai-qa-benchmark", "version": 1, "cohorts": results},
+                                        indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    md_path = out_dir / "qa_benchmark.md"
+    with atomic_path(md_path) as temporary:
+        temporary.write_text("\n".join(markdown), encoding="utf-8")
+    return [json_path, md_path] + written
