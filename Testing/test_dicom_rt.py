@@ -262,6 +262,14 @@ def test_contours_through_voxel_centres_include_those_voxels(series_of, tmp_path
     expected[15:17, 25:28, k] = False
     np.testing.assert_array_equal(box, expected)
 
+    # a contour between two slice planes belongs to neither: refused, not snapped
+    normal = np.cross(orientation[:3], orientation[3:]) * float(source.SliceThickness) * 0.4
+    shifted = np.asarray(contours[0].ContourData, dtype=float).reshape(-1, 3) + normal
+    ds.ROIContourSequence[0].ContourSequence[0].ContourData = [f"{v:.10g}" for v in shifted.ravel()]
+    ds.save_as(path)
+    with pytest.raises(SegXAIInputError, match="'box' contour 1 does not lie in a slice plane"):
+        read_rtstruct(path, series)
+
 
 def test_objects_of_another_frame_of_reference_or_series_are_refused(head, series_of, tmp_path):
     t1, _ = head
@@ -282,6 +290,19 @@ def test_objects_of_another_frame_of_reference_or_series_are_refused(head, serie
             reader(path, sibling)
         for name, mask in reader(path, sibling, require_same_series=False).items():
             np.testing.assert_array_equal(mask, masks[name])
+    # a series of the same frame of reference on part of the grid: the frames' voxels, exactly;
+    # one with other voxels (twice the spacing) cannot hold the frames without resampling
+    part = read_dicom_series(write_test_series(tmp_path / "part", "native", image=t1.crop((4, 0, 2), (60, 64, 18)),
+                                               frame_of_reference_uid=series.frame_of_reference_uid))
+    for reader, path in ((read_seg, seg), (read_rtstruct, rt)):
+        for name, mask in reader(path, part, require_same_series=False).items():
+            np.testing.assert_array_equal(mask, masks[name][4:60, :, 2:18], err_msg=name)
+    coarse_grid = t1.ijk_to_ras @ np.diag([2.0, 2.0, 1.0, 1.0])
+    coarse = read_dicom_series(write_test_series(
+        tmp_path / "coarse", "native", image=Image(t1.array[:, ::2, ::2], coarse_grid),
+        frame_of_reference_uid=series.frame_of_reference_uid))
+    with pytest.raises(SegXAIInputError, match="does not lie on the voxels of the reference image"):
+        read_seg(seg, coarse, require_same_series=False)
     with pytest.raises(SegXAIInputError, match="not a DICOM Segmentation"):
         read_seg(rt, series)
     with pytest.raises(SegXAIInputError, match="not an RT Structure Set"):

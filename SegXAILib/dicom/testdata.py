@@ -7,7 +7,7 @@ Three variants of the same voxels, for the geometry the SEG / RTSTRUCT paths mus
   oblique acquisition's Image Orientation (Patient) is;
 * ``"flipped"``: the same physical image with the row direction reversed, so the slice normal
   (row x column) points against the slices' order: ITK sorts the files the other way round,
-  and the instance numbers run against the positions.
+  and the instance numbers run against the slice normal.
 """
 
 from __future__ import annotations
