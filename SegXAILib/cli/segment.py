@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .common import case_card, case_options, case_settings, load_case_model, model_help, progress_bar, trust_option
+from .dicom_out import dicom_out_option, dicom_source, write_dicom_out
 
 __all__ = ["add_commands"]
 
@@ -15,6 +16,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
     settings = case_settings(args, instances={"enabled": False})
     card = case_card(args)
+    series = dicom_source(args) if args.dicom_out is not None else None  # refused before anything is written
     check_writable_dir(args.out)
     model = load_case_model(card, args)
     image = read_case_images(args.images, card)
@@ -24,6 +26,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     for entry in read_manifest(args.out, verify=False)["files"]:
         print(f"{entry['role']}: {args.out / entry['path']}")
     print(f"manifest: {manifest}")
+    if series is not None:
+        for role, path in write_dicom_out(case, series, args.dicom_out).items():
+            print(f"dicom {role}: {path}")
     return 0
 
 
@@ -46,6 +51,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     segment = commands.add_parser("segment", help="segment an image (one file or DICOM folder per input channel)")
     case_options(segment)
     segment.add_argument("--suffix", default=".nii.gz", choices=[".nii.gz", ".nii", ".nrrd", ".mha"], help="output format")
+    dicom_out_option(segment, maps=False)
     segment.set_defaults(run=_cmd_segment)
 
     info = commands.add_parser("info", help="describe a model from its card")
