@@ -7,7 +7,7 @@
   ``segxai qa cohort --model ANY --images IMG... --references REF... --method M --out DIR`` one
   of your own cases with any model (:func:`~SegXAILib.pipeline.qa_cohort.build_user_cohort`);
 * ``segxai qa benchmark --cohort DIR... --out DIR`` judges every detector on the same cases
-  (:func:`SegXAILib.qa.report.write_benchmark`);
+  (:func:`SegXAILib.report.qa_benchmark.write_benchmark`);
 * ``segxai qa calibrate --cohort DIR --method NAME --out RISK.json`` fits a risk model and
   writes its plots beside it (ROC with the cut points, Dice vs PC1, the cohort's EC band);
 * ``segxai qa score IMAGE... --model M --risk RISK.json [--out DIR]`` scores one case: PC1,
@@ -143,13 +143,13 @@ def _cmd_benchmark_cohort(args: argparse.Namespace) -> int:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from ..qa.report import write_benchmark
+    from ..report.qa_benchmark import write_benchmark
 
     _positive_int("--folds", args.folds, 2)
     _positive_int("--repeats", args.repeats)
     _positive_int("--resamples", args.resamples, 100)
     with progress_bar("qa benchmark", not args.quiet) as progress, \
-            options_named(cohort_dirs="--cohort", n_splits="--folds", n_repeats="--repeats",
+            options_named(cohort_dirs="--cohort", cohort_dir="--cohort", n_splits="--folds", n_repeats="--repeats",
                           n_resamples="--resamples", out_dir="--out"):
         paths = write_benchmark(args.cohort, args.out, n_splits=args.folds, n_repeats=args.repeats,
                                 n_resamples=args.resamples, progress=progress)
