@@ -23,12 +23,14 @@ class QAResult:
         The scored class and the attribution method of the map.
     thresholds, curve : ndarray, shape (T,)
         The superlevel EC curve of the normalised map inside the contour.
-    saliency : ndarray, shape (I, J, K), float32
+    saliency : ndarray, shape (I, J, K), float32, or None
         The map the curve was taken of: the method's per-channel maps summed (the risk model's
-        ``channel_reduction``).
+        ``channel_reduction``); None for a feature risk model (``feature:<score>``, whose
+        one-point "curve" is the case's score).
     risk : dict or None
         :meth:`~SegXAILib.topology.RiskModel.score`: ``pc1``, ``band``, ``estimated_dice``,
-        ``insufficient_probability``; None without a risk model.
+        ``insufficient_probability``, ``outside_calibration``, ``calibration``; None without a
+        risk model.
     risk_model : str
         Where the risk model came from (a path or ``bundled:<model>/<method>``).
     reference_curve : ndarray or None
@@ -41,7 +43,7 @@ class QAResult:
     method: str
     thresholds: np.ndarray
     curve: np.ndarray
-    saliency: np.ndarray
+    saliency: Optional[np.ndarray]
     risk: Optional[dict] = None
     risk_model: str = ""
     reference_curve: Optional[np.ndarray] = None
@@ -57,6 +59,9 @@ class QAResult:
                                     "risk_model": self.risk_model}
         if self.risk is not None:
             document.update({k: self.risk[k] for k in ("pc1", "estimated_dice", "insufficient_probability")})
+            for key in ("outside_calibration", "calibration"):
+                if key in self.risk:
+                    document[key] = self.risk[key]
             document["calibration_auroc_cv"] = self.calibration_auroc_cv
         document["thresholds"] = [float(v) for v in self.thresholds]
         document["curve"] = [float(v) for v in self.curve]

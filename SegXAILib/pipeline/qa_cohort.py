@@ -37,13 +37,11 @@ from __future__ import annotations
 import csv
 import io as _io
 import json
-import math
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -51,12 +49,12 @@ from ..image import Image, SegXAIInputError
 from ..io import atomic_path, check_writable_dir, read_image
 from ..metrics import dice_score
 from ..progress import CancelToken, ProgressCallback, report
-from ..topology.cohort import CHANNEL_REDUCTION, COHORT_FORMAT, COHORT_VERSION
+from ..topology.cohort import COHORT_FORMAT, COHORT_VERSION, QA_TTA_SOURCES
 from .cohort import method_record
 from .run import add_maps, start_case
 from .settings import CaseSettings, MethodSettings
 from ..qa.cohort_table import CURVES_FILE, save_case_curves
-from .steps import channel_sum, estimate_case_uncertainty, load_case_model
+from .steps import case_quality_scores, channel_sum, load_case_model
 
 __all__ = [
     "QA_COHORTS",
@@ -76,7 +74,7 @@ PAROTID_RADIUS_FRACTION = (0.10, 0.32)
 #: EC thresholds of the stored curves (``default_thresholds(N_THRESHOLDS)``)
 N_THRESHOLDS = 100
 #: uncertainty sources a cohort case gets: test-time flips over every axis (8 samples)
-TTA_SOURCES = {"flips": {"axes": [0, 1, 2]}}
+TTA_SOURCES = QA_TTA_SOURCES
 
 
 def _methods(*items: tuple[str, dict]) -> tuple[MethodSettings, ...]:
@@ -313,31 +311,6 @@ def _settings(model: str, methods: Sequence[MethodSettings], device: str, trust_
                                    "uncertainty": {"enabled": True, "sources": TTA_SOURCES}}, "cohort settings")
 
 
-def _uncertainty_scores(case, loaded) -> tuple[dict[str, float], dict[str, str]]:
-    """TTA (flips over every axis) always; MC dropout when the network has dropout; the card's
-    ensemble when it has members. A source the model cannot take is noted, not fatal."""
-    from ..qa import uncertainty_scores
-
-    scores: dict[str, float] = {}
-    notes: dict[str, str] = {}
-    base = case.settings
-    sources_by_prefix = [("tta", TTA_SOURCES, None), ("mc_dropout", {"mc_dropout": {}}, 8)]
-    if len(loaded.networks) > 1:
-        sources_by_prefix.append(("ensemble", {"ensemble": {}}, None))
-    for prefix, sources, samples in sources_by_prefix:
-        case.settings = base.model_copy(update={"uncertainty": base.uncertainty.model_copy(
-            update={"sources": sources, "samples": samples})})
-        try:
-            result = estimate_case_uncertainty(case, loaded)
-        except SegXAIInputError as error:
-            notes[prefix] = str(error)
-            continue
-        finally:
-            case.settings = base
-        scores.update(uncertainty_scores(result, prefix=prefix))
-    return scores, notes
-
-
 def score_cohort_case(item: CohortCase, loaded, settings: CaseSettings, methods: Sequence[MethodSettings],
                       cancel: Optional[CancelToken] = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Run one case through the pipeline; returns its cohort entry and its curves.
@@ -347,7 +320,7 @@ def score_cohort_case(item: CohortCase, loaded, settings: CaseSettings, methods:
     ``control_shuffled:<method>`` (that map permuted inside the contour) for every method, and
     ``control_intensity`` (the first input channel's intensity).
     """
-    from ..qa import case_scores, intensity_curve, shuffled_saliency_curve
+    from ..qa import intensity_curve, shuffled_saliency_curve
     from ..topology import default_thresholds, saliency_curve
 
     timings: dict[str, float] = {}
@@ -370,22 +343,12 @@ def score_cohort_case(item: CohortCase, loaded, settings: CaseSettings, methods:
         entry["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         return entry, curves
     start = time.perf_counter()
-    uncertainty, notes = _uncertainty_scores(case, loaded)
-    timings["uncertainty"] = time.perf_counter() - start
-    entry["notes"].extend(f"{k}: {v}" for k, v in notes.items())
-    activation = loaded.card.output_activation
-    probabilities = case.segmentation.probabilities.array
-    if activation == "sigmoid":
-        probabilities = probabilities[case.class_index]
-    elif activation != "softmax":
-        probabilities = None  # raw network outputs (e.g. deepbet's): no probability scores
-        entry["notes"].append(f"probability scores: the model's output activation is {activation!r}")
-    scores = case_scores(mask=contour, spacing=item.image.spacing, probabilities=probabilities,
-                         image=item.image.array[0], class_index=case.class_index)
-    scores.update(uncertainty)
+    scores, notes = case_quality_scores(case, loaded, contour=contour, cancel=cancel)
+    timings["scores"] = time.perf_counter() - start
+    entry["notes"].extend(notes)
     if item.contour is not None:
         scores["dice_with_prediction"] = entry["dice_with_prediction"]
-    entry["scores"] = {k: (None if v is None or not math.isfinite(float(v)) else float(v)) for k, v in scores.items()}
+    entry["scores"] = scores
 
     thresholds = default_thresholds(N_THRESHOLDS)
     add_maps(case, loaded, methods, cancel=cancel)

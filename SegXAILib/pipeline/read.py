@@ -121,6 +121,9 @@ class _Folder:
         self.ijk_to_ras = np.asarray(grid["ijk_to_ras"], dtype=float)
         self.channels = tuple(grid["channels"])
 
+    def has(self, role: str) -> bool:
+        return role in self.files
+
     def path(self, role: str) -> Path:
         if role not in self.files:
             raise SegXAIInputError(f"{self.source}: lists no file of role {role!r}")
@@ -364,11 +367,13 @@ def _read_instance_maps(folder: _Folder) -> dict[int, dict[str, Image]]:
 
 def _read_qa(folder: _Folder) -> QAResult:
     document = folder.json("qa")
-    saliency = folder.image("qa_saliency", "saliency").array[0]
+    # a feature risk model's QA has no map (QAResult.saliency)
+    saliency = folder.image("qa_saliency", "saliency").array[0] if folder.has("qa_saliency") else None
     risk: Optional[dict] = None
     if "pc1" in document:  # written only with a risk model (QAResult.to_dict)
         risk = {"pc1": document["pc1"], "band": document["band"], "estimated_dice": document["estimated_dice"],
                 "insufficient_probability": document["insufficient_probability"]}
+        risk.update({k: document[k] for k in ("outside_calibration", "calibration") if k in document})
     reference = document.get("reference_curve")
     auroc = document.get("calibration_auroc_cv")
     return QAResult(structure=document["structure"], method=document["method"],

@@ -19,8 +19,11 @@ from ..models import LoadedModel, Segmentation, load_model, load_model_card, seg
 from ..models.card import ModelCard
 from ..models.inference import exact_float32
 from ..progress import CancelToken, ProgressCallback, report
+from ..qa.scores import UNCERTAINTY_PREFIXES
+from ..topology.cohort import DOMAIN_FEATURES, QA_TTA_SOURCES
+from ..topology.risk import FEATURE_PREFIX
 from .case import Case, QAResult
-from .settings import CaseSettings, MethodSettings
+from .settings import CaseSettings, MethodSettings, UncertaintySettings
 
 __all__ = [
     "ATTRIBUTION_AMP",
@@ -449,6 +452,8 @@ def score_qa(
             f"{card.name!r} has {card.checksum()!r}"
         )
     record = risk.method_parameters
+    if risk.method.startswith(FEATURE_PREFIX):
+        return _score_feature(case, model, risk, name, progress, cancel)
     target = str(record.get("target", ""))
     if target != f"class:{case.structure}":
         raise SegXAIInputError(f"qa.risk_model {name}: calibrated for target {target!r}, the case's structure is "
@@ -467,12 +472,90 @@ def score_qa(
     saliency = channel_sum(reused.maps)
     curve = saliency_curve(saliency, mask, risk.thresholds)
     made = json.loads(json.dumps(reused.parameters, default=str))
+    domain, _ = case_quality_scores(case, model, uncertainty=False)
     scored = risk.score(curve, risk.method, card.checksum(),
-                        method_parameters={"params": made, "target": target, "channel_reduction": "sum"})
+                        method_parameters={"params": made, "target": target, "channel_reduction": "sum"},
+                        features={f: domain.get(f) for f in DOMAIN_FEATURES})
     report(progress, 1.0, f"{scored['band']} risk")
     return QAResult(case.structure, risk.method, np.asarray(risk.thresholds, float), curve, saliency, risk=dict(scored),
                     risk_model=name, reference_curve=np.asarray(risk.pca_mean, float),
                     calibration_auroc_cv=risk.auroc_cv_mean)
+
+
+def _score_feature(case: Case, model: LoadedModel, risk, name: str, progress: Optional[ProgressCallback],
+                   cancel: Optional[CancelToken]) -> QAResult:
+    """A feature risk model (``feature:<score>``): the case's score, made as in its calibration
+    cohort (:func:`case_quality_scores`, the same test-time flips), is the one-point curve."""
+    feature = risk.method[len(FEATURE_PREFIX):]
+    sources = risk.method_parameters.get("uncertainty_sources", QA_TTA_SOURCES)
+    if sources != QA_TTA_SOURCES:
+        raise SegXAIInputError(f"qa.risk_model {name}: its uncertainty sources {sources!r} are not the QA "
+                               f"cohorts' {QA_TTA_SOURCES!r}")
+    report(progress, 0.0, f"QA score {feature}")
+    scores, notes = case_quality_scores(case, model, uncertainty=feature.startswith(UNCERTAINTY_PREFIXES),
+                                        cancel=cancel)
+    value = scores.get(feature)
+    if value is None:
+        raise SegXAIInputError(f"qa.risk_model {name}: the case has no {feature!r} score"
+                               + (f" ({'; '.join(notes)})" if notes else ""))
+    curve = np.array([float(value)])
+    scored = risk.score(curve, risk.method, model.card.checksum(),
+                        features={f: scores.get(f) for f in DOMAIN_FEATURES})
+    report(progress, 1.0, f"{scored['band']} risk")
+    return QAResult(case.structure, risk.method, np.asarray(risk.thresholds, float), curve, None, risk=dict(scored),
+                    risk_model=name, reference_curve=np.asarray(risk.pca_mean, float),
+                    calibration_auroc_cv=risk.auroc_cv_mean)
+
+
+def case_quality_scores(
+    case: Case,
+    model: LoadedModel,
+    contour: Optional[np.ndarray] = None,
+    uncertainty: bool = True,
+    cancel: Optional[CancelToken] = None,
+) -> tuple[dict[str, Optional[float]], list[str]]:
+    """Reference-free scores of the case's contour (QA_PROTOCOL.md rows 1-4 and 6,
+    :func:`SegXAILib.qa.case_scores`): mask shape, the model's probabilities (softmax or
+    sigmoid models), image quality and, with ``uncertainty``, the agreement of the samples of
+    the test-time flips :data:`~SegXAILib.topology.cohort.QA_TTA_SOURCES` (``tta_``), MC dropout
+    (``mc_dropout_``, networks with active dropout) and the card's ensemble members
+    (``ensemble_``, several networks). The QA cohorts and the QA step both call this, so a
+    feature risk model scores a case exactly as its calibration cases were scored.
+
+    Returns the scores (None where undefined) and notes on what could not be computed.
+    """
+    from ..qa import case_scores, uncertainty_scores
+
+    contour = case.mask if contour is None else np.asarray(contour, dtype=bool)
+    notes: list[str] = []
+    activation = model.card.output_activation
+    probabilities = case.segmentation.probabilities.array
+    if activation == "sigmoid":
+        probabilities = probabilities[case.class_index]
+    elif activation != "softmax":
+        probabilities = None  # raw network outputs (e.g. deepbet's): no probability scores
+        notes.append(f"probability scores: the model's output activation is {activation!r}")
+    scores: dict[str, Any] = dict(case_scores(mask=contour, spacing=case.image.spacing, probabilities=probabilities,
+                                              image=case.image.array[0], class_index=case.class_index))
+    if uncertainty:
+        base = case.settings
+        sources = [("tta", QA_TTA_SOURCES, None), ("mc_dropout", {"mc_dropout": {}}, 8)]
+        if len(model.networks) > 1:
+            sources.append(("ensemble", {"ensemble": {}}, None))
+        for prefix, chosen, samples in sources:
+            # fixed settings (not the run's): a case is scored as the calibration cases were
+            case.settings = base.model_copy(update={"uncertainty": UncertaintySettings(
+                enabled=True, sources=chosen, samples=samples, seed=0)})
+            try:
+                result = estimate_case_uncertainty(case, model, cancel=cancel)
+            except SegXAIInputError as error:
+                notes.append(f"{prefix}: {error}")
+                continue
+            finally:
+                case.settings = base
+            scores.update(uncertainty_scores(result, prefix=prefix))
+    clean = {k: (None if v is None or not np.isfinite(float(v)) else float(v)) for k, v in scores.items()}
+    return clean, notes
 
 
 # ---------------------------------------------------------------------------- Agg2Exp

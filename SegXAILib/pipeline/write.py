@@ -212,8 +212,9 @@ def write_case(case: Case, out_dir: Union[str, Path], cancel: Optional[CancelTok
         files["lesions_csv"] = out_dir / "lesions.csv"
     if case.qa is not None:
         files["qa"] = write_json(case.qa.to_dict(), out_dir / "qa.json")
-        files["qa_saliency"] = write_image(image.with_array(case.qa.saliency[None], ("saliency",)),
-                                           out_dir / f"qa_saliency{suffix}")
+        if case.qa.saliency is not None:
+            files["qa_saliency"] = write_image(image.with_array(case.qa.saliency[None], ("saliency",)),
+                                               out_dir / f"qa_saliency{suffix}")
     if case.agg2exp is not None:
         files["agg2exp"] = write_json(case.agg2exp.to_dict(), out_dir / "agg2exp.json")
     if case.uncertainty is not None:

@@ -35,6 +35,9 @@ __all__ = [
     "read_cohort",
     "cohort_curves",
     "calibrate_cohort",
+    "cohort_feature",
+    "DOMAIN_FEATURES",
+    "QA_TTA_SOURCES",
     "BATCH_SUMMARY",
     "is_batch_folder",
     "read_batch_summary",
@@ -47,6 +50,10 @@ COHORT_FORMAT = "segxai-qa-cohort"
 COHORT_VERSION = 1
 #: Built-in case sources (``model`` of :func:`~SegXAILib.pipeline.cohort.build_cohort`)
 COHORT_MODELS = ("lesions", "deepbet")
+#: reference-free features whose calibration ranges join a risk model's domain (``feature_ranges``)
+DOMAIN_FEATURES = ("log_volume", "noise_sigma")
+#: the test-time flips of every QA cohort case and feature risk model (the TTA scores' samples)
+QA_TTA_SOURCES = {"flips": {"axes": [0, 1, 2]}}
 #: How the per-channel maps become one saliency map
 CHANNEL_REDUCTION = "sum"
 #: a batch folder's summary and its format (:mod:`SegXAILib.batch.run`, a front end this layer
@@ -195,18 +202,52 @@ def calibrate_cohort(
     from .euler import default_thresholds
     from .risk import calibrate_risk_model
 
+    from .risk import FEATURE_PREFIX
+
     thresholds = default_thresholds(n_thresholds)
+    features = None
+    name = Path(cohort_dir).name
     if is_batch_folder(cohort_dir):
+        if method.startswith(FEATURE_PREFIX):
+            raise SegXAIInputError(f"method {method!r}: feature risk models are calibrated on QA cohorts "
+                                   "(segxai qa cohort --benchmark / --images), not batch folders")
         curves, dice, ids, provenance = batch_curves(cohort_dir, method, thresholds, progress, cancel)
     else:
-        curves, dice, ids, document = cohort_curves(cohort_dir, method, thresholds, progress, cancel)
-        provenance = {"method": method, "method_parameters": document["methods"][method],
+        if method.startswith(FEATURE_PREFIX):
+            thresholds = np.zeros(1)
+            curves, dice, ids, document = cohort_feature(cohort_dir, method[len(FEATURE_PREFIX):])
+            parameters = {"feature": method[len(FEATURE_PREFIX):], "uncertainty_sources": QA_TTA_SOURCES}
+        else:
+            curves, dice, ids, document = cohort_curves(cohort_dir, method, thresholds, progress, cancel)
+            parameters = document["methods"][method]
+        provenance = {"method": method, "method_parameters": parameters,
                       "model_checksum": document["model"]["checksum"]}
+        name = document.get("cohort", name) if document.get("cohort") != "user" else name
+        by_id = {c["case_id"]: c for c in document["cases"]}
+        if all("scores" in by_id[i] for i in ids):
+            features = {f: np.array([np.nan if by_id[i]["scores"].get(f) is None else by_id[i]["scores"][f]
+                                     for i in ids], dtype=np.float64) for f in DOMAIN_FEATURES}
+    options.setdefault("calibration_cohort", name)
     model = calibrate_risk_model(
         curves, dice, thresholds, provenance["method"], provenance["method_parameters"], provenance["model_checksum"],
-        **options
+        features=features, **options
     )
     return model, curves, dice, ids
+
+
+def cohort_feature(cohort_dir: str | Path, feature: str) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, Any]]:
+    """One stored reference-free score of every usable case of a QA cohort as one-point
+    curves ``(N, 1)`` (a feature risk model, :data:`~SegXAILib.topology.risk.FEATURE_PREFIX`),
+    with the Dice, the case ids and the document. Cases without the score are skipped."""
+    cohort_dir = Path(cohort_dir)
+    document = read_cohort(cohort_dir)
+    usable = [c for c in document["cases"] if c["status"] == "ok" and (c.get("scores") or {}).get(feature) is not None]
+    if not usable:
+        known = sorted({k for c in document["cases"] for k in (c.get("scores") or {})})
+        raise SegXAIInputError(f"method 'feature:{feature}': the cohort {cohort_dir} has no case with "
+                               f"this score; its scores are {known}")
+    values = np.array([[float(c["scores"][feature])] for c in usable])
+    return values, np.array([float(c["dice"]) for c in usable]), [str(c["case_id"]) for c in usable], document
 
 
 # ---------------------------------------------------------------------------- batch folders

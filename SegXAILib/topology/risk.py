@@ -24,6 +24,14 @@ Conventions
 * The model also stores what plotting a new case needs without the cohort: per-threshold
   quantiles of the calibration curves and the calibration cases' PC1 scores and Dice (from
   which the ROC is recomputed).
+* A *feature* risk model (``method = "feature:<score name>"``, e.g. the TTA pairwise Dice of
+  :mod:`SegXAILib.qa.scores`) is the same model on a one-point "curve" (the score itself,
+  ``thresholds = [0]``): its PC1 is the score, centred and oriented like an EC PC1, so bands,
+  sigmoid, logistic and plots are shared.
+* Calibration domain: ``feature_ranges`` holds, for the PC1 (``"risk_score"``) and reference-free
+  features of the calibration cases (log volume, noise), the 1st-99th percentile range widened
+  by a quarter of its width on each side; a case with any feature outside gets the band
+  ``"outside calibration"`` (its estimate is still reported, flagged), not a confident band.
 """
 
 from __future__ import annotations
@@ -48,6 +56,9 @@ from .euler import euler_characteristic_curve
 __all__ = [
     "bundled_risk_model",
     "CURVE_QUANTILE_LEVELS",
+    "FEATURE_PREFIX",
+    "OUTSIDE_BAND",
+    "feature_range",
     "RISK_MODEL_FORMAT",
     "RISK_MODEL_VERSION",
     "RiskModel",
@@ -64,6 +75,13 @@ MIN_CASES = 10
 #: quantile levels of the calibration curves stored for plotting (band = 5-95 %, 25-75 %)
 CURVE_QUANTILE_LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)
 PC1_CONVENTION = "higher_pc1_higher_dice"
+#: the band of a case outside the calibration domain (``feature_ranges``)
+OUTSIDE_BAND = "outside calibration"
+#: percentiles of the calibration domain and the widening on each side (fraction of the width)
+DOMAIN_PERCENTILES = (1.0, 99.0)
+DOMAIN_MARGIN = 0.25
+#: prefix of a feature risk model's method
+FEATURE_PREFIX = "feature:"
 
 
 # --------------------------------------------------------------------------- curves
@@ -180,6 +198,14 @@ class RiskModel:
         PC1 score and Dice of every calibration case (the ROC and the scatter plot).
     pc1_convention : str
         Always ``"higher_pc1_higher_dice"``.
+    calibration_cohort : str
+        What the model was calibrated on (a cohort name), shown with every band.
+    aurc_cv, estimated_dice_mae_cv : float or None
+        Held-out (stratified k-fold, PCA / sign / sigmoid refitted per fold) AURC of ``-pc1``
+        with risk ``1 - Dice``, and mean absolute error of the estimated Dice: the model's
+        stated error. None in models written before they were recorded.
+    feature_ranges : dict
+        Calibration domain: feature name -> ``[low, high]`` (see the module notes).
     """
 
     version: int
@@ -217,6 +243,10 @@ class RiskModel:
     calibration_pc1: np.ndarray
     calibration_dice: np.ndarray
     pc1_convention: str = field(default=PC1_CONVENTION)
+    calibration_cohort: str = ""
+    aurc_cv: Optional[float] = None
+    estimated_dice_mae_cv: Optional[float] = None
+    feature_ranges: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ applying
 
@@ -239,6 +269,7 @@ class RiskModel:
         method: str,
         model_checksum: str,
         method_parameters: dict | None = None,
+        features: Optional[dict[str, float]] = None,
     ) -> dict[str, Any]:
         """Score one case's EC curve.
 
@@ -252,12 +283,18 @@ class RiskModel:
             Checksum of the segmentation model; must equal :attr:`model_checksum`.
         method_parameters : dict, optional
             When given, must equal :attr:`method_parameters`.
+        features : dict, optional
+            The case's reference-free features (e.g. ``log_volume``, ``noise_sigma``), judged
+            against :attr:`feature_ranges` with the PC1.
 
         Returns
         -------
         result : dict
-            ``pc1`` (float), ``band`` (str), ``estimated_dice`` (float, sigmoid),
-            ``insufficient_probability`` (float, logistic on PC1).
+            ``pc1`` (float), ``band`` (str: ``low`` / ``moderate`` / ``high``, or
+            :data:`OUTSIDE_BAND`), ``estimated_dice`` (float, sigmoid),
+            ``insufficient_probability`` (float, logistic on PC1), ``outside_calibration``
+            (the features outside the calibration domain), ``calibration`` (cohort, held-out
+            AURC and estimated-Dice error).
 
         Raises
         ------
@@ -292,12 +329,24 @@ class RiskModel:
         probability = _logistic(
             self.logistic_intercept + self.logistic_coef * (pc1 - self.pc1_center) / self.pc1_scale
         )
+        outside = self.outside(pc1, features)
         return {
             "pc1": pc1,
-            "band": self.band(pc1),
+            "band": OUTSIDE_BAND if outside else self.band(pc1),
             "estimated_dice": estimate,
             "insufficient_probability": probability,
+            "outside_calibration": outside,
+            "calibration": {"cohort": self.calibration_cohort, "method": self.method, "n_cases": self.n_cases,
+                            "aurc_cv": self.aurc_cv, "estimated_dice_mae_cv": self.estimated_dice_mae_cv,
+                            "auroc_cv": self.auroc_cv_mean},
         }
+
+    def outside(self, pc1: float, features: Optional[dict[str, float]] = None) -> list[str]:
+        """Names of the features (``"risk_score"`` = the PC1) outside :attr:`feature_ranges`;
+        a feature the model has no range for, or the case lacks, is not judged."""
+        values = {"risk_score": float(pc1), **{k: float(v) for k, v in (features or {}).items() if v is not None}}
+        return sorted(name for name, (low, high) in self.feature_ranges.items()
+                      if name in values and not low <= values[name] <= high)
 
     def calibration_insufficient(self) -> np.ndarray:
         """Boolean ``(N,)``: which calibration cases were insufficient (``dice < insufficient_dice``)."""
@@ -428,6 +477,18 @@ class _RiskModelSchema(BaseModel):
     calibration_pc1: _Vector
     calibration_dice: _Vector
     pc1_convention: Literal[PC1_CONVENTION]  # type: ignore[valid-type]
+    calibration_cohort: str = ""
+    aurc_cv: Optional[_Finite] = None
+    estimated_dice_mae_cv: Optional[_Finite] = None
+    feature_ranges: dict[str, Annotated[list[_Finite], Field(min_length=2, max_length=2)]] = {}
+
+    @field_validator("feature_ranges")
+    @classmethod
+    def _ordered(cls, value: dict[str, list[float]]) -> dict[str, list[float]]:
+        for name, (low, high) in value.items():
+            if low > high:
+                raise problem(f"{name}: low {low} is above high {high}")
+        return value
 
     @field_validator("pca_mean")
     @classmethod
@@ -487,6 +548,8 @@ def _from_dict(cls: type, data: Any, source: str) -> RiskModel:
         value = getattr(schema, f.name)
         if isinstance(value, list):
             value = np.asarray(value, dtype=np.float64)
+        elif f.name == "feature_ranges":
+            value = {k: [float(v[0]), float(v[1])] for k, v in value.items()}
         elif f.name in ("cut_high", "cut_low"):
             value = -math.inf if value is None else float(value)
         elif isinstance(value, float):
@@ -603,17 +666,44 @@ def _choose_cuts(
 
 def _cross_validated_auroc(
     curves: np.ndarray, dice: np.ndarray, insufficient: np.ndarray, folds: int, seed: int, n_components: int
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-fold AUROC, and every case's held-out PC1 and estimated Dice (PCA, sign and sigmoid
+    fitted on the other folds)."""
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold
 
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     aurocs = []
+    held_pc1 = np.zeros(len(dice))
+    held_estimate = np.zeros(len(dice))
     for train, test in splitter.split(curves, insufficient):
         mean, components, _ = _fit_pca(curves[train], dice[train], n_components)
         scores = (curves[test] - mean) @ components[0]
         aurocs.append(roc_auc_score(insufficient[test], -scores))
-    return np.asarray(aurocs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            a, k, lambda0, _ = _fit_sigmoid((curves[train] - mean) @ components[0], dice[train])
+        held_pc1[test] = scores
+        held_estimate[test] = _sigmoid(scores, a, k, lambda0)
+    return np.asarray(aurocs), held_pc1, held_estimate
+
+
+def feature_range(values: np.ndarray) -> list[float]:
+    """The calibration domain of one feature: its 1st-99th percentile range widened by a
+    quarter of its width on each side (see the module notes)."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise SegXAIInputError("feature_range: no finite value")
+    low, high = np.percentile(values, DOMAIN_PERCENTILES)
+    margin = DOMAIN_MARGIN * (high - low)
+    return [float(low - margin), float(high + margin)]
+
+
+def _aurc(risk_scores: np.ndarray, risk: np.ndarray) -> float:
+    from ..evaluation.failure_detection import aurc
+
+    return float(aurc(risk_scores, risk))
 
 
 def _fit_logistic(pc1: np.ndarray, insufficient: np.ndarray) -> tuple[float, float, float, float]:
@@ -639,6 +729,8 @@ def calibrate_risk_model(
     cv_folds: int = 5,
     seed: int = 0,
     n_components: int = 3,
+    calibration_cohort: str = "",
+    features: Optional[dict[str, np.ndarray]] = None,
 ) -> RiskModel:
     """Fit a :class:`RiskModel` on a calibration cohort.
 
@@ -663,6 +755,11 @@ def calibrate_risk_model(
         ``random_state`` of :class:`sklearn.model_selection.StratifiedKFold`.
     n_components : int
         Principal components kept (only PC1 is used to score).
+    calibration_cohort : str
+        Name of the cohort, stored and shown with every band.
+    features : dict, optional
+        Reference-free features of the calibration cases (name -> ``(N,)``; NaN ignored):
+        their ranges, with the PC1's, make the calibration domain (``feature_ranges``).
 
     Returns
     -------
@@ -691,7 +788,9 @@ def calibrate_risk_model(
       It is empty only when the most lenient qualifying point is also the strictest.
 
     The cross-validated AUROC refits PCA and the PC1 sign on each training fold and scores
-    the held-out fold; the insufficient labels come from the whole cohort's quantile.
+    the held-out fold; the insufficient labels come from the whole cohort's quantile. The
+    held-out PC1 of every case (pooled over folds) gives ``aurc_cv``, and a sigmoid refitted
+    per fold its held-out estimated Dice (``estimated_dice_mae_cv``).
     """
     curves, dice, thresholds = _validate_cohort(curves, dice, thresholds)
     if not isinstance(method, str) or not method:
@@ -730,7 +829,15 @@ def calibrate_risk_model(
     a, k, lambda0, status = _fit_sigmoid(pc1, dice)
     auroc = float(roc_auc_score(insufficient, -pc1))
     cut_high, cut_low, points = _choose_cuts(pc1, insufficient, sensitivity_target, specificity_target)
-    cv = _cross_validated_auroc(curves, dice, insufficient, folds, seed, n_components)
+    cv, held_pc1, held_estimate = _cross_validated_auroc(curves, dice, insufficient, folds, seed, n_components)
+    ranges = {"risk_score": feature_range(pc1)}
+    for name, values in (features or {}).items():
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != dice.shape:
+            raise SegXAIInputError(f"features[{name!r}] must have one value per case ({dice.shape[0]}), "
+                                   f"got shape {values.shape}")
+        if np.isfinite(values).any():
+            ranges[name] = feature_range(values)
     b0, b1, center, scale = _fit_logistic(pc1, insufficient)
     levels = np.asarray(CURVE_QUANTILE_LEVELS, dtype=np.float64)
     quantiles = np.quantile(curves, levels, axis=0)
@@ -769,6 +876,10 @@ def calibrate_risk_model(
         curve_quantiles=quantiles,
         calibration_pc1=pc1,
         calibration_dice=dice.copy(),
+        calibration_cohort=str(calibration_cohort),
+        aurc_cv=_aurc(-held_pc1, 1.0 - dice),
+        estimated_dice_mae_cv=float(np.mean(np.abs(held_estimate - dice))),
+        feature_ranges=ranges,
     )
 
 
