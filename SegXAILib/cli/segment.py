@@ -10,15 +10,17 @@ __all__ = ["add_commands"]
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from ..io import check_writable_dir
+    from ..io import check_output_dir
     from ..pipeline import read_case_images, read_manifest, start_case, write_case
 
     settings = case_settings(args, instances={"enabled": False})
     card = case_card(args)
-    check_writable_dir(args.out)
-    model = load_case_model(card, args)
+    # every check before anything is made: the folder is created by the first file written
+    check_output_dir(args.out)
     image = read_case_images(args.images, card)
+    model = load_case_model(card, args)
     with progress_bar("segment", not args.quiet) as progress:
+        # the input compared with the card first: a warning on stderr (and in case.json), or with --strict a refusal
         case = start_case(image, model, settings, progress=progress)
     manifest = write_case(case, args.out, suffix=args.suffix, inputs=dict(zip(card.input_channels, args.images)))
     for entry in read_manifest(args.out, verify=False)["files"]:

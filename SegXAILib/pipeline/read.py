@@ -199,7 +199,8 @@ def _read(out_dir: Path, manifest: Mapping[str, Any], source: str) -> Case:
     segmentation = _read_segmentation(folder, manifest, card)
     summary = manifest["summary"]
     case = Case(image=image, settings=settings, segmentation=segmentation, class_index=class_index,
-                timings={k: float(v) for k, v in manifest["timings_s"].items()}, notes=list(summary["notes"]))
+                timings={k: float(v) for k, v in manifest["timings_s"].items()}, notes=list(summary["notes"]),
+                warnings=list(summary.get("warnings", [])))  # folders written before warnings have none
 
     if "instances" in folder.files:
         path = folder.path("instances")
