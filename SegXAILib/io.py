@@ -197,6 +197,10 @@ def check_nifti_complete(path: str | os.PathLike) -> None:
     expected = _nifti_bytes(header)
     if expected is None:
         return  # no NIfTI header: ITK's reader refuses it with its own message
+    dims = _nifti_dims(header)
+    if any(d < 1 for d in dims):
+        # ITK reads a negative or zero size as 1: a volume of another shape, silently
+        raise SegXAIInputError(f"image {path}: corrupt NIfTI header (dimensions {list(dims)}; each must be >= 1)")
     if size < expected:
         raise SegXAIInputError(f"image {path}: truncated or corrupt NIfTI ({size} bytes, its header needs "
                                f"{expected})")
@@ -339,6 +343,21 @@ def check_dicom_series(files: Sequence[str], folder: str | os.PathLike) -> None:
         raise SegXAIInputError(f"image {folder}: uneven slice spacing (gaps from {gaps.min():.3f} to {gaps.max():.3f} mm, "
                                f"typically {typical:.3f} mm; e.g. between {names[i]} and {names[i + 1]}); "
                                "resample the series to a regular grid first")
+
+
+def _nifti_dims(header: bytes) -> tuple[int, ...]:
+    """The sizes a NIfTI-1 / NIfTI-2 header declares (``dim[1..dim[0]]``); empty if none."""
+    import struct
+
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(f"{order}i", header[:4])[0] == 348:
+            dims = struct.unpack(f"{order}8h", header[40:56])
+        elif len(header) >= 540 and struct.unpack(f"{order}i", header[:4])[0] == 540:
+            dims = struct.unpack(f"{order}8q", header[16:80])
+        else:
+            continue
+        return tuple(int(d) for d in dims[1 : dims[0] + 1]) if 1 <= dims[0] <= 7 else ()
+    return ()
 
 
 def _nifti_bytes(header: bytes) -> int | None:

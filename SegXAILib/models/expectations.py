@@ -29,11 +29,13 @@ import numpy as np
 
 from ..image import Image, SegXAIInputError
 
-__all__ = ["input_statistics", "check_input", "compare_with_card", "EXPECTATIONS_KEY", "SPACING_FACTOR",
+__all__ = ["input_statistics", "check_input", "compare_with_card", "EXPECTATIONS_KEY", "INPUT_WARNING_TITLE", "SPACING_FACTOR",
            "EXTENT_FACTOR", "OUTSIDE_FRACTION", "RANGE_MARGIN", "NEGATIVE_FRACTION", "AIR_FRACTION", "AIR_HU"]
 
 #: the card key of the block
 EXPECTATIONS_KEY = "input_expectations"
+#: the heading of a case's input warnings in the report, the Slicer panel and the viewer
+INPUT_WARNING_TITLE = "This input may not be what the model was made for; check the results with care:"
 #: an input spacing more than this factor finer or coarser than every training spacing (per
 #: sorted axis) is flagged: the model then sees structures at twice or half the scale it learnt
 SPACING_FACTOR = 2.0

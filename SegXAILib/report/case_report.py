@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 import numpy as np
 
 from ..image import SegXAIInputError
+from ..models.expectations import INPUT_WARNING_TITLE
 from ..progress import CancelToken
 from .html import HtmlReport
 from .sections import (OVERLAY_THRESHOLD, add_agg2exp_section, add_class_maps_section, add_counterfactual_section,
@@ -27,9 +28,6 @@ if TYPE_CHECKING:
     from ..pipeline import Case
 
 __all__ = ["write_case_report", "case_summary", "INPUT_WARNING_TITLE"]
-
-#: the heading of the input warnings (case.warnings) in the report, the Slicer panel and the viewer
-INPUT_WARNING_TITLE = "This input may not be what the model was made for; check the results with care:"
 
 
 def case_summary(case: "Case") -> dict[str, Any]:
