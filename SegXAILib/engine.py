@@ -205,9 +205,9 @@ def _run(args: argparse.Namespace, progress, cancel) -> Path:
     if getattr(args, "strict", None):
         overrides["strict"] = True
     if overrides:
-        settings = CaseSettings.from_dict({**settings.to_dict(), **overrides}, "options")
+        settings = CaseSettings.from_dict({**settings.to_dict(), **overrides}, "--device")  # strict: a flag, never wrong
     card = resolve_model_card(settings.model)
-    image = read_case_images(args.images, card)
+    image = read_case_images(args.images, card, settings.resample_slices)
     reference = read_image(args.reference) if args.reference is not None else None
     # checked, not made: write_case makes it with the first file, after every input check passed
     out = check_output_dir(args.out)

@@ -271,13 +271,30 @@ DICOM_GAP_RTOL = 0.01
 DICOM_ORIENTATION_ATOL = 1e-4
 
 
-def check_dicom_series(files: Sequence[str], folder: str | os.PathLike) -> None:
-    """Refuse a DICOM series whose slices do not make one regular grid.
+def check_dicom_series(files: Sequence[str], folder: str | os.PathLike, resample_slices: bool = False):
+    """Refuse a DICOM series whose slices do not make one regular grid (or, when asked,
+    resample missing or unevenly spaced slices onto one).
 
     ITK stacks the files it is given and takes the slice spacing from the first two, so a
     missing slice, a duplicated one, uneven gaps or slices of another orientation give a
     volume whose geometry is silently wrong. Every file's Image Orientation (Patient) and
     Image Position (Patient) are read (headers only) and compared.
+
+    Parameters
+    ----------
+    files : sequence of str
+        The series' files (any order).
+    folder : path-like
+        The series' folder (named in messages).
+    resample_slices : bool
+        Missing slices or uneven gaps: resample the slices linearly along the slice normal onto
+        a regular grid (the series' median gap, from the first slice to the last) instead of
+        refusing; a warning says so. Duplicates and mixed orientations are always refused.
+
+    Returns
+    -------
+    SimpleITK.Image or None
+        None when the series is regular (read it as usual); the resampled volume otherwise.
 
     Raises
     ------
@@ -288,7 +305,7 @@ def check_dicom_series(files: Sequence[str], folder: str | os.PathLike) -> None:
     import SimpleITK as sitk
 
     if len(files) < 2:
-        return  # one file (a multi-frame object or a single slice): nothing to compare
+        return None  # one file (a multi-frame object or a single slice): nothing to compare
     positions, orientations = [], []
     for name in files:
         reader = sitk.ImageFileReader()
@@ -308,7 +325,7 @@ def check_dicom_series(files: Sequence[str], folder: str | os.PathLike) -> None:
             raise SegXAIInputError(f"image {folder}: DICOM file {Path(name).name}: unreadable Image Position / "
                                    "Orientation (Patient)") from None
     if not positions:
-        return  # no geometry tags at all: ITK's own defaults, nothing to check against
+        return None  # no geometry tags at all: ITK's own defaults, nothing to check against
     if len(positions) != len(files):
         raise SegXAIInputError(f"image {folder}: {len(files) - len(positions)} of {len(files)} DICOM files have no "
                                "Image Position / Orientation (Patient)")
@@ -324,7 +341,7 @@ def check_dicom_series(files: Sequence[str], folder: str | os.PathLike) -> None:
     normal = np.cross(orientation[0, :3], orientation[0, 3:])
     along = np.asarray(positions, dtype=float) @ normal
     order = np.argsort(along, kind="stable")
-    along, names = along[order], [Path(files[i]).name for i in order]
+    along, names, origin = along[order], [Path(files[i]).name for i in order], positions[int(order[0])]
     gaps = np.diff(along)
     duplicate = np.flatnonzero(gaps < DICOM_SAME_POSITION_MM)
     if duplicate.size:
@@ -333,6 +350,12 @@ def check_dicom_series(files: Sequence[str], folder: str | os.PathLike) -> None:
                                f"{names[i]} and {names[i + 1]} at {along[i]:.3f} mm)")
     typical = float(np.median(gaps))
     uneven = np.abs(gaps - typical) > DICOM_GAP_RTOL * typical
+    if uneven.any() and resample_slices:
+        # the input check's logger: the command line and the engine show it as an input warning
+        logging.getLogger("SegXAILib.input").warning(
+            "image %s: missing or unevenly spaced slices (gaps %.3f to %.3f mm): resampled (linear) onto a regular "
+            "grid of %.3f mm slices", folder, gaps.min(), gaps.max(), typical)
+        return _resample_slices([files[i] for i in order], along, origin, orientation[0], typical)
     if uneven.any():
         i = int(np.argmax(np.abs(gaps - typical)))
         ratio = gaps[i] / typical
@@ -342,7 +365,32 @@ def check_dicom_series(files: Sequence[str], folder: str | os.PathLike) -> None:
                                    f"{names[i]} and {names[i + 1]}, the slice spacing is {typical:.3f} mm")
         raise SegXAIInputError(f"image {folder}: uneven slice spacing (gaps from {gaps.min():.3f} to {gaps.max():.3f} mm, "
                                f"typically {typical:.3f} mm; e.g. between {names[i]} and {names[i + 1]}); "
-                               "resample the series to a regular grid first")
+                               "resample the series to a regular grid first (resample_slices)")
+    return None
+
+
+def _resample_slices(files: Sequence[str], along: np.ndarray, origin: Sequence[float], orientation: np.ndarray,
+                     spacing: float):
+    """The slices (sorted by ``along``, their positions on the normal in mm) linearly resampled
+    onto a regular grid of ``spacing`` from the first slice to the last, as a SimpleITK image
+    (LPS: origin the first slice's Image Position, directions the Image Orientation and normal)."""
+    import SimpleITK as sitk
+
+    slices = [sitk.ReadImage(str(name)) for name in files]
+    stack = np.stack([sitk.GetArrayFromImage(s).reshape(s.GetSize()[1], s.GetSize()[0]) for s in slices]
+                     ).astype(np.float32)  # (K, rows, columns)
+    count = int(round((along[-1] - along[0]) / spacing)) + 1
+    step = (along[-1] - along[0]) / (count - 1)  # ends on the last slice exactly
+    targets = along[0] + step * np.arange(count)
+    below = np.clip(np.searchsorted(along, targets, side="right") - 1, 0, len(along) - 2)
+    weight = ((targets - along[below]) / (along[below + 1] - along[below])).astype(np.float32)[:, None, None]
+    volume = sitk.GetImageFromArray((1 - weight) * stack[below] + weight * stack[below + 1])
+    row, column = np.asarray(orientation[:3]), np.asarray(orientation[3:])
+    direction = np.stack([row, column, np.cross(row, column)], axis=1)
+    volume.SetSpacing((slices[0].GetSpacing()[0], slices[0].GetSpacing()[1], float(step)))
+    volume.SetOrigin(tuple(float(v) for v in origin))
+    volume.SetDirection(tuple(float(v) for v in direction.ravel()))
+    return volume
 
 
 def _nifti_dims(header: bytes) -> tuple[int, ...]:
@@ -381,7 +429,7 @@ def _nifti_bytes(header: bytes) -> int | None:
     return None
 
 
-def read_image(path: str | os.PathLike, channel_name: str | None = None) -> Image:
+def read_image(path: str | os.PathLike, channel_name: str | None = None, resample_slices: bool = False) -> Image:
     """Read a 3D image file or a DICOM series folder.
 
     Parameters
@@ -390,13 +438,17 @@ def read_image(path: str | os.PathLike, channel_name: str | None = None) -> Imag
         A NIfTI / NRRD / MetaImage file, or a folder holding one DICOM series.
     channel_name : str, optional
         Name of the (single) channel; defaults to the file name without suffix.
+    resample_slices : bool
+        A DICOM series with missing or unevenly spaced slices is resampled onto a regular grid
+        instead of refused (:func:`check_dicom_series`).
 
     Raises
     ------
     SegXAIInputError
-        Missing or unreadable file, a truncated or corrupt NIfTI (:func:`check_nifti_complete`),
-        not an image, not 3D (2D, or 4D with more than one volume), non-numeric or non-finite
-        voxels.
+        Missing or unreadable file, a truncated or corrupt NIfTI or NaN / Inf in its raw voxels
+        (:func:`check_nifti_complete`), a DICOM series with missing, duplicate or unevenly spaced
+        slices or mixed orientations (:func:`check_dicom_series`), not an image, not 3D (2D, or
+        4D with more than one volume), non-numeric or non-finite voxels.
     """
     import SimpleITK as sitk
 
@@ -414,9 +466,11 @@ def read_image(path: str | os.PathLike, channel_name: str | None = None) -> Imag
                     f"image {path}: folder holds {len(series)} DICOM series; point to a folder with one"
                 )
             files = reader.GetGDCMSeriesFileNames(str(path), series[0])
-            check_dicom_series(files, path)  # ITK would stack a broken series into a wrong grid
-            reader.SetFileNames(files)
-            image = reader.Execute()
+            # ITK would stack a broken series into a wrong grid
+            image = check_dicom_series(files, path, resample_slices)
+            if image is None:
+                reader.SetFileNames(files)
+                image = reader.Execute()
         else:
             check_nifti_complete(path)  # before ITK, which would read the missing voxels as zeros
             image = sitk.ReadImage(str(path))
@@ -499,19 +553,21 @@ def read_channels(
     channel_names: Sequence[str] | None = None,
     resample: bool = True,
     min_overlap: float = 0.5,
+    resample_slices: bool = False,
 ) -> Image:
     """Read one file per channel (e.g. FLAIR and T1) into one multi-channel image.
 
     All channels must share the grid of the first. When one does not and ``resample`` is
     true, it is resampled (linear) onto the first channel's grid and a message says so; when
     it covers less than ``min_overlap`` of that grid, or ``resample`` is false, it is an error.
+    ``resample_slices``: as :func:`read_image`'s, for every DICOM series.
     """
     if not paths:
         raise SegXAIInputError("no input images given")
     if channel_names is not None and len(channel_names) != len(paths):
         raise SegXAIInputError(f"{len(paths)} images but {len(channel_names)} channel names")
     names = list(channel_names) if channel_names is not None else [None] * len(paths)
-    images = [read_image(path, name) for path, name in zip(paths, names)]
+    images = [read_image(path, name, resample_slices) for path, name in zip(paths, names)]
     reference = images[0]
     aligned = [reference]
     for path, image in zip(paths[1:], images[1:]):

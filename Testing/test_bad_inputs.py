@@ -320,3 +320,38 @@ def test_engine_process_refuses_nan_nifti(tmp_path):
     error = json.loads(result.stdout.splitlines()[-1])
     assert error["event"] == "error" and f"{bad}: 5 voxels are NaN or Inf (5 NaN, 0 Inf)" in error["message"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("front_end", ["cli", "engine"])
+def test_missing_slices_are_resampled_only_when_asked(tmp_path, capsys, front_end):
+    """With ``--resample-slices`` (``"resample_slices": true``) a series missing two slices is
+    read onto the regular grid: on an oblique grid and with voxels linear along the slices, the
+    linear resampling gives back the full series exactly (to float32 rounding); without it the
+    series is refused (the table above)."""
+    from conftest import grid_matrix
+    from SegXAILib.engine import build_parser, run_engine
+    from SegXAILib.io import read_image
+
+    i, j, k = np.meshgrid(np.arange(8), np.arange(9), np.arange(10), indexing="ij")
+    full = Image((10.0 * k + 3.0 * i - 2.0 * j).astype(np.float32), grid_matrix("oblique"))
+    folder = write_dicom_series(full, tmp_path / "dicom")
+    (folder / "slice_0004.dcm").unlink()
+    (folder / "slice_0007.dcm").unlink()
+    card = write_voxelwise_card(tmp_path / "model", orientation=None, threshold=1.0, patch=(8, 8, 8))
+    out = tmp_path / "out"
+    if front_end == "cli":
+        assert main(["-q", "segment", str(folder), "--model", str(card), "--out", str(out), "--suffix", ".nrrd",
+                     "--resample-slices"]) == 0
+    else:
+        settings = tmp_path / "s.json"
+        settings.write_text(json.dumps({"model": str(card), "device": "cpu", "resample_slices": True,
+                                        "instances": {"enabled": False}}), encoding="utf-8")
+        args = build_parser().parse_args([str(settings), str(folder), "--out", str(out), "--image-format", ".nrrd"])
+        assert run_engine(args, io.StringIO()) == 0
+    assert "resampled (linear) onto a regular grid" in capsys.readouterr().err
+    labels = read_image(out / "labels.nrrd")
+    np.testing.assert_allclose(labels.ijk_to_ras, full.ijk_to_ras, atol=1e-4)
+    np.testing.assert_array_equal(labels.array[0], full.array[0] > 1.0)
+    assert read_image(folder, resample_slices=True).array.shape == (1, 8, 9, 10)
+    np.testing.assert_allclose(read_image(folder, resample_slices=True).array, full.array, atol=1e-4)
+

@@ -146,12 +146,14 @@ def check_case_input(image: Image, card: ModelCard, strict: bool = False) -> lis
     return warnings
 
 
-def read_case_images(paths: Sequence[Union[str, Path]], card: ModelCard) -> Image:
-    """One file (or DICOM series folder) per model input channel, in the card's order."""
+def read_case_images(paths: Sequence[Union[str, Path]], card: ModelCard, resample_slices: bool = False) -> Image:
+    """One file (or DICOM series folder) per model input channel, in the card's order;
+    ``resample_slices`` (``CaseSettings.resample_slices``): a DICOM series with missing or
+    unevenly spaced slices is resampled onto a regular grid instead of refused."""
     from ..io import read_channels
 
     card.check_input_count(len(paths), "image(s)")
-    return read_channels(list(paths), card.input_channels)
+    return read_channels(list(paths), card.input_channels, resample_slices=resample_slices)
 
 
 def structure_index(card: ModelCard, class_name: str) -> int:
