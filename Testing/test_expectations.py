@@ -166,3 +166,27 @@ def test_the_viewer_shows_the_banner(warned_case, tmp_path):
     # shown while there are warnings, with the common title and one item per warning
     assert 'v-show="input_warnings.length"' in banner[:400] and INPUT_WARNING_TITLE in banner
     assert 'v-for="w in input_warnings"' in banner
+
+
+def test_each_check_fires_on_its_own_mismatch():
+    """One mismatch at a time against a card's known expectations: CT padding (-2048) still
+    counts as air; a scale-free (z-scored) channel is flagged only for negative voxels it never
+    saw, not for another scale; an absolute-intensity model for voxels outside its range."""
+    nnunet = resolve_model_card(ROOT / "Resources" / "Models" / "nnunet_demo")  # z-score, non-negative MR
+    parotid = resolve_model_card("parotid-S2")  # no normalisation: absolute intensities
+    grid = geometry_matrix((1.0, 1.0, 1.5), (0, 0, 0), np.eye(3))
+    rng = np.random.default_rng(5)
+    tissue = rng.uniform(90, 200, (40, 40, 28)).astype(np.float32)
+    assert compare_with_card(Image(tissue, grid), nnunet) == []
+    assert compare_with_card(Image(tissue * 40.0, grid), nnunet) == []  # another scanner's scale: fine
+    padded = tissue.copy()
+    padded[:6] = -2048.0
+    (finding,) = [f for f in compare_with_card(Image(padded, grid), nnunet) if "Hounsfield" in f]
+    assert "15% of voxels at air" in finding
+    signed = tissue - 150.0  # about half negative, none below -900
+    assert [f for f in compare_with_card(Image(signed, grid), nnunet) if "negative" in f]
+    phantom = Image(rng.normal(0.03, 0.05, (32, 32, 32)).astype(np.float32), geometry_matrix((3, 3, 3), (0, 0, 0),
+                                                                                             np.eye(3)))
+    assert compare_with_card(phantom, parotid) == []
+    findings = compare_with_card(phantom.with_array(phantom.array * 1000.0), parotid)
+    assert len(findings) == 1 and "lie outside the training intensities" in findings[0]

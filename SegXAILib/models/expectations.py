@@ -155,8 +155,8 @@ def compare_with_card(image: Image, card) -> list[str]:
     Returns
     -------
     list of str
-        Empty when the input fits (or the card records no expectations, or only a constant
-        channel is checked). Each sentence names the check, the input's value and the model's.
+        Empty when the input fits; each sentence names the check, the input's value and the
+        model's. A card without expectations still gets a constant channel flagged.
     """
     expected: dict[str, Any] = getattr(card, "input_expectations", {}) or {}
     findings: list[str] = []
@@ -164,16 +164,18 @@ def compare_with_card(image: Image, card) -> list[str]:
     what = f"model {card.name!r}" + (f" (made for {made_for})" if made_for else "")
     free = _scale_free_channels(card) if expected else set()
     modality = str(expected.get("modality", "")).upper()
-    for index, name in enumerate(image.channel_names[: len(card.input_channels)]):
+    for index in range(min(image.num_channels, len(card.input_channels))):
         channel = card.input_channels[index]
         values = _sample(image.array[index])
-        low, high = float(values.min()), float(values.max())
+        # the whole channel (not the sample): one bright voxel makes a volume non-constant
+        low, high = float(image.array[index].min()), float(image.array[index].max())
         if low == high:
             findings.append(f"input channel {channel!r} is constant ({low:g}): it holds no image")
             continue
         stats = (expected.get("channels") or {}).get(channel)
         air = float(np.mean(values <= AIR_HU))
-        if modality and modality != "CT" and air > AIR_FRACTION and low >= -1100.0:
+        # (CT padding outside the field of view, -2048 or -3024, counts as air too)
+        if modality and modality != "CT" and air > AIR_FRACTION:
             findings.append(f"input channel {channel!r} looks like a CT in Hounsfield units ({air:.0%} of voxels at "
                             f"air, <= {AIR_HU:g}); the {what} expects {modality}")
         if not stats:
