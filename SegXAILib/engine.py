@@ -112,7 +112,9 @@ def run_engine(args: argparse.Namespace, stream: Optional[IO[str]] = None) -> in
     token = CancelToken()
     outcome: dict[str, Any] = {}
     start = time.perf_counter()
-    existed = Path(args.out).exists()
+    from .io import first_missing_folder
+
+    created = first_missing_folder(args.out)  # what a refused run removes
     warnings = _WarningLines(lines)
     input_logger = logging.getLogger("SegXAILib.input")
     propagate = input_logger.propagate
@@ -168,8 +170,8 @@ def run_engine(args: argparse.Namespace, stream: Optional[IO[str]] = None) -> in
         return EXIT_CANCELLED
     if "error" in outcome:
         kind, message = outcome["error"]
-        if kind == "input" and not existed and Path(args.out).is_dir():
-            shutil.rmtree(args.out, ignore_errors=True)  # a refused run leaves no folder it made
+        if kind == "input" and created is not None and created.is_dir():
+            shutil.rmtree(created, ignore_errors=True)  # a refused run leaves no folder it made
         lines.emit(event="error", kind=kind, message=message)
         print(f"segxai run: {message}", file=sys.stderr)
         if kind == "internal":

@@ -30,6 +30,7 @@ __all__ = [
     "atomic_path",
     "check_writable_dir",
     "check_output_dir",
+    "first_missing_folder",
     "IMAGE_SUFFIXES",
 ]
 
@@ -122,6 +123,17 @@ def check_output_dir(path: str | os.PathLike) -> Path:
     if not ancestor.is_dir():
         raise SegXAIInputError(f"output folder {path} cannot be created: {ancestor} is not a folder")
     _probe_writable(ancestor, f"output folder {path} cannot be created: {ancestor}")
+    return path
+
+
+def first_missing_folder(path: str | os.PathLike) -> Path | None:
+    """The outermost folder of ``path`` (itself or an ancestor) that does not exist yet: what a
+    run writing into ``path`` creates, and so what a refused run removes. None if ``path`` exists."""
+    path = Path(path).absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists() and path.parent != path:
+        path = path.parent
     return path
 
 

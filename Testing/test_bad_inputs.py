@@ -227,7 +227,7 @@ def _cli(bad: Bad, images: list[Path], card: Path, out: Path, capsys) -> tuple[i
 def _engine(bad: Bad, images: list[Path], card: Path, out: Path, capsys) -> tuple[int, str]:
     from SegXAILib.engine import build_parser, run_engine
 
-    settings = out.parent / "settings.json"
+    settings = card.parent.parent / "settings.json"  # beside the model folder, outside the output
     # the segmentation alone, as `segxai segment`: the table is about the inputs, not the steps
     settings.write_text(json.dumps({"model": str(card), "device": "cpu", "instances": {"enabled": False}}),
                         encoding="utf-8")
@@ -299,7 +299,19 @@ def test_a_refused_run_removes_only_the_folder_it_made(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     nested = tmp_path / "a" / "b" / "out"
     assert main(["-q", "segment", str(bad), "--model", str(card), "--out", str(nested)]) == 2
-    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").rglob("*"))
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("front_end", ["cli", "engine"])
+def test_a_failed_write_removes_the_parent_folders_it_made(tmp_path, capsys, monkeypatch, front_end):
+    """A full disk after the folders were made (a/b/out): every folder the run made goes."""
+    card = write_voxelwise_card(tmp_path / "model", threshold=1.0, patch=(8, 8, 8))
+    bad = Bad("nested", lambda t: [], 2, "No space left on device", patch="enospc")
+    image = _volume(tmp_path)
+    monkeypatch.setattr(sitk, "WriteImage", _enospc)
+    code, err = (_cli if front_end == "cli" else _engine)(bad, [image], card, tmp_path / "a" / "b" / "out", capsys)
+    assert code == 2 and bad.message in err, err
+    assert not (tmp_path / "a").exists()
 
 
 def test_engine_process_refuses_nan_nifti(tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from ..image import SegXAIInputError
+from ..io import first_missing_folder
 from ..progress import Cancelled
 from . import batch, counterfactual, demo, evaluate, explain, lesions, patterns, qa, run, segment, uncertainty, view
 
@@ -54,8 +55,8 @@ def _input_warnings(command: str) -> Iterator[None]:
 
 
 def _remove_new_output(out: Path) -> None:
-    """A refused run leaves nothing behind: the output folder it created (it did not exist when the
-    command started, so everything in it is the run's) is removed."""
+    """A refused run leaves nothing behind: the output folder it created, with any parent folder it
+    created (none existed when the command started, so everything in them is the run's), is removed."""
     if out.is_dir():
         shutil.rmtree(out, ignore_errors=True)
 
@@ -79,14 +80,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     # one-case commands: a refusal leaves no output folder behind (batch outputs are kept: resumable)
     out = getattr(args, "out", None) if getattr(args, "one_case_output", False) else None
-    existed = out is None or Path(out).exists()
+    created = first_missing_folder(out) if out is not None else None
     try:
         with _input_warnings(args.command):
             return int(args.run(args))
     except SegXAIInputError as error:
         print(f"segxai {args.command}: error: {error}", file=sys.stderr)
-        if not existed:
-            _remove_new_output(Path(out))
+        if created is not None:
+            _remove_new_output(created)
         return EXIT_BAD_INPUT
     except (KeyboardInterrupt, Cancelled):
         print(f"segxai {args.command}: interrupted", file=sys.stderr)
