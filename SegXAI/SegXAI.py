@@ -181,6 +181,13 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/SegXAI.ui"))
+        # the case's input warnings (SegXAILib.mrml.logic.input_warnings_text), above everything
+        self.inputWarningLabel = qt.QLabel()
+        self.inputWarningLabel.wordWrap = True
+        self.inputWarningLabel.setStyleSheet("QLabel { background: #fff8c5; color: #3b2300; border: 2px solid #bf8700; "
+                                             "padding: 6px; }")
+        self.inputWarningLabel.setVisible(False)
+        self.layout.addWidget(self.inputWarningLabel)
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
@@ -582,6 +589,9 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _afterImport(self, action):
         nodes = self.logic.nodes
+        warnings = self.logic.inputWarnings()
+        self.inputWarningLabel.text = warnings
+        self.inputWarningLabel.setVisible(bool(warnings))
         if action == "segment":
             if nodes.lesion_table is not None:
                 self.ui.lesionTableView.setMRMLTableNode(nodes.lesion_table)
@@ -913,6 +923,13 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
     def uncertainty(self, settings, opacity=0.5):
         """Start the uncertainty of the prediction (``settings.uncertainty``'s samples)."""
         return self.session.uncertainty(settings, opacity=opacity)
+
+    def inputWarnings(self):
+        """The banner text of the case's input warnings (how the input differs from what the model
+        card expects); empty when it fits or there is no case."""
+        from SegXAILib.mrml.logic import input_warnings_text
+
+        return input_warnings_text(self.case) if self.case is not None else ""
 
     def uncertaintySummary(self):
         """One line on the structure's uncertainty (the panel's label); empty without one."""

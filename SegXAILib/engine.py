@@ -6,6 +6,8 @@ runs in their interpreter, as SlicerMONAIAuto3DSeg launches its inference. It ru
 JSON object per line on standard output:
 
 * ``{"event": "progress", "fraction": 0.42, "step": "map smoothgrad", "message": "..."}``
+* ``{"event": "warning", "kind": "input", "message": "..."}``: the input does not fit what the
+  model card expects (also on standard error and in ``case.json``; ``--strict`` refuses instead)
 * ``{"event": "error", "kind": "input" | "internal", "message": "..."}`` before a non-zero exit
 * ``{"event": "cancelled"}`` before exit 130
 * last, ``{"event": "done", "manifest": "/abs/DIR/case.json", "band": ..., "seconds": ...}``
@@ -14,6 +16,8 @@ SIGINT and SIGTERM cancel the run: the computation sees the cancel token at its 
 (a sliding window, a sample batch); if it has not returned within :data:`GRACE_S` seconds the
 process removes its temporary files and exits anyway, always with code 130 and no half-written
 file (every file is written to a temporary name and renamed; ``case.json`` is written last).
+A refused run (exit 2) leaves no output folder it created: every input is checked before the
+folder is made, and a folder the run made is removed when a later check or write fails.
 The computation runs on a worker thread so that the main thread can take signals at once, even
 while the worker is inside a long native call.
 """
@@ -22,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -86,6 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
     parser.add_argument("--reference", type=Path, default=None, help="reference label map on the input grid")
     parser.add_argument("--device", default=None, help="overrides the settings' device")
+    parser.add_argument("--strict", action="store_true", default=None,
+                        help="refuse an input that does not fit what the model card expects (overrides the settings)")
     parser.add_argument("--image-format", default=".nii.gz", choices=(".nii.gz", ".nrrd", ".mha"),
                         help="the case folder's image format (.nrrd keeps the geometry in float64)")
     return parser
@@ -104,6 +112,14 @@ def run_engine(args: argparse.Namespace, stream: Optional[IO[str]] = None) -> in
     token = CancelToken()
     outcome: dict[str, Any] = {}
     start = time.perf_counter()
+    from .io import first_missing_folder
+
+    created = first_missing_folder(args.out)  # what a refused run removes
+    warnings = _WarningLines(lines)
+    input_logger = logging.getLogger("SegXAILib.input")
+    propagate = input_logger.propagate
+    input_logger.addHandler(warnings)
+    input_logger.propagate = False  # once each: as a JSON line and on standard error
 
     def work() -> None:
         try:
@@ -145,6 +161,8 @@ def run_engine(args: argparse.Namespace, stream: Optional[IO[str]] = None) -> in
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+        input_logger.removeHandler(warnings)
+        input_logger.propagate = propagate
 
     if outcome.get("cancelled") or (signalled.is_set() and "manifest" not in outcome):
         remove_temporary_files(args.out)
@@ -152,6 +170,8 @@ def run_engine(args: argparse.Namespace, stream: Optional[IO[str]] = None) -> in
         return EXIT_CANCELLED
     if "error" in outcome:
         kind, message = outcome["error"]
+        if kind == "input" and created is not None and created.is_dir():
+            shutil.rmtree(created, ignore_errors=True)  # a refused run leaves no folder it made
         lines.emit(event="error", kind=kind, message=message)
         print(f"segxai run: {message}", file=sys.stderr)
         if kind == "internal":
@@ -164,18 +184,35 @@ def run_engine(args: argparse.Namespace, stream: Optional[IO[str]] = None) -> in
     return 0
 
 
+class _WarningLines(logging.Handler):
+    """The input check's warnings as ``{"event": "warning"}`` lines and on standard error."""
+
+    def __init__(self, lines: _Lines) -> None:
+        super().__init__(logging.WARNING)
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        self.lines.emit(event="warning", kind="input", message=message)
+        print(f"segxai run: warning: {message}", file=sys.stderr)
+
+
 def _run(args: argparse.Namespace, progress, cancel) -> Path:
-    from .io import check_writable_dir, read_image
+    from .io import check_output_dir, read_image
     from .pipeline import CaseSettings, load_case_model, read_case_images, resolve_model_card, run_case, write_case
     from .progress import sub_progress
 
     settings = CaseSettings.load(args.settings)
-    if args.device:
-        settings = CaseSettings.from_dict({**settings.to_dict(), "device": args.device}, "--device")
+    overrides = {"device": args.device} if args.device else {}
+    if getattr(args, "strict", None):
+        overrides["strict"] = True
+    if overrides:
+        settings = CaseSettings.from_dict({**settings.to_dict(), **overrides}, "--device")  # strict: a flag, never wrong
     card = resolve_model_card(settings.model)
-    image = read_case_images(args.images, card)
+    image = read_case_images(args.images, card, settings.resample_slices)
     reference = read_image(args.reference) if args.reference is not None else None
-    out = check_writable_dir(args.out)
+    # checked, not made: write_case makes it with the first file, after every input check passed
+    out = check_output_dir(args.out)
     progress(0.0, "loading the model")
     model = load_case_model(settings)
     case = run_case(image, model, settings, reference=reference, progress=sub_progress(progress, 0.0, 0.97),

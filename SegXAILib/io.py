@@ -21,6 +21,7 @@ from .image import Image, SegXAIInputError
 
 __all__ = [
     "check_nifti_complete",
+    "check_dicom_series",
     "read_image",
     "read_channels",
     "write_image",
@@ -28,6 +29,8 @@ __all__ = [
     "resample_to",
     "atomic_path",
     "check_writable_dir",
+    "check_output_dir",
+    "first_missing_folder",
     "IMAGE_SUFFIXES",
 ]
 
@@ -68,6 +71,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield temporary_path
         os.replace(temporary_path, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            temporary_path.unlink()
+        # a full disk (ENOSPC), a quota, a vanished folder: the file named, nothing half-written left
+        raise SegXAIInputError(f"output {path}: cannot be written ({error.strerror or error})") from None
     except BaseException:
         with contextlib.suppress(OSError):
             temporary_path.unlink()
@@ -75,37 +83,97 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def check_writable_dir(path: str | os.PathLike, create: bool = True) -> Path:
-    """Make sure ``path`` is (or can be made) a writable folder; a clear error otherwise."""
+    """Make sure ``path`` is (or, with ``create``, is made) a writable folder; a clear error otherwise.
+
+    Writability is tested by writing (a probe file made and removed), not by permission bits
+    alone, so the answer is the same for every user: a folder without any write permission
+    bit (``chmod 555``) is refused even where the kernel would let root write into it.
+    """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise SegXAIInputError(f"output folder {path} exists and is not a folder")
-    if create:
+    if create and not path.exists():
+        check_output_dir(path)  # the parent's writability, with its reason, before making anything
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise SegXAIInputError(f"output folder {path} cannot be created: {error.strerror}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise SegXAIInputError(f"output folder {path} is not writable")
+    if not path.is_dir():
+        raise SegXAIInputError(f"output folder {path} does not exist")
+    _probe_writable(path, f"output folder {path}")
     return path
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """Check that ``path`` is a writable folder or can be created as one, without creating it.
+
+    Front ends call this before any work so that a refused run leaves nothing behind; the
+    writers create the folder when they write the first file. For a folder that does not
+    exist yet, the nearest existing folder above it must be writable (tested by writing).
+    """
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise SegXAIInputError(f"output folder {path} exists and is not a folder")
+        _probe_writable(path, f"output folder {path}")
+        return path
+    ancestor = path.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise SegXAIInputError(f"output folder {path} cannot be created: {ancestor} is not a folder")
+    _probe_writable(ancestor, f"output folder {path} cannot be created: {ancestor}")
+    return path
+
+
+def first_missing_folder(path: str | os.PathLike) -> Path | None:
+    """The outermost folder of ``path`` (itself or an ancestor) that does not exist yet: what a
+    run writing into ``path`` creates, and so what a refused run removes. None if ``path`` exists."""
+    path = Path(path).absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _probe_writable(folder: Path, what: str) -> None:
+    """Refuse ``folder`` unless a file can be made in it (made, then removed at once)."""
+    import stat
+
+    mode = folder.stat().st_mode
+    if not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        # no write bit for anyone: read-only on purpose, even for root (whom the kernel lets write)
+        raise SegXAIInputError(f"{what} is not writable (read-only, mode {stat.S_IMODE(mode):o})")
+    probe = folder / f".segxai-write-test.{uuid.uuid4().hex[:12]}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as error:
+        raise SegXAIInputError(f"{what} is not writable ({error.strerror})") from None
+    with contextlib.suppress(OSError):
+        probe.unlink()
 
 
 def _check_voxels(image: Image, source: str) -> None:
     if not np.issubdtype(image.array.dtype, np.number):
         raise SegXAIInputError(f"{source}: voxel type {image.array.dtype} is not numeric")
     if np.issubdtype(image.array.dtype, np.floating) and not np.all(np.isfinite(image.array)):
-        bad = int(np.count_nonzero(~np.isfinite(image.array)))
-        raise SegXAIInputError(f"{source}: {bad} voxels are NaN or Inf; expected finite intensities")
+        nan = int(np.count_nonzero(np.isnan(image.array)))
+        raise SegXAIInputError(_non_finite_message(source, nan, int(np.count_nonzero(~np.isfinite(image.array))) - nan))
 
 
 def check_nifti_complete(path: str | os.PathLike) -> None:
-    """A NIfTI file must hold every voxel its header promises, and a ``.nii.gz`` must be a whole
-    gzip stream: ITK's reader fills a truncated file with zeros without an error (NRRD and
-    MetaImage readers do raise). Other formats pass unchecked.
+    """A NIfTI file must hold every voxel its header promises, a ``.nii.gz`` must be a whole
+    gzip stream, and floating-point voxels must be finite: ITK's reader fills a truncated file
+    with zeros, and turns NaN and Inf voxels into 0, without an error (NRRD and MetaImage
+    readers do raise / keep them). The raw voxels are checked here, before any conversion.
+    Other formats pass unchecked.
 
     Raises
     ------
     SegXAIInputError
-        A truncated or corrupt stream, or fewer bytes than the header needs, naming the file.
+        A truncated or corrupt stream, fewer bytes than the header needs, or NaN / Inf voxels
+        (with their count), naming the file.
     """
     import gzip
     import zlib
@@ -117,6 +185,7 @@ def check_nifti_complete(path: str | os.PathLike) -> None:
     opener = gzip.open if name.endswith(".gz") else open
     size = 0
     header = b""
+    counter: _NonFinite | None = None
     try:
         with opener(path, "rb") as handle:
             # the header first, on its own: a cut stream still yields it before its end fails
@@ -126,8 +195,13 @@ def check_nifti_complete(path: str | os.PathLike) -> None:
                     break
                 header += block
             size = len(header)
+            counter = _NonFinite.of_header(header)
+            if counter is not None:
+                counter.feed(header)
             for block in iter(lambda: handle.read(1 << 20), b""):
                 size += len(block)
+                if counter is not None:
+                    counter.feed(block)
     except (OSError, EOFError, zlib.error) as error:
         if _nifti_bytes(header) is None:
             return  # not a NIfTI at all (not gzip, no header): ITK's reader says what it is
@@ -135,9 +209,215 @@ def check_nifti_complete(path: str | os.PathLike) -> None:
     expected = _nifti_bytes(header)
     if expected is None:
         return  # no NIfTI header: ITK's reader refuses it with its own message
+    dims = _nifti_dims(header)
+    if any(d < 1 for d in dims):
+        # ITK reads a negative or zero size as 1: a volume of another shape, silently
+        raise SegXAIInputError(f"image {path}: corrupt NIfTI header (dimensions {list(dims)}; each must be >= 1)")
     if size < expected:
         raise SegXAIInputError(f"image {path}: truncated or corrupt NIfTI ({size} bytes, its header needs "
                                f"{expected})")
+    if counter is not None and counter.nan + counter.inf:
+        raise SegXAIInputError(_non_finite_message(f"image {path}", counter.nan, counter.inf))
+
+
+def _non_finite_message(source: str, nan: int, inf: int) -> str:
+    return (f"{source}: {nan + inf} voxels are NaN or Inf ({nan} NaN, {inf} Inf); expected finite intensities")
+
+
+class _NonFinite:
+    """Counts NaN and Inf among a NIfTI file's raw floating-point voxels, fed its bytes in order."""
+
+    # NIfTI datatype codes of the floating-point voxel types (complex types are refused by ITK's reader)
+    _FLOAT_TYPES = {16: "f4", 64: "f8"}
+
+    def __init__(self, dtype: np.dtype, offset: int, count: int) -> None:
+        self.dtype, self.skip, self.left = dtype, offset, count
+        self.rest = b""
+        self.nan = self.inf = 0
+
+    @classmethod
+    def of_header(cls, header: bytes) -> "_NonFinite | None":
+        """A counter for the file whose header this is; None for integer voxels or no NIfTI header."""
+        import struct
+
+        for order in "<>":
+            if len(header) >= 348 and struct.unpack(f"{order}i", header[:4])[0] == 348:  # NIfTI-1
+                code = struct.unpack(f"{order}h", header[70:72])[0]
+                dims = struct.unpack(f"{order}8h", header[40:56])
+                offset = int(struct.unpack(f"{order}f", header[108:112])[0])
+            elif len(header) >= 540 and struct.unpack(f"{order}i", header[:4])[0] == 540:  # NIfTI-2
+                code = struct.unpack(f"{order}h", header[12:14])[0]
+                dims = struct.unpack(f"{order}8q", header[16:80])
+                offset = struct.unpack(f"{order}q", header[168:176])[0]
+            else:
+                continue
+            if code not in cls._FLOAT_TYPES or not 1 <= dims[0] <= 7:
+                return None
+            count = int(np.prod([max(1, d) for d in dims[1 : dims[0] + 1]], dtype=np.int64))
+            return cls(np.dtype(order + cls._FLOAT_TYPES[code]), max(0, offset), count)
+        return None
+
+    def feed(self, block: bytes) -> None:
+        if self.skip:
+            cut = min(self.skip, len(block))
+            block, self.skip = block[cut:], self.skip - cut
+        data = self.rest + block
+        usable = len(data) // self.dtype.itemsize * self.dtype.itemsize
+        values = np.frombuffer(data[:usable], self.dtype)[: max(0, self.left)]
+        self.left -= len(values)
+        self.rest = data[usable:]
+        if len(values):
+            finite = np.isfinite(values)
+            if not finite.all():
+                nan = int(np.count_nonzero(np.isnan(values)))
+                self.nan += nan
+                self.inf += int(np.count_nonzero(~finite)) - nan
+
+
+#: slice positions closer than this (mm) are one position (duplicated slices)
+DICOM_SAME_POSITION_MM = 1e-3
+#: how far a slice gap may differ from the series' typical gap, relative to it: DICOM stores
+#: positions as decimal strings of at most 16 characters, so rounding is far below this
+DICOM_GAP_RTOL = 0.01
+#: direction cosines of two slices closer than this are one orientation
+DICOM_ORIENTATION_ATOL = 1e-4
+
+
+def check_dicom_series(files: Sequence[str], folder: str | os.PathLike, resample_slices: bool = False):
+    """Refuse a DICOM series whose slices do not make one regular grid (or, when asked,
+    resample missing or unevenly spaced slices onto one).
+
+    ITK stacks the files it is given and takes the slice spacing from the first two, so a
+    missing slice, a duplicated one, uneven gaps or slices of another orientation give a
+    volume whose geometry is silently wrong. Every file's Image Orientation (Patient) and
+    Image Position (Patient) are read (headers only) and compared.
+
+    Parameters
+    ----------
+    files : sequence of str
+        The series' files (any order).
+    folder : path-like
+        The series' folder (named in messages).
+    resample_slices : bool
+        Missing slices or uneven gaps: resample the slices linearly along the slice normal onto
+        a regular grid (the series' median gap, from the first slice to the last) instead of
+        refusing; a warning says so. Duplicates and mixed orientations are always refused.
+
+    Returns
+    -------
+    SimpleITK.Image or None
+        None when the series is regular (read it as usual); the resampled volume otherwise.
+
+    Raises
+    ------
+    SegXAIInputError
+        Naming the folder and the reason: mixed orientations, duplicate slices, missing
+        slices (a gap of about a whole number of slice spacings), or uneven spacing.
+    """
+    import SimpleITK as sitk
+
+    if len(files) < 2:
+        return None  # one file (a multi-frame object or a single slice): nothing to compare
+    positions, orientations = [], []
+    for name in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(name))
+        reader.LoadPrivateTagsOff()
+        reader.ReadImageInformation()
+        keys = set(reader.GetMetaDataKeys())
+        if "0020|0032" not in keys or "0020|0037" not in keys:
+            if not positions:
+                continue
+            raise SegXAIInputError(f"image {folder}: DICOM file {Path(name).name} has no Image Position / "
+                                   "Orientation (Patient); the slices cannot be placed")
+        try:
+            positions.append([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
+            orientations.append([float(v) for v in reader.GetMetaData("0020|0037").split("\\")])
+        except ValueError:
+            raise SegXAIInputError(f"image {folder}: DICOM file {Path(name).name}: unreadable Image Position / "
+                                   "Orientation (Patient)") from None
+    if not positions:
+        return None  # no geometry tags at all: ITK's own defaults, nothing to check against
+    if len(positions) != len(files):
+        raise SegXAIInputError(f"image {folder}: {len(files) - len(positions)} of {len(files)} DICOM files have no "
+                               "Image Position / Orientation (Patient)")
+    orientation = np.asarray(orientations, dtype=float)
+    if orientation.shape[1] != 6 or np.asarray(positions).shape[1] != 3:
+        raise SegXAIInputError(f"image {folder}: malformed Image Position / Orientation (Patient)")
+    differs = np.abs(orientation - orientation[0]).max(axis=1) > DICOM_ORIENTATION_ATOL
+    if differs.any():
+        raise SegXAIInputError(
+            f"image {folder}: mixed slice orientations ({int(differs.sum())} of {len(files)} slices differ from "
+            f"{Path(files[0]).name}'s {np.round(orientation[0], 4).tolist()}, e.g. {Path(files[int(np.argmax(differs))]).name}: "
+            f"{np.round(orientation[int(np.argmax(differs))], 4).tolist()}); one series must have one orientation")
+    normal = np.cross(orientation[0, :3], orientation[0, 3:])
+    along = np.asarray(positions, dtype=float) @ normal
+    order = np.argsort(along, kind="stable")
+    along, names, origin = along[order], [Path(files[i]).name for i in order], positions[int(order[0])]
+    gaps = np.diff(along)
+    duplicate = np.flatnonzero(gaps < DICOM_SAME_POSITION_MM)
+    if duplicate.size:
+        i = int(duplicate[0])
+        raise SegXAIInputError(f"image {folder}: duplicate slices ({duplicate.size} pair(s) at one position, e.g. "
+                               f"{names[i]} and {names[i + 1]} at {along[i]:.3f} mm)")
+    typical = float(np.median(gaps))
+    uneven = np.abs(gaps - typical) > DICOM_GAP_RTOL * typical
+    if uneven.any() and resample_slices:
+        # the input check's logger: the command line and the engine show it as an input warning
+        logging.getLogger("SegXAILib.input").warning(
+            "image %s: missing or unevenly spaced slices (gaps %.3f to %.3f mm): resampled (linear) onto a regular "
+            "grid of %.3f mm slices", folder, gaps.min(), gaps.max(), typical)
+        return _resample_slices([files[i] for i in order], along, origin, orientation[0], typical)
+    if uneven.any():
+        i = int(np.argmax(np.abs(gaps - typical)))
+        ratio = gaps[i] / typical
+        if abs(ratio - round(ratio)) <= DICOM_GAP_RTOL * ratio and round(ratio) >= 2:
+            missing = int(sum(max(0, round(g / typical) - 1) for g in gaps))
+            raise SegXAIInputError(f"image {folder}: missing slices (about {missing}): a gap of {gaps[i]:.3f} mm between "
+                                   f"{names[i]} and {names[i + 1]}, the slice spacing is {typical:.3f} mm")
+        raise SegXAIInputError(f"image {folder}: uneven slice spacing (gaps from {gaps.min():.3f} to {gaps.max():.3f} mm, "
+                               f"typically {typical:.3f} mm; e.g. between {names[i]} and {names[i + 1]}); "
+                               "resample the series to a regular grid first (resample_slices)")
+    return None
+
+
+def _resample_slices(files: Sequence[str], along: np.ndarray, origin: Sequence[float], orientation: np.ndarray,
+                     spacing: float):
+    """The slices (sorted by ``along``, their positions on the normal in mm) linearly resampled
+    onto a regular grid of ``spacing`` from the first slice to the last, as a SimpleITK image
+    (LPS: origin the first slice's Image Position, directions the Image Orientation and normal)."""
+    import SimpleITK as sitk
+
+    slices = [sitk.ReadImage(str(name)) for name in files]
+    stack = np.stack([sitk.GetArrayFromImage(s).reshape(s.GetSize()[1], s.GetSize()[0]) for s in slices]
+                     ).astype(np.float32)  # (K, rows, columns)
+    count = int(round((along[-1] - along[0]) / spacing)) + 1
+    step = (along[-1] - along[0]) / (count - 1)  # ends on the last slice exactly
+    targets = along[0] + step * np.arange(count)
+    below = np.clip(np.searchsorted(along, targets, side="right") - 1, 0, len(along) - 2)
+    weight = ((targets - along[below]) / (along[below + 1] - along[below])).astype(np.float32)[:, None, None]
+    volume = sitk.GetImageFromArray((1 - weight) * stack[below] + weight * stack[below + 1])
+    row, column = np.asarray(orientation[:3]), np.asarray(orientation[3:])
+    direction = np.stack([row, column, np.cross(row, column)], axis=1)
+    volume.SetSpacing((slices[0].GetSpacing()[0], slices[0].GetSpacing()[1], float(step)))
+    volume.SetOrigin(tuple(float(v) for v in origin))
+    volume.SetDirection(tuple(float(v) for v in direction.ravel()))
+    return volume
+
+
+def _nifti_dims(header: bytes) -> tuple[int, ...]:
+    """The sizes a NIfTI-1 / NIfTI-2 header declares (``dim[1..dim[0]]``); empty if none."""
+    import struct
+
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(f"{order}i", header[:4])[0] == 348:
+            dims = struct.unpack(f"{order}8h", header[40:56])
+        elif len(header) >= 540 and struct.unpack(f"{order}i", header[:4])[0] == 540:
+            dims = struct.unpack(f"{order}8q", header[16:80])
+        else:
+            continue
+        return tuple(int(d) for d in dims[1 : dims[0] + 1]) if 1 <= dims[0] <= 7 else ()
+    return ()
 
 
 def _nifti_bytes(header: bytes) -> int | None:
@@ -161,7 +441,7 @@ def _nifti_bytes(header: bytes) -> int | None:
     return None
 
 
-def read_image(path: str | os.PathLike, channel_name: str | None = None) -> Image:
+def read_image(path: str | os.PathLike, channel_name: str | None = None, resample_slices: bool = False) -> Image:
     """Read a 3D image file or a DICOM series folder.
 
     Parameters
@@ -170,13 +450,17 @@ def read_image(path: str | os.PathLike, channel_name: str | None = None) -> Imag
         A NIfTI / NRRD / MetaImage file, or a folder holding one DICOM series.
     channel_name : str, optional
         Name of the (single) channel; defaults to the file name without suffix.
+    resample_slices : bool
+        A DICOM series with missing or unevenly spaced slices is resampled onto a regular grid
+        instead of refused (:func:`check_dicom_series`).
 
     Raises
     ------
     SegXAIInputError
-        Missing or unreadable file, a truncated or corrupt NIfTI (:func:`check_nifti_complete`),
-        not an image, not 3D (2D, or 4D with more than one volume), non-numeric or non-finite
-        voxels.
+        Missing or unreadable file, a truncated or corrupt NIfTI or NaN / Inf in its raw voxels
+        (:func:`check_nifti_complete`), a DICOM series with missing, duplicate or unevenly spaced
+        slices or mixed orientations (:func:`check_dicom_series`), not an image, not 3D (2D, or
+        4D with more than one volume), non-numeric or non-finite voxels.
     """
     import SimpleITK as sitk
 
@@ -193,8 +477,12 @@ def read_image(path: str | os.PathLike, channel_name: str | None = None) -> Imag
                 raise SegXAIInputError(
                     f"image {path}: folder holds {len(series)} DICOM series; point to a folder with one"
                 )
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
-            image = reader.Execute()
+            files = reader.GetGDCMSeriesFileNames(str(path), series[0])
+            # ITK would stack a broken series into a wrong grid
+            image = check_dicom_series(files, path, resample_slices)
+            if image is None:
+                reader.SetFileNames(files)
+                image = reader.Execute()
         else:
             check_nifti_complete(path)  # before ITK, which would read the missing voxels as zeros
             image = sitk.ReadImage(str(path))
@@ -277,19 +565,21 @@ def read_channels(
     channel_names: Sequence[str] | None = None,
     resample: bool = True,
     min_overlap: float = 0.5,
+    resample_slices: bool = False,
 ) -> Image:
     """Read one file per channel (e.g. FLAIR and T1) into one multi-channel image.
 
     All channels must share the grid of the first. When one does not and ``resample`` is
     true, it is resampled (linear) onto the first channel's grid and a message says so; when
     it covers less than ``min_overlap`` of that grid, or ``resample`` is false, it is an error.
+    ``resample_slices``: as :func:`read_image`'s, for every DICOM series.
     """
     if not paths:
         raise SegXAIInputError("no input images given")
     if channel_names is not None and len(channel_names) != len(paths):
         raise SegXAIInputError(f"{len(paths)} images but {len(channel_names)} channel names")
     names = list(channel_names) if channel_names is not None else [None] * len(paths)
-    images = [read_image(path, name) for path, name in zip(paths, names)]
+    images = [read_image(path, name, resample_slices) for path, name in zip(paths, names)]
     reference = images[0]
     aligned = [reference]
     for path, image in zip(paths[1:], images[1:]):

@@ -160,7 +160,7 @@ def run_case_task(case: BatchCase, settings_data: dict[str, Any], out_dir: str,
         with lock:
             model = cache.get(settings)
             card = model.card
-            image = read_case_images(case.images, card)
+            image = read_case_images(case.images, card, settings.resample_slices)
             reference = read_image(case.reference) if case.reference is not None else None
             outcome = run_case(image, model, settings, reference=reference)
         if folder.exists():

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
-from typing import Optional, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
 
 from ..image import SegXAIInputError
+from ..io import first_missing_folder
 from ..progress import Cancelled
 from . import batch, counterfactual, demo, evaluate, explain, lesions, patterns, qa, run, segment, uncertainty, view
 
@@ -21,6 +25,40 @@ EXIT_BAD_INPUT = 2
 
 # Each adds its sub-commands with ``add_commands(subparsers)``, in the order ``segxai --help`` lists them.
 _COMMAND_GROUPS = (segment, explain, uncertainty, counterfactual, demo, lesions, patterns, evaluate, qa, run, batch, view)
+
+
+class _StandardError(logging.Handler):
+    """Writes to the standard error of the moment (a test's captured stream included)."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__(logging.WARNING)
+        self.command = command
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"segxai {self.command}: warning: {record.getMessage()}", file=sys.stderr)
+
+
+@contextmanager
+def _input_warnings(command: str) -> Iterator[None]:
+    """The input check's warnings (``SegXAILib.input``: the input does not fit the model card) on
+    standard error, once each, as ``segxai COMMAND: warning: ...``."""
+    logger = logging.getLogger("SegXAILib.input")
+    handler = _StandardError(command)
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def _remove_new_output(out: Path) -> None:
+    """A refused run leaves nothing behind: the output folder it created, with any parent folder it
+    created (none existed when the command started, so everything in them is the run's), is removed."""
+    if out.is_dir():
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,10 +78,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    # one-case commands: a refusal leaves no output folder behind (batch outputs are kept: resumable)
+    out = getattr(args, "out", None) if getattr(args, "one_case_output", False) else None
+    created = first_missing_folder(out) if out is not None else None
     try:
-        return int(args.run(args))
+        with _input_warnings(args.command):
+            return int(args.run(args))
     except SegXAIInputError as error:
         print(f"segxai {args.command}: error: {error}", file=sys.stderr)
+        if created is not None:
+            _remove_new_output(created)
         return EXIT_BAD_INPUT
     except (KeyboardInterrupt, Cancelled):
         print(f"segxai {args.command}: interrupted", file=sys.stderr)

@@ -12,7 +12,7 @@ from typing import Iterator
 from ..image import SegXAIInputError
 from ..progress import ProgressCallback
 
-__all__ = ["progress_bar", "model_help", "device_option", "trust_option", "case_options", "case_card",
+__all__ = ["progress_bar", "model_help", "device_option", "trust_option", "strict_option", "case_options", "case_card",
            "options_named", "load_case_model", "case_settings"]
 
 
@@ -58,8 +58,17 @@ def case_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("images", nargs="+", metavar="IMAGE", help="one image per model input channel, in the card's order")
     command.add_argument("--model", required=True, help=model_help())
     command.add_argument("--out", required=True, type=Path, help="output folder")
+    strict_option(command)
     trust_option(command)
     device_option(command)
+    # a refused run of one case removes the output folder it made (segxai's main)
+    command.set_defaults(one_case_output=True)
+
+
+def strict_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--strict", action="store_true",
+                         help="refuse an input that does not fit what the model card expects (modality, intensities, "
+                              "spacing, extent) instead of warning")
 
 
 def case_card(args: argparse.Namespace):
@@ -95,7 +104,7 @@ def options_named(*parameters: str, **renamed: str) -> Iterator[None]:
 
 def case_settings(args: argparse.Namespace, **fields):
     """The :class:`~SegXAILib.pipeline.CaseSettings` of a command: ``--model``, ``--device``,
-    ``--trust-code`` and ``fields``; validation errors name the settings' fields."""
+    ``--trust-code``, ``--strict`` and ``fields``; validation errors name the settings' fields."""
     from ..models import resolve_device
     from ..pipeline import CaseSettings
 
@@ -103,7 +112,8 @@ def case_settings(args: argparse.Namespace, **fields):
     with options_named("device"):
         resolve_device(device)  # an unknown or absent device is named by its option, before any work
     values = {"model": str(args.model), "device": device,
-              "trust_code": bool(getattr(args, "trust_code", False)), **fields}
+              "trust_code": bool(getattr(args, "trust_code", False)), "strict": bool(getattr(args, "strict", False)),
+              **fields}
     return CaseSettings.from_dict(values, "options")
 
 

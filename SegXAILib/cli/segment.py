@@ -11,16 +11,18 @@ __all__ = ["add_commands"]
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from ..io import check_writable_dir
+    from ..io import check_output_dir
     from ..pipeline import read_case_images, read_manifest, start_case, write_case
 
-    settings = case_settings(args, instances={"enabled": False})
+    settings = case_settings(args, instances={"enabled": False}, resample_slices=args.resample_slices)
     card = case_card(args)
     series = dicom_source(args) if args.dicom_out is not None else None  # refused before anything is written
-    check_writable_dir(args.out)
+    # every check before anything is made: the folder is created by the first file written
+    check_output_dir(args.out)
+    image = read_case_images(args.images, card, settings.resample_slices)
     model = load_case_model(card, args)
-    image = read_case_images(args.images, card)
     with progress_bar("segment", not args.quiet) as progress:
+        # the input compared with the card first: a warning on stderr (and in case.json), or with --strict a refusal
         case = start_case(image, model, settings, progress=progress)
     manifest = write_case(case, args.out, suffix=args.suffix, inputs=dict(zip(card.input_channels, args.images)))
     for entry in read_manifest(args.out, verify=False)["files"]:
@@ -52,6 +54,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     case_options(segment)
     segment.add_argument("--suffix", default=".nii.gz", choices=[".nii.gz", ".nii", ".nrrd", ".mha"], help="output format")
     dicom_out_option(segment, maps=False)
+    segment.add_argument("--resample-slices", action="store_true",
+                         help="a DICOM series with missing or unevenly spaced slices: resample it onto a regular grid "
+                              "(linear, along the slice normal) instead of refusing it")
     segment.set_defaults(run=_cmd_segment)
 
     info = commands.add_parser("info", help="describe a model from its card")

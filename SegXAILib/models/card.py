@@ -144,6 +144,8 @@ class ModelCard:
     provenance: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     schema_version: int = CARD_SCHEMA_VERSION
+    #: what the model expects of its inputs (:mod:`SegXAILib.models.expectations`); not hashed
+    input_expectations: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
     # ---- derived --------------------------------------------------------------------------
@@ -246,7 +248,11 @@ class ModelCard:
 
         Later analyses (patterns, risk models) record it and refuse to mix models.
         """
-        digest = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode())
+        identity = self.to_dict()
+        # the input statistics describe the training data, not the model: adding or refining
+        # them keeps the checksum (and every risk model, pattern and counterfactual recorded with it)
+        identity.pop("input_expectations", None)
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
         if self.format == "nnunetv2":  # the plans, the labels and every fold's checkpoint
             folder = self.resolve(self.architecture["results_folder"])
             files = [folder / "plans.json", folder / "dataset.json"] + [
@@ -268,6 +274,8 @@ class ModelCard:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("path")
+        if not data["input_expectations"]:
+            data.pop("input_expectations")
         data["classes"] = [{"name": c.name, "color": list(c.color)} for c in self.classes]
         return data
 
@@ -313,6 +321,11 @@ class ModelCard:
             # nnU-Net preprocesses with its own plans (no orientation; its spacing and normalisation)
             lines[4:6] = []
             lines.extend(nnunet_summary_lines(self))
+        if self.input_expectations:
+            expected = self.input_expectations
+            made_for = " ".join(p for p in (expected.get("anatomy", ""), expected.get("modality", "")) if p)
+            cases = f" (statistics of {expected['cases']} training cases)" if expected.get("cases") else ""
+            lines.append(f"  expects      : {made_for or 'see input_expectations'}{cases}")
         if self.description:
             lines.insert(1, f"  {self.description}")
         for key, value in self.metrics.items():
@@ -468,6 +481,36 @@ class _InferenceSchema(BaseModel):
         return value
 
 
+class _RangeSchema(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    min: Annotated[list[_Positive], Field(min_length=3, max_length=3)]
+    max: Annotated[list[_Positive], Field(min_length=3, max_length=3)]
+
+
+class _ChannelStatisticsSchema(BaseModel):
+    model_config = ConfigDict(strict=False, extra="allow")  # JSON numbers: ints are floats here
+
+    percentile_00_5: float
+    median: float
+    percentile_99_5: float
+    negative_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+
+class _ExpectationsSchema(BaseModel):
+    """``input_expectations`` (:mod:`SegXAILib.models.expectations`); every part optional."""
+
+    model_config = _STRICT
+
+    modality: str = ""
+    anatomy: str = ""
+    cases: Optional[Annotated[int, Field(ge=1)]] = None
+    source: str = ""
+    channels: dict[str, _ChannelStatisticsSchema] = Field(default_factory=dict)
+    spacing_mm: Optional[_RangeSchema] = None
+    extent_mm: Optional[_RangeSchema] = None
+
+
 class _CardSchema(BaseModel):
     model_config = _STRICT
 
@@ -483,6 +526,7 @@ class _CardSchema(BaseModel):
     provenance: Optional[dict[str, Any]] = None
     metrics: Optional[dict[str, Any]] = None
     schema_version: Literal[CARD_SCHEMA_VERSION] = CARD_SCHEMA_VERSION  # type: ignore[valid-type]
+    input_expectations: Optional[_ExpectationsSchema] = None
 
     @field_validator("classes")
     @classmethod
@@ -538,6 +582,7 @@ def model_card_from_dict(data: dict[str, Any], path: Path | None = None) -> Mode
         provenance=dict(data.get("provenance", {}) or {}),
         metrics=dict(data.get("metrics", {}) or {}),
         schema_version=data.get("schema_version", CARD_SCHEMA_VERSION),
+        input_expectations=dict(data.get("input_expectations", {}) or {}),
         path=path.resolve() if path else None,
     )
 

@@ -32,6 +32,8 @@ __all__ = [
     "show_counterfactual",
     "counterfactual_summary",
     "uncertainty_summary",
+    "input_warnings_text",
+    "INPUT_WARNINGS_ATTRIBUTE",
     "UNCERTAINTY_VOLUMES",
     "UNCERTAINTY_SUMMARY_KEYS",
     "show_case",
@@ -116,6 +118,20 @@ def _saliency_volumes(scene, maps: Image, display: str, prefix: str, threshold: 
     ]
 
 
+#: the segmentation node's attribute holding :func:`input_warnings_text` (empty when the input fits)
+INPUT_WARNINGS_ATTRIBUTE = "SegXAI.InputWarnings"
+
+
+def input_warnings_text(case) -> str:
+    """The banner text of ``case.warnings`` (the input does not fit what the model card expects),
+    the same in the report, the Slicer panel and the viewer; empty when there is none."""
+    from ..models.expectations import INPUT_WARNING_TITLE
+
+    if not case.warnings:
+        return ""
+    return "\n".join([INPUT_WARNING_TITLE, *(f"- {warning}" for warning in case.warnings)])
+
+
 def show_segmentation(scene, case, reference_volume=None, nodes: Optional[CaseNodes] = None,
                       name: str = "SegXAI") -> CaseNodes:
     """Segmentation (one segment per class), instances and the lesion table as nodes."""
@@ -127,6 +143,8 @@ def show_segmentation(scene, case, reference_volume=None, nodes: Optional[CaseNo
     nodes.segmentation = segmentation_node_from_labels(
         case.segmentation.labels, scene, card.class_names, [c.color for c in card.classes],
         name=f"{name} segmentation", reference_volume=reference_volume)
+    # the scene keeps the warnings with the result they qualify (saved scenes, other modules)
+    nodes.segmentation.SetAttribute(INPUT_WARNINGS_ATTRIBUTE, input_warnings_text(case))
     if case.instance_labels is not None:
         nodes.instances = instances_segmentation_node(case.instance_labels, scene, name=f"{name} instances",
                                                       reference_volume=reference_volume)

@@ -112,6 +112,9 @@ class Case:
         Seconds per step.
     notes : list of str
         Steps not taken and why (e.g. no predicted voxel of the structure: no maps, no QA).
+    warnings : list of str
+        How the input differs from what the model card expects
+        (:func:`~SegXAILib.pipeline.check_case_input`): every front end shows these same sentences.
     """
 
     image: Image
@@ -131,6 +134,7 @@ class Case:
     reference: Optional[Image] = None
     timings: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
 
     @property
     def card(self):

@@ -198,11 +198,12 @@ def _read(out_dir: Path, manifest: Mapping[str, Any], source: str) -> Case:
         raise SegXAIInputError(f"{source}: grid channels {list(folder.channels)}, the model's inputs are "
                                f"{list(card.input_channels)}")
 
-    image = _read_inputs(folder, manifest, card)
+    image = _read_inputs(folder, manifest, card, settings.resample_slices)
     segmentation = _read_segmentation(folder, manifest, card)
     summary = manifest["summary"]
     case = Case(image=image, settings=settings, segmentation=segmentation, class_index=class_index,
-                timings={k: float(v) for k, v in manifest["timings_s"].items()}, notes=list(summary["notes"]))
+                timings={k: float(v) for k, v in manifest["timings_s"].items()}, notes=list(summary["notes"]),
+                warnings=list(summary.get("warnings", [])))  # folders written before warnings have none
 
     if "instances" in folder.files:
         path = folder.path("instances")
@@ -287,7 +288,7 @@ def _read_uncertainty(folder: _Folder):
                              timings={k: float(v) for k, v in document["timings"].items()})
 
 
-def _read_inputs(folder: _Folder, manifest: Mapping[str, Any], card) -> Image:
+def _read_inputs(folder: _Folder, manifest: Mapping[str, Any], card, resample_slices: bool = False) -> Image:
     inputs = manifest.get("inputs") or {}
     if not inputs:
         raise SegXAIInputError(f"{folder.source}: records no input images (inputs); the case's image cannot be read")
@@ -297,7 +298,7 @@ def _read_inputs(folder: _Folder, manifest: Mapping[str, Any], card) -> Image:
     for channel, path in inputs.items():
         if not Path(path).exists():
             raise SegXAIInputError(f"{folder.source}: input image {path} (channel {channel!r}) is missing")
-    image = read_case_images(list(inputs.values()), card)
+    image = read_case_images(list(inputs.values()), card, resample_slices)  # as the run read them
     return folder.on_grid(image, f"input image(s) {', '.join(map(str, inputs.values()))}")
 
 

@@ -15,7 +15,7 @@ from .case import Case
 from .settings import CaseSettings, MethodSettings
 from .steps import (
     agg2exp_matrix,
-    check_channels,
+    check_case_input,
     estimate_case_uncertainty,
     explain_counterfactuals,
     explain_instances,
@@ -102,9 +102,14 @@ def start_case(
     cancel: Optional[CancelToken] = None,
 ) -> Case:
     """The case's one prediction and (when ``settings.instances.enabled``) its instances and
-    lesion table without instance maps. The ``add_*`` steps extend the returned case."""
+    lesion table without instance maps. The ``add_*`` steps extend the returned case.
+
+    The input is first compared with what the model card expects
+    (:func:`~SegXAILib.pipeline.check_case_input`): the mismatches go to ``case.warnings``, or,
+    with ``settings.strict``, the input is refused before the prediction."""
     card = model.card
-    check_channels(image, card)
+    # before any work: a mismatch is a warning the case carries, or with settings.strict a refusal
+    warnings = check_case_input(image, card, settings.strict)
     class_index = structure_index(card, settings.class_name)
     if reference is not None and (reference.num_channels != 1 or not reference.same_grid(image)):
         raise SegXAIInputError("reference: expected one label map on the input image's grid")
@@ -112,7 +117,7 @@ def start_case(
     with _timed(timings, "segment"):
         segmentation = predict(image, model, settings, progress=_labelled(progress, "segment"), cancel=cancel)
     case = Case(image=image, settings=settings, segmentation=segmentation, class_index=class_index,
-                reference=reference, timings=timings)
+                reference=reference, timings=timings, warnings=warnings)
     if settings.instances.enabled:
         with _timed(timings, "instances"):
             labels, case.instances = find_case_instances(segmentation, class_index, settings.instances.min_voxels)

@@ -279,7 +279,10 @@ class CaseSettings(_Strict):
     empty). ``methods``: class-level maps. ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N``,
     ``mps``. ``trust_code``: allow the models whose loading runs their own code, MONAI bundles
     (their configs) and ``python`` model cards (their module is imported); ``trust_bundle``, its
-    former name, is accepted in input.
+    former name, is accepted in input. ``strict``: refuse an input that does not fit what the
+    model card expects (:mod:`SegXAILib.models.expectations`) instead of recording a warning.
+    ``resample_slices``: a DICOM series with missing or unevenly spaced slices is resampled onto
+    a regular grid (:func:`SegXAILib.io.check_dicom_series`) instead of refused.
     """
 
     format: Literal["segxai-case-settings"] = "segxai-case-settings"
@@ -296,6 +299,10 @@ class CaseSettings(_Strict):
     device: str = "auto"
     # one name for the flag everywhere (load_model's trust_code, --trust-code); old files say trust_bundle
     trust_code: bool = Field(default=False, validation_alias=AliasChoices("trust_code", "trust_bundle"))
+    # refuse an input the model card's expectations flag (SegXAILib.models.expectations) instead of warning
+    strict: bool = False
+    # a DICOM series with missing or unevenly spaced slices: resampled onto a regular grid, not refused
+    resample_slices: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "CaseSettings":

@@ -31,6 +31,7 @@ __all__ = [
     "load_case_model",
     "ModelCache",
     "check_channels",
+    "check_case_input",
     "read_case_images",
     "predict",
     "explain_map",
@@ -111,12 +112,51 @@ def check_channels(image: Image, card: ModelCard) -> Image:
     return image
 
 
-def read_case_images(paths: Sequence[Union[str, Path]], card: ModelCard) -> Image:
-    """One file (or DICOM series folder) per model input channel, in the card's order."""
+def check_case_input(image: Image, card: ModelCard, strict: bool = False) -> list[str]:
+    """Is ``image`` the scan ``card``'s model was made for? The one input check of every front end.
+
+    The channel count must match; then the input is compared with the card's
+    ``input_expectations`` (modality, intensities, spacing, extent:
+    :func:`SegXAILib.models.expectations.compare_with_card`).
+
+    Parameters
+    ----------
+    image : Image
+        ``(C, I, J, K)``, one channel per model input in the card's order.
+    card : ModelCard
+    strict : bool
+        Refuse a mismatch instead of returning it.
+
+    Returns
+    -------
+    list of str
+        One sentence per mismatch (empty when the input fits); each is also logged as a warning
+        on the ``SegXAILib.input`` logger (the command line prints them on standard error).
+
+    Raises
+    ------
+    SegXAIInputError
+        A wrong channel count; with ``strict``, any mismatch (the message lists them).
+    """
+    import logging
+
+    from ..models.expectations import check_input
+
+    check_channels(image, card)
+    warnings = check_input(image, card, strict)
+    for warning in warnings:
+        logging.getLogger("SegXAILib.input").warning("%s", warning)
+    return warnings
+
+
+def read_case_images(paths: Sequence[Union[str, Path]], card: ModelCard, resample_slices: bool = False) -> Image:
+    """One file (or DICOM series folder) per model input channel, in the card's order;
+    ``resample_slices`` (``CaseSettings.resample_slices``): a DICOM series with missing or
+    unevenly spaced slices is resampled onto a regular grid instead of refused."""
     from ..io import read_channels
 
     card.check_input_count(len(paths), "image(s)")
-    return read_channels(list(paths), card.input_channels)
+    return read_channels(list(paths), card.input_channels, resample_slices=resample_slices)
 
 
 def structure_index(card: ModelCard, class_name: str) -> int:

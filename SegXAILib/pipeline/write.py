@@ -283,6 +283,8 @@ def _write_counterfactuals(case: Case, out_dir: Path, suffix: str, check) -> dic
 
 def _summary(case: Case) -> dict[str, Any]:
     summary: dict[str, Any] = {"status": "ok" if case.mask.any() else "empty_prediction", "notes": list(case.notes),
+                               # how the input differs from what the model expects (case.warnings)
+                               "warnings": list(case.warnings),
                                "structure_voxels": int(case.mask.sum()),
                                "structure_volume_mm3": float(case.mask.sum() * case.image.voxel_volume),
                                "instances": len(case.instances), "maps": list(case.maps)}

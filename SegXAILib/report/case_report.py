@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 import numpy as np
 
 from ..image import SegXAIInputError
+from ..models.expectations import INPUT_WARNING_TITLE
 from ..progress import CancelToken
 from .html import HtmlReport
 from .sections import (OVERLAY_THRESHOLD, add_agg2exp_section, add_class_maps_section, add_counterfactual_section,
@@ -26,7 +27,7 @@ from .sections import (OVERLAY_THRESHOLD, add_agg2exp_section, add_class_maps_se
 if TYPE_CHECKING:
     from ..pipeline import Case
 
-__all__ = ["write_case_report", "case_summary"]
+__all__ = ["write_case_report", "case_summary", "INPUT_WARNING_TITLE"]
 
 
 def case_summary(case: "Case") -> dict[str, Any]:
@@ -85,6 +86,8 @@ def write_case_report(case: "Case", out_dir: Union[str, Path], title: Optional[s
         "the model is unsure and the Agg2Exp matrix, as far as the run computed them. Red outline: the model's "
         f"{case.structure}. Overlays are transparent below {OVERLAY_THRESHOLD:.0%} of the map's maximum."
     )
+    # before everything else: the results below may be meaningless for an input the model was not made for
+    html.add_warning_banner(INPUT_WARNING_TITLE, case.warnings)
     html.add_key_values({**case_summary(case), **dict(extra_summary or {})}, caption="Summary")
 
     outlines = prediction_outlines(case)

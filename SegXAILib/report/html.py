@@ -75,6 +75,10 @@ img.thumb { max-height: 9rem; width: auto; display: block; }
 figcaption { color: #444c56; font-size: 0.88rem; margin-top: 0.35rem; }
 footer { margin-top: 2.5rem; border-top: 1px solid #d0d7de; padding-top: 0.5rem; color: #6e7781;
          font-size: 0.8rem; }
+div.warning-banner { border: 2px solid #bf8700; background: #fff8c5; color: #3b2300; padding: 0.6rem 1rem;
+                      margin: 0.8rem 0 1.2rem; border-radius: 4px; }
+div.warning-banner strong { display: block; margin-bottom: 0.3rem; }
+div.warning-banner ul { margin: 0; padding-left: 1.2rem; }
 @media print { body { padding: 0; max-width: none; } figure, table { page-break-inside: avoid; } }
 """
 
@@ -274,6 +278,14 @@ class HtmlReport:
             )
         self._figure_names.add(unique)
         return target
+    def add_warning_banner(self, title: str, messages: Sequence[str]) -> None:
+        """A visible banner (yellow, bordered) of ``title`` and one item per message (escaped)."""
+        if not messages:
+            return
+        items = "".join(f"<li>{escape(message)}</li>" for message in messages)
+        self._parts.append(f'<div class="warning-banner" role="alert"><strong>{escape(title)}</strong>'
+                           f"<ul>{items}</ul></div>")
+
     def add_raw_html(self, fragment: str) -> None:
         """Insert trusted HTML as is (library-generated markup only, never user text)."""
         self._parts.append(str(fragment))

@@ -36,6 +36,7 @@ import numpy as np
 
 from ..image import SegXAIInputError
 from ..mrml.logic import UNCERTAINTY_VOLUMES, counterfactual_summary, uncertainty_summary
+from ..models.expectations import INPUT_WARNING_TITLE
 from ..pipeline.steps import LESION_UNCERTAINTY_KEYS
 from ..uncertainty.presets import UNCERTAINTY_PRESETS, preset_settings
 
@@ -216,7 +217,7 @@ class ViewerApp:
             "uncertainty_source": "flips", "uncertainty_samples": 8, "uncertainty_seed": 0, "uncertainty_random": False,
             "uncertainty_shown": False, "uncertainty_summary": {}, "has_uncertainty": False,
             "lesion_selected": 0, "counterfactual_generators": self.generators, "counterfactual_ids": [],
-            "counterfactual_shown": 0, "counterfactual_summary": {},
+            "counterfactual_shown": 0, "counterfactual_summary": {}, "input_warnings": [],
         })
         state.change("method")(self._on_method)
         state.change("pick_mode")(self._on_pick_mode)
@@ -553,6 +554,7 @@ class ViewerApp:
         from ..mrml import jump_slices_to
 
         case = self.session.case
+        self.state.input_warnings = list(case.warnings)  # the banner: the input may not fit the model
         self._show_uncertainty_state()
         self.state.lesion_selected = 0
         self._show_counterfactual_state()
@@ -674,6 +676,7 @@ class ViewerApp:
                 client.ServerTemplate(name=server.translator.translate_key(tag))
 
         with SinglePageLayout(server) as layout:
+            self.layout = layout  # the page (its .html: what the browser gets)
             layout.title.set_text("SegXAI")
             with layout.toolbar:
                 v3.VTextField(v_model=("open_path",), label="case folder or image", density="compact",
@@ -690,6 +693,12 @@ class ViewerApp:
                     with html.Div(style="display:flex;flex-direction:column;width:340px;overflow:auto;padding:8px;"):
                         html.Div("{{ error }}", v_show=("error",), id="segxai-error",
                                  style="color:#b00020;white-space:pre-wrap;margin-bottom:8px;")
+                        with html.Div(v_show=("input_warnings.length",), id="segxai-input-warnings", role="alert",
+                                      style="background:#fff8c5;color:#3b2300;border:2px solid #bf8700;padding:6px;"
+                                            "margin-bottom:8px;font-size:12px;"):
+                            html.Strong(INPUT_WARNING_TITLE)
+                            with html.Ul(style="margin:0;padding-left:16px;"):
+                                html.Li("{{ w }}", v_for="w in input_warnings", key="w")
                         v3.VSelect(v_model=("method",), items=("methods",), label="method", density="compact")
                         with html.Div(v_for="p in method_form", key="p.name"):
                             v3.VSelect(v_if="p.kind === 'choice'", v_model="method_params[p.name]",
