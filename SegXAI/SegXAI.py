@@ -600,11 +600,7 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.setSliceViewerLayers(background=self.logic.referenceVolume)
         elif action == "qa":
             qa = self.logic.case.qa
-            if qa.risk is None:
-                self.ui.riskBandLabel.text = "EC curve only (no risk model chosen)"
-            else:
-                self.ui.riskBandLabel.text = (f"risk band: {qa.risk['band'].upper()}  (PC1 {qa.risk['pc1']:.3g}, "
-                                              f"estimated Dice {qa.risk['estimated_dice']:.2f})")
+            self.ui.riskBandLabel.text = qa.summary_text()  # the text every front end shows
             slicer.modules.plots.logic().ShowChartInLayout(nodes.chart)
         elif action == "counterfactual":
             self.ui.counterfactualLabel.text = self.logic.counterfactualSummary(self.ui.instanceSpinBox.value)

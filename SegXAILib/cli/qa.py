@@ -180,8 +180,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     _fraction("--specificity", args.specificity, closed_right=True)
     with options_named(cohort_dir="--cohort"):
         document = read_cohort(args.cohort)
-    if args.method not in document["methods"]:
-        raise SegXAIInputError(f"--method {args.method!r}: the cohort {args.cohort} has maps for {sorted(document['methods'])}")
+    if args.method not in document["methods"] and not args.method.startswith("feature:"):
+        raise SegXAIInputError(f"--method {args.method!r}: the cohort {args.cohort} has maps for "
+                               f"{sorted(document['methods'])} (or give feature:<score> of a QA cohort)")
     with progress_bar("qa calibrate", not args.quiet) as progress, \
             options_named("method", "seed", "cv_folds", "insufficient_quantile", cohort_dir="--cohort",
                           n_thresholds="--thresholds", sensitivity_target="--sensitivity",
@@ -200,6 +201,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"AUROC {model.auroc:.3f} (training), {model.auroc_cv_mean:.3f} +- {model.auroc_cv_std:.3f} "
           f"({model.cv_folds}-fold cross-validated)")
     print(f"cut points: high if PC1 <= {cut(model.cut_high)}, moderate if PC1 <= {cut(model.cut_low)}, else low")
+    print(f"held-out AURC {model.aurc_cv:.4f}, estimated Dice error (MAE) {model.estimated_dice_mae_cv:.3f}; "
+          f"calibration domain: {', '.join(sorted(model.feature_ranges))}")
     print(f"risk model: {out}")
     for path in plots.values():
         print(f"plot: {path}")
@@ -236,6 +239,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     print(f"risk band: {result['band']}")
     print(f"estimated Dice: {result['estimated_dice']:.3f}")
     print(f"P(insufficient): {result['insufficient_probability']:.3f}")
+    print(f"QA: {case.qa.summary_text()}")
     if out_dir is None:
         return 0
     plots = write_risk_plots(out_dir, risk, case.qa.curve, result, prefix="qa_")
@@ -289,7 +293,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     calibrate = qa_commands.add_parser("calibrate", help="fit a risk model on a cohort")
     calibrate.add_argument("--cohort", required=True, type=Path, help="cohort folder (segxai qa cohort)")
-    calibrate.add_argument("--method", required=True, help="the attribution method whose maps to use")
+    calibrate.add_argument("--method", required=True,
+                           help="the attribution method whose maps to use, or feature:<score> (a QA cohort's stored "
+                                "reference-free score, e.g. feature:tta_pairwise_dice)")
     calibrate.add_argument("--out", required=True, type=Path, help="risk model JSON file; plots are written beside it")
     calibrate.add_argument("--thresholds", type=int, default=100, metavar="N", help="EC thresholds on [0, 1] (default 100)")
     calibrate.add_argument("--insufficient-quantile", type=float, default=0.15, metavar="Q",

@@ -201,10 +201,8 @@ def show_qa(scene, case, nodes: CaseNodes, name: str = "SegXAI") -> CaseNodes:
         raise SegXAIInputError("QA: the case has no QA result")
     nodes.chart, _ = ec_curve_chart(scene, qa.thresholds, {f"{qa.structure} ({qa.method})": qa.curve},
                                     name=f"{name} EC curves", reference=qa.reference_curve)
-    row: dict[str, Any] = {"structure": qa.structure, "method": qa.method, "band": qa.band}
+    row = qa.table_row()
     if qa.risk is not None:
-        row.update(qa.risk)
-        row["risk_model"] = qa.risk_model
         if nodes.segmentation is not None:
             set_segment_risk(nodes.segmentation, qa.structure, qa.risk)
     nodes.qa_table = qa_table_node([row], scene, name=f"{name} QA", node=nodes.qa_table)

@@ -53,6 +53,42 @@ class QAResult:
     def band(self) -> str:
         return self.risk["band"] if self.risk is not None else "no risk model"
 
+    def summary_text(self) -> str:
+        """What every front end shows: the band (upper case), the estimated Dice with the risk
+        model's stated error, and where it was calibrated with its held-out AURC; a case outside
+        the calibration domain says which of its features are outside."""
+        if self.risk is None:
+            return f"EC curve only ({self.method}; no risk model chosen)"
+        risk = self.risk
+        calibration = risk.get("calibration") or {}
+        error = calibration.get("estimated_dice_mae_cv")
+        estimate = f"estimated Dice {risk['estimated_dice']:.2f}" + (f" +- {error:.2f}" if error is not None else "")
+        where = []
+        if calibration.get("cohort"):
+            where.append(f"calibrated on {calibration['cohort']} ({calibration.get('n_cases')} cases)")
+        if calibration.get("aurc_cv") is not None:
+            where.append(f"held-out AURC {calibration['aurc_cv']:.3f}")
+        where_text = f"; {', '.join(where)}" if where else ""
+        if risk.get("outside_calibration"):
+            return (f"{self.band.upper()}: {', '.join(risk['outside_calibration'])} outside the calibration cases' "
+                    f"range, no band given ({estimate} is an extrapolation{where_text})")
+        return f"{self.band.upper()} risk ({estimate}; {self.method}{where_text})"
+
+    def table_row(self) -> dict[str, Any]:
+        """One flat row (numbers and text) for tables: band, scores, calibration."""
+        row: dict[str, Any] = {"structure": self.structure, "method": self.method, "band": self.band}
+        if self.risk is not None:
+            row.update({k: self.risk[k] for k in ("pc1", "estimated_dice", "insufficient_probability")})
+            calibration = self.risk.get("calibration") or {}
+            row["calibration_cohort"] = calibration.get("cohort") or ""
+            if calibration.get("aurc_cv") is not None:
+                row["calibration_aurc_cv"] = calibration["aurc_cv"]
+            if calibration.get("estimated_dice_mae_cv") is not None:
+                row["estimated_dice_error"] = calibration["estimated_dice_mae_cv"]
+            row["outside_calibration"] = ", ".join(self.risk.get("outside_calibration") or [])
+            row["risk_model"] = self.risk_model
+        return row
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (``qa.json``)."""
         document: dict[str, Any] = {"structure": self.structure, "method": self.method, "band": self.band,

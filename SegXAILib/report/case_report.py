@@ -45,8 +45,7 @@ def case_summary(case: "Case") -> dict[str, Any]:
         "instances of the structure": len(case.instances),
     }
     if case.qa is not None:
-        summary["QA risk band"] = case.qa.band + (f" (estimated Dice {case.qa.risk['estimated_dice']:.2f})"
-                                                  if case.qa.risk is not None else "")
+        summary["QA risk band"] = case.qa.summary_text()
     if structure is not None:
         summary[f"{case.structure} uncertainty ({case.uncertainty.samples} samples)"] = (
             f"mean entropy {structure.mean_entropy:.3f} nats, pairwise Dice "
@@ -106,10 +105,14 @@ def write_case_report(case: "Case", out_dir: Union[str, Path], title: Optional[s
     if case.qa is not None:
         qa = case.qa
         if qa.risk is not None:
-            paragraph = (f"Paper 000's risk score without a reference: the Euler characteristic curve of the {qa.method} "
-                         f"map inside the predicted {case.structure}, projected on the first principal component of "
-                         f"the risk model's calibration cohort, gives the band '{qa.band}' and an estimated Dice of "
-                         f"{qa.risk['estimated_dice']:.2f}.")
+            if qa.saliency is None:  # a feature risk model
+                how = (f"the case's {qa.method.partition(':')[2]} (a reference-free score, QA_PROTOCOL.md), mapped "
+                       "through the risk model's calibration cohort")
+            else:
+                how = (f"paper 000's score: the Euler characteristic curve of the {qa.method} map inside the predicted "
+                       f"{case.structure}, projected on the first principal component of the risk model's "
+                       "calibration cohort")
+            paragraph = f"Risk without a reference, from {how}: {qa.summary_text()}."
         else:
             paragraph = (f"The Euler characteristic curve of the {qa.method} map inside the predicted "
                          f"{case.structure}; without a risk model there is no band (calibrate one on a cohort with "

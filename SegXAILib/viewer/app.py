@@ -621,7 +621,7 @@ class ViewerApp:
 
     def _show_qa(self) -> None:
         qa = self.session.case.qa
-        self.state.qa_band = qa.band
+        self.state.qa_band = qa.summary_text()
         self.state.qa_figure = _qa_figure(qa)
 
     # ---- views -------------------------------------------------------------------------------
@@ -744,7 +744,7 @@ class ViewerApp:
                         v3.VTextField(v_model=("risk_model",), label="risk model (JSON or bundled:<model>/<method>)",
                                       density="compact", hide_details=True, classes="mt-2")
                         v3.VBtn("QA", click=ctrl.qa, id="segxai-qa", disabled=("busy || !has_case",), classes="my-2")
-                        html.Div("risk band: {{ qa_band }}", v_show=("qa_band",), id="segxai-qa-band")
+                        html.Div("{{ qa_band }}", v_show=("qa_band",), id="segxai-qa-band")
                         html.Img(src=("qa_figure",), v_show=("qa_figure",), style="width:100%;")
                         v3.VSelect(v_model=("uncertainty_source",), items=("uncertainty_presets",),
                                    label="uncertainty samples from", density="compact", hide_details=True,
