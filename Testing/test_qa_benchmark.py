@@ -93,3 +93,21 @@ def test_too_few_cases_refused():
     cases, curves, _ = synthetic_cohort(n_groups=3, per_group=2)
     with pytest.raises(SegXAIInputError, match="cases: 6 usable"):
         benchmark_cohort(cases, curves, ["signal"])
+
+
+def test_leave_one_kind_out():
+    """Fitted detectors refitted with each degradation kind unseen: curves carrying the Dice in
+    every kind still rank; a cohort of one kind has no such column."""
+    from SegXAILib.qa.benchmark import kind_folds
+
+    cases, curves, dice = synthetic_cohort()
+    assert kind_folds(cases) == []
+    for i, case in enumerate(cases):
+        case["kind"] = "abc"[i % 3]
+    folds = kind_folds(cases)
+    assert [len(test) for _, test in folds] == [40, 40, 40]
+    assert all(set(train).isdisjoint(test) and len(train) + len(test) == len(cases) for train, test in folds)
+    result = benchmark_cohort(cases, curves, ["signal"], n_splits=5, n_repeats=1, n_resamples=100, seed=0)
+    rows = {r["detector"]: r for r in result["rows"]}
+    assert rows["EC PC1: signal"]["auroc_leave_kind_out"] > 0.95
+    assert "aurc_leave_kind_out" not in rows["tta_pairwise_dice"]  # fixed scores fit nothing

@@ -162,5 +162,6 @@ def test_benchmark_cli_equals_library(tmp_path, capsys):
     assert [r["aurc"] for r in written["rows"]] == [r["aurc"] for r in direct["rows"]]
     assert written["best"] == direct["best"]
     assert "### synthetic" in (out / "qa_benchmark.md").read_text()
-    assert (out / "qa_risk_coverage_synthetic.png").read_bytes()[:4] == b"\x89PNG"
+    for plot in ("qa_risk_coverage_synthetic.png", "qa_auroc_thresholds_synthetic.png"):
+        assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     assert read_case_curves(folder / cases[0]["files"]["curves"])["signal"].shape == (30,)

@@ -42,7 +42,7 @@ from ..evaluation.failure_detection import (
 from .scores import RISK_DIRECTION
 
 __all__ = ["ADMISSION_MAX_VOLUME_AUROC", "ADMISSION_MIN_INSUFFICIENT", "DICE_THRESHOLDS", "Detector",
-           "detector_scores", "admission", "benchmark_cohort", "benchmark_markdown"]
+           "detector_scores", "kind_folds", "admission", "benchmark_cohort", "benchmark_markdown"]
 
 #: a cohort is evidence only if the predicted volume's AUROC is at most this (every direction) ...
 ADMISSION_MAX_VOLUME_AUROC = 0.70
@@ -149,6 +149,7 @@ def detector_scores(
     n_repeats: int = 10,
     seed: int = 0,
     quantile: float = 0.15,
+    folds: Optional[Sequence[tuple[np.ndarray, np.ndarray]]] = None,
 ) -> list[Detector]:
     """Every detector of the protocol on the cohort's usable cases.
 
@@ -161,11 +162,17 @@ def detector_scores(
         ``control_intensity``).
     methods : sequence of str
         The saliency methods to judge (curves present in every case).
+    folds : sequence of (train, test) index arrays, optional
+        Folds to fit in instead of the repeated grouped folds (one repeat), e.g.
+        :func:`kind_folds`.
     """
     dice = np.array([float(c["dice"]) for c in cases])
     groups = np.array([str(c.get("group", c["case_id"])) for c in cases])
     n = len(dice)
-    folds = repeated_grouped_folds(groups, n_splits=n_splits, n_repeats=n_repeats, seed=seed)
+    if folds is None:
+        folds = repeated_grouped_folds(groups, n_splits=n_splits, n_repeats=n_repeats, seed=seed)
+    else:
+        n_repeats = 1
     names = sorted({k for c in cases for k, v in (c.get("scores") or {}).items()})
     table = np.array([[np.nan if (c["scores"].get(k) is None) else float(c["scores"][k]) for k in names]
                       for c in cases], dtype=np.float64)
@@ -243,6 +250,16 @@ def detector_scores(
     return detectors
 
 
+def kind_folds(cases: Sequence[Mapping[str, Any]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Leave-one-degradation-kind-out folds (QA_PROTOCOL.md): each kind held out once, fitted
+    on the others; empty when the cohort has fewer than two kinds."""
+    kinds = np.array([str(c.get("kind", "")) for c in cases])
+    names = sorted(set(kinds))
+    if len(names) < 2:
+        return []
+    return [(np.flatnonzero(kinds != k), np.flatnonzero(kinds == k)) for k in names]
+
+
 def _estimated_dice(score: np.ndarray, dice: np.ndarray, folds, n_repeats: int) -> np.ndarray:
     """Held-out isotonic estimate of Dice from a risk score (decreasing), mean over repeats."""
     from sklearn.isotonic import IsotonicRegression
@@ -299,7 +316,8 @@ def benchmark_cohort(
     seed: int = 0,
 ) -> dict[str, Any]:
     """The cohort's table: every detector's metrics with CIs, and each saliency detector's paired
-    comparison with each baseline. JSON-ready."""
+    comparison with each baseline; with every case's held-out score per detector (``scores``,
+    in the order of ``case_ids``) for plots. JSON-ready."""
     if len(cases) < 2 * n_splits:
         raise SegXAIInputError(f"cases: {len(cases)} usable case(s), need at least {2 * n_splits} for "
                                f"{n_splits}-fold cross-validation")
@@ -333,6 +351,17 @@ def benchmark_cohort(
             row["aurc_repeats"] = [float(np.mean(per)), float(np.std(per))]
         rows.append(row)
 
+    # leave-one-degradation-kind-out: the fitted detectors refitted with each kind unseen
+    by_kind = kind_folds(cases)
+    if by_kind:
+        held = {d.name: d for d in detector_scores(cases, curves, methods, n_splits, n_repeats, seed, quantile,
+                                                   folds=by_kind)}
+        for row in rows:
+            d = held.get(row["detector"])
+            if d is not None and d.repeats is not None:
+                row["aurc_leave_kind_out"] = float(aurc(d.scores, risk))
+                row["auroc_leave_kind_out"] = float(auroc(d.scores, insufficient))
+
     baselines = [d for d in detectors if d.family in ("random", "volume", "shape", "softmax", "uncertainty",
                                                       "regressor", "control", "image quality", "agreement")]
     comparisons = []
@@ -361,6 +390,8 @@ def benchmark_cohort(
         "cross_validation": {"n_splits": n_splits, "n_repeats": n_repeats, "group_by": "group", "seed": seed},
         "bootstrap": {"n_resamples": n_resamples, "level": 0.95, "by": "group"},
         "rows": rows, "comparisons": comparisons, "best": best["detector"],
+        "case_ids": [str(c["case_id"]) for c in cases], "dice_values": [float(v) for v in dice],
+        "scores": {d.name: [float(v) for v in d.scores] for d in detectors},
     }
 
 
@@ -385,15 +416,15 @@ def benchmark_markdown(name: str, result: Mapping[str, Any], description: str = 
         + ", ".join(f"{k} {v:.2f}" for k, v in volume.items()) + ".",
         "",
         "| detector | family | AURC [95 % CI] | excess AURC | AUROC q15 [95 % CI] | AUROC Dice<0.7 | Spearman | "
-        "partial Spearman (log vol.) | MAE est. Dice |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "partial Spearman (log vol.) | MAE est. Dice | AURC leave-kind-out |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(result["rows"], key=lambda r: r["aurc"]):
         lines.append(
             f"| {r['detector']} | {r['family']} | {r['aurc']:.4f} [{r['aurc_ci'][0]:.4f}, {r['aurc_ci'][1]:.4f}] | "
             f"{r['excess_aurc']:.4f} | {r['auroc']:.3f} [{r['auroc_ci'][0]:.3f}, {r['auroc_ci'][1]:.3f}] | "
             f"{_fmt(r['auroc_at_dice'].get('0.7'))} | {r['spearman']:.3f} | {_fmt(r['partial_spearman'])} | "
-            f"{r['mae_estimated_dice']:.3f} |")
+            f"{r['mae_estimated_dice']:.3f} | {_fmt(r.get('aurc_leave_kind_out'), 4)} |")
     lines += ["", "Paired comparisons (saliency and combinations against each baseline; delta AURC < 0 means the "
               "first is better; p-values Holm-corrected across baselines):", "",
               "| detector | best baseline | delta AURC [95 % CI] | p (Holm) | beats every baseline (AURC, p < 0.05) |",

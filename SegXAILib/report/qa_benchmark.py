@@ -2,8 +2,9 @@
 risk-coverage plots (:func:`SegXAILib.qa.benchmark.benchmark_cohort` on each cohort).
 
 Files (atomic): ``qa_benchmark.json`` (every number), ``qa_benchmark.md`` (one table per
-cohort, best detector first, then the paired comparisons) and ``qa_risk_coverage_<cohort>.png``
-(selective risk against coverage for the best detector of each family).
+cohort, best detector first, then the paired comparisons), ``qa_risk_coverage_<cohort>.png``
+(selective risk against coverage) and ``qa_auroc_thresholds_<cohort>.png`` (AUROC across Dice
+thresholds), each for the best detector of every family.
 """
 
 from __future__ import annotations
@@ -18,39 +19,63 @@ import numpy as np
 from ..image import SegXAIInputError
 from ..io import atomic_path, check_writable_dir
 from ..progress import ProgressCallback, report, sub_progress
-from ..qa.benchmark import benchmark_cohort, benchmark_markdown, detector_scores
+from ..qa.benchmark import benchmark_cohort, benchmark_markdown
 from ..qa.cohort_table import read_cohort_table
 
-__all__ = ["write_benchmark", "risk_coverage_figure"]
+__all__ = ["write_benchmark", "risk_coverage_figure", "auroc_threshold_figure"]
 
 
-def risk_coverage_figure(cases, curves, methods, result: dict[str, Any], title: str = ""):
-    """Selective risk (mean 1 - Dice of the accepted cases) against coverage for the best
-    detector (lowest AURC) of each family, with the oracle and random."""
-    from ..evaluation.failure_detection import risk_coverage_curve
-    from .risk_plots import _figure
-
-    cv = result["cross_validation"]
-    detectors = {d.name: d for d in detector_scores(cases, curves, methods, cv["n_splits"], cv["n_repeats"], cv["seed"],
-                                                    result["quantile"])}
-    risk = 1.0 - np.array([float(c["dice"]) for c in cases])
+def _best_per_family(result: dict[str, Any]) -> list[dict[str, Any]]:
     best: dict[str, dict] = {}
     for row in result["rows"]:
-        if row["family"] in ("ablation",):
+        if row["family"] == "ablation":
             continue
         if row["family"] not in best or row["aurc"] < best[row["family"]]["aurc"]:
             best[row["family"]] = row
+    return sorted(best.values(), key=lambda row: row["aurc"])
+
+
+def risk_coverage_figure(result: dict[str, Any], title: str = ""):
+    """Selective risk (mean 1 - Dice of the accepted cases) against coverage for the best
+    detector (lowest AURC) of each family, with the oracle."""
+    from ..evaluation.failure_detection import risk_coverage_curve
+    from .risk_plots import _figure
+
+    risk = 1.0 - np.asarray(result["dice_values"])
     figure = _figure(6.4, 4.4)
     axes = figure.add_subplot(1, 1, 1)
     coverage, selective = risk_coverage_curve(risk, risk)
     axes.plot(coverage, selective, color="black", linestyle=":", label=f"oracle (AURC {result['optimal_aurc']:.3f})")
-    for family, row in sorted(best.items(), key=lambda item: item[1]["aurc"]):
-        coverage, selective = risk_coverage_curve(detectors[row["detector"]].scores, risk)
+    for row in _best_per_family(result):
+        coverage, selective = risk_coverage_curve(np.asarray(result["scores"][row["detector"]]), risk)
         axes.plot(coverage, selective, label=f"{row['detector']} ({row['aurc']:.3f})")
     axes.set_xlabel("coverage (fraction of contours accepted)")
     axes.set_ylabel("selective risk (mean 1 - Dice)")
     axes.set_title(title)
     axes.legend(fontsize=6, loc="upper left")
+    figure.tight_layout()
+    return figure
+
+
+def auroc_threshold_figure(result: dict[str, Any], title: str = ""):
+    """AUROC for "Dice below t" against t (where both classes exist) for the best detector of
+    each family: does the ranking hold at every definition of insufficient?"""
+    from ..evaluation.failure_detection import auroc
+    from .risk_plots import _figure
+
+    dice = np.asarray(result["dice_values"])
+    grid = np.quantile(dice, np.linspace(0.05, 0.5, 19))
+    figure = _figure(6.4, 4.4)
+    axes = figure.add_subplot(1, 1, 1)
+    for row in _best_per_family(result):
+        scores = np.asarray(result["scores"][row["detector"]])
+        values = [auroc(scores, dice < t) if 0 < (dice < t).sum() < dice.size else np.nan for t in grid]
+        axes.plot(grid, values, marker=".", label=row["detector"])
+    axes.axhline(0.5, color="grey", linewidth=0.8)
+    axes.set_xlabel("Dice threshold t (insufficient = Dice < t; 5 % to 50 % quantiles)")
+    axes.set_ylabel("AUROC")
+    axes.set_title(title)
+    axes.legend(fontsize=6, loc="lower right")
     figure.tight_layout()
     return figure
 
@@ -102,8 +127,9 @@ def write_benchmark(
         description = (f"Model `{document['model'].get('card_name')}`; {document.get('source', '')}; "
                        f"methods {', '.join(methods)}.")
         markdown.append(benchmark_markdown(name, result, description))
-        figure = risk_coverage_figure(cases, curves, methods, result, title=name)
-        written.append(save_figure(figure, out_dir / f"qa_risk_coverage_{name}.png"))
+        written.append(save_figure(risk_coverage_figure(result, title=name), out_dir / f"qa_risk_coverage_{name}.png"))
+        written.append(save_figure(auroc_threshold_figure(result, title=name),
+                                   out_dir / f"qa_auroc_thresholds_{name}.png"))
         report(step, 1.0, f"{name}: best {result['best']}")
     json_path = out_dir / "qa_benchmark.json"
     with atomic_path(json_path) as temporary:
