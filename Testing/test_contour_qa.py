@@ -230,6 +230,17 @@ def test_report_and_front_ends_show_the_review_list(scored, tmp_path):
     assert [row["structure"] for row in rows] == ["edited gland", "gland"]
     assert rows[1]["dice_with_prediction"] == 1.0
     assert contour_qa_summary(None) == [] and contour_qa_summary(new_case_without_review(case)) == []
+    from SegXAILib.mrml import headless_scene, table_node_columns
+    from SegXAILib.mrml.logic import CaseNodes, show_contour_qa
+
+    nodes = show_contour_qa(headless_scene(), case, CaseNodes())
+    columns = table_node_columns(nodes.contour_qa_table)
+    assert columns["structure"] == ["edited gland", "gland"] and columns["rank"] == [1, 2]
+    from SegXAILib.viewer.app import contour_review_state
+
+    page = contour_review_state(case)
+    assert [row["structure"] for row in page] == ["edited gland", "gland"]
+    assert page[1]["dice_with_prediction"] == 1.0 and page[0]["suspicion"] == round(rows[0]["suspicion"], 3)
 
 
 def new_case_without_review(case):
