@@ -308,3 +308,47 @@ def test_cli_needs_a_risk_model_or_a_contour(dicom_case, tmp_path, capsys):
     assert score(image, "--structure", "gland", "--out", tmp_path / "out") == 2
     assert "--structure: only with --contour" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------- segxai demo --dicom
+
+
+def test_demo_dicom_writes_series_seg_rtstruct_and_maps_that_read_back(phantom, model, tmp_path):
+    from SegXAILib.demo import write_demo_dicom
+    from SegXAILib.dicom import read_dicom_series, read_parametric_map, read_rtstruct, read_seg
+    from SegXAILib.pipeline import MethodSettings, add_maps
+
+    case = new_case(phantom, model)
+    add_maps(case, model, [MethodSettings(method="vanilla_gradient")])
+    written = write_demo_dicom(tmp_path / "dicom", case)
+    series = read_dicom_series(written["dicom:series:CT"])
+    assert series.image.same_grid(case.image)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    for reader, role in ((read_seg, "dicom:seg"), (read_rtstruct, "dicom:rtstruct")):
+        masks = reader(written[role], series)
+        assert list(masks) == ["gland"]
+        np.testing.assert_array_equal(masks["gland"], case.mask)
+    values = read_parametric_map(written["dicom:map:saliency vanilla_gradient CT"], series).array[0]
+    expected = case.maps["vanilla_gradient"].maps.array[0]
+    # float32 maps stored as 32-bit float pixel data with an identity value mapping: exact
+    np.testing.assert_array_equal(values, expected)
+    with pytest.raises(SegXAIInputError, match="already exists"):
+        write_demo_dicom(tmp_path / "dicom", case)
+
+
+def test_demo_dicom_refuses_an_existing_folder_before_any_work(tmp_path, capsys):
+    (tmp_path / "dicom").mkdir()
+    assert main(["-q", "demo", "--quick", "--dicom", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "--dicom" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["dicom"]
+
+
+def test_a_map_label_cut_before_an_underscore_is_written(phantom, tmp_path):
+    """``saliency guided_gradcam FLAIR``[:16] ends with an underscore, which a Content Label may not."""
+    from SegXAILib.dicom import read_dicom_series, read_parametric_map, write_parametric_map
+    from SegXAILib.dicom.testdata import write_test_series
+
+    series = read_dicom_series(write_test_series(tmp_path / "series", image=phantom.image))
+    values = np.random.default_rng(0).random(SHAPE).astype(np.float32)
+    path = write_parametric_map(tmp_path / "map.dcm", values, series, label="saliency guided_")
+    np.testing.assert_array_equal(read_parametric_map(path, series).array[0], values)
