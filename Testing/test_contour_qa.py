@@ -194,6 +194,25 @@ def test_a_risk_model_of_the_model_scores_and_orders(phantom, model, scored, tmp
     assert case.contour_qa.risk_model == str(path)
 
 
+def test_without_a_risk_model_qa_method_gives_the_curve(phantom, model, scored):
+    """qa.method: the case's map of that method (class target) is reused, its EC curve inside
+    each contour on 100 thresholds, no risk and the Dice order."""
+    from SegXAILib.pipeline import add_contour_qa, add_maps
+    from SegXAILib.topology import default_thresholds, saliency_curve
+
+    _, prediction, shifted = scored
+    case = new_case(phantom, model, methods=[{"method": "vanilla_gradient"}], qa={"method": "vanilla_gradient"})
+    add_maps(case, model)
+    add_contour_qa(case, model, {"gland": prediction, "edited gland": shifted}, classes={"edited gland": "gland"})
+    saliency = case.maps["vanilla_gradient"].maps.array.sum(axis=0)
+    assert [row["structure"] for row in case.contour_qa.rows] == ["edited gland", "gland"]
+    for row in case.contour_qa.rows:
+        mask = prediction if row["structure"] == "gland" else shifted
+        assert row["saliency"]["map"] == "vanilla_gradient" and row["risk"] is None
+        np.testing.assert_array_equal(row["saliency"]["thresholds"], default_thresholds(100))
+        np.testing.assert_array_equal(row["saliency"]["curve"], saliency_curve(saliency, mask, default_thresholds(100)))
+
+
 def test_contour_qa_json_round_trips(phantom, scored, tmp_path):
     from SegXAILib.pipeline import read_case, read_manifest, write_case
     from SegXAILib.pipeline.write import _json_ready

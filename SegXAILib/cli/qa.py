@@ -285,8 +285,8 @@ def _print_review(contour_qa) -> None:
         band = f", risk band {row['risk']['band']}" if row.get("risk") else ""
         print(f"{rank}. {row['structure']} ({row['class_name']}): suspicion {number(row['suspicion'])} "
               f"[{row['sort_key']}], Dice with prediction {number(scores['dice_with_prediction'])}, volume ratio "
-              f"{number(scores['volume_ratio'])}, surface distance mean {number(scores['mean_surface_distance_mm'], 2)} "
-              f"mm / 95% {number(scores['hd95_mm'], 2)} mm, mean probability inside "
+              f"{number(scores['volume_ratio'])}, surface distance mean "
+              f"{number(scores['mean_surface_distance_mm'], 2)} mm / 95% {number(scores['hd95_mm'], 2)} mm, mean probability inside "
               f"{number(scores.get('mean_probability_inside'))}{band}")
     for note in contour_qa.notes:
         print(f"note: {note}")
@@ -464,8 +464,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                        help="risk model JSON (segxai qa calibrate); required without --contour")
     score.add_argument("--contour", default=None, type=Path, metavar="FILE",
                        help="contours to score: an RTSTRUCT or SEG file on the DICOM series of the first IMAGE, or an "
-                            "image file on the input's grid (a binary mask for one --structure, else a label map of the "
-                            "model's class indices)")
+                            "image file on the input's grid (a binary mask for one --structure, else a label map of "
+                            "the model's class indices)")
     score.add_argument("--structure", action="append", default=[], metavar="NAME[=CLASS]",
                        help="a structure of --contour to score (repeatable); =CLASS names the model class it is "
                             "compared with when NAME is not one")

@@ -480,7 +480,8 @@ def score_qa(
 # ---------------------------------------------------------------------------- QA of given contours
 
 
-def contour_classes(card: ModelCard, names: Sequence[str], classes: Optional[Mapping[str, str]] = None) -> dict[str, int]:
+def contour_classes(card: ModelCard, names: Sequence[str],
+                    classes: Optional[Mapping[str, str]] = None) -> dict[str, int]:
     """The model class index of each contour name: ``classes[name]`` when given, else the
     foreground class of that exact name.
 
@@ -516,9 +517,9 @@ def _contour_probabilities(case: Case) -> Optional[np.ndarray]:
     return None
 
 
-def _contour_saliency(case: Case, model: LoadedModel, class_name: str, risk, risk_name: str,
+def _contour_saliency(case: Case, model: LoadedModel, class_name: str, risk,
                       progress: Optional[ProgressCallback], cancel: Optional[CancelToken]):
-    """``(method, map name, saliency (I, J, K), thresholds, scored_by)`` of the class ``class_name``:
+    """``(method, map name, AttributionResult, thresholds)`` of the class ``class_name``:
     the risk model's method (its parameters, target ``class:<class_name>``) when ``risk`` belongs to
     the model, else ``settings.qa.method``'s; a case map made exactly so is reused. None when
     neither is set."""
@@ -646,7 +647,7 @@ def score_contours(
         if not case.segmentation.mask(index).any():
             notes.append(f"{name}: the model predicts no {class_name!r} voxel: no saliency map of the class")
         else:
-            found = _contour_saliency(case, model, class_name, risk, risk_name, step, cancel)
+            found = _contour_saliency(case, model, class_name, risk, step, cancel)
             if found is None:
                 if position == 0:
                     notes.append("saliency: no risk model of this model and no qa.method: no EC curve")

@@ -4,8 +4,9 @@ read back from its folder with :func:`~SegXAILib.pipeline.read_case`).
 What the case has is shown, nothing is invented: the summary (model, structure, volumes per
 class, device, notes), the class-level maps through the largest instance (or the structure's
 centre), the lesion table with each lesion's instance saliency and uncertainty columns, the QA
-(band, estimated Dice, EC curve), the review list of given contours, where the model is unsure, the Agg2Exp matrix and each
-explained lesion's counterfactual relevance (G+(x), G-(x), R and the scores). The sections
+(band, estimated Dice, EC curve), the review list of given contours, where the model is unsure,
+the Agg2Exp matrix and each explained lesion's counterfactual relevance (G+(x), G-(x), R and the
+scores). The sections
 are those of the demo's report (:mod:`SegXAILib.report.sections`).
 """
 
