@@ -233,6 +233,15 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for selector in self._channelSelectors:
             selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
 
+        # the review list of given contours (a case folder of 'segxai qa score --contour'): a plain
+        # read-only table under the QA section, filled from the case by contour_qa_summary
+        self.contourReviewTable = qt.QTableWidget()
+        self.contourReviewTable.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
+        self.contourReviewTable.setToolTip("Given contours against the model's prediction, most suspicious first "
+                                           "(suspicion: the risk model's P(insufficient), else 1 - Dice)")
+        self.contourReviewTable.setVisible(False)
+        self.ui.qaCollapsibleButton.layout().addRow(self.contourReviewTable)
+
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(100)
         self._pollTimer.connect("timeout()", self.onPoll)
@@ -318,6 +327,7 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.close()  # a running job is cancelled; its results would land in the next scene
         self.ui.lesionTableView.setMRMLTableNode(None)
         self.ui.riskBandLabel.text = ""
+        self.showContourReview()
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
@@ -587,7 +597,32 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._attempt(f"{label}: could not show the results", lambda: self._afterImport(update.action))
         self.updateButtons()
 
+    #: the review list's columns shown in the panel: row key -> header
+    CONTOUR_REVIEW_COLUMNS = (("rank", "#"), ("structure", "structure"), ("class", "class"),
+                              ("suspicion", "suspicion"), ("dice_with_prediction", "Dice vs model"),
+                              ("hd95_mm", "HD95 (mm)"), ("mean_probability_inside", "p inside"),
+                              ("risk_band", "risk band"))
+
+    def showContourReview(self):
+        """Fill the review table from the current case (hidden when it has no contour review)."""
+        rows = self.logic.contourQASummary() if self.logic is not None else []
+        table = self.contourReviewTable
+        table.clear()
+        table.setRowCount(len(rows))
+        table.setColumnCount(len(self.CONTOUR_REVIEW_COLUMNS))
+        table.setHorizontalHeaderLabels([title for _, title in self.CONTOUR_REVIEW_COLUMNS])
+        for row, values in enumerate(rows):
+            for column, (key, _) in enumerate(self.CONTOUR_REVIEW_COLUMNS):
+                value = values.get(key)
+                text = "" if value is None else (f"{value:.3g}" if isinstance(value, float) else str(value))
+                table.setItem(row, column, qt.QTableWidgetItem(text))
+        table.resizeColumnsToContents()
+        table.setVisible(bool(rows))
+        if rows:
+            self.ui.qaCollapsibleButton.collapsed = False
+
     def _afterImport(self, action):
+        self.showContourReview()
         nodes = self.logic.nodes
         warnings = self.logic.inputWarnings()
         self.inputWarningLabel.text = warnings
@@ -926,6 +961,17 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
         from SegXAILib.mrml.logic import input_warnings_text
 
         return input_warnings_text(self.case) if self.case is not None else ""
+    def openCase(self, caseFolder):
+        """Show a saved case folder (e.g. of ``segxai qa score --contour --out``) without computing
+        anything; returns the case."""
+        return self.session.open(caseFolder)
+
+    def contourQASummary(self):
+        """The review list of given contours, most suspicious first (the panel's table rows); []
+        without one."""
+        from SegXAILib.mrml.logic import contour_qa_summary
+
+        return contour_qa_summary(self.case)
 
     def uncertaintySummary(self):
         """One line on the structure's uncertainty (the panel's label); empty without one."""

@@ -6,7 +6,8 @@ maps (max aggregation) of every predicted lesion -> the lesion table (TP / FP ag
 inserted truth) -> the QA risk band of the lesion class from the shipped risk model -> the
 Agg2Exp matrix -> the prediction's uncertainty (test-time left-right flips and mild noise,
 when the settings enable it) -> NIfTI outputs on the input grid, a Slicer scene bundle
-(``.mrb``) and an HTML report.
+(``.mrb``) and an HTML report; with ``dicom``, the results as DICOM too (:func:`write_demo_dicom`:
+the input as DICOM series, SEG + RTSTRUCT + Parametric Maps referencing the first).
 
 :class:`DemoSettings` sizes the work; :meth:`DemoSettings.reduced` is the setting the test
 suite runs (a crop around one lesion, fewer samples).
@@ -31,10 +32,13 @@ from .progress import CancelToken, ProgressCallback, report, sub_progress
 from .report.sections import (ENTROPY_FLOOR, MUTUAL_INFORMATION_FLOOR, OVERLAY_THRESHOLD,  # noqa: F401
                               REPORT_UNCERTAINTY_COLUMNS)
 
-__all__ = ["DEMO_SEED", "DemoSettings", "DemoResult", "demo_case", "demo_phantom", "run_demo"]
+__all__ = ["DEMO_SEED", "DemoSettings", "DemoResult", "demo_case", "demo_phantom", "run_demo", "write_demo_dicom",
+           "DICOM_FOLDER"]
 
 #: seed of the lesions inserted into the sample (the lesion model never saw it in training)
 DEMO_SEED = 2026
+#: the demo's DICOM results (``run_demo(dicom=True)``), inside its output folder
+DICOM_FOLDER = "dicom"
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,7 @@ def run_demo(
     settings: Optional[DemoSettings] = None,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
+    dicom: bool = False,
 ) -> DemoResult:
     """Run the demo into ``out_dir``: the case pipeline on the demo case, then the report and
     the Slicer scene.
@@ -124,7 +129,9 @@ def run_demo(
     Outputs: the case folder of :func:`~SegXAILib.pipeline.write_case` (segmentation, maps,
     instance maps, lesion table, QA, Agg2Exp, uncertainty when enabled, ``case.json``), plus
     ``input_<channel>.nii.gz``, ``truth_lesions.nii.gz``, ``scene.mrb`` and ``report.html`` with
-    ``figures/``, all listed in the manifest.
+    ``figures/``, all listed in the manifest. With ``dicom``, also ``dicom/``
+    (:func:`write_demo_dicom`; its SEG, RTSTRUCT and maps listed in the manifest); it must not
+    exist yet (checked before any work).
     """
     from .pipeline import add_to_manifest, load_case_model, run_case, write_case
 
@@ -132,6 +139,9 @@ def run_demo(
     case_settings = CaseSettings.from_dict({**settings.case.to_dict(), "device": device}, "demo settings")
     if not (case_settings.instances.enabled and case_settings.qa.risk_model and case_settings.agg2exp.enabled):
         raise SegXAIInputError("demo settings: the report needs instances, a QA risk model and Agg2Exp enabled")
+    if dicom and (Path(out_dir) / DICOM_FOLDER).exists():
+        raise SegXAIInputError(f"dicom: {Path(out_dir) / DICOM_FOLDER} already exists; DICOM results are written to a "
+                               "new folder (remove it, or choose another output folder)")
     out_dir = check_writable_dir(out_dir)
     timings: dict[str, float] = {}
 
@@ -162,6 +172,11 @@ def run_demo(
     manifest = write_case(case, out_dir, cancel=cancel, extra_files=extra,
                           inputs={name: extra[f"input_{name}"] for name in image.channel_names})
     timings["write case"] = time.perf_counter() - start
+    if dicom:
+        start = time.perf_counter()
+        report(progress, 0.9, "writing DICOM")
+        extra.update(write_demo_dicom(out_dir / DICOM_FOLDER, case))
+        timings["DICOM"] = time.perf_counter() - start
     if settings.scene:
         if cancel is not None:
             cancel.raise_if_cancelled()
@@ -174,9 +189,46 @@ def run_demo(
     path = _write_report(out_dir, case, phantom.truth, dice, seed, timings, cancel, scene=extra.get("scene"))
     timings["report"] = time.perf_counter() - start
     extra["report"] = path
-    add_to_manifest(out_dir, {k: v for k, v in extra.items() if k in ("scene", "report")})
+    add_to_manifest(out_dir, {k: v for k, v in extra.items() if k in ("scene", "report")
+                                or (k.startswith("dicom:") and not k.startswith("dicom:series:"))})
     report(progress, 1.0, "done")
     return DemoResult(report=path, dice=dice, case=case, manifest=manifest, outputs=extra, timings=timings)
+
+
+def write_demo_dicom(folder: str | Path, case: Case) -> dict[str, Path]:
+    """A case's input and results as DICOM, into the new ``folder``.
+
+    ``series_<channel>/``: each input channel as an MR series
+    (:func:`~SegXAILib.dicom.testdata.write_test_series` on the case's grid; intensities rounded
+    to unsigned 16 bits, one frame of reference for all); ``results/``: SEG and RTSTRUCT of every
+    foreground class and a Parametric Map of each saliency / uncertainty map
+    (:func:`~SegXAILib.dicom.write_dicom_results`), all referencing the first channel's series.
+    The folder is written under a temporary name and renamed, so it holds all of this or does not
+    exist.
+
+    Returns
+    -------
+    dict
+        ``"dicom:series:<channel>"`` -> series folder, and ``"dicom:seg"``, ``"dicom:rtstruct"``,
+        ``"dicom:map:<name>"`` -> file.
+    """
+    from .dicom import case_dicom_content, read_dicom_series, write_dicom_results
+    from .dicom.series import atomic_folder, new_uid
+    from .dicom.testdata import write_test_series
+
+    folder = Path(folder)
+    frame = new_uid()  # one patient frame of reference: every channel lies on the same grid
+    names = [f"series_{channel}" for channel in case.image.channel_names]
+    with atomic_folder(folder) as temporary:
+        for name, channel in zip(names, case.image.channel_names):
+            write_test_series(temporary / name, image=case.image.channel(channel), frame_of_reference_uid=frame)
+        series = read_dicom_series(temporary / names[0])
+        masks, maps = case_dicom_content(case, series)
+        written = write_dicom_results(temporary / "results", series, masks, maps)
+    paths: dict[str, Path] = {f"dicom:series:{channel}": folder / name
+                              for name, channel in zip(names, case.image.channel_names)}
+    paths.update({f"dicom:{role}": folder / "results" / Path(path).name for role, path in written.items()})
+    return paths
 
 
 def _write_scene(path: Path, case: Case) -> Path:

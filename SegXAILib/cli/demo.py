@@ -15,9 +15,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import DemoSettings, run_demo
 
     settings = DemoSettings.reduced() if args.quick else DemoSettings()
-    with progress_bar("demo", not args.quiet) as progress, options_named("device", "seed"):
-        result = run_demo(args.out, seed=args.seed, device=args.device, settings=settings, progress=progress)
+    with progress_bar("demo", not args.quiet) as progress, options_named("device", "seed", "dicom"):
+        result = run_demo(args.out, seed=args.seed, device=args.device, settings=settings, progress=progress,
+                          dicom=args.dicom)
     print(f"Dice against the inserted lesions: {result.dice:.3f}")
+    if args.dicom:
+        print(f"DICOM (series, SEG, RTSTRUCT, parametric maps): {(Path(args.out) / 'dicom').resolve()}")
     if "scene" in result.outputs:
         print(f"Slicer scene: {Path(result.outputs['scene']).resolve()}")
     print(f"Report: {result.report.resolve()}")
@@ -43,6 +46,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--seed", type=int, default=2026, help="seed of the inserted lesions")
     demo.add_argument("--quick", action="store_true",
                       help="a reduced run: a 48x48x32 crop around one lesion, fewer samples (about a minute)")
+    demo.add_argument("--dicom", action="store_true",
+                      help="also write the results as DICOM into OUT/dicom: the input as MR series, SEG, RTSTRUCT and "
+                           "parametric maps referencing it")
     device_option(demo)
     demo.set_defaults(run=_cmd_demo)
 

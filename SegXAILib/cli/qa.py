@@ -12,6 +12,11 @@
   writes its plots beside it (ROC with the cut points, Dice vs PC1, the cohort's EC band);
 * ``segxai qa score IMAGE... --model M --risk RISK.json [--out DIR]`` scores one case: PC1,
   band, estimated Dice; with ``--out`` a JSON result, the mask, the saliency map and plots.
+* ``segxai qa score IMAGE... --model M --contour FILE --structure NAME[=CLASS]... [--risk RISK.json]
+  [--method M] [--out DIR]`` scores contours the model did not draw (an RTSTRUCT or SEG on a
+  DICOM series given as IMAGE, or a NIfTI mask / label map on the image's grid) against the
+  model's own prediction, and prints the review list, most suspicious first
+  (:func:`SegXAILib.pipeline.add_contour_qa`); ``--out`` writes the case with ``contour_qa.json``.
 
 A risk model applied to another model (card checksum) or attribution method is refused
 (exit 2) before any heavy work.
@@ -209,8 +214,157 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _structures(texts: list[str]) -> dict[str, str]:
+    """``--structure NAME`` or ``NAME=CLASS`` -> {name: class} (the class is the name when not given)."""
+    found: dict[str, str] = {}
+    for text in texts:
+        name, _, target = text.partition("=")
+        name, target = name.strip(), target.strip()
+        if not name or ("=" in text and not target):
+            raise SegXAIInputError(f"--structure {text!r}: expected NAME or NAME=CLASS")
+        if name in found:
+            raise SegXAIInputError(f"--structure {name!r}: given twice")
+        found[name] = target or name
+    return found
+
+
+def _is_dicom(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(132)[128:132] == b"DICM"
+
+
+def _read_contours(args: argparse.Namespace, structures: dict[str, str], card, image) -> dict:
+    """The masks of ``--structure`` names from ``--contour`` on the image's grid: an RTSTRUCT or
+    SEG read on the DICOM series of the first IMAGE, or an image file (a binary mask for one
+    structure; else a label map whose values are the model's class indices)."""
+    import numpy as np
+
+    from ..io import read_image
+
+    path = Path(args.contour)
+    if not path.is_file():
+        raise SegXAIInputError(f"--contour {path}: no such file")
+    if _is_dicom(path):
+        import pydicom
+
+        from ..dicom import read_dicom_series, read_rtstruct, read_seg
+
+        if not Path(args.images[0]).is_dir():
+            raise SegXAIInputError(f"--contour {path}: a DICOM object is read on its image series; give the series "
+                                   f"folder as the first IMAGE (got {args.images[0]})")
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        modality = str(getattr(header, "Modality", ""))
+        if modality not in ("RTSTRUCT", "SEG"):
+            raise SegXAIInputError(f"--contour {path}: modality {modality!r}, expected an RTSTRUCT or a SEG")
+        series = read_dicom_series(args.images[0])
+        if not series.image.same_grid(image):
+            raise SegXAIInputError(f"--contour {path}: the series {args.images[0]} is not on the input image's grid")
+        reader = read_rtstruct if modality == "RTSTRUCT" else read_seg
+        with options_named(path="--contour"):
+            found = reader(path, series)
+        missing = [name for name in structures if name not in found]
+        if missing:
+            raise SegXAIInputError(f"--structure {missing[0]!r}: not in {path} (its structures: {sorted(found)})")
+        return {name: found[name] for name in structures}
+    with options_named(path="--contour"):
+        labels = read_image(path, "contour")
+    if labels.num_channels != 1 or not labels.same_grid(image):
+        raise SegXAIInputError(f"--contour {path}: not one label map on the input image's grid")
+    values = np.rint(labels.array[0]).astype(np.int64)
+    if len(structures) == 1 and set(np.unique(values)) <= {0, 1}:
+        return {name: values == 1 for name in structures}  # a binary mask: the one structure
+    return {name: values == card.class_names.index(target) for name, target in structures.items()}
+
+
+def _print_review(contour_qa) -> None:
+    """The review list, most suspicious first, one line per structure."""
+    def number(value, digits: int = 3) -> str:
+        return "n/a" if value is None or not math.isfinite(float(value)) else f"{float(value):.{digits}f}"
+
+    print("contour review, most suspicious first (suspicion: P(insufficient) from the risk model, else 1 - Dice "
+          "with the model's prediction)")
+    for rank, row in enumerate(contour_qa.rows, start=1):
+        scores = row["scores"]
+        band = f", risk band {row['risk']['band']}" if row.get("risk") else ""
+        print(f"{rank}. {row['structure']} ({row['class_name']}): suspicion {number(row['suspicion'])} "
+              f"[{row['sort_key']}], Dice with prediction {number(scores['dice_with_prediction'])}, volume ratio "
+              f"{number(scores['volume_ratio'])}, surface distance mean "
+              f"{number(scores['mean_surface_distance_mm'], 2)} mm / 95% {number(scores['hd95_mm'], 2)} mm, mean probability inside "
+              f"{number(scores.get('mean_probability_inside'))}{band}")
+    for note in contour_qa.notes:
+        print(f"note: {note}")
+
+
+def _cmd_score_contours(args: argparse.Namespace) -> int:
+    """``qa score --contour FILE --structure NAME...``: the QA of given contours (nothing written
+    before every option, the images and the contours are checked)."""
+    from ..io import check_writable_dir
+    from ..pipeline import (MethodSettings, add_contour_qa, add_maps, read_case_images, resolve_model_card,
+                            start_case, write_case)
+    from ..pipeline.steps import contour_classes
+
+    if not args.structure:
+        raise SegXAIInputError("--structure: name the structure(s) of --contour to score (NAME or NAME=CLASS)")
+    structures = _structures(args.structure)
+    card = resolve_model_card(args.model)
+    mapping = {name: target for name, target in structures.items() if target != name}
+    try:
+        indices = contour_classes(card, list(structures), mapping)
+    except SegXAIInputError:
+        unknown = next(name for name, target in structures.items() if target not in card.class_names[1:])
+        raise SegXAIInputError(f"--structure {unknown!r}: {structures[unknown]!r} is not one of the model's foreground "
+                               f"classes {card.class_names[1:]}; give NAME=CLASS to compare it with one") from None
+    qa: dict = {}
+    methods: list = []
+    class_name = card.class_names[next(iter(indices.values()))]
+    if args.risk is not None:
+        from ..topology.risk import RiskModel
+
+        risk = RiskModel.load(args.risk)
+        if card.checksum() != risk.model_checksum:
+            raise SegXAIInputError(
+                f"--risk {args.risk}: calibrated for model checksum {risk.model_checksum[:16]}..., but --model "
+                f"{args.model} ({card.name}) has checksum {card.checksum()[:16]}...; calibrate a risk model for this "
+                "model")
+        if args.method is not None and args.method != risk.method:
+            raise SegXAIInputError(f"--method {args.method!r}: the risk model {args.risk} was calibrated with "
+                                   f"{risk.method!r} saliency maps")
+        qa["risk_model"] = str(Path(args.risk).resolve())
+    elif args.method is not None:
+        with options_named("method"):
+            method = MethodSettings.parse(args.method)
+        methods = [method.model_dump(mode="json")]
+        qa["method"] = method.name
+    settings = case_settings(args, class_name=class_name, instances={"enabled": False}, methods=methods, qa=qa)
+    image = read_case_images(args.images, card)
+    contours = _read_contours(args, structures, card, image)
+    out_dir = check_writable_dir(args.out) if args.out is not None else None
+    model = load_case_model(card, args)
+    with progress_bar("qa score (contours)", not args.quiet) as progress:
+        case = start_case(image, model, settings, progress=progress)
+        if methods:
+            add_maps(case, model)
+        with options_named(contours="--structure", classes="--structure"):
+            add_contour_qa(case, model, contours, mapping, progress=progress)
+    _print_review(case.contour_qa)
+    if out_dir is None:
+        return 0
+    manifest = write_case(case, out_dir, inputs=dict(zip(card.input_channels, args.images)))
+    print(out_dir / "contour_qa.json")
+    print(manifest)
+    return 0
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     from ..io import check_writable_dir
+
+    if args.contour is not None:
+        return _cmd_score_contours(args)
+    if args.structure:
+        raise SegXAIInputError("--structure: only with --contour (the contour file the structures are read from)")
+    if args.risk is None:
+        raise SegXAIInputError("--risk: give a risk model (segxai qa calibrate), or --contour and --structure to "
+                               "score given contours")
     from ..pipeline import read_case_images, resolve_model_card, run_case, write_case
     from ..report.risk_plots import write_risk_plots
     from ..topology.risk import RiskModel
@@ -306,11 +460,24 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     calibrate.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds")
     calibrate.set_defaults(run=_cmd_calibrate)
 
-    score = qa_commands.add_parser("score", help="risk band of one case's contour (no reference needed)")
-    score.add_argument("images", nargs="+", metavar="IMAGE", help="one image per model input channel, in the card's order")
+    score = qa_commands.add_parser("score", help="risk band of one case's contour, or QA of given contours (--contour) "
+                                                 "against the model's own prediction (no reference needed)")
+    score.add_argument("images", nargs="+", metavar="IMAGE",
+                       help="one image per model input channel, in the card's order (a DICOM series folder as the "
+                            "first when --contour is DICOM)")
     score.add_argument("--model", required=True, help=model_help() + ", or deepbet")
-    score.add_argument("--risk", required=True, type=Path, help="risk model JSON (segxai qa calibrate)")
-    score.add_argument("--method", default=None, help="optional: must be the risk model's attribution method")
+    score.add_argument("--risk", default=None, type=Path,
+                       help="risk model JSON (segxai qa calibrate); required without --contour")
+    score.add_argument("--contour", default=None, type=Path, metavar="FILE",
+                       help="contours to score: an RTSTRUCT or SEG file on the DICOM series of the first IMAGE, or an "
+                            "image file on the input's grid (a binary mask for one --structure, else a label map of "
+                            "the model's class indices)")
+    score.add_argument("--structure", action="append", default=[], metavar="NAME[=CLASS]",
+                       help="a structure of --contour to score (repeatable); =CLASS names the model class it is "
+                            "compared with when NAME is not one")
+    score.add_argument("--method", default=None,
+                       help="optional: must be the risk model's attribution method; with --contour and no --risk, the "
+                            "method (NAME[:k=v,...]) whose map gives each contour's EC curve")
     score.add_argument("--out", type=Path, default=None, help="case folder: qa.json, the segmentation, the map, the plots and case.json")
     trust_option(score)
     device_option(score)

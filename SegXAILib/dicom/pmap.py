@@ -99,13 +99,22 @@ def write_parametric_map(
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
         voi_lut_transformations=[hd.VOILUTTransformation(window_center=(low + high) / 2, window_width=width)],
-        content_label=label.upper().replace(" ", "_")[:16],
+        content_label=_content_label(label),
         series_description=series_description or label,
     )
     path = Path(path)
     with atomic_path(path) as temporary:
         parametric_map.save_as(temporary)
     return path
+
+
+def _content_label(label: str) -> str:
+    """A Content Label (VR CS) from a LUT label: upper case, characters outside ``A-Z 0-9 _``
+    as ``_``, at most 16, no trailing underscore (highdicom refuses one, e.g. the 16 first
+    characters of ``saliency guided_gradcam FLAIR``)."""
+    import re
+
+    return re.sub(r"[^A-Z0-9_]", "_", label.upper())[:16].rstrip("_") or "MAP"
 
 
 def read_parametric_map(path: str | os.PathLike, series: DicomSeries) -> Image:

@@ -4,8 +4,8 @@ The case is computed by the pipeline (:func:`~SegXAILib.pipeline.run_case` and i
 steps), never here: this module only reads a Case and makes nodes of a scene (main thread).
 
 * :func:`show_segmentation`, :func:`show_explanations`, :func:`show_instance_saliency`,
-  :func:`show_qa`, :func:`show_uncertainty`, :func:`show_counterfactual`, :func:`show_case` turn
-  a Case into nodes.
+  :func:`show_qa`, :func:`show_contour_qa`, :func:`show_uncertainty`, :func:`show_counterfactual`,
+  :func:`show_case` turn a Case into nodes; :func:`contour_qa_summary` gives the review list's rows.
 * :func:`case_image` gathers input volume nodes into the image a case runs on.
 
 The Slicer panel computes in the engine process (:mod:`SegXAILib.mrml.session`) and shows the
@@ -28,6 +28,8 @@ __all__ = [
     "show_explanations",
     "show_instance_saliency",
     "show_qa",
+    "show_contour_qa",
+    "contour_qa_summary",
     "show_uncertainty",
     "show_counterfactual",
     "counterfactual_summary",
@@ -80,6 +82,7 @@ class CaseNodes:
     instance_saliency: dict = field(default_factory=dict)  # instance id -> [volume node per channel]
     lesion_table: Any = None
     qa_table: Any = None
+    contour_qa_table: Any = None  # the review list of given contours
     chart: Any = None
     uncertainty: dict = field(default_factory=dict)  # map name -> [volume node per channel]
     uncertainty_table: Any = None
@@ -206,6 +209,28 @@ def show_qa(scene, case, nodes: CaseNodes, name: str = "SegXAI") -> CaseNodes:
         if nodes.segmentation is not None:
             set_segment_risk(nodes.segmentation, qa.structure, qa.risk)
     nodes.qa_table = qa_table_node([row], scene, name=f"{name} QA", node=nodes.qa_table)
+    return nodes
+
+
+def contour_qa_summary(case) -> list[dict]:
+    """The review list of given contours (``case.contour_qa``) as the rows of the panel's table,
+    most suspicious first (:func:`SegXAILib.report.sections.contour_review_rows`: rank, structure,
+    model class, suspicion and its sort key, Dice / volume ratio / surface distances with the
+    model's prediction, the model's probability and entropy inside and along the border, the
+    samples' agreement, risk band and P(insufficient)); [] without one."""
+    from ..report.sections import contour_review_rows
+
+    return [] if case is None else contour_review_rows(case)
+
+
+def show_contour_qa(scene, case, nodes: CaseNodes, name: str = "SegXAI") -> CaseNodes:
+    """The review list of given contours as a table node (:func:`contour_qa_summary`'s rows)."""
+    from .tables import table_node_from_rows
+
+    rows = contour_qa_summary(case)
+    if not rows:
+        raise SegXAIInputError("contour QA: the case has no review of given contours")
+    nodes.contour_qa_table = table_node_from_rows(rows, scene, f"{name} contour review", node=nodes.contour_qa_table)
     return nodes
 
 
@@ -345,6 +370,8 @@ def show_case(scene, case, reference_volume=None, display: str = "normalised", n
                             foreground=not case.maps and not case.instance_maps)
     if case.qa is not None:
         show_qa(scene, case, nodes, name=name)
+    if case.contour_qa is not None and case.contour_qa.rows:
+        show_contour_qa(scene, case, nodes, name=name)
     return nodes
 
 

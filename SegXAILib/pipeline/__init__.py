@@ -5,10 +5,10 @@
 cohort building all call it; none re-implements a step. The steps stay callable one by one (:mod:`.steps`).
 """
 
-from .case import Case, QAResult
+from .case import Case, ContourQA, QAResult
 from .read import read_case
-from .run import (add_agg2exp, add_counterfactual, add_instance_maps, add_maps, add_qa, add_uncertainty, run_case,
-                  start_case)
+from .run import (add_agg2exp, add_contour_qa, add_counterfactual, add_instance_maps, add_maps, add_qa,
+                  add_uncertainty, run_case, start_case)
 from .settings import (
     Agg2ExpSettings,
     CaseSettings,
@@ -34,6 +34,7 @@ from .steps import (
     read_case_images,
     resolve_model_card,
     resolve_risk_model,
+    score_contours,
     score_qa,
     select_instances,
     structure_index,
@@ -43,6 +44,7 @@ from .write import MANIFEST, add_to_manifest, lesion_csv, read_manifest, write_c
 __all__ = [
     "Case",
     "QAResult",
+    "ContourQA",
     "CaseSettings",
     "MethodSettings",
     "InstanceSettings",
@@ -55,6 +57,7 @@ __all__ = [
     "add_maps",
     "add_instance_maps",
     "add_qa",
+    "add_contour_qa",
     "add_agg2exp",
     "add_uncertainty",
     "add_counterfactual",
@@ -83,6 +86,7 @@ __all__ = [
     "lesion_rows",
     "resolve_risk_model",
     "score_qa",
+    "score_contours",
     "agg2exp_case",
     "agg2exp_matrix",
 ]

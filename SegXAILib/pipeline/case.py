@@ -10,7 +10,7 @@ import numpy as np
 from ..image import Image
 from .settings import CaseSettings
 
-__all__ = ["Case", "QAResult"]
+__all__ = ["Case", "QAResult", "ContourQA"]
 
 
 @dataclass
@@ -107,6 +107,75 @@ class QAResult:
         return document
 
 
+def _floats(values: Any) -> dict[str, float]:
+    """A score dict read back from JSON: null (a NaN written) is NaN again."""
+    return {str(k): float("nan") if v is None else float(v) for k, v in dict(values).items()}
+
+
+@dataclass
+class ContourQA:
+    """The QA of contours the model did not draw (:func:`~SegXAILib.pipeline.add_contour_qa`):
+    the review list, one row per given structure, most suspicious first.
+
+    Attributes
+    ----------
+    rows : list of dict
+        Sorted by ``suspicion`` descending (:func:`~SegXAILib.qa.contours.review_order`: the
+        risk model's P(insufficient) when the row has a risk result, else ``1 - Dice`` with the
+        model's prediction). Each row: ``structure`` (the contour's name), ``class_name`` and
+        ``class_index`` (the model class it is compared with), ``scores``
+        (:func:`~SegXAILib.qa.contours.contour_scores`: Dice / volume ratio / surface distances
+        with the prediction, the model's probability and entropy inside and along the border),
+        ``uncertainty`` (:func:`~SegXAILib.qa.contours.uncertainty_agreement`, or None),
+        ``saliency`` (``method``, ``map`` (the case map reused, or ``""``), ``thresholds`` and
+        ``curve`` ``(T,)``, the superlevel EC curve of that map inside the contour; or None),
+        ``risk`` (:meth:`~SegXAILib.topology.RiskModel.score` of the curve, or None),
+        ``suspicion`` and ``sort_key``.
+    risk_model : str
+        The risk model that scored the curves (``""`` when none applied).
+    notes : list of str
+        What was not computed and why.
+    """
+
+    rows: list = field(default_factory=list)
+    risk_model: str = ""
+    notes: list = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (``contour_qa.json``; NaN scores are written as null)."""
+        rows = []
+        for row in self.rows:
+            saliency = row.get("saliency")
+            if saliency is not None:
+                saliency = {**saliency, "thresholds": [float(v) for v in saliency["thresholds"]],
+                            "curve": [float(v) for v in saliency["curve"]]}
+            rows.append({**row, "saliency": saliency})
+        return {"sort_key": "suspicion, descending: the risk model's insufficient_probability when the row has "
+                            "a risk result, else 1 - dice_with_prediction",
+                "risk_model": self.risk_model, "notes": list(self.notes), "structures": rows}
+
+    @classmethod
+    def from_dict(cls, document: Any, source: str = "contour_qa") -> "ContourQA":
+        """The inverse of :meth:`to_dict` (thresholds and curves as float arrays, null scores as NaN)."""
+        from ..image import SegXAIInputError
+
+        try:
+            rows = []
+            for row in document["structures"]:
+                saliency = row.get("saliency")
+                if saliency is not None:
+                    saliency = {**saliency, "thresholds": np.asarray(saliency["thresholds"], dtype=float),
+                                "curve": np.asarray(saliency["curve"], dtype=float)}
+                uncertainty = row.get("uncertainty")
+                rows.append({**row, "scores": _floats(row["scores"]), "saliency": saliency,
+                             "uncertainty": None if uncertainty is None else _floats(uncertainty),
+                             "suspicion": float(row["suspicion"])})
+            return cls(rows=rows, risk_model=str(document.get("risk_model", "")),
+                       notes=[str(n) for n in document.get("notes", [])])
+        except (KeyError, TypeError, ValueError) as error:
+            raise SegXAIInputError(f"{source}: not a contour QA document ({error!r})") from None
+
+
 @dataclass
 class Case:
     """One case run by :func:`~SegXAILib.pipeline.run_case`.
@@ -131,6 +200,8 @@ class Case:
     lesions : list of dict
         The lesion table (:func:`~SegXAILib.pipeline.lesion_rows`).
     qa : QAResult or None
+    contour_qa : ContourQA or None
+        The QA of given contours (not the model's): the per-structure review list.
     agg2exp : ImportanceMatrix or None
     uncertainty : UncertaintyResult or None
         Voxel maps and per-structure / per-lesion tables of the prediction's uncertainty
@@ -163,6 +234,7 @@ class Case:
     instance_maps: dict = field(default_factory=dict)
     lesions: list = field(default_factory=list)
     qa: Optional[QAResult] = None
+    contour_qa: Optional[ContourQA] = None
     agg2exp: Any = None
     uncertainty: Any = None
     counterfactuals: dict = field(default_factory=dict)

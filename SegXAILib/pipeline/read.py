@@ -19,7 +19,7 @@ import numpy as np
 from ..image import Image, SegXAIInputError
 from ..io import read_image
 from ..models import Segmentation
-from .case import Case, QAResult
+from .case import Case, ContourQA, QAResult
 from .settings import CaseSettings
 from .steps import find_case_instances, read_case_images, resolve_model_card, structure_index
 from .write import COUNTERFACTUAL_KINDS, MANIFEST, read_manifest
@@ -58,7 +58,7 @@ def read_case(out_dir: Union[str, Path], verify: bool = True, ijk_to_ras: Option
         ``instance_labels`` ``(1, I, J, K)`` int32 and ``instances`` (recomputed from the labels
         and the structure's probability, as :func:`~SegXAILib.pipeline.find_case_instances` did,
         and checked against the written instance map); ``maps`` and ``instance_maps``
-        ``(C, I, J, K)`` float32; ``lesions``, ``qa``, ``agg2exp``, ``timings`` (rounded to
+        ``(C, I, J, K)`` float32; ``lesions``, ``qa``, ``contour_qa``, ``agg2exp``, ``timings`` (rounded to
         milliseconds as written), ``notes`` and ``settings``; ``counterfactuals`` (instance id ->
         :class:`~SegXAILib.counterfactual.CounterfactualRelevance`, maps ``(C, I, J, K)``
         float32, patch ``(1, I, J, K)`` uint8) and ``counterfactual_generators``.
@@ -230,6 +230,8 @@ def _read(out_dir: Path, manifest: Mapping[str, Any], source: str) -> Case:
         case.maps[name] = _read_map(folder, name)
     if "qa" in folder.files:
         case.qa = _read_qa(folder)
+    if "contour_qa" in folder.files:
+        case.contour_qa = ContourQA.from_dict(folder.json("contour_qa"), f"{folder.path('contour_qa')} (contour_qa)")
     if "agg2exp" in folder.files:
         from ..evaluation import ImportanceMatrix
 

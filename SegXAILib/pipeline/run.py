@@ -26,14 +26,15 @@ from .steps import (
     load_case_model,
     predict,
     resolve_model_card,
+    score_contours,
     score_qa,
     select_counterfactual_instances,
     select_instances,
     structure_index,
 )
 
-__all__ = ["run_case", "start_case", "add_maps", "add_instance_maps", "add_qa", "add_agg2exp", "add_uncertainty",
-           "add_counterfactual"]
+__all__ = ["run_case", "start_case", "add_maps", "add_instance_maps", "add_qa", "add_contour_qa", "add_agg2exp",
+           "add_uncertainty", "add_counterfactual"]
 
 
 @contextmanager
@@ -183,6 +184,29 @@ def add_qa(
         return case
     with _timed(case.timings, "QA"):
         case.qa = score_qa(case, model, _labelled(progress, "QA"), cancel)
+    return case
+
+
+def add_contour_qa(
+    case: Case,
+    model: LoadedModel,
+    contours: Mapping[str, np.ndarray],
+    classes: Optional[Mapping[str, str]] = None,
+    band_mm: Optional[float] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> Case:
+    """QA of contours the model did not draw (a clinician's edit, another tool's output) into
+    ``case.contour_qa``: per structure, its agreement with the model's own prediction of the
+    class, the model's confidence inside it and along its border, the samples' agreement (with
+    ``case.uncertainty``) and its saliency EC curve, scored by the case's risk model when that
+    applies; the review list is sorted most suspicious first (:func:`score_contours`).
+
+    ``contours``: structure name -> ``(I, J, K)`` bool mask on the case's grid; a name maps to the
+    model class of that exact name, or through ``classes`` (name -> class name)."""
+    with _timed(case.timings, "contour QA"):
+        case.contour_qa = score_contours(case, model, contours, classes, band_mm, _labelled(progress, "contour QA"),
+                                         cancel)
     return case
 
 

@@ -22,7 +22,7 @@ from ..progress import CancelToken, ProgressCallback, report
 from ..qa.scores import UNCERTAINTY_PREFIXES
 from ..topology.cohort import DOMAIN_FEATURES, QA_TTA_SOURCES
 from ..topology.risk import FEATURE_PREFIX
-from .case import Case, QAResult
+from .case import Case, ContourQA, QAResult
 from .settings import CaseSettings, MethodSettings, UncertaintySettings
 
 __all__ = [
@@ -49,6 +49,8 @@ __all__ = [
     "explain_counterfactuals",
     "resolve_risk_model",
     "score_qa",
+    "contour_classes",
+    "score_contours",
     "agg2exp_case",
     "agg2exp_matrix",
 ]
@@ -596,6 +598,197 @@ def case_quality_scores(
             scores.update(uncertainty_scores(result, prefix=prefix))
     clean = {k: (None if v is None or not np.isfinite(float(v)) else float(v)) for k, v in scores.items()}
     return clean, notes
+# ---------------------------------------------------------------------------- QA of given contours
+
+
+def contour_classes(card: ModelCard, names: Sequence[str],
+                    classes: Optional[Mapping[str, str]] = None) -> dict[str, int]:
+    """The model class index of each contour name: ``classes[name]`` when given, else the
+    foreground class of that exact name.
+
+    Raises
+    ------
+    SegXAIInputError
+        A name neither mapped nor a foreground class, a mapping to an unknown or background
+        class, or a mapping of a name that is not among the contours.
+    """
+    classes = dict(classes or {})
+    foreground = list(card.class_names[1:])
+    stray = sorted(set(classes) - set(names))
+    if stray:
+        raise SegXAIInputError(f"classes: {stray} are not among the contours {list(names)}")
+    found: dict[str, int] = {}
+    for name in names:
+        target = classes.get(name, name)
+        if target not in foreground and name in classes:
+            raise SegXAIInputError(f"classes: structure {name!r} is mapped to {target!r}, which is not one of the "
+                                   f"model's foreground classes {foreground}")
+        if target not in foreground:
+            raise SegXAIInputError(f"contours: structure {name!r} is not one of the model's foreground classes "
+                                   f"{foreground}; map it to one with classes={{{name!r}: CLASS}}")
+        found[name] = card.class_names.index(target)
+    return found
+
+
+def _contour_probabilities(case: Case) -> Optional[np.ndarray]:
+    """The probabilities :func:`~SegXAILib.qa.probability_scores` takes: every softmax channel,
+    or None for raw network outputs (the sigmoid class channel is picked per class)."""
+    if case.card.output_activation in ("softmax", "sigmoid"):
+        return case.segmentation.probabilities.array
+    return None
+
+
+def _contour_saliency(case: Case, model: LoadedModel, class_name: str, risk,
+                      progress: Optional[ProgressCallback], cancel: Optional[CancelToken]):
+    """``(method, map name, AttributionResult, thresholds)`` of the class ``class_name``:
+    the risk model's method (its parameters, target ``class:<class_name>``) when ``risk`` belongs to
+    the model, else ``settings.qa.method``'s; a case map made exactly so is reused. None when
+    neither is set."""
+    from ..topology import default_thresholds
+
+    target = f"class:{class_name}"
+    if risk is not None:
+        params = dict(risk.method_parameters.get("params") or {})
+        method = MethodSettings(method=risk.method, params=params, target=target)
+        thresholds = np.asarray(risk.thresholds, float)
+    elif case.settings.qa.method:
+        chosen = next((m for m in case.settings.methods if m.name == case.settings.qa.method), None)
+        if chosen is None:
+            raise SegXAIInputError(f"contour QA: qa.method {case.settings.qa.method!r} is not one of the methods "
+                                   f"{[m.name for m in case.settings.methods]}")
+        method = MethodSettings(method=chosen.method, params=dict(chosen.params), target=target)
+        thresholds = default_thresholds(100)
+    else:
+        return None
+    name = next((n for n, r in case.maps.items() if _same_map(r, method.method, method.params, target)), "")
+    result = case.maps[name] if name else explain_map(case.image, model, case.segmentation, method, class_name,
+                                                      case.settings.precision.window_batch, progress, cancel)
+    return method, name, result, thresholds
+
+
+def score_contours(
+    case: Case,
+    model: LoadedModel,
+    contours: Mapping[str, Any],
+    classes: Optional[Mapping[str, str]] = None,
+    band_mm: Optional[float] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> ContourQA:
+    """QA of contours the model did not draw, per structure, as a review list.
+
+    For each contour: :func:`~SegXAILib.qa.contours.contour_scores` against the model's own
+    prediction of its class (the fair baseline of QA_PROTOCOL.md C4: Dice, volume ratio, mean
+    and 95 % surface distance; the model's mean probability and entropy inside the contour and
+    in its ``band_mm`` boundary band); with ``case.uncertainty``,
+    :func:`~SegXAILib.qa.contours.uncertainty_agreement` inside it; the superlevel EC curve
+    (:func:`~SegXAILib.topology.saliency_curve`) inside the contour of the class's saliency map,
+    scored by the case's risk model (``settings.qa.risk_model``) when it belongs to this model
+    (card checksum) and was calibrated for that class, else the curve alone (with
+    ``settings.qa.method``'s method when there is no usable risk model; no curve without either).
+    Rows are ordered by :func:`~SegXAILib.qa.contours.review_order` (most suspicious first).
+
+    Parameters
+    ----------
+    case : Case
+    model : LoadedModel
+        The case's model (its card is the case's).
+    contours : mapping
+        Structure name -> ``(I, J, K)`` bool mask on the case's grid (an array, or an
+        :class:`~SegXAILib.image.Image` on the grid).
+    classes : mapping, optional
+        Structure name -> model class name, for names that are not a class name.
+    band_mm : float, optional
+        Width of the boundary band in mm (the largest voxel size by default).
+
+    Returns
+    -------
+    ContourQA
+    """
+    from ..progress import sub_progress
+    from ..qa.contours import contour_scores, review_order, uncertainty_agreement
+    from ..topology import saliency_curve
+
+    if model.card.checksum() != case.card.checksum():
+        raise SegXAIInputError(f"model: {model.card.name!r} is not the case's model {case.card.name!r}")
+    if not contours:
+        raise SegXAIInputError("contours: give at least one structure (name -> mask)")
+    indices = contour_classes(case.card, list(contours), classes)
+    shape = case.image.spatial_shape
+    masks: dict[str, np.ndarray] = {}
+    for name, value in contours.items():
+        if isinstance(value, Image):
+            if value.num_channels != 1 or not value.same_grid(case.image):
+                raise SegXAIInputError(f"contours[{name!r}]: not one channel on the case's grid")
+            value = value.array[0]
+        mask = np.asarray(value)
+        if mask.shape != shape:
+            raise SegXAIInputError(f"contours[{name!r}]: shape {mask.shape}, the case's grid is {shape}")
+        if mask.dtype != bool:
+            if not np.issubdtype(mask.dtype, np.number) or not np.all(np.isin(mask, (0, 1))):
+                raise SegXAIInputError(f"contours[{name!r}]: must be boolean (or 0/1)")
+            mask = mask.astype(bool)
+        if not mask.any():
+            raise SegXAIInputError(f"contours[{name!r}]: empty, nothing to score")
+        masks[name] = mask
+
+    notes: list[str] = []
+    risk, risk_name = None, ""
+    if case.settings.qa.risk_model:
+        loaded, name = resolve_risk_model(case.settings.qa.risk_model)
+        if loaded.model_checksum != case.card.checksum():
+            notes.append(f"risk model {name}: calibrated for another model (checksum {loaded.model_checksum[:16]}...), "
+                         "not applied")
+        elif loaded.method_parameters.get("channel_reduction", "sum") != "sum":
+            notes.append(f"risk model {name}: channel_reduction "
+                         f"{loaded.method_parameters.get('channel_reduction')!r} is not supported, not applied")
+        else:
+            risk, risk_name = loaded, name
+    probabilities = _contour_probabilities(case)
+    sigmoid = case.card.output_activation == "sigmoid"
+    spacing = case.image.spacing
+    rows = []
+    used_risk = False
+    for position, (name, mask) in enumerate(masks.items()):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        step = sub_progress(progress, position / len(masks), (position + 1) / len(masks))
+        index = indices[name]
+        class_name = case.card.class_names[index]
+        values = None if probabilities is None else (probabilities[index] if sigmoid else probabilities)
+        scores = contour_scores(mask, case.segmentation.mask(index), spacing, values, class_index=index,
+                                band_mm=band_mm)
+        uncertainty = None
+        if case.uncertainty is not None:
+            information = case.uncertainty.mutual_information.array
+            uncertainty = uncertainty_agreement(case.uncertainty.mask_frequency.array[index - 1],
+                                                information[index - 1] if sigmoid else information[0], mask)
+        row: dict[str, Any] = {"structure": name, "class_name": class_name, "class_index": index, "scores": scores,
+                               "uncertainty": uncertainty, "saliency": None, "risk": None}
+        if not case.segmentation.mask(index).any():
+            notes.append(f"{name}: the model predicts no {class_name!r} voxel: no saliency map of the class")
+        else:
+            found = _contour_saliency(case, model, class_name, risk, step, cancel)
+            if found is None:
+                if position == 0:
+                    notes.append("saliency: no risk model of this model and no qa.method: no EC curve")
+            else:
+                method, map_name, result, thresholds = found
+                curve = saliency_curve(channel_sum(result.maps), mask, thresholds)
+                row["saliency"] = {"method": method.method, "map": map_name, "thresholds": thresholds,
+                                   "curve": curve.astype(float)}
+                target = str(risk.method_parameters.get("target", "")) if risk is not None else ""
+                if risk is not None and target == f"class:{class_name}":
+                    made = json.loads(json.dumps(result.parameters, default=str))
+                    row["risk"] = dict(risk.score(curve, risk.method, case.card.checksum(), method_parameters={
+                        "params": made, "target": target, "channel_reduction": "sum"}))
+                    used_risk = True
+                elif risk is not None:
+                    notes.append(f"{name}: risk model {risk_name} was calibrated for {target!r}, not "
+                                 f"'class:{class_name}': EC curve only")
+        rows.append(row)
+        report(step, 1.0, name)
+    return ContourQA(rows=review_order(rows), risk_model=risk_name if used_risk else "", notes=notes)
 
 
 # ---------------------------------------------------------------------------- Agg2Exp

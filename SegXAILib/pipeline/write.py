@@ -15,6 +15,8 @@ last, so a folder without it is an unfinished run)::
     lesions.json, lesions.csv                 the lesion table
     qa.json                                   QA: band, PC1, estimated Dice, EC curve
     qa_saliency.nii.gz                        the map the EC curve was taken of (channel sum)
+    contour_qa.json                           QA of given contours: the review list, one row per
+                                              structure, most suspicious first
     agg2exp.json                              Agg2Exp matrix
     uncertainty/<map>_<channel>.nii.gz        uncertainty maps (mean probability, variance per class;
                                               predictive / expected entropy, mutual information;
@@ -215,6 +217,8 @@ def write_case(case: Case, out_dir: Union[str, Path], cancel: Optional[CancelTok
         if case.qa.saliency is not None:
             files["qa_saliency"] = write_image(image.with_array(case.qa.saliency[None], ("saliency",)),
                                                out_dir / f"qa_saliency{suffix}")
+    if case.contour_qa is not None:
+        files["contour_qa"] = write_json(case.contour_qa.to_dict(), out_dir / "contour_qa.json")
     if case.agg2exp is not None:
         files["agg2exp"] = write_json(case.agg2exp.to_dict(), out_dir / "agg2exp.json")
     if case.uncertainty is not None:
@@ -293,6 +297,10 @@ def _summary(case: Case) -> dict[str, Any]:
         if case.qa.risk is not None:
             summary["qa_pc1"] = case.qa.risk["pc1"]
             summary["qa_estimated_dice"] = case.qa.risk["estimated_dice"]
+    if case.contour_qa is not None and case.contour_qa.rows:
+        first = case.contour_qa.rows[0]
+        summary["contour_qa_most_suspicious"] = {"structure": first["structure"], "suspicion": first["suspicion"],
+                                                 "sort_key": first["sort_key"]}
     if case.uncertainty is not None:
         summary["uncertainty_samples"] = case.uncertainty.samples
         for row in case.uncertainty.structures:

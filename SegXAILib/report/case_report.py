@@ -4,8 +4,9 @@ read back from its folder with :func:`~SegXAILib.pipeline.read_case`).
 What the case has is shown, nothing is invented: the summary (model, structure, volumes per
 class, device, notes), the class-level maps through the largest instance (or the structure's
 centre), the lesion table with each lesion's instance saliency and uncertainty columns, the QA
-(band, estimated Dice, EC curve), where the model is unsure, the Agg2Exp matrix and each
-explained lesion's counterfactual relevance (G+(x), G-(x), R and the scores). The sections
+(band, estimated Dice, EC curve), the review list of given contours, where the model is unsure,
+the Agg2Exp matrix and each explained lesion's counterfactual relevance (G+(x), G-(x), R and the
+scores). The sections
 are those of the demo's report (:mod:`SegXAILib.report.sections`).
 """
 
@@ -20,9 +21,10 @@ from ..image import SegXAIInputError
 from ..models.expectations import INPUT_WARNING_TITLE
 from ..progress import CancelToken
 from .html import HtmlReport
-from .sections import (OVERLAY_THRESHOLD, add_agg2exp_section, add_class_maps_section, add_counterfactual_section,
-                       add_lesion_section, add_qa_section, add_timings, add_uncertainty_section, lesion_report_rows,
-                       prediction_outlines, structure_uncertainty, view_point)
+from .sections import (OVERLAY_THRESHOLD, add_agg2exp_section, add_class_maps_section, add_contour_qa_section,
+                       add_counterfactual_section, add_lesion_section, add_qa_section, add_timings,
+                       add_uncertainty_section, lesion_report_rows, prediction_outlines, structure_uncertainty,
+                       view_point)
 
 if TYPE_CHECKING:
     from ..pipeline import Case
@@ -44,6 +46,9 @@ def case_summary(case: "Case") -> dict[str, Any]:
            for index, name in enumerate(card.class_names) if index > 0},
         "instances of the structure": len(case.instances),
     }
+    if case.contour_qa is not None and case.contour_qa.rows:
+        first = case.contour_qa.rows[0]
+        summary["most suspicious given contour"] = f"{first['structure']} (suspicion {first['suspicion']:.2f})"
     if case.qa is not None:
         summary["QA risk band"] = case.qa.summary_text()
     if structure is not None:
@@ -118,6 +123,8 @@ def write_case_report(case: "Case", out_dir: Union[str, Path], title: Optional[s
                          f"{case.structure}; without a risk model there is no band (calibrate one on a cohort with "
                          "references: segxai qa calibrate, or the batch report's calibration).")
         add_qa_section(html, case, paragraph)
+    if case.contour_qa is not None:
+        add_contour_qa_section(html, case)
     if case.uncertainty is not None:
         add_uncertainty_section(html, case, structure_uncertainty(case), point, outlines, where)
     if case.agg2exp is not None:

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 __all__ = ["OVERLAY_THRESHOLD", "ENTROPY_FLOOR", "MUTUAL_INFORMATION_FLOOR", "REPORT_UNCERTAINTY_COLUMNS", "Outlines",
            "prediction_outlines", "view_point", "lesion_report_rows", "structure_uncertainty", "describe_sources",
-           "add_class_maps_section", "add_lesion_section", "add_qa_section", "add_agg2exp_section",
+           "add_class_maps_section", "add_lesion_section", "add_qa_section", "add_contour_qa_section",
+           "contour_review_rows", "add_agg2exp_section",
            "add_uncertainty_section", "add_counterfactual_section", "counterfactual_report_rows", "add_timings"]
 
 #: share of a map's max |value| below which overlays are transparent (paper 000 used 17 %)
@@ -249,6 +250,55 @@ def add_qa_section(html: HtmlReport, case: "Case", paragraph: str, extra: Option
         caption = "The case's EC curve" + (" (the risk model could not be read)" if qa.risk is not None else
                                            " (no risk model: no band)")
     html.add_figure(figure, caption=caption, name="qa_ec_curve")
+
+
+def contour_review_rows(case: "Case") -> list[dict]:
+    """The review list of ``case.contour_qa`` as table rows (most suspicious first), the columns
+    every front end shows: rank, structure, model class, suspicion and its key, Dice / volume
+    ratio / surface distances with the prediction, the model's probability and entropy inside
+    the contour and along its border, the samples' agreement, the risk band and P(insufficient);
+    [] without a contour QA."""
+    review = getattr(case, "contour_qa", None)
+    if review is None:
+        return []
+    rows = []
+    for rank, row in enumerate(review.rows, start=1):
+        scores, risk = row["scores"], row.get("risk") or {}
+        uncertainty = row.get("uncertainty") or {}
+        rows.append({
+            "rank": rank, "structure": row["structure"], "class": row["class_name"],
+            "suspicion": row["suspicion"], "sort_key": row["sort_key"],
+            "dice_with_prediction": scores.get("dice_with_prediction"), "volume_ratio": scores.get("volume_ratio"),
+            "mean_surface_distance_mm": scores.get("mean_surface_distance_mm"), "hd95_mm": scores.get("hd95_mm"),
+            "mean_probability_inside": scores.get("mean_probability_inside"),
+            "mean_probability_boundary": scores.get("mean_probability_boundary"),
+            "mean_entropy_inside": scores.get("mean_entropy_foreground"),
+            "mean_entropy_boundary": scores.get("mean_entropy_boundary"),
+            "sample_frequency_inside": uncertainty.get("sample_frequency_inside"),
+            "risk_band": risk.get("band"), "insufficient_probability": risk.get("insufficient_probability"),
+            "ec_method": (row.get("saliency") or {}).get("method"),
+        })
+    return rows
+
+
+def add_contour_qa_section(html: HtmlReport, case: "Case") -> None:
+    """"Contour review": the review list of given contours (``case.contour_qa``), most suspicious
+    first, its sort key explained, and the notes of the step."""
+    review = case.contour_qa
+    html.add_heading("Contour review: given contours against the model")
+    html.add_paragraph(
+        "Contours the model did not draw (a clinician's edit, another tool's output), each compared with the model's "
+        "own prediction of its class (Dice, volume ratio, mean and 95 % surface distance), with the model's "
+        "probability and entropy inside the contour and along its border, the prediction samples' agreement inside "
+        "it when the case has uncertainty, and the Euler characteristic curve of the class's saliency inside it. "
+        "Most suspicious first: suspicion is the risk model's P(insufficient) where a risk model of this model and "
+        "class scored the curve, else 1 - Dice with the model's prediction. A low Dice says the contour and the "
+        "model disagree, not which of them is wrong.")
+    rows = contour_review_rows(case)
+    columns = [c for c in rows[0] if any(row[c] is not None for row in rows)] if rows else None
+    html.add_table(rows, columns=columns, caption="Review list (most suspicious first)")
+    if review.notes:
+        html.add_paragraph("Notes: " + "; ".join(review.notes))
 
 
 def add_agg2exp_section(html: HtmlReport, case: "Case") -> None:

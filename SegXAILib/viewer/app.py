@@ -11,7 +11,9 @@ folder or an image, a method picker with the method's parameter form (from the r
 target picker, Explain, display (normalised with a threshold, or signed) and opacity,
 pick-lesion mode (a click in a slice view computes that lesion's instance saliency, mean and
 max aggregations), the lesion table (a row click centres the views on the lesion; with
-uncertainty, each lesion's entropy and pairwise Dice), QA (risk band and EC-curve plot),
+uncertainty, each lesion's entropy and pairwise Dice), QA (risk band and EC-curve plot), the
+review list of given contours of a case that has one (``segxai qa score --contour``: most
+suspicious first, :func:`contour_review_state`),
 uncertainty (a sample-source preset of :data:`UNCERTAINTY_PRESETS`, samples and seed for the
 random ones: the predictive entropy overlay and the structure's summary), counterfactual
 relevance (paper 004: a generators path; the selected lesion's ``R = G+(x) - G-(x)`` overlay and
@@ -35,12 +37,12 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..image import SegXAIInputError
-from ..mrml.logic import UNCERTAINTY_VOLUMES, counterfactual_summary, uncertainty_summary
+from ..mrml.logic import UNCERTAINTY_VOLUMES, contour_qa_summary, counterfactual_summary, uncertainty_summary
 from ..models.expectations import INPUT_WARNING_TITLE
 from ..pipeline.steps import LESION_UNCERTAINTY_KEYS
 from ..uncertainty.presets import UNCERTAINTY_PRESETS, preset_settings
 
-__all__ = ["ViewerApp", "parameter_values", "lesion_targets"]
+__all__ = ["ViewerApp", "parameter_values", "lesion_targets", "contour_review_state"]
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,20 @@ def _json_ready(value: Any) -> Any:
     if isinstance(value, (int, np.integer)):
         return int(value)
     return value if isinstance(value, (str, bool)) or value is None else str(value)
+
+
+#: the review list's columns on the page: row key -> header
+CONTOUR_REVIEW_COLUMNS = {"rank": "#", "structure": "structure", "class": "class", "suspicion": "suspicion",
+                          "dice_with_prediction": "Dice vs model", "hd95_mm": "HD95 mm",
+                          "mean_probability_inside": "p inside", "risk_band": "band"}
+
+
+def contour_review_state(case) -> list[dict]:
+    """The ``contour_review`` state: the review list of given contours
+    (:func:`~SegXAILib.mrml.logic.contour_qa_summary`, most suspicious first) with the page's
+    columns (:data:`CONTOUR_REVIEW_COLUMNS`), numbers rounded; [] without one."""
+    return [{"key": row["rank"], **{key: _json_ready(row.get(key)) for key in CONTOUR_REVIEW_COLUMNS}}
+            for row in contour_qa_summary(case)]
 
 
 class ViewerApp:
@@ -217,7 +233,7 @@ class ViewerApp:
             "uncertainty_source": "flips", "uncertainty_samples": 8, "uncertainty_seed": 0, "uncertainty_random": False,
             "uncertainty_shown": False, "uncertainty_summary": {}, "has_uncertainty": False,
             "lesion_selected": 0, "counterfactual_generators": self.generators, "counterfactual_ids": [],
-            "counterfactual_shown": 0, "counterfactual_summary": {}, "input_warnings": [],
+            "counterfactual_shown": 0, "counterfactual_summary": {}, "input_warnings": [], "contour_review": [],
         })
         state.change("method")(self._on_method)
         state.change("pick_mode")(self._on_pick_mode)
@@ -558,6 +574,7 @@ class ViewerApp:
         self._show_uncertainty_state()
         self.state.lesion_selected = 0
         self._show_counterfactual_state()
+        self.state.contour_review = contour_review_state(case)
         self.state.has_case = True
         # outlines only in the slice views: a filled contour would hide the saliency inside it
         nodes = self.session.nodes
@@ -746,6 +763,16 @@ class ViewerApp:
                         v3.VBtn("QA", click=ctrl.qa, id="segxai-qa", disabled=("busy || !has_case",), classes="my-2")
                         html.Div("{{ qa_band }}", v_show=("qa_band",), id="segxai-qa-band")
                         html.Img(src=("qa_figure",), v_show=("qa_figure",), style="width:100%;")
+                        with html.Table(id="segxai-contour-review", v_show=("contour_review.length",),
+                                        style="width:100%;font-size:12px;margin-top:8px;",
+                                        title="given contours against the model's prediction, most suspicious "
+                                              "first (suspicion: the risk model's P(insufficient), else 1 - Dice)"):
+                            with html.Tr():
+                                for title in CONTOUR_REVIEW_COLUMNS.values():
+                                    html.Th(title)
+                            with html.Tr(v_for="row in contour_review", key="row.key"):
+                                for key in CONTOUR_REVIEW_COLUMNS:
+                                    html.Td(f"{{{{ row.{key} }}}}")
                         v3.VSelect(v_model=("uncertainty_source",), items=("uncertainty_presets",),
                                    label="uncertainty samples from", density="compact", hide_details=True,
                                    id="segxai-uncertainty-source", classes="mt-2")
