@@ -111,3 +111,19 @@ def test_leave_one_kind_out():
     rows = {r["detector"]: r for r in result["rows"]}
     assert rows["EC PC1: signal"]["auroc_leave_kind_out"] > 0.95
     assert "aurc_leave_kind_out" not in rows["tta_pairwise_dice"]  # fixed scores fit nothing
+
+
+def test_what_a_risk_model_can_ship():
+    from SegXAILib.qa.benchmark import best_shippable, shippable_method
+
+    assert shippable_method({"detector": "EC PC1: lrp", "family": "saliency"}) == "lrp"
+    assert shippable_method({"detector": "tta_pairwise_dice", "family": "uncertainty"}) == "feature:tta_pairwise_dice"
+    assert shippable_method({"detector": "volume (smaller riskier)", "family": "volume"}) == "feature:log_volume"
+    for row in ({"detector": "random", "family": "random"}, {"detector": "EC PC1 / voxels: lrp", "family": "ablation"},
+                {"detector": "quality regressor (random forest)", "family": "regressor"},
+                {"detector": "volume (deviation)", "family": "volume"},
+                {"detector": "mask Euler |chi - 1|", "family": "shape"}):
+        assert shippable_method(row) is None, row
+    cases, curves, _ = synthetic_cohort()
+    result = benchmark_cohort(cases, curves, ["signal"], n_splits=5, n_repeats=1, n_resamples=100, seed=0)
+    assert best_shippable(result)[0] == "feature:tta_pairwise_dice"  # the oracle score

@@ -42,7 +42,8 @@ from ..evaluation.failure_detection import (
 from .scores import RISK_DIRECTION
 
 __all__ = ["ADMISSION_MAX_VOLUME_AUROC", "ADMISSION_MIN_INSUFFICIENT", "DICE_THRESHOLDS", "Detector",
-           "detector_scores", "kind_folds", "admission", "benchmark_cohort", "benchmark_markdown"]
+           "detector_scores", "kind_folds", "admission", "benchmark_cohort", "benchmark_markdown", "shippable_method",
+           "best_shippable"]
 
 #: a cohort is evidence only if the predicted volume's AUROC is at most this (every direction) ...
 ADMISSION_MAX_VOLUME_AUROC = 0.70
@@ -395,6 +396,29 @@ def benchmark_cohort(
     }
 
 
+def shippable_method(row: Mapping[str, Any]) -> Optional[str]:
+    """The risk-model method (``segxai qa calibrate --method``) that ships a detector row, or
+    None when a risk model cannot carry it (random, controls, ablations, the forest, the
+    combinations, two-sided scores): ``EC PC1: <method>`` -> ``<method>``; a one-sided
+    reference-free score -> ``feature:<score>``; the predicted volume -> ``feature:log_volume``."""
+    name, family = str(row["detector"]), str(row["family"])
+    if family == "saliency" and name.startswith("EC PC1: "):
+        return name[len("EC PC1: "):]
+    if family == "volume" and name in ("volume (smaller riskier)", "volume (larger riskier)"):
+        return "feature:log_volume"
+    if family in ("shape", "softmax", "uncertainty", "image quality", "agreement") and RISK_DIRECTION.get(name, 0):
+        return f"feature:{name}"
+    return None
+
+
+def best_shippable(result: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+    """The method of the shippable detector with the lowest AURC on a cohort's table, and its row."""
+    rows = [r for r in sorted(result["rows"], key=lambda r: r["aurc"]) if shippable_method(r)]
+    if not rows:
+        raise SegXAIInputError("result: no detector of this table can be shipped as a risk model")
+    return shippable_method(rows[0]), rows[0]
+
+
 def _fmt(value: Optional[float], digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
 
@@ -425,6 +449,9 @@ def benchmark_markdown(name: str, result: Mapping[str, Any], description: str = 
             f"{r['excess_aurc']:.4f} | {r['auroc']:.3f} [{r['auroc_ci'][0]:.3f}, {r['auroc_ci'][1]:.3f}] | "
             f"{_fmt(r['auroc_at_dice'].get('0.7'))} | {r['spearman']:.3f} | {_fmt(r['partial_spearman'])} | "
             f"{r['mae_estimated_dice']:.3f} | {_fmt(r.get('aurc_leave_kind_out'), 4)} |")
+    shipped, row = best_shippable(result)
+    lines += ["", f"Best detector: **{result['best']}**; best that a risk model can carry: **{row['detector']}** "
+              f"(`segxai qa calibrate --method {shipped}`)."]
     lines += ["", "Paired comparisons (saliency and combinations against each baseline; delta AURC < 0 means the "
               "first is better; p-values Holm-corrected across baselines):", "",
               "| detector | best baseline | delta AURC [95 % CI] | p (Holm) | beats every baseline (AURC, p < 0.05) |",

@@ -884,10 +884,11 @@ def calibrate_risk_model(
 
 
 def bundled_risk_model(name: str = "lesions", method: str = "guided_gradcam") -> Path:
-    """Path of a shipped risk model, ``Resources/Models/<name>/risk_<method>.json``."""
+    """Path of a shipped risk model, ``Resources/Models/<name>/risk_<method>.json`` (a feature
+    model's ``feature:<score>`` as ``feature_<score>``)."""
     from ..sample_data import resources_dir
 
-    path = resources_dir() / "Models" / name / f"risk_{method}.json"
+    path = resources_dir() / "Models" / name / f"risk_{method.replace(':', '_')}.json"
     if not path.is_file():
         raise SegXAIInputError(f"no shipped risk model {path}")
     return path
