@@ -95,7 +95,7 @@ def test_new_fields_round_trip_and_old_files_load(tmp_path):
     again = RiskModel.load(model.save(tmp_path / "risk.json"))
     assert again.to_dict() == model.to_dict() and again.feature_ranges == model.feature_ranges
     old = model.to_dict()
-    for key in ("calibration_cohort", "aurc_cv", "estimated_dice_mae_cv", "feature_ranges"):
+    for key in ("calibration_cohort", "aurc_cv", "estimated_dice_mae_cv", "estimated_dice_error_q90", "feature_ranges"):
         old.pop(key)
     legacy = RiskModel.from_dict(old)
     assert legacy.feature_ranges == {} and legacy.aurc_cv is None
@@ -130,3 +130,15 @@ def test_qa_step_scores_a_case_as_its_cohort_did(tmp_path):
     expected = model.project(np.array([stored["scores"]["tta_pairwise_dice"]]))
     assert math.isclose(case.qa.risk["pc1"], expected, rel_tol=0, abs_tol=1e-12)
     assert case.qa.saliency is None and case.qa.method == "feature:tta_pairwise_dice"
+
+
+def test_demo_states_whether_the_estimate_agrees_with_the_known_dice():
+    from SegXAILib.demo import qa_agreement
+
+    risk = {"band": "low", "estimated_dice": 0.80, "pc1": 1.0, "insufficient_probability": 0.1,
+            "outside_calibration": [], "calibration": {"estimated_dice_error_q90": 0.1}}
+    qa = QAResult("lesion", "m", np.zeros(1), np.zeros(1), None, risk=risk)
+    assert "0.80 against the known 0.85 (off by 0.05): within" in qa_agreement(qa, 0.85)
+    assert "NOT within the risk model's stated error (0.10" in qa_agreement(qa, 0.95)
+    qa.risk = {**risk, "outside_calibration": ["log_volume"]}
+    assert "outside the risk model's calibration data" in qa_agreement(qa, 0.95)

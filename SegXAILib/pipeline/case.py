@@ -61,8 +61,9 @@ class QAResult:
             return f"EC curve only ({self.method}; no risk model chosen)"
         risk = self.risk
         calibration = risk.get("calibration") or {}
-        error = calibration.get("estimated_dice_mae_cv")
-        estimate = f"estimated Dice {risk['estimated_dice']:.2f}" + (f" +- {error:.2f}" if error is not None else "")
+        error = calibration.get("estimated_dice_error_q90")
+        estimate = f"estimated Dice {risk['estimated_dice']:.2f}" + (
+            f" (90 % of held-out errors <= {error:.2f})" if error is not None else "")
         where = []
         if calibration.get("cohort"):
             where.append(f"calibrated on {calibration['cohort']} ({calibration.get('n_cases')} cases)")
@@ -83,8 +84,8 @@ class QAResult:
             row["calibration_cohort"] = calibration.get("cohort") or ""
             if calibration.get("aurc_cv") is not None:
                 row["calibration_aurc_cv"] = calibration["aurc_cv"]
-            if calibration.get("estimated_dice_mae_cv") is not None:
-                row["estimated_dice_error"] = calibration["estimated_dice_mae_cv"]
+            if calibration.get("estimated_dice_error_q90") is not None:
+                row["estimated_dice_error_q90"] = calibration["estimated_dice_error_q90"]
             row["outside_calibration"] = ", ".join(self.risk.get("outside_calibration") or [])
             row["risk_model"] = self.risk_model
         return row
