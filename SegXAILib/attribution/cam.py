@@ -44,15 +44,48 @@ InstanceNorm (most convolutions of a MONAI UNet) has ``sum_space dT/dA_k = 0``, 
 removes any per-channel constant, so its Grad-CAM weights and map would vanish. A dotted name
 still selects exactly the module named.
 
-Sliding windows
----------------
+Sliding windows: one set of weights for the whole target (``weights="global"``, default)
+-----------------------------------------------------------------------------------------
 The network runs on sliding windows (:class:`~SegXAILib.models.windows.WindowedForward`,
-only the windows that touch the target's support). Activations and gradients are taken per
-window, the CAM is computed per window (its own weights ``w_k``), upsampled to the window
-(patch) size, and the windows' maps are blended exactly as the logits are:
-``sum_w m_w cam_w / sum_w m_w`` with the importance map ``m`` and the count of every window
-(also those not run, as for the logits), then cropped to the input grid. Where no run window
-reaches the map is 0. For an input that fits one window this is the plain CAM.
+only the windows that touch the target's support). The target ``T`` is one scalar for the
+whole volume, whatever its kind: a class target sums the class score over every predicted
+voxel of the class, an instance or region target over the voxels of its mask (cut by the
+threshold for class-threshold targets). Windows that do not touch the support have
+``dT/dA = 0`` and are not run. The channel weights are those of Grad-CAM / Grad-CAM++ on the
+*stitched* feature map of all windows, on the padded input grid ``V`` (the model grid padded
+up to the patch as the windows are):
+
+* each window's layer voxel ``j`` covers a *cell* ``C_j`` of the patch: the voxels that nearest
+  upsampling assigns it (``x s / P`` rounded down per axis, layer shape ``s``, patch ``P``),
+  ``rho = prod(s) / prod(P)`` layer voxels per input voxel;
+* stitched gradient ``G(x) = sum_w g_w(j_w(x)) / |C_j|``: the gradient of ``T`` with respect
+  to one feature field ``F`` on ``V`` that every window reads, each layer voxel as the mean of
+  ``F`` over its cell (the window's gradients spread over its cells and *added* where windows
+  overlap; ``g_w`` already holds the window's blend share ``m_w / sum m``). In layer-voxel
+  units ``G' = G / rho``;
+* stitched activations ``A~(x) = sum_w m_w(x) A_w(j_w(x)) / sum_w m_w(x)``: the windows'
+  maps blended as the logits are (importance ``m``, the count of every window, also those
+  not run); ``S_k = rho sum_V A~_k``;
+* Grad-CAM: ``w_k = mean_V G'_k = sum_w sum_j g_w,k(j) / (rho |V|)``;
+* Grad-CAM++: ``alpha = G'^2 / (2 G'^2 + S_k G'^3)`` (0 where the denominator is 0),
+  ``w_k = rho sum_V alpha relu(G'_k)``.
+
+One set of weights per layer is applied to every window's activations,
+``cam_w = relu(sum_k w_k A_w,k)``, upsampled to the patch and blended like the logits:
+``sum_w m_w cam_w / sum_w m_w``, cropped to the input grid; where no run window reaches the map
+is 0 (and near such windows it fades as the logits do). When every cell is one voxel and the
+windows' activations agree where they overlap (a network of 1x1x1 convolutions), ``G`` and
+``A~`` are the whole-volume gradient and activations and the map is the whole-volume CAM. With
+one window (the input fits the patch) the stitched map is the window's own layer map, and the
+CAM is the plain one (computed on the layer grid, so also when the patch is not a multiple of
+the layer shape). The sums over ``V`` are taken on the pieces between the windows' cell
+borders (values are constant there), so memory is that of the layer's windows, not of ``V``.
+
+``weights="per_window"`` gives the earlier definition: each window's CAM from its own weights
+(``w_k`` from that window's ``A``, ``g`` alone), blended the same way; its maps show the windows
+as patches where neighbouring windows' weights differ. The instance Grad-CAM++ of
+:mod:`SegXAILib.instances.gradcam` (a per-element layer map, no channel weights) stays per
+window.
 
 Fold ensembles and mirroring
 ----------------------------
@@ -63,11 +96,13 @@ member (the layer names are the same in every member). For each window, member a
 is the layer's output in that pass and ``g = dT/dA`` the gradient of the target through that
 pass alone, whose upstream gradient is the pass's share of ``dT/dL`` (the window's slice, times
 ``m_w / sum_w m_w``, divided by members x flips: the exact gradient, as
-:meth:`~SegXAILib.models.windows.WindowedForward.vjp` splits it). The pass's CAM is computed in
-the pass's own (flipped) frame, upsampled to the patch, flipped back by ``s``, and the window's
-map is the mean over members x flips of these maps::
+:meth:`~SegXAILib.models.windows.WindowedForward.vjp` splits it). Each pass ``(j, s)`` has its own
+weights, pooled as above over the windows (the pass's activations and gradients flipped back by
+``s`` into the window's frame; members' channels differ, and each flip keeps its own weights, as
+with one window). The pass's CAM is computed in the pass's own (flipped) frame, upsampled to the
+patch, flipped back by ``s``, and the window's map is the mean over members x flips of these maps::
 
-    cam_w = 1 / (J |S|) sum_j sum_s s(up(CAM(A_{w,j,s}, g_{w,j,s})))
+    cam_w = 1 / (J |S|) sum_j sum_s s(up(CAM(A_{w,j,s}, weights_{j,s})))
 
 blended over the windows as above. With one member and no mirror axes this is the
 single-network CAM, bit for bit. The guided variants multiply by the guided map of the
@@ -82,6 +117,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -104,10 +140,15 @@ __all__ = [
     "cam_from_layer",
     "gradcam_plusplus_alpha",
     "windowed_cam",
+    "WEIGHT_OPTIONS",
 ]
 
 LAYER_OPTIONS = ("final", "bottleneck_decoder", "all_conv")
 CAM_KINDS = ("gradcam", "gradcam_plusplus")
+#: ``weights`` of the CAMs: one set for the whole target (stitched windows) or each window's own
+WEIGHT_OPTIONS = ("global", "per_window")
+#: at most this many values (batch x channels x pieces) in one Grad-CAM++ pooling step
+_POOL_CHUNK = 2**24
 _CONV_TYPES = (torch.nn.Conv3d, torch.nn.ConvTranspose3d)
 
 
@@ -216,15 +257,20 @@ def resolve_layers(
     return [info.name for info in order[start:]]
 
 
-def gradcam_plusplus_alpha(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+def gradcam_plusplus_alpha(
+    activations: torch.Tensor, gradients: torch.Tensor, totals: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Grad-CAM++'s ``alpha = g^2 / (2 g^2 + sum_space(A_k) g^3)`` ``(B, K, *space)``, 0 where
     the denominator is 0 (class level: weights summed over space; instance level, paper 001
-    eq. 10: kept per element)."""
-    a = activations.float()
+    eq. 10: kept per element).
+
+    ``totals`` ``(B, K, 1, 1, 1)``, optional: ``sum_space(A_k)`` given (the stitched map's, when
+    ``gradients`` are stitched over windows); ``activations`` are then unused (may be None).
+    """
     g = gradients.float()
-    space = tuple(range(2, a.ndim))
+    total = activations.float().sum(dim=tuple(range(2, g.ndim)), keepdim=True) if totals is None else totals.float()
     g2 = g * g
-    denominator = 2 * g2 + a.sum(dim=space, keepdim=True) * g2 * g
+    denominator = 2 * g2 + total * g2 * g
     nonzero = denominator != 0
     safe = torch.where(nonzero, denominator, torch.ones_like(denominator))
     return torch.where(nonzero, g2 / safe, torch.zeros_like(g))
@@ -249,19 +295,118 @@ def cam_from_layer(activations: torch.Tensor, gradients: torch.Tensor, kind: str
     return F.relu((weights * a).sum(dim=1, keepdim=True))
 
 
+def _cells(patch: int, size: int, flipped: bool) -> np.ndarray:
+    """The layer index ``(patch,)`` of each patch voxel along one axis: nearest assignment
+    ``x size // patch``, in the window's frame (``flipped``: of a pass run on the flipped patch,
+    whose layer tensor is flipped back)."""
+    assign = (np.arange(patch) * size) // patch
+    return (size - 1 - assign[::-1]).copy() if flipped else assign
+
+
+def _pooled_weights(
+    kind: str,
+    views: Sequence[tuple[tuple[slice, ...], tuple[int, ...], torch.Tensor, torch.Tensor]],
+    importance: torch.Tensor,
+    count: torch.Tensor,
+) -> torch.Tensor:
+    """Grad-CAM / Grad-CAM++ channel weights ``(B, K, 1, 1, 1)`` of the stitched feature map of
+    one layer and pass over all run windows (module docstring, "Sliding windows").
+
+    Parameters
+    ----------
+    kind : str
+        ``"gradcam"`` or ``"gradcam_plusplus"``.
+    views : sequence of (window, flips, A, g)
+        Per run window: its slices of the padded grid, the pass's flip axes (spatial), the
+        layer's activations and ``dT/dA`` ``(B, K, *s)`` in the pass's frame.
+    importance : torch.Tensor
+        ``(*P)`` blend importance map of a window.
+    count : torch.Tensor
+        ``(*padded)`` sum of the importance of every window.
+    """
+    patch = tuple(int(sl.stop - sl.start) for sl in views[0][0])
+    layer = tuple(int(n) for n in views[0][2].shape[2:])
+    rho = float(np.prod(layer)) / float(np.prod(patch))  # layer voxels per input voxel
+    volume = float(np.prod(tuple(count.shape)))
+    if kind == "gradcam":
+        # linear in g: the sum over the stitched grid is the sum of every window's gradients
+        total = sum(g.float().sum(dim=(2, 3, 4), keepdim=True) for _, _, _, g in views)
+        return total / (rho * volume)
+    # Grad-CAM++ is not linear in g: stitch G on the pieces between every window's cell borders
+    backs = [[axis + 2 for axis in flips] for _, flips, _, _ in views]
+    cells = [[_cells(patch[a], layer[a], a in flips) for a in range(3)] for _, flips, _, _ in views]
+    borders = []
+    for a in range(3):
+        points: set[int] = set()
+        for (window, _, _, _), assign in zip(views, cells):
+            start = int(window[a].start)
+            changes = np.flatnonzero(np.diff(assign[a])) + 1
+            points.update([start, start + patch[a], *(start + changes).tolist()])
+        borders.append(np.array(sorted(points)))
+    lengths = [torch.from_numpy(np.diff(b)).to(torch.float32) for b in borders]
+    device = views[0][2].device
+    piece_volume = (lengths[0][:, None, None] * lengths[1][None, :, None] * lengths[2][None, None, :]).to(device)
+    placements = []  # per view: piece ranges, layer index per piece and 1 / |cell| per axis
+    for (window, _, _, _), assign in zip(views, cells):
+        ranges, indices, factors = [], [], []
+        for a in range(3):
+            start = int(window[a].start)
+            lo = int(np.searchsorted(borders[a], start))
+            hi = int(np.searchsorted(borders[a], start + patch[a]))
+            index = assign[a][borders[a][lo:hi] - start]
+            size = np.bincount(assign[a], minlength=layer[a]).astype(np.float32)
+            ranges.append(slice(lo, hi))
+            indices.append(torch.from_numpy(index).to(device))
+            factors.append(torch.from_numpy(1.0 / size[index]).to(device))
+        placements.append((tuple(ranges), indices, factors))
+
+    # S_k = rho sum_V A~_k: each window's activations times its blend share, pooled over its cells
+    totals = None
+    for (window, _, a, _), back, assign in zip(views, backs, cells):
+        share = (importance.to(device) / count[window].to(device)).float()
+        for axis in range(3):
+            pooled = torch.zeros((*share.shape[:axis], layer[axis], *share.shape[axis + 1 :]), device=device)
+            share = pooled.index_add_(axis, torch.from_numpy(assign[axis]).to(device), share)
+        a_back = torch.flip(a.float(), back) if back else a.float()
+        term = (a_back * share).sum(dim=(2, 3, 4), keepdim=True)
+        totals = term if totals is None else totals + term
+    assert totals is not None
+    totals = totals * rho
+
+    samples, channels = views[0][2].shape[:2]
+    pieces = int(piece_volume.numel())
+    chunk = max(1, _POOL_CHUNK // max(1, samples * pieces))
+    weights = []
+    for first in range(0, channels, chunk):
+        stitched = torch.zeros((samples, min(chunk, channels - first), *piece_volume.shape), device=device)
+        for (_, _, _, g), back, (ranges, indices, factors) in zip(views, backs, placements):
+            part = g[:, first : first + chunk].float()
+            part = torch.flip(part, back) if back else part
+            part = part.index_select(2, indices[0]).index_select(3, indices[1]).index_select(4, indices[2])
+            density = factors[0][:, None, None] * factors[1][None, :, None] * factors[2][None, None, :]
+            stitched[(slice(None), slice(None), *ranges)] += part * density  # G on the pieces
+        stitched = stitched / rho  # G' (layer-voxel units)
+        alpha = gradcam_plusplus_alpha(None, stitched, totals[:, first : first + chunk])  # type: ignore[arg-type]
+        weights.append(rho * (alpha * F.relu(stitched) * piece_volume).sum(dim=(2, 3, 4), keepdim=True))
+    return torch.cat(weights, dim=1)
+
+
 def windowed_cam(
     forward: SegmentationForward,
     inputs: torch.Tensor,
     layers: Sequence[str],
     kind: Union[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = "gradcam",
     cancel: Optional[CancelToken] = None,
+    weights: str = "global",
 ) -> torch.Tensor:
     """The mean over ``layers`` of their CAMs, per sliding window and network pass, blended:
     ``(B, 1, D, H, W)``.
 
     Each window's map is the mean over its passes (ensemble members x mirror flips) of the
     pass's CAM, computed in the pass's flipped frame, upsampled to the patch and flipped back
-    (see the module docstring); the windows' maps are blended like the logits.
+    (see the module docstring); the windows' maps are blended like the logits. The CAM's
+    channel weights are those of the stitched feature map of all run windows
+    (``weights="global"``) or each window's own (``"per_window"``).
 
     Parameters
     ----------
@@ -272,8 +417,21 @@ def windowed_cam(
         Dotted module names, the same in every network of ``forward.networks``.
     kind : str or callable
         ``"gradcam"`` or ``"gradcam_plusplus"``, or a function ``(A, dT/dA) -> (B, 1, *space)``
-        giving one layer's map (e.g. instance Grad-CAM++'s per-element weighting).
+        giving one layer's map (e.g. instance Grad-CAM++'s per-element weighting; always per
+        window: it has no channel weights to pool).
+    cancel : CancelToken, optional
+    weights : str
+        ``"global"`` (default): one set of channel weights per layer and pass for the whole
+        target, from the stitched map of every run window (exact pooled Grad-CAM /
+        Grad-CAM++); ``"per_window"``: each window's weights from that window alone.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, 1, D, H, W)`` float32, 0 where no run window reaches.
     """
+    if weights not in WEIGHT_OPTIONS:
+        raise SegXAIInputError(f"weights {weights!r}: expected one of {list(WEIGHT_OPTIONS)}")
     layer_map = kind if callable(kind) else (lambda a, g: cam_from_layer(a, g, kind))
     networks = forward.networks
     for network in networks:
@@ -356,6 +514,20 @@ def windowed_cam(
 
     patch = tuple(int(s) for s in forward.card.patch_size)
     importance = windowed.importance.to(inputs.device)
+    # one window: its own layer grid is the stitched map, and the plain CAM is exact there
+    pooled: Optional[dict[tuple[str, int, int], torch.Tensor]] = None
+    if weights == "global" and not callable(kind) and len(windowed.windows) > 1:
+        pooled = {}
+        for name in layers:
+            for member in range(len(networks)):
+                for flip, flips in enumerate(mirrors):
+                    views = []
+                    for index, pos, captured in records:
+                        rows = slice(pos * samples, (pos + 1) * samples)
+                        tensor = captured[(name, member, flip)]
+                        views.append((windowed.windows[index], flips, tensor[rows].detach(),
+                                      gradient_of[id(tensor)][rows]))
+                    pooled[(name, member, flip)] = _pooled_weights(kind, views, windowed.importance, windowed.count)
     blended = torch.zeros((samples, 1, *windowed.padded_shape), device=inputs.device, dtype=torch.float32)
     for index, pos, captured in records:
         rows = slice(pos * samples, (pos + 1) * samples)
@@ -365,7 +537,11 @@ def windowed_cam(
                 maps = []
                 for name in layers:
                     tensor = captured[(name, member, flip)]
-                    cam = layer_map(tensor[rows].detach(), gradient_of[id(tensor)][rows])
+                    if pooled is None:
+                        cam = layer_map(tensor[rows].detach(), gradient_of[id(tensor)][rows])
+                    else:  # the whole target's weights on this window's activations
+                        channel_weights = pooled[(name, member, flip)]
+                        cam = F.relu((channel_weights * tensor[rows].detach().float()).sum(dim=1, keepdim=True))
                     maps.append(F.interpolate(cam, size=patch, mode="trilinear", align_corners=False))
                 pass_map = torch.stack(maps).mean(dim=0)
                 if flips:  # the pass's frame is flipped: back to the window's
@@ -385,20 +561,28 @@ _LAYER = Parameter(
 )
 
 
+_WEIGHTS = Parameter(
+    "weights", "choice", "global",
+    "CAM channel weights: global (the whole target's, pooled over the stitched windows: no seams) or per_window "
+    "(each sliding window's own, the earlier definition)",
+    choices=WEIGHT_OPTIONS,
+)
+
+
 class _CAM(Attribution):
     """A CAM of ``layer``, broadcast to every input channel."""
 
     cam_kind: ClassVar[str] = "gradcam"
-    parameters = (_LAYER,)
+    parameters = (_LAYER, _WEIGHTS)
 
     def layers(self, inputs: torch.Tensor, layer: str = "bottleneck_decoder") -> list[str]:
         """The dotted names of the layers ``layer`` selects for ``inputs`` ``(1, C, D, H, W)``."""
         return resolve_layers(self.forward.network, layer, int(inputs.shape[1]), self.forward.card.patch_size, inputs.device)
 
     def _cam(self, inputs: torch.Tensor, layer: str, progress: Optional[ProgressCallback],
-             cancel: Optional[CancelToken]) -> torch.Tensor:
+             cancel: Optional[CancelToken], weights: str = "global") -> torch.Tensor:
         """The CAM ``(1, 1, D, H, W)`` of checked ``inputs`` ``(1, C, D, H, W)``."""
-        cam = windowed_cam(self.forward, inputs, self.layers(inputs, layer), self.cam_kind, cancel)
+        cam = windowed_cam(self.forward, inputs, self.layers(inputs, layer), self.cam_kind, cancel, weights)
         report(progress, 1.0, self.name)
         return cam
 
@@ -408,6 +592,7 @@ class _CAM(Attribution):
         layer: str = "bottleneck_decoder",
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
+        weights: str = "global",
     ) -> torch.Tensor:
         """The map ``(1, C, D, H, W)`` of ``inputs`` ``(1, C, D, H, W)`` (model grid).
 
@@ -415,6 +600,9 @@ class _CAM(Attribution):
         ----------
         layer : str
             ``"final"``, ``"bottleneck_decoder"``, ``"all_conv"`` or a dotted module name.
+        weights : str
+            ``"global"`` (default): the whole target's channel weights, pooled over the stitched
+            sliding windows (module docstring); ``"per_window"``: each window's own weights.
 
         Returns
         -------
@@ -422,13 +610,13 @@ class _CAM(Attribution):
             The CAM (one map for the volume) repeated over the ``C`` input channels.
         """
         inputs = check_inputs(inputs)
-        return self._cam(inputs, layer, progress, cancel).repeat(1, inputs.shape[1], 1, 1, 1)
+        return self._cam(inputs, layer, progress, cancel, weights).repeat(1, inputs.shape[1], 1, 1, 1)
 
 
 class _GuidedCAM(_CAM):
     """The guided-backprop map (:class:`GuidedBackprop`) times the CAM of ``layer``."""
 
-    parameters = (_LAYER, _AGGREGATION, _BATCH)
+    parameters = (_LAYER, _AGGREGATION, _BATCH, _WEIGHTS)
 
     def attribute(
         self,
@@ -438,6 +626,7 @@ class _GuidedCAM(_CAM):
         batch_size: int = 4,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
+        weights: str = "global",
     ) -> torch.Tensor:
         """The map ``(1, C, D, H, W)`` of ``inputs`` ``(1, C, D, H, W)`` (model grid).
 
@@ -447,6 +636,8 @@ class _GuidedCAM(_CAM):
             ``"final"``, ``"bottleneck_decoder"``, ``"all_conv"`` or a dotted module name.
         aggregation, batch_size
             Of the guided-backprop map (see :class:`GuidedBackprop`).
+        weights : str
+            Of the CAM: ``"global"`` (default) or ``"per_window"`` (see :class:`GradCAM`).
 
         Returns
         -------
@@ -454,7 +645,7 @@ class _GuidedCAM(_CAM):
             The guided map (per channel) times the CAM.
         """
         inputs = check_inputs(inputs)
-        cam = self._cam(inputs, layer, sub_progress(progress, 0.5, 1.0), cancel)
+        cam = self._cam(inputs, layer, sub_progress(progress, 0.5, 1.0), cancel, weights)
         guided = GuidedBackprop(self.forward).attribute(
             inputs, aggregation=aggregation, batch_size=batch_size, progress=sub_progress(progress, 0.0, 0.5), cancel=cancel
         )
