@@ -165,3 +165,24 @@ def test_benchmark_cli_equals_library(tmp_path, capsys):
     for plot in ("qa_risk_coverage_synthetic.png", "qa_auroc_thresholds_synthetic.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     assert read_case_curves(folder / cases[0]["files"]["curves"])["signal"].shape == (30,)
+
+
+def test_benchmark_reuses_a_cohort_result_while_the_cohort_is_the_same(tmp_path):
+    from SegXAILib.report.qa_benchmark import write_benchmark
+
+    folder = tmp_path / "synthetic"
+    write_synthetic_folder(folder)
+    out = tmp_path / "results"
+    write_benchmark([folder], out, n_repeats=1, n_resamples=100)
+    cached = out / "qa_benchmark_synthetic.json"
+    first = json.loads(cached.read_text())
+    stamp = cached.stat().st_mtime_ns
+    write_benchmark([folder], out, n_repeats=1, n_resamples=100)
+    assert cached.stat().st_mtime_ns == stamp  # reused, not recomputed
+    write_benchmark([folder], out, n_repeats=1, n_resamples=101)  # other settings: recomputed
+    assert json.loads(cached.read_text())["key"]["n_resamples"] == 101
+    document = json.loads((folder / "cohort.json").read_text())
+    document["cases"] = document["cases"][:-1]  # the cohort changed: recomputed
+    (folder / "cohort.json").write_text(json.dumps(document))
+    write_benchmark([folder], out, n_repeats=1, n_resamples=101)
+    assert json.loads(cached.read_text())["n_cases"] == first["n_cases"] - 1

@@ -9,6 +9,7 @@ thresholds), each for the best detector of every family.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -80,6 +81,14 @@ def auroc_threshold_figure(result: dict[str, Any], title: str = ""):
     return figure
 
 
+def _cached(path: Path, key: dict[str, Any]) -> Optional[dict[str, Any]]:
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) and result.get("key") == key else None
+
+
 def write_benchmark(
     cohort_dirs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -91,8 +100,10 @@ def write_benchmark(
 ) -> list[Path]:
     """Benchmark every cohort of ``cohort_dirs`` and write the files into ``out_dir``.
 
-    Cohorts are named by their ``cohort`` entry (a user cohort by its folder name). Returns the
-    paths written.
+    Cohorts are named by their ``cohort`` entry (a user cohort by its folder name). Each
+    cohort's result is also written as ``qa_benchmark_<cohort>.json`` with the checksum of its
+    ``cohort.json`` and the settings, and reused when both are unchanged. Returns the paths
+    written.
     """
     from .figures import save_figure
 
@@ -108,6 +119,7 @@ def write_benchmark(
     if len(set(names)) != len(names):
         raise SegXAIInputError(f"cohort_dirs: two folders hold the same cohort ({names})")
     out_dir = check_writable_dir(out_dir)
+    settings = {"n_splits": n_splits, "n_repeats": n_repeats, "n_resamples": n_resamples, "seed": seed}
     results: dict[str, Any] = {}
     markdown = ["# QA detectors judged on the same cases", "",
                 "Made by `segxai qa benchmark` (QA_PROTOCOL.md). Risk = 1 - Dice; AURC is the primary metric "
@@ -119,10 +131,19 @@ def write_benchmark(
         step = sub_progress(progress, index / len(loaded), (index + 1) / len(loaded))
         report(step, 0.0, f"{name}: {len(cases)} cases")
         methods = list(document["methods"])
-        result = benchmark_cohort(cases, curves, methods, n_splits=n_splits, n_repeats=n_repeats,
-                                  n_resamples=n_resamples, seed=seed)
-        result.update(cohort=name, folder=str(path), model=document["model"], source=document.get("source", ""),
-                      methods=methods, complete=bool(document.get("complete")))
+        # one cohort's result is kept beside the tables and reused while the cohort and the settings
+        # are the same (a benchmark of several large cohorts is long; adding one redoes only it)
+        key = {"cohort_sha256": hashlib.sha256((path / "cohort.json").read_bytes()).hexdigest(), **settings}
+        cached = out_dir / f"qa_benchmark_{name}.json"
+        result = _cached(cached, key)
+        if result is None:
+            result = benchmark_cohort(cases, curves, methods, n_splits=n_splits, n_repeats=n_repeats,
+                                      n_resamples=n_resamples, seed=seed)
+            result.update(cohort=name, folder=str(path), model=document["model"], source=document.get("source", ""),
+                          methods=methods, complete=bool(document.get("complete")), key=key)
+            with atomic_path(cached) as temporary:
+                temporary.write_text(json.dumps(result, allow_nan=False) + "\n", encoding="utf-8")
+        written.append(cached)
         results[name] = result
         description = (f"Model `{document['model'].get('card_name')}`; {document.get('source', '')}; "
                        f"methods {', '.join(methods)}.")
