@@ -72,6 +72,18 @@ def test_saved_tensor_bytes_of_a_tiny_conv_net_equal_a_hand_count():
     assert cost.seconds > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_pass_peak_holds_at_least_the_saved_tensors():
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3, padding=1), torch.nn.ReLU(),
+                                  torch.nn.Conv3d(2, 1, 3, padding=1)).cuda()
+    x = torch.zeros(1, 1, 32, 32, 32, device="cuda")
+    cost = measure_pass(network, x)
+    # the allocator's peak holds at least the saved input and ReLU output and the input's gradient
+    assert cost.bytes >= 4 * 32**3 * (1 + 2 + 1)
+    free, total = torch.cuda.mem_get_info()
+    assert 0 < memory.available_memory("cuda") <= total
+
+
 def test_available_memory_is_positive_and_at_most_the_machine():
     available = memory.available_memory("cpu")
     assert 0 < available
