@@ -128,6 +128,14 @@ def run_engine(args: argparse.Namespace, stream: Optional[IO[str]] = None) -> in
             outcome["cancelled"] = True
         except SegXAIInputError as error:
             outcome["error"] = ("input", str(error))
+        except (MemoryError, RuntimeError) as error:
+            from .models.memory import is_out_of_memory, memory_refusal
+
+            if is_out_of_memory(error):  # refused with the estimate, like a pipeline step
+                outcome["error"] = ("input", str(memory_refusal(error)))
+            else:
+                outcome["error"] = ("internal", f"{type(error).__name__}: {error}")
+                outcome["traceback"] = traceback.format_exc()
         except BaseException as error:  # reported as a line and an exit code, never lost
             outcome["error"] = ("internal", f"{type(error).__name__}: {error}")
             outcome["traceback"] = traceback.format_exc()

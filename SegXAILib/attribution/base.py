@@ -3,11 +3,13 @@
 One class per method, constructed on a :class:`~SegXAILib.attribution.forward.SegmentationForward`,
 with one entry point ``attribute(inputs, ...)`` taking ``inputs`` ``(1, C, D, H, W)`` on the
 model grid and returning a map of the same shape. Shared keyword names: ``batch_size``
-(samples per backward pass), ``seed``, ``progress``, ``cancel``.
+(samples per backward pass; 0, the default of the gradient family: the largest that fits in
+the free memory, see :mod:`SegXAILib.models.memory`), ``seed``, ``progress``, ``cancel``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, Optional
@@ -19,7 +21,10 @@ from ..image import SegXAIInputError
 from ..progress import CancelToken, ProgressCallback, report
 from .forward import SegmentationForward
 
-__all__ = ["Attribution", "Parameter", "batched", "generator_for", "check_inputs"]
+__all__ = ["Attribution", "Parameter", "batched", "generator_for", "check_inputs", "memory_batch_size",
+           "AUTO_BATCH"]
+
+_LOG = logging.getLogger("SegXAILib.memory")
 
 
 @dataclass(frozen=True)
@@ -41,11 +46,16 @@ class Parameter:
     maximum: Optional[float] = None
     choices: tuple = ()
     objects: tuple = ()
+    #: an int parameter whose 0 means "chosen automatically" (a batch size fitted to the free
+    #: memory): the text ``auto`` is read as 0
+    auto: bool = False
 
     def parse(self, text: str) -> Any:
         """A value from its text (``"20"``, ``"0.1"``, ``"true"``, ``"min"``), checked."""
         if self.kind == "object":
             raise SegXAIInputError(f"parameter {self.name}: takes {self._object_names()} from Python code, not text")
+        if self.auto and str(text).strip().lower() == "auto":
+            return 0
         try:
             if self.kind == "int":
                 value: Any = int(text)
@@ -149,6 +159,51 @@ def batched(
         report(progress, done / total, message)
 
 
+def memory_batch_size(
+    forward: SegmentationForward,
+    inputs: torch.Tensor,
+    requested: int,
+    total: int,
+    what: str,
+    cap: int = 4,
+    name: str = "batch_size",
+    progress: Optional[ProgressCallback] = None,
+    whole_graph: bool = False,
+) -> int:
+    """The batch size of ``total`` gradient samples of ``forward`` on ``inputs``: ``requested``
+    checked against the free memory, or with 0 (auto) the largest that fits, at most ``cap``
+    (:func:`~SegXAILib.models.memory.fit_batch`, from one measured window pass). ``whole_graph``:
+    the items are replicas run through the windowed forward with their whole graph (per-voxel
+    and instance-max aggregation), not :meth:`SegmentationForward.gradient` samples.
+
+    The estimate (memory of a batch, time of the whole) is logged and reported as the progress
+    message, so that front ends show it before the long part starts.
+
+    Raises
+    ------
+    SegXAIInputError
+        ``requested`` (named ``name``) does not fit, or not even one sample does.
+    """
+    from ..models.memory import available_memory, estimate_text, fit_batch, note_estimate
+
+    if requested < 0:
+        raise SegXAIInputError(f"{name} must be >= 1 (or 0: the largest that fits in memory), got {requested}")
+    cost = forward.gradient_cost(inputs)
+    per_item = cost.graph_bytes if whole_graph else cost.per_sample_bytes
+    size = fit_batch(requested, per_item, available_memory(inputs.device), name=name, cap=cap,
+                     limit=total, device=str(inputs.device))
+    text = estimate_text(f"{what}: {total} sample(s) x {cost.passes} window pass(es)", min(size, total),
+                         per_item, 0, cost.seconds * total)
+    note_estimate(text)
+    _LOG.info(text)
+    report(progress, 0.0, text)
+    return size
+
+
+#: the batch-size value that means "the largest that fits in the free memory"
+AUTO_BATCH = 0
+
+
 class Attribution:
     """Base class. Subclasses set ``name`` and implement ``attribute``."""
 
@@ -176,7 +231,10 @@ class Attribution:
         progress: Optional[ProgressCallback],
         cancel: Optional[CancelToken],
     ) -> torch.Tensor:
-        """``mean_k statistic(x_k, dT/dx(x_k))`` over ``total`` samples made by ``make_batch``."""
+        """``mean_k statistic(x_k, dT/dx(x_k))`` over ``total`` samples made by ``make_batch``
+        (``batch_size`` 0: chosen from the free memory, :func:`memory_batch_size`)."""
+        batch_size = memory_batch_size(self.forward, make_batch(range(1)), batch_size, total, self.name,
+                                       progress=progress)
         accumulated: Optional[torch.Tensor] = None
         for chunk in batched(total, batch_size, progress, cancel, self.name):
             samples = make_batch(chunk)

@@ -623,7 +623,7 @@ class _GuidedCAM(_CAM):
         inputs: torch.Tensor,
         layer: str = "bottleneck_decoder",
         aggregation: str = "per_voxel",
-        batch_size: int = 4,
+        batch_size: int = 0,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
         weights: str = "global",

@@ -10,6 +10,8 @@ CAM, guided, perturbation) take one and call nothing else of the model.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -18,7 +20,24 @@ from ..models.card import ModelCard
 from ..models.windows import WindowedForward
 from .targets import Target
 
-__all__ = ["SegmentationForward"]
+__all__ = ["SegmentationForward", "GradientCost"]
+
+
+@dataclass(frozen=True)
+class GradientCost:
+    """Estimated cost of :meth:`SegmentationForward.gradient` per sample of its batch.
+
+    ``per_sample_bytes``: memory that grows with the batch (the graph of the windows held at
+    once, the volume-sized buffers); ``graph_bytes``: the same when the whole graph of the
+    target's windows is kept (what replica methods, which call the windowed forward under
+    autograd themselves, need per replica); ``seconds``: time of one sample; ``passes``:
+    network passes per sample (windows x members x flips).
+    """
+
+    per_sample_bytes: int
+    graph_bytes: int
+    seconds: float
+    passes: int
 
 
 class SegmentationForward:
@@ -66,6 +85,7 @@ class SegmentationForward:
         self.window_batch = window_batch
         self.max_graph_windows = max_graph_windows
         self.windowed = WindowedForward(network, card, spatial_shape, amp=amp, networks=self.networks)
+        self._cost: Optional[GradientCost] = None
 
     @property
     def spatial_shape(self) -> tuple[int, int, int]:
@@ -84,6 +104,47 @@ class SegmentationForward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.target(self.logits(x))
 
+    def whole_graph(self) -> bool:
+        """True when :meth:`gradient` keeps the whole autograd graph (few passes), False when it
+        back-propagates pass by pass (:meth:`WindowedForward.vjp`)."""
+        passes = len(self.windowed.windows_for(self.target.support)) * self.windowed.passes
+        return passes <= max(self.window_batch, self.max_graph_windows)
+
+    def gradient_cost(self, x: torch.Tensor) -> GradientCost:
+        """The memory and time of :meth:`gradient` per sample, from one measured window pass
+        (:func:`~SegXAILib.models.memory.measure_pass`; measured once, then kept).
+
+        Memory per sample: the graph of every pass when the whole graph is kept, else of one
+        window batch through one network with its stacked flips; plus the volume-sized
+        buffers (padded input, logits, cotangent, gradient). Time: one window pass times the
+        passes the target needs.
+        """
+        if self._cost is not None:
+            return self._cost
+        from ..models.memory import measure_pass
+        from ..models.windows import PASS_BATCH_VOXELS, flip_groups
+
+        windowed = self.windowed
+        first = windowed.pad_input(x[:1].detach())[(slice(None), slice(None), *windowed.windows[0])]
+        measured = measure_pass(self.network, first, windowed.amp)
+        windows = len(windowed.windows_for(self.target.support))
+        passes = windows * windowed.passes
+        item = max(4, x.element_size())
+        volume = math.prod(windowed.padded_shape)
+        channels, classes = int(x.shape[1]), int(self.card.output_channels)
+        # whole graph: every pass's graph, the blended logits and their sum, the input gradient
+        whole = measured.bytes * passes + volume * item * (2 * classes + channels)
+        if self.whole_graph():
+            per_sample = whole
+        else:
+            # one window batch through one network (its flips stacked), plus the logits, the
+            # cotangent, the padded input and the gradient
+            stacked = len(flip_groups(windowed.mirrors, (self.window_batch, *first.shape[1:]), PASS_BATCH_VOXELS)[0])
+            per_sample = measured.bytes * self.window_batch * stacked + volume * item * (2 * classes + 2 * channels)
+        seconds = measured.seconds * passes * (1.0 if self.whole_graph() or self.target.linear else 1.3)
+        self._cost = GradientCost(int(per_sample), int(whole), seconds, passes)
+        return self._cost
+
     def gradient(self, x: torch.Tensor) -> torch.Tensor:
         """``dT/dx`` for each sample of ``x`` ``(B, C, D, H, W)`` (samples are independent).
 
@@ -96,8 +157,7 @@ class SegmentationForward:
         first pass: its ``dT/dL`` is the same everywhere.
         """
         x = x.detach()
-        passes = len(self.windowed.windows_for(self.target.support)) * self.windowed.passes
-        if passes <= max(self.window_batch, self.max_graph_windows):
+        if self.whole_graph():
             x.requires_grad_(True)
             with torch.enable_grad():
                 (gradient,) = torch.autograd.grad(self(x).sum(), x)

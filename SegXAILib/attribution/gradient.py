@@ -2,7 +2,9 @@
 (and squared), integrated gradients, expected gradients.
 
 Every map is ``(1, C, D, H, W)``, the shape of ``inputs``. Samples (noise draws, path steps,
-references) run ``batch_size`` at a time through one backward pass. Random draws come from
+references) run ``batch_size`` at a time through one backward pass (0, the default: the largest
+batch that fits in the free memory, at most 4; an explicit batch that cannot fit is refused
+with the estimate, :func:`~SegXAILib.attribution.base.memory_batch_size`). Random draws come from
 one generator per sample, seeded from ``(seed, sample index)``: the same seed gives the same
 map whatever ``batch_size`` is.
 """
@@ -16,7 +18,7 @@ import torch
 
 from ..image import SegXAIInputError
 from ..progress import CancelToken, ProgressCallback, report
-from .base import Attribution, Parameter, check_inputs
+from .base import Attribution, Parameter, check_inputs, memory_batch_size
 
 __all__ = [
     "VanillaGradient",
@@ -32,7 +34,8 @@ __all__ = [
 
 BASELINES = ("zero", "min", "max", "black_white")
 
-_BATCH = Parameter("batch_size", "int", 4, "samples per backward pass (memory vs. speed)", minimum=1)
+_BATCH = Parameter("batch_size", "int", 0, "samples per backward pass (memory vs. speed); 0 or auto: the largest "
+                   "that fits in the free memory, at most 4", minimum=0, auto=True)
 _SEED = Parameter("seed", "int", 0, "seed of the random draws (same seed, same map)")
 
 
@@ -94,6 +97,9 @@ class VanillaGradient(Attribution):
         inputs = check_inputs(inputs)
         if cancel is not None:
             cancel.raise_if_cancelled()
+        # one sample: refused with the estimate when it cannot fit (window_batch windows at once)
+        memory_batch_size(self.forward, inputs, 1, 1, self.name,
+                          name="window_batch" if self.forward.window_batch > 1 else self.name, progress=progress)
         result = self.forward.gradient(inputs)
         report(progress, 1.0, self.name)
         return result
@@ -132,7 +138,7 @@ class SmoothGrad(Attribution):
         n_samples: int = 20,
         noise_level: float = 0.1,
         squared: bool = False,
-        batch_size: int = 4,
+        batch_size: int = 0,
         seed: Optional[int] = 0,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
@@ -169,7 +175,7 @@ class IntegratedGradients(Attribution):
         inputs: torch.Tensor,
         baselines: Union[str, float, torch.Tensor] = "zero",
         n_steps: int = 25,
-        batch_size: int = 4,
+        batch_size: int = 0,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
     ) -> torch.Tensor:
@@ -215,7 +221,7 @@ class ExpectedGradients(Attribution):
         inputs: torch.Tensor,
         references: Optional[torch.Tensor] = None,
         n_samples: int = 20,
-        batch_size: int = 4,
+        batch_size: int = 0,
         seed: Optional[int] = 0,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,

@@ -76,7 +76,7 @@ from torch.overrides import TorchFunctionMode
 from ..image import SegXAIInputError
 from ..models.card import EAGER_HINT
 from ..progress import CancelToken, ProgressCallback, report
-from .base import Attribution, Parameter, batched, check_inputs
+from .base import Attribution, Parameter, batched, check_inputs, memory_batch_size
 from .forward import SegmentationForward
 
 __all__ = ["GuidedBackprop", "Deconvolution", "backward_rules", "per_voxel_sum", "RULES", "AGGREGATIONS"]
@@ -402,7 +402,7 @@ def per_voxel_sum(
     forward: SegmentationForward,
     inputs: torch.Tensor,
     rule: Optional[str] = "guided",
-    batch_size: int = 4,
+    batch_size: int = 0,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
 ) -> torch.Tensor:
@@ -418,7 +418,8 @@ def per_voxel_sum(
         ``"guided"``, ``"deconvolution"``, or None for the plain gradient (then, by linearity,
         the result equals ``forward.gradient(inputs)``).
     batch_size : int
-        Replicas of the input (voxel terms) per backward pass.
+        Replicas of the input (voxel terms) per backward pass; 0: the largest that fits in the
+        free memory, at most 4 (:func:`~SegXAILib.attribution.base.memory_batch_size`).
 
     Returns
     -------
@@ -435,6 +436,9 @@ def per_voxel_sum(
     if terms.shape[0] == 0:
         raise SegXAIInputError("per_voxel: the target reads no output voxel; nothing to explain")
     term_weights = weights[tuple(terms.T)]
+    # each replica keeps the whole graph of the windows its voxel touches
+    batch_size = memory_batch_size(forward, inputs, batch_size, terms.shape[0], "per-voxel maps", progress=progress,
+                                   whole_graph=True)
     total: Optional[torch.Tensor] = None
     with _rules_on_every_member(forward, rule):
         for chunk in batched(terms.shape[0], batch_size, progress, cancel, "per-voxel maps"):
@@ -461,7 +465,8 @@ _AGGREGATION = Parameter(
     "target: one backward of the target scalar; per_voxel: exact sum of every target voxel's map (paper 000)",
     choices=AGGREGATIONS,
 )
-_BATCH = Parameter("batch_size", "int", 4, "voxel terms per backward pass (aggregation=per_voxel)", minimum=1)
+_BATCH = Parameter("batch_size", "int", 0, "voxel terms per backward pass (aggregation=per_voxel); 0 or auto: the "
+                   "largest that fits in the free memory, at most 4", minimum=0, auto=True)
 
 
 class _ModifiedBackward(Attribution):
@@ -474,7 +479,7 @@ class _ModifiedBackward(Attribution):
         self,
         inputs: torch.Tensor,
         aggregation: str = "per_voxel",
-        batch_size: int = 4,
+        batch_size: int = 0,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
     ) -> torch.Tensor:
@@ -486,12 +491,12 @@ class _ModifiedBackward(Attribution):
             ``"target"`` (one modified backward of ``T``) or ``"per_voxel"`` (exact sum over
             the target's voxel terms of their maps; ``batch_size`` terms per backward).
         batch_size : int
-            Replicas per backward pass for ``per_voxel``.
+            Replicas per backward pass for ``per_voxel`` (0: the largest that fits in memory).
         """
         inputs = check_inputs(inputs)
         _AGGREGATION.check(aggregation)
-        if batch_size < 1:
-            raise SegXAIInputError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size < 0:
+            raise SegXAIInputError(f"batch_size must be >= 1 (or 0: the largest that fits in memory), got {batch_size}")
         if aggregation == "per_voxel":
             return per_voxel_sum(self.forward, inputs, self.rule, batch_size, progress, cancel)
         if cancel is not None:

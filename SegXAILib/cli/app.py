@@ -1,6 +1,7 @@
 """The ``segxai`` command: its parser and :func:`main`.
 
-Exit codes: 0 success, 2 bad input (a clear message names the file or option), 130
+Exit codes: 0 success, 2 bad input (a clear message names the file or option) or not enough
+memory (refused with the estimate, never a traceback), 130
 interrupted, 1 any other failure; ``segxai batch``: 3 when some cases failed (the others finished).
 """
 
@@ -92,3 +93,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (KeyboardInterrupt, Cancelled):
         print(f"segxai {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as error:
+        from ..models.memory import is_out_of_memory, memory_refusal
+
+        if not is_out_of_memory(error):
+            raise
+        # out of memory outside a pipeline step (which refuses by itself): the same refusal
+        print(f"segxai {args.command}: error: {memory_refusal(error)}", file=sys.stderr)
+        if created is not None:
+            _remove_new_output(created)
+        return EXIT_BAD_INPUT

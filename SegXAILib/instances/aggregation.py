@@ -27,7 +27,7 @@ import numpy as np
 
 import torch
 
-from ..attribution.base import check_inputs
+from ..attribution.base import check_inputs, memory_batch_size
 from ..attribution.forward import SegmentationForward
 from ..attribution.gradient import noise_sigma, seeded_normal
 from ..attribution.targets import RegionTarget
@@ -50,7 +50,7 @@ def instance_smoothgrad(
     n_samples: int = 20,
     noise_level: float = 0.1,
     aggregation: str = "mean",
-    batch_size: int = 8,
+    batch_size: int = 0,
     seed: Optional[int] = 0,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
@@ -68,15 +68,18 @@ def instance_smoothgrad(
     aggregation : str
         ``"mean"`` (eq. 2) or ``"max"`` (eq. 3).
     batch_size : int
-        ``"mean"``: noisy samples per backward; ``"max"``: replicas (voxel terms) per backward.
+        ``"mean"``: noisy samples per backward; ``"max"``: replicas (voxel terms) per backward,
+        or one-hot cotangents per batched VJP. 0: the largest that fits in the free memory, at
+        most 8 (:func:`~SegXAILib.attribution.base.memory_batch_size`); an explicit value that
+        cannot fit is refused with the estimate.
     """
     inputs = check_inputs(inputs)
     if aggregation not in AGGREGATIONS:
         raise SegXAIInputError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     if n_samples < 1:
         raise SegXAIInputError(f"n_samples must be >= 1, got {n_samples}")
-    if batch_size < 1:
-        raise SegXAIInputError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size < 0:
+        raise SegXAIInputError(f"batch_size must be >= 1 (or 0: the largest that fits in memory), got {batch_size}")
     target = forward.target
     if not isinstance(target, RegionTarget):
         raise SegXAIInputError(
@@ -86,6 +89,8 @@ def instance_smoothgrad(
     voxels = torch.nonzero(target.mask.cpu())  # (|L|, 3), raster order
     size = voxels.shape[0]
     if aggregation == "mean":
+        # the estimate is logged, not reported: this function's progress reports one fraction per batch
+        batch_size = memory_batch_size(forward, inputs, batch_size, n_samples, "instance saliency (mean)", cap=8)
         total: Optional[torch.Tensor] = None
         for start in range(0, n_samples, batch_size):
             if cancel is not None:
@@ -99,6 +104,9 @@ def instance_smoothgrad(
         return total / (n_samples * size)
 
     channel = int(target.channel)  # the class's logit channel (c - 1 for a sigmoid model)
+    # a replica, or a batched VJP's cotangent, holds about one whole graph of the windows of L
+    batch_size = memory_batch_size(forward, inputs, batch_size, n_samples * size, "instance saliency (max)", cap=8,
+                                   whole_graph=True)
     windows = len(forward.windowed.windows_for(target.mask.cpu()))
     if windows <= max(forward.window_batch, forward.max_graph_windows):
         return _max_by_shared_forward(forward, inputs, voxels, channel, n_samples, sigma, batch_size, seed,
@@ -190,7 +198,7 @@ def instance_saliency(
     aggregations: Sequence[str] = ("max",),
     n_samples: int = 20,
     noise_level: float = 0.1,
-    batch_size: int = 8,
+    batch_size: int = 0,
     seed: Optional[int] = 0,
     window_batch: int = 1,
     progress: Optional[ProgressCallback] = None,

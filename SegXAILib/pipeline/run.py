@@ -39,11 +39,23 @@ __all__ = ["run_case", "start_case", "add_maps", "add_instance_maps", "add_qa", 
 
 @contextmanager
 def _timed(timings: dict, name: str) -> Iterator[None]:
+    """Times step ``name``; memory running out inside it becomes a refusal naming the step,
+    with the estimate (:func:`~SegXAILib.models.memory.memory_refusal`), not a traceback."""
+    from ..models.memory import is_out_of_memory, memory_refusal
+
     start = time.perf_counter()
+    refusal: Optional[SegXAIInputError] = None
     try:
         yield
+    except (MemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+        refusal = memory_refusal(error, name)  # raised below, outside this block: the failed
+        # step's frames (and their tensors) are freed with the error instead of kept as its context
     finally:
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+    if refusal is not None:
+        raise refusal
 
 
 def _expected_instances(selection) -> int:

@@ -90,7 +90,8 @@ class InstanceSettings(_Strict):
     ``max_instances``; ``[]``: none); or ``click_ras``: the instance at (or within
     ``click_radius_mm`` of) a RAS point in mm, as a click in a viewer gives it. ``aggregations``: ``mean`` (eq. 2) and / or ``max``
     (eq. 3). ``n_samples`` / ``noise_level`` / ``seed``: SmoothGrad's noise; ``batch_size``:
-    samples (mean) or voxel terms (max) per backward. ``min_voxels``: smaller components are
+    samples (mean) or voxel terms (max) per backward (0: the largest that fits in the free
+    memory, at most 8). ``min_voxels``: smaller components are
     not instances. ``shell_mm``: the lesion table's shell.
     """
 
@@ -100,7 +101,7 @@ class InstanceSettings(_Strict):
     aggregations: list[Literal["mean", "max"]] = Field(default_factory=lambda: ["max"], min_length=1)
     n_samples: int = Field(default=20, ge=1)
     noise_level: float = Field(default=0.1, ge=0.0)
-    batch_size: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=0, ge=0)
     seed: int = Field(default=0, ge=0)
     min_voxels: int = Field(default=1, ge=1)
     shell_mm: float = Field(default=5.0, ge=0.0)
