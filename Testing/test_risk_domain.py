@@ -142,3 +142,16 @@ def test_demo_states_whether_the_estimate_agrees_with_the_known_dice():
     assert "NOT within the risk model's stated error (0.10" in qa_agreement(qa, 0.95)
     qa.risk = {**risk, "outside_calibration": ["log_volume"]}
     assert "outside the risk model's calibration data" in qa_agreement(qa, 0.95)
+
+
+def test_parameters_added_since_a_record_take_their_former_value():
+    from SegXAILib.attribution import get_method
+    from SegXAILib.attribution.registry import ADDED_PARAMETERS, recorded_params
+
+    assert recorded_params("gradcam", {"layer": "x"}) == {"layer": "x", "weights": "per_window"}
+    assert recorded_params("gradcam", {"weights": "global"}) == {"weights": "global"}
+    assert recorded_params("smoothgrad", {"n_samples": 2}) == {"n_samples": 2}
+    for name, (methods, before) in ADDED_PARAMETERS.items():
+        for method in methods:  # every added parameter exists, and its former value is allowed
+            spec = next(p for p in get_method(method).parameters if p.name == name)
+            assert before in (spec.choices or (before,))

@@ -13,7 +13,15 @@ from typing import Any
 from ..image import SegXAIInputError
 from .base import Attribution, Parameter
 
-__all__ = ["available_methods", "get_method", "method_specs", "check_params", "parse_params"]
+__all__ = ["available_methods", "get_method", "method_specs", "check_params", "parse_params", "ADDED_PARAMETERS",
+           "recorded_params"]
+
+#: parameters added after cohorts and risk models began recording their methods' parameters:
+#: name -> (the methods that have it, the value that reproduces what those methods did before)
+ADDED_PARAMETERS: dict[str, tuple[tuple[str, ...], Any]] = {
+    # CAM weights pooled over the sliding windows (issue 21); before, each window had its own
+    "weights": (("gradcam", "gradcam_plusplus", "guided_gradcam", "guided_gradcam_plusplus"), "per_window"),
+}
 
 #: modules whose Attribution subclasses (with a ``name``) form the registry
 _METHOD_MODULES = ("gradient", "guided", "cam", "perturbation", "shap", "patterns", "lrp")
@@ -114,3 +122,14 @@ def parse_params(method: str, pairs: list[str]) -> dict[str, Any]:
         key, text = pair.split("=", 1)
         texts[key] = text
     return check_params(method, texts)
+
+
+def recorded_params(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters that reproduce a map recorded with ``params`` (a cohort's or a risk model's
+    record): a parameter added since (:data:`ADDED_PARAMETERS`) and absent from the record takes
+    the value that reproduces the behaviour the record was made with."""
+    params = dict(params)
+    for name, (methods, before) in ADDED_PARAMETERS.items():
+        if method in methods and name not in params:
+            params[name] = before
+    return params

@@ -506,14 +506,20 @@ def score_qa(
     params = record.get("params")
     if not isinstance(params, dict):
         raise SegXAIInputError(f"qa.risk_model {name}: method_parameters.params must be an object")
-    reused = next((r for r in case.maps.values() if _same_map(r, risk.method, params, target)), None)
+    from ..attribution.registry import recorded_params
+
+    # the map made as the calibration cohort made it (parameters added since at their former value)
+    wanted = recorded_params(risk.method, params)
+    reused = next((r for r in case.maps.values() if _same_map(r, risk.method, wanted, target)), None)
     if reused is None:
-        method = MethodSettings(method=risk.method, params=params, target=target)
+        method = MethodSettings(method=risk.method, params=wanted, target=target)
         reused = explain_map(case.image, model, case.segmentation, method, case.structure,
                              case.settings.precision.window_batch, progress, cancel)
     saliency = channel_sum(reused.maps)
     curve = saliency_curve(saliency, mask, risk.thresholds)
     made = json.loads(json.dumps(reused.parameters, default=str))
+    if _same_map(reused, risk.method, wanted, target):
+        made = params  # made as recorded: the record's own words, which the risk model checks
     domain, _ = case_quality_scores(case, model, uncertainty=False)
     scored = risk.score(curve, risk.method, card.checksum(),
                         method_parameters={"params": made, "target": target, "channel_reduction": "sum"},
