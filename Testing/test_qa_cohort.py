@@ -148,7 +148,7 @@ def test_cohort_files_and_index(tiny_cohort):
     assert document == read_cohort(out)
     assert document["complete"] is True and len(document["cases"]) == 2
     assert document["methods"]["gradcam_plusplus"] == {
-        "params": {"layer": "bottleneck_decoder"}, "target": "class:lesion", "channel_reduction": "sum",
+        "params": {"layer": "bottleneck_decoder", "weights": "global"}, "target": "class:lesion", "channel_reduction": "sum",
     }
     fractions = [f for f, _ in messages]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
@@ -295,8 +295,11 @@ def test_shipped_risk_model_scores_the_demo_case(lesion_model):
     qa = case.qa
     assert qa.risk["band"] in {"low", "moderate", "high"}
     assert qa.risk["band"] == risk.band(qa.risk["pc1"])
+    from SegXAILib.attribution.registry import recorded_params
+
+    # the record predates pooled CAM weights: its map is remade as recorded (per-window weights)
     oracle = explain(image, lesion_model, "guided_gradcam", target="class:lesion",
-                     params=risk.method_parameters["params"], amp=False)
+                     params=recorded_params("guided_gradcam", risk.method_parameters["params"]), amp=False)
     saliency = oracle.maps.array.astype(np.float64).sum(axis=0).astype(np.float32)
     np.testing.assert_allclose(qa.saliency, saliency, rtol=0, atol=1e-6 * float(np.abs(saliency).max()))
     curve = saliency_curve(qa.saliency, case.mask, risk.thresholds)
