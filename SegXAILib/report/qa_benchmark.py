@@ -89,6 +89,33 @@ def _cached(path: Path, key: dict[str, Any]) -> Optional[dict[str, Any]]:
     return result if isinstance(result, dict) and result.get("key") == key else None
 
 
+def _family_best(result: dict[str, Any], family: str) -> Optional[dict[str, Any]]:
+    rows = [r for r in result["rows"] if r["family"] == family]
+    return min(rows, key=lambda r: r["aurc"]) if rows else None
+
+
+def summary_markdown(results: dict[str, dict[str, Any]]) -> str:
+    """One row per cohort: admission, the best detector, and the AURC [95 % CI] of the best of
+    each of the families a reader compares first (saliency EC PC1, uncertainty, softmax, the
+    predicted volume, random)."""
+    def cell(row: Optional[dict[str, Any]]) -> str:
+        if row is None:
+            return "n/a"
+        return f"{row['detector']}: {row['aurc']:.3f} [{row['aurc_ci'][0]:.3f}, {row['aurc_ci'][1]:.3f}]"
+
+    lines = ["| cohort | cases (insufficient) | admitted | oracle AURC | best detector | best saliency EC PC1 | "
+             "best uncertainty | best softmax | predicted volume | random |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, result in results.items():
+        rows = {r["detector"]: r for r in result["rows"]}
+        lines.append(
+            f"| {name} | {result['n_cases']} ({result['n_insufficient']}) | "
+            f"{'yes' if result['admission']['admitted'] else 'no: ' + result['admission']['reason']} | "
+            f"{result['optimal_aurc']:.3f} | {cell(rows[result['best']])} | {cell(_family_best(result, 'saliency'))} | "
+            f"{cell(_family_best(result, 'uncertainty'))} | {cell(_family_best(result, 'softmax'))} | "
+            f"{cell(_family_best(result, 'volume'))} | {cell(rows.get('random'))} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_benchmark(
     cohort_dirs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -152,6 +179,7 @@ def write_benchmark(
         written.append(save_figure(auroc_threshold_figure(result, title=name),
                                    out_dir / f"qa_auroc_thresholds_{name}.png"))
         report(step, 1.0, f"{name}: best {result['best']}")
+    markdown[4:4] = ["## Summary (AURC [95 % CI], lower is better)", "", summary_markdown(results)]
     json_path = out_dir / "qa_benchmark.json"
     with atomic_path(json_path) as temporary:
         temporary.write_text(json.dumps({"format": "segxai-qa-benchmark", "version": 1, "cohorts": results},
