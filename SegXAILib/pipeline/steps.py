@@ -601,7 +601,7 @@ def case_quality_scores(
                 continue
             finally:
                 case.settings = base
-            scores.update(uncertainty_scores(result, prefix=prefix))
+            scores.update(uncertainty_scores(result, structure=case.structure, prefix=prefix))
     clean = {k: (None if v is None or not np.isfinite(float(v)) else float(v)) for k, v in scores.items()}
     return clean, notes
 # ---------------------------------------------------------------------------- QA of given contours
