@@ -1140,10 +1140,9 @@ class SegXAITest(ScriptedLoadableModuleTest):
                             for c in slice_composite_nodes(slicer.mrmlScene)))
 
         self.delayDisplay("QA risk band")
-        from SegXAILib.sample_data import bundled_model_card
+        from SegXAILib.topology import bundled_risk_model
 
-        widget.ui.riskModelPathLineEdit.currentPath = str(bundled_model_card("lesions").parent
-                                                          / "risk_guided_gradcam.json")
+        widget.ui.riskModelPathLineEdit.currentPath = str(bundled_risk_model("lesions"))  # the shipped one
         widget.ui.qaButton.click()
         self._waitForJob(widget)
         self.assertIn(logic.case.qa.band, ("low", "moderate", "high"))

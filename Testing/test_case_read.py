@@ -41,7 +41,7 @@ SETTINGS = CaseSettings(
     model="lesions", device="cpu",
     methods=[MethodSettings(method="vanilla_gradient")],
     instances=InstanceSettings(ids=[1], aggregations=["mean"], n_samples=2, batch_size=2, seed=0),
-    qa=QASettings(risk_model="bundled:lesions/guided_gradcam"),
+    qa=QASettings(risk_model=str(Path(__file__).resolve().parent / "Data" / "risk_lesions_guided_gradcam_v2.json")),
     agg2exp=Agg2ExpSettings(enabled=True, method="vanilla_gradient"),
 )
 

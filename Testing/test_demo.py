@@ -18,6 +18,7 @@ from scipy.ndimage import distance_transform_edt
 from SegXAILib.cli import main
 from SegXAILib.demo import DEMO_SEED, REPORT_UNCERTAINTY_COLUMNS, DemoSettings, demo_case
 from SegXAILib.io import read_image
+from SegXAILib.topology import shipped_risk_model
 
 #: the quick demo's uncertainty sources: left-right flips (model-grid axis 0 of the RAS card) and mild noise
 QUICK_SOURCES = {"flips": {"axes": [0]}, "noise": {"std": 0.05}}
@@ -207,7 +208,7 @@ def test_the_case_folder_manifest_verifies(demo_dir):
     figures = {p for p in written if p.startswith("figures/")}
     assert listed == written - figures - {"case.json"}
     assert {"report", "scene", "qa", "lesions", "agg2exp"} <= {entry["role"] for entry in manifest["files"]}
-    assert manifest["settings"]["qa"]["risk_model"] == "bundled:lesions/guided_gradcam"
+    assert manifest["settings"]["qa"]["risk_model"] == shipped_risk_model("lesions")
 
 
 def test_the_demo_equals_the_pipeline(demo_dir, case, api_case):

@@ -93,12 +93,13 @@ def test_statistics_are_the_known_values_of_a_known_image():
 
 
 def test_the_expectations_are_not_part_of_the_checksum(tmp_path):
-    """The risk model and counterfactual generators shipped with the lesion model recorded its
-    checksum before the cards had expectations: they still match, and a card without the block
-    has the same checksum."""
+    """The risk model and counterfactual generators shipped with the lesion model record its
+    checksum: they match, and a card without the expectations block has the same checksum."""
     card = resolve_model_card("lesions")
     assert card.input_expectations["modality"] == "MR"
-    recorded = json.loads((ROOT / "Resources/Models/lesions/risk_guided_gradcam.json").read_text("utf-8"))
+    from SegXAILib.topology import bundled_risk_model
+
+    recorded = json.loads(bundled_risk_model("lesions").read_text("utf-8"))
     assert card.checksum() == recorded["model_checksum"]
     data = json.loads(card.path.read_text("utf-8"))
     data.pop("input_expectations")

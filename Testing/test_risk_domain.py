@@ -155,3 +155,27 @@ def test_parameters_added_since_a_record_take_their_former_value():
         for method in methods:  # every added parameter exists, and its former value is allowed
             spec = next(p for p in get_method(method).parameters if p.name == name)
             assert before in (spec.choices or (before,))
+
+
+def test_what_ships_follows_the_table():
+    """The risk model each bundled model ships is the best detector a risk model can carry in its
+    cohort's table (Testing/Benchmarks/results/qa_benchmark.json), calibrated on that cohort, and
+    the demo presets use it."""
+    from pathlib import Path
+
+    from SegXAILib.pipeline import CaseSettings
+    from SegXAILib.qa.benchmark import best_shippable
+    from SegXAILib.topology import bundled_risk_model, shipped_risk_model
+    from SegXAILib.topology.risk import SHIPPED_RISK_MODELS
+
+    table = Path(__file__).resolve().parent / "Benchmarks" / "results" / "qa_benchmark.json"
+    cohorts = json.loads(table.read_text(encoding="utf-8"))["cohorts"]
+    for model, (cohort, method) in SHIPPED_RISK_MODELS.items():
+        assert best_shippable(cohorts[cohort])[0] == method
+        shipped = RiskModel.load(bundled_risk_model(model))
+        assert shipped.method == method and shipped.calibration_cohort == cohort
+        assert shipped.n_cases == cohorts[cohort]["n_cases"]
+        assert sorted(p.name for p in bundled_risk_model(model).parent.glob("risk_*.json")) == \
+            [bundled_risk_model(model).name]  # nothing else ships
+    assert CaseSettings.demo().qa.risk_model == shipped_risk_model("lesions")
+    assert CaseSettings.quick_demo().qa.risk_model == shipped_risk_model("lesions")

@@ -242,13 +242,14 @@ def case_settings(device: str = "auto"):
     largest lesion (the panel's default aggregation: one SmoothGrad, seconds on a CPU), and the
     QA risk band from the shipped guided Grad-CAM risk model."""
     from SegXAILib.pipeline import CaseSettings
+    from SegXAILib.topology import shipped_risk_model
 
     return CaseSettings.from_dict({
         "model": "lesions",
         "device": device,
         "methods": [{"method": "smoothgrad", "params": {"n_samples": 8, "noise_level": 0.1, "seed": 0}}],
         "instances": {"aggregations": ["mean"], "n_samples": 8, "seed": 0, "max_instances": 1},
-        "qa": {"risk_model": "bundled:lesions/guided_gradcam"},
+        "qa": {"risk_model": shipped_risk_model("lesions")},
     }, "screenshot settings")
 
 

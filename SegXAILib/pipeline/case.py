@@ -69,11 +69,11 @@ class QAResult:
             where.append(f"calibrated on {calibration['cohort']} ({calibration.get('n_cases')} cases)")
         if calibration.get("aurc_cv") is not None:
             where.append(f"held-out AURC {calibration['aurc_cv']:.3f}")
-        where_text = f"; {', '.join(where)}" if where else ""
+        where_text = f", {', '.join(where)}" if where else ""
         if risk.get("outside_calibration"):
             return (f"{self.band.upper()}: {', '.join(risk['outside_calibration'])} outside the calibration cases' "
-                    f"range, no band given ({estimate} is an extrapolation{where_text})")
-        return f"{self.band.upper()} risk ({estimate}; {self.method}{where_text})"
+                    f"range, no band given; {estimate} is an extrapolation ({self.method}{where_text})")
+        return f"{self.band.upper()} risk: {estimate}; {self.method}{where_text}"
 
     def table_row(self) -> dict[str, Any]:
         """One flat row (numbers and text) for tables: band, scores, calibration."""

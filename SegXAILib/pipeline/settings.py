@@ -20,6 +20,7 @@ from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationErro
                       model_validator)
 
 from ..image import SegXAIInputError
+from ..topology.risk import shipped_risk_model
 from ..validation import input_error
 
 __all__ = [
@@ -133,7 +134,7 @@ class QASettings(_Strict):
     """The QA risk of the structure's contour (paper 000, METHODS section 6).
 
     ``risk_model``: a risk model JSON (``risk_<method>.json``) or ``bundled:<model>/<method>``
-    (a shipped one, e.g. ``bundled:lesions/guided_gradcam``). It fixes the method, its
+    (a shipped one, e.g. ``bundled:lesions/feature:mean_entropy_foreground``). It fixes the method, its
     parameters, the target and the channel reduction it was calibrated with. Without a risk
     model, ``method`` (a class-level map's name in ``methods``) gives the EC curve alone.
     """
@@ -392,7 +393,7 @@ class CaseSettings(_Strict):
                 MethodSettings(method="pattern_attribution"),
             ],
             instances=InstanceSettings(aggregations=["max"], n_samples=4, batch_size=4, seed=0),
-            qa=QASettings(risk_model="bundled:lesions/guided_gradcam"),
+            qa=QASettings(risk_model=shipped_risk_model("lesions")),
             agg2exp=Agg2ExpSettings(enabled=True, method="smoothgrad",
                                     params={"n_samples": 8, "noise_level": 0.1, "seed": 0}),
             uncertainty=_demo_uncertainty(samples=8),
@@ -413,7 +414,7 @@ class CaseSettings(_Strict):
                 MethodSettings(method="pattern_attribution"),
             ],
             instances=InstanceSettings(aggregations=["max"], n_samples=1, batch_size=4, seed=0, max_instances=2),
-            qa=QASettings(risk_model="bundled:lesions/guided_gradcam"),
+            qa=QASettings(risk_model=shipped_risk_model("lesions")),
             agg2exp=Agg2ExpSettings(enabled=True, method="smoothgrad",
                                     params={"n_samples": 2, "noise_level": 0.1, "seed": 0}),
             uncertainty=_demo_uncertainty(samples=4),

@@ -14,7 +14,7 @@ from .euler import (
     euler_characteristic_curve_gudhi,
     persistence_diagram,
 )
-from .risk import RiskModel, bundled_risk_model, calibrate_risk_model, saliency_curve
+from .risk import RiskModel, bundled_risk_model, calibrate_risk_model, saliency_curve, shipped_risk_model
 from .cohort import batch_case_dice, batch_curves, calibrate_cohort, cohort_curves, is_batch_folder, read_cohort
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "calibrate_risk_model",
     "saliency_curve",
     "bundled_risk_model",
+    "shipped_risk_model",
     "calibrate_cohort",
     "cohort_curves",
     "read_cohort",

@@ -55,6 +55,8 @@ from .euler import euler_characteristic_curve
 
 __all__ = [
     "bundled_risk_model",
+    "shipped_risk_model",
+    "SHIPPED_RISK_MODELS",
     "CURVE_QUANTILE_LEVELS",
     "FEATURE_PREFIX",
     "OUTSIDE_BAND",
@@ -888,11 +890,29 @@ def calibrate_risk_model(
     )
 
 
-def bundled_risk_model(name: str = "lesions", method: str = "guided_gradcam") -> Path:
+#: the risk model each bundled model ships: the cohort whose table chose it and its method, the
+#: best detector of that table a risk model can carry (Testing/Benchmarks/results/qa_benchmark.md,
+#: Utilities/ship_risk_model.py)
+SHIPPED_RISK_MODELS = {"lesions": ("c2_lesions", "feature:mean_entropy_foreground")}
+
+
+def shipped_risk_model(name: str = "lesions") -> str:
+    """The settings' name of the risk model a bundled model ships, ``bundled:<name>/<method>``."""
+    if name not in SHIPPED_RISK_MODELS:
+        raise SegXAIInputError(f"model {name!r} ships no risk model; those that do: {sorted(SHIPPED_RISK_MODELS)}")
+    return f"bundled:{name}/{SHIPPED_RISK_MODELS[name][1]}"
+
+
+def bundled_risk_model(name: str = "lesions", method: Optional[str] = None) -> Path:
     """Path of a shipped risk model, ``Resources/Models/<name>/risk_<method>.json`` (a feature
-    model's ``feature:<score>`` as ``feature_<score>``)."""
+    model's ``feature:<score>`` as ``feature_<score>``); ``method`` defaults to the one
+    :data:`SHIPPED_RISK_MODELS` names."""
     from ..sample_data import resources_dir
 
+    if method is None:
+        method = SHIPPED_RISK_MODELS.get(name, ("", ""))[1]
+        if not method:
+            raise SegXAIInputError(f"model {name!r} ships no risk model")
     path = resources_dir() / "Models" / name / f"risk_{method.replace(':', '_')}.json"
     if not path.is_file():
         raise SegXAIInputError(f"no shipped risk model {path}")

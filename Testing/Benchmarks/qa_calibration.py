@@ -3,7 +3,7 @@
 Run from the repository root (about 20 minutes on 2 CPU cores)::
 
     nice -n 10 python Testing/Benchmarks/qa_calibration.py [--lesion-cases 30] [--deepbet-cases 20]
-        [--seed 0] [--work DIR] [--out Testing/Benchmarks/results] [--ship]
+        [--seed 0] [--work DIR] [--out Testing/Benchmarks/results]
 
 Builds two cohorts with :func:`SegXAILib.pipeline.cohort.build_cohort`:
 
@@ -17,9 +17,10 @@ and calibrates a risk model for every attribution method of each cohort
 (:func:`SegXAILib.topology.cohort.calibrate_cohort`: 100 thresholds, insufficient = lowest
 15 % Dice, sensitivity target 0.85, specificity target 0.9, stratified CV). Writes
 ``results/qa_auroc.json`` and ``results/qa_auroc.md`` (the table, the command, the seeds,
-the degradation grids) through the benchmarks' results writer, the risk models into
-``--work``, and with ``--ship`` the lesion model's guided Grad-CAM risk model to
-``Resources/Models/lesions/risk_guided_gradcam.json``.
+the degradation grids) through the benchmarks' results writer and the risk models into
+``--work``. This is the original calibration (sizes confound it: see its table's volume
+column); what ships is chosen by ``segxai qa benchmark`` on the QA cohorts
+(``Utilities/ship_risk_model.py``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -46,11 +46,9 @@ for path in (str(ROOT), str(HERE)):
 from bench_attribution import write_results  # noqa: E402
 
 from SegXAILib.image import SegXAIInputError  # noqa: E402
-from SegXAILib.io import atomic_path  # noqa: E402
 from SegXAILib.pipeline.cohort import build_cohort  # noqa: E402
 from SegXAILib.topology.cohort import calibrate_cohort, read_cohort  # noqa: E402
 
-SHIPPED = ROOT / "Resources" / "Models" / "lesions" / "risk_guided_gradcam.json"
 
 
 def _dice_spread(dice: list[float]) -> dict[str, float]:
@@ -189,7 +187,6 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "segxai-qa-cohorts",
                         help="cohort folders and risk models (default: a folder in the temp directory)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--ship", action="store_true", help="copy the lesion guided Grad-CAM risk model into Resources")
     parser.add_argument("--skip-build", action="store_true", help="reuse the cohorts already in --work")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -234,14 +231,6 @@ def main(argv=None) -> int:
     json_path, md_path = write_results(results, args.out, "qa_auroc", markdown)
     print(markdown(results))
     print(f"wrote {json_path} and {md_path}")
-    if args.ship:
-        source = args.work / "risk_lesions_guided_gradcam.json"
-        if not source.is_file():
-            print("--ship: no lesion guided Grad-CAM risk model was calibrated", file=sys.stderr)
-            return 1
-        with atomic_path(SHIPPED) as temporary:
-            shutil.copyfile(source, temporary)
-        print(f"shipped {SHIPPED}")
     return 0
 
 
