@@ -46,6 +46,8 @@ __all__ = ["ADMISSION_MAX_VOLUME_AUROC", "ADMISSION_MIN_INSUFFICIENT", "DICE_THR
            "detector_scores", "kind_folds", "admission", "benchmark_cohort", "benchmark_markdown", "shippable_method",
            "best_shippable"]
 
+#: version of the detectors and statistics: a kept result of another version is recomputed
+BENCHMARK_VERSION = 2
 #: a cohort is evidence only if the predicted volume's AUROC is at most this (every direction) ...
 ADMISSION_MAX_VOLUME_AUROC = 0.70
 #: ... with at least this many insufficient cases

@@ -75,6 +75,8 @@ RISK_DIRECTION: dict[str, int] = {
     "noise_sigma": +1,
     "laplacian_variance": -1,        # a sharpness measure: blur lowers it
     "laplacian_variance_mask": -1,
+    # QA of a given contour (QA_PROTOCOL.md C4): its Dice with the model's own prediction
+    "dice_with_prediction": -1,
 }
 for _prefix in UNCERTAINTY_PREFIXES:  # row 4: agreement of the samples
     RISK_DIRECTION[f"{_prefix}_pairwise_dice"] = -1

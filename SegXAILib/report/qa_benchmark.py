@@ -20,7 +20,7 @@ import numpy as np
 from ..image import SegXAIInputError
 from ..io import atomic_path, check_writable_dir
 from ..progress import ProgressCallback, report, sub_progress
-from ..qa.benchmark import benchmark_cohort, benchmark_markdown
+from ..qa.benchmark import BENCHMARK_VERSION, benchmark_cohort, benchmark_markdown
 from ..qa.cohort_table import read_cohort_table
 
 __all__ = ["write_benchmark", "risk_coverage_figure", "auroc_threshold_figure"]
@@ -146,7 +146,8 @@ def write_benchmark(
     if len(set(names)) != len(names):
         raise SegXAIInputError(f"cohort_dirs: two folders hold the same cohort ({names})")
     out_dir = check_writable_dir(out_dir)
-    settings = {"n_splits": n_splits, "n_repeats": n_repeats, "n_resamples": n_resamples, "seed": seed}
+    settings = {"n_splits": n_splits, "n_repeats": n_repeats, "n_resamples": n_resamples, "seed": seed,
+                "version": BENCHMARK_VERSION}
     results: dict[str, Any] = {}
     markdown = ["# QA detectors judged on the same cases", "",
                 "Made by `segxai qa benchmark` (QA_PROTOCOL.md). Risk = 1 - Dice; AURC is the primary metric "
