@@ -56,7 +56,7 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
         return _cmd_benchmark_cohort(args)
     from ..pipeline import MethodSettings
     from ..pipeline.cohort import build_cohort, default_methods
-    from ..topology.cohort import COHORT_MODELS, read_cohort
+    from ..topology.cohort import COHORT_MODELS
 
     if args.model is None:
         raise SegXAIInputError("give --model (lesions or deepbet), --benchmark NAME, or --model with --images and "
@@ -86,10 +86,16 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
             options_named("device", "seed", n_cases="--cases", methods="--method"):
         path = build_cohort(args.out, args.model, n_cases=args.cases, methods=methods, seed=args.seed,
                             device=args.device, progress=progress)
+    return _print_cohort(path, "empty prediction(s)")
+
+
+def _print_cohort(path: Path, empty_text: str) -> int:
+    from ..topology.cohort import read_cohort
+
     document = read_cohort(path.parent)
     dice = [c["dice"] for c in document["cases"]]
     empty = sum(c["status"] != "ok" for c in document["cases"])
-    print(f"{len(dice)} case(s), Dice {min(dice):.3f} .. {max(dice):.3f}, {empty} empty prediction(s)")
+    print(f"{len(dice)} case(s), Dice {min(dice):.3f} .. {max(dice):.3f}, {empty} {empty_text}")
     print(f"methods: {', '.join(document['methods'])}")
     print(f"cohort: {path}")
     return 0
@@ -101,7 +107,6 @@ def _cmd_benchmark_cohort(args: argparse.Namespace) -> int:
     from ..models import resolve_device
     from ..pipeline import MethodSettings
     from ..pipeline.qa_cohort import QA_COHORTS, build_qa_cohort, build_user_cohort
-    from ..topology.cohort import read_cohort
 
     _positive_int("--workers", args.workers)
     _positive_int("--seed", args.seed, 0)
@@ -138,13 +143,7 @@ def _cmd_benchmark_cohort(args: argparse.Namespace) -> int:
                               model="--model", trust_code="--trust-code"):
             path = build_user_cohort(args.out, args.model, images, args.references, methods, device=args.device,
                                      trust_code=args.trust_code, workers=args.workers, progress=progress)
-    document = read_cohort(path.parent)
-    dice = [c["dice"] for c in document["cases"]]
-    empty = sum(c["status"] != "ok" for c in document["cases"])
-    print(f"{len(dice)} case(s), Dice {min(dice):.3f} .. {max(dice):.3f}, {empty} without a contour")
-    print(f"methods: {', '.join(document['methods'])}")
-    print(f"cohort: {path}")
-    return 0
+    return _print_cohort(path, "without a contour")
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
