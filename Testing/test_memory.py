@@ -213,7 +213,7 @@ def test_smoothgrad_under_an_address_space_cap_finishes_and_a_large_batch_is_ref
     from monai.networks.nets import UNet
 
     network = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=[16, 32], strides=[2])
-    network.load_state_dict(torch.load(tmp_path / "model.pt"))
+    network.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
     per_sample = make_forward(network, (64, 64, 64), ClassTarget(1, mask)).gradient_cost(
         torch.zeros(1, 1, 64, 64, 64)).per_sample_bytes
     # room for 3 samples (after the margin), below the 4 of the former fixed default
