@@ -235,3 +235,14 @@ def test_plots_are_pngs(risk_path, tmp_path):
     assert not [p for p in (tmp_path / "plots").iterdir() if p.name.startswith(".")]
     with pytest.raises(SegXAIInputError, match="curve must have shape"):
         ec_curve_figure(risk, curve[:-1])
+
+
+def test_score_refused_after_its_folder_was_made_leaves_nothing(risk_path, tmp_path, capsys):
+    """``qa score --out`` makes its folder before reading the images: a refusal after that (an
+    image that is not there) removes it again (issue 23: nothing created on refusal)."""
+    out = tmp_path / "new" / "qa"
+    argv = ["-q", "qa", "score", str(tmp_path / "missing_flair.nii.gz"), str(tmp_path / "missing_t1.nii.gz"),
+            "--model", "lesions", "--risk", str(risk_path), "--out", str(out)]
+    assert main(argv) == 2
+    assert "missing_flair" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

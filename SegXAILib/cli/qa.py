@@ -480,4 +480,5 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     score.add_argument("--out", type=Path, default=None, help="case folder: qa.json, the segmentation, the map, the plots and case.json")
     trust_option(score)
     device_option(score)
-    score.set_defaults(run=_cmd_score)
+    # one case: a refused run removes the --out folder it made (app.main)
+    score.set_defaults(run=_cmd_score, one_case_output=True)
