@@ -16,7 +16,16 @@ from skimage.measure import euler_number
 from SegXAILib.cli import main
 from SegXAILib.io import read_image, write_image
 from SegXAILib.phantoms import make_parotid_phantom
-from SegXAILib.pipeline.qa_cohort import _plan, build_qa_cohort, make_cohort_case
+from SegXAILib.image import SegXAIInputError
+from SegXAILib.pipeline.qa_cohort import (
+    C2_LESION_COUNT,
+    C2_MISREGISTRATION_MM,
+    _plan,
+    build_qa_cohort,
+    c2_lesion_count,
+    make_cohort_case,
+    qa_cohort_spec,
+)
 from SegXAILib.qa.benchmark import benchmark_cohort
 from SegXAILib.qa.cohort_table import read_case_curves, read_cohort_table, save_case_curves
 from SegXAILib.topology.cohort import COHORT_FORMAT, COHORT_VERSION
@@ -38,10 +47,60 @@ def files_under(path: Path) -> list[Path]:
 def test_plan_extends_case_for_case_and_is_seeded():
     small, large = _plan("c2_lesions", 10, seed=0), _plan("c2_lesions", 25, seed=0)
     assert large[:10] == small
-    assert [k for _, k, _ in large[:4]] == ["ghosting", "spikes", "misregistration", "affine"]
+    assert [k for _, k, _ in large[:4]] == ["ghosting", "misregistration", "affine", "ghosting"]
     assert _plan("c2_lesions", 10, seed=1) != small
     severities = np.array([s for _, _, s in _plan("c1_parotid_S6", 400, seed=0)])
     assert severities.min() >= 0 and severities.max() <= 1 and abs(severities.mean() - 0.5) < 5 * 0.29 / 20
+
+
+def test_c2_lesion_load_is_independent_of_the_failure():
+    """C2 design 2: the lesion count comes from its own stream, so it is uniform on 1..12 and
+    uncorrelated with the severity; the same case index under another kind or severity has the
+    same phantom (bit-identical reference), and spikes (which remove lesions) are not a kind."""
+    from scipy.stats import spearmanr
+
+    plan = _plan("c2_lesions", 600, seed=0)
+    counts = np.array([c2_lesion_count(0, i) for i, _, _ in plan])
+    severities = np.array([s for _, _, s in plan])
+    assert set(counts) == set(range(C2_LESION_COUNT[0], C2_LESION_COUNT[1] + 1))
+    # independent draws: the rank correlation is ~N(0, 1/(n-1)); 4 standard errors
+    assert abs(spearmanr(counts, severities)[0]) < 4 / np.sqrt(len(plan) - 1)
+    for kind in ("ghosting", "misregistration", "affine"):
+        kinds = np.array([k for _, k, _ in plan]) == kind
+        assert abs(counts[kinds].mean() - counts.mean()) < 4 * counts.std() / np.sqrt(kinds.sum())
+
+    mild = make_cohort_case("c2_lesions", 1, "ghosting", 0.0, seed=0)
+    strong = make_cohort_case("c2_lesions", 1, "misregistration", 0.9, seed=0)
+    assert np.array_equal(mild.reference, strong.reference)
+    assert mild.details["lesions"] == strong.details["lesions"] == c2_lesion_count(0, 1)
+    assert strong.details["degradation"]["shift_mm"] == pytest.approx(0.9 * C2_MISREGISTRATION_MM)
+    # the failure changed the image only: ghosting at severity 0 leaves the phantom as it is
+    assert not np.array_equal(mild.image.array, strong.image.array)
+    with pytest.raises(SegXAIInputError, match="spikes"):
+        make_cohort_case("c2_lesions", 0, "spikes", 0.5, seed=0)
+
+
+def test_c2_design_version_starts_a_fresh_folder(tmp_path):
+    """A folder built with the old C2 design (its identity has no design version) is not
+    resumed: its cases are dropped and recomputed under the new design."""
+    from SegXAILib import __version__
+    from SegXAILib.pipeline import MethodSettings
+    from SegXAILib.pipeline.steps import resolve_model_card
+
+    assert qa_cohort_spec("c2_lesions")["version"] == 2
+    methods = [MethodSettings(method="gradcam")]
+    card = resolve_model_card("lesions")
+    old_identity = {"cohort": "c2_lesions", "seed": 0, "model_checksum": card.checksum(),
+                    "methods": [m.model_dump() for m in methods], "segxai_version": __version__}
+    stale = {"case_id": "case_000", "group": "phantom_50000", "kind": "spikes", "severity": 0.5, "dice": 0.123,
+             "status": "ok", "files": {}, "notes": []}
+    (tmp_path / "cohort.json").write_text(json.dumps({
+        "format": COHORT_FORMAT, "version": COHORT_VERSION, "complete": True, "identity": old_identity,
+        "cases": [stale]}))
+    build_qa_cohort("c2_lesions", tmp_path, n_cases=1, methods=methods)
+    document = json.loads((tmp_path / "cohort.json").read_text())
+    assert document["identity"]["design_version"] == 2
+    assert [c["kind"] for c in document["cases"]] == ["ghosting"] and document["cases"][0]["dice"] != 0.123
 
 
 @pytest.fixture(scope="module")
