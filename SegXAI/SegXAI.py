@@ -176,6 +176,7 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._clickNode = None
         self._restoring = False  # the widgets are being set from the parameter node
         self._missing = []  # Python requirements not installed yet
+        self._running = ("", None)  # the label and launch of the job running (or last started)
 
     # ---- set-up ---------------------------------------------------------------------------
     def setup(self):
@@ -568,6 +569,7 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Start an engine job (``launch()`` starts it); the timer follows it."""
         started, _ = self._attempt(f"{label} could not start", launch)
         if started:
+            self._running = (label, launch)
             self.ui.statusLabel.text = f"{label}: started"
             self.ui.progressBar.setVisible(True)
             self.ui.progressBar.value = 0
@@ -582,12 +584,23 @@ class SegXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if status is not None and not update.finished:
             self.ui.progressBar.value = int(round(100 * status.fraction))
             self.ui.progressBar.setFormat(f"%p%  {status.text()}")
+            if status.estimate:  # the running computation's estimate (memory, time), from one measured pass
+                self.ui.statusLabel.text = f"{self._running[0]}: {status.estimate}"
             return
         self._pollTimer.stop()
         self.ui.progressBar.setVisible(False)
         if update.finished:
             label = update.action.capitalize()
-            if update.error:
+            refusal = self.logic.costRefusal(update)
+            if refusal:
+                # refused before it started, for its estimated time: the user decides
+                self.ui.statusLabel.text = f"{label}: not started (estimated too long)"
+                runningLabel, launch = self._running
+                if launch is not None and slicer.util.confirmOkCancelDisplay(
+                        f"{refusal}\n\nRun it anyway?", windowTitle="SegXAI: a long computation"):
+                    self._start(runningLabel, lambda: self.logic.runConfirmed(launch))
+                    return
+            elif update.error:
                 self.ui.statusLabel.text = f"{label}: failed"
                 slicer.util.errorDisplay(f"SegXAI {update.action} failed: {update.error}")
             elif update.state == "cancelled":
@@ -979,6 +992,32 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
 
         return uncertainty_summary(self.case).get("text", "")
 
+    @staticmethod
+    def costRefusal(update):
+        """The message of a job refused before it started because its estimated time was over
+        the limit (the estimate and the ways forward), else "": ask the user, then
+        :meth:`runConfirmed`."""
+        status = getattr(update, "status", None)
+        if status is None or not update.finished or getattr(status, "error_kind", "") != "cost":
+            return ""
+        return update.error or status.error
+
+    def runConfirmed(self, action):
+        """Run ``action()`` (which starts a job: :meth:`explain`, :meth:`instanceMap`...) with no
+        time limit: the user confirmed the estimate. Returns what ``action`` returns."""
+        from SegXAILib.progress import MAX_MINUTES_ENV
+
+        env = self.session.env
+        before = env.get(MAX_MINUTES_ENV)
+        env[MAX_MINUTES_ENV] = "0"  # the engine's default limit: none, for this job only
+        try:
+            return action()
+        finally:
+            if before is None:
+                env.pop(MAX_MINUTES_ENV, None)
+            else:
+                env[MAX_MINUTES_ENV] = before
+
     def poll(self):
         """The running job's progress; its results shown when it has ended (main thread)."""
         if self._session is None:
@@ -1000,7 +1039,7 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
         return self.session.instance_at(markupsNode, radius_mm=radiusMm)
 
     # ---- one call -----------------------------------------------------------------------------
-    def process(self, inputVolumes, settings=None, timeout=3600.0, **choices):
+    def process(self, inputVolumes, settings=None, timeout=3600.0, confirmLong=False, **choices):
         """Run one whole case in the engine process, wait, and show it.
 
         Parameters
@@ -1010,6 +1049,9 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
         settings : SegXAILib.pipeline.CaseSettings, optional
             What to run. Instead, the keywords of :meth:`caseSettings` (``model="lesions",
             methods=["smoothgrad"], instances=[1], riskModel=...``).
+        confirmLong : bool
+            Run computations whatever their estimated time; else one estimated over the limit
+            (10 minutes, or ``SEGXAI_MAX_MINUTES``) is refused before it starts, with the estimate.
 
         Returns
         -------
@@ -1031,7 +1073,10 @@ class SegXAILogic(ScriptedLoadableModuleLogic):
             raise SegXAIInputError(f"process: give settings or the choices {sorted(choices)}, not both")
         elif not isinstance(settings, CaseSettings):
             raise SegXAIInputError(f"settings: expected CaseSettings (see caseSettings), got {type(settings).__name__}")
-        self.segment(inputVolumes, settings)
+        if confirmLong:
+            self.runConfirmed(lambda: self.segment(inputVolumes, settings))
+        else:
+            self.segment(inputVolumes, settings)
         update = self.wait(timeout)
         if update.state != "done":
             raise SegXAIInputError(f"process: the run {update.state}: {update.error or update.status.state}")
@@ -1174,16 +1219,26 @@ class SegXAITest(ScriptedLoadableModuleTest):
                             for c in slice_composite_nodes(slicer.mrmlScene)))
         self.assertIn("mean entropy", widget.ui.uncertaintyLabel.text)
 
-        self.delayDisplay("Cancel a long job")
+        self.delayDisplay("A long job: refused with its estimate, confirmed, then cancelled")
         widget._selectData(widget.ui.methodComboBox, "smoothgrad")
         samples = widget._methodForm.editors["n_samples"][1]
         samples.value = samples.maximum
-        widget.ui.explainButton.click()
-        deadline = time.monotonic() + 300
-        # the panel's timer polls the job; the test only reads what it saw
-        while logic.session.job.status.step != "map smoothgrad" and time.monotonic() < deadline:
-            slicer.app.processEvents()
-            time.sleep(0.02)
+        # a limit of 60 ms (the default is 10 min): certainly refused, whatever the machine
+        logic.session.env["SEGXAI_MAX_MINUTES"] = "0.001"
+        asked, confirm = [], slicer.util.confirmOkCancelDisplay
+        slicer.util.confirmOkCancelDisplay = lambda text, *args, **kwargs: asked.append(text) or True  # no modal dialog
+        try:
+            widget.ui.explainButton.click()
+            deadline = time.monotonic() + 300
+            # the panel's timer polls the job, asks, and starts it again confirmed; the test only reads what it saw
+            while not (asked and logic.session.job.env.get("SEGXAI_MAX_MINUTES") == "0"
+                       and logic.session.job.status.step == "map smoothgrad") and time.monotonic() < deadline:
+                slicer.app.processEvents()
+                time.sleep(0.02)
+        finally:
+            slicer.util.confirmOkCancelDisplay = confirm
+            logic.session.env.pop("SEGXAI_MAX_MINUTES", None)
+        self.assertTrue(asked and "smoothgrad" in asked[0] and "over the time limit" in asked[0])
         widget.ui.cancelButton.click()
         seconds = self._waitForJob(widget, timeout=30)
         self.assertLess(seconds, 2.5)  # the 2 s grace + the 100 ms poll

@@ -8,7 +8,14 @@ JSON object per line on standard output:
 * ``{"event": "progress", "fraction": 0.42, "step": "map smoothgrad", "message": "..."}``
 * ``{"event": "warning", "kind": "input", "message": "..."}``: the input does not fit what the
   model card expects (also on standard error and in ``case.json``; ``--strict`` refuses instead)
-* ``{"event": "error", "kind": "input" | "internal", "message": "..."}`` before a non-zero exit
+* ``{"event": "estimate", "message": "...", "seconds": 35.2, "bytes": 1.2e9, "items": 20}``: before
+  each batched computation starts, its estimate from one measured pass (also on standard error)
+* ``{"event": "error", "kind": "input" | "internal", "message": "..."}`` before a non-zero exit;
+  ``{"event": "error", "kind": "cost", "message": "...", "estimate": {"seconds": ..., "bytes": ...,
+  "items": ..., "limit_seconds": ..., "what": ..., "text": ...}}`` (exit 2) when a computation was
+  estimated to take longer than ``--max-minutes`` (default ``$SEGXAI_MAX_MINUTES``, else 10) and
+  was refused before it started: a front end shows the estimate, asks, and runs the same request
+  again with ``--confirm-long`` (or ``--max-minutes 0``, or ``SEGXAI_MAX_MINUTES=0``)
 * ``{"event": "cancelled"}`` before exit 130
 * last, ``{"event": "done", "manifest": "/abs/DIR/case.json", "band": ..., "seconds": ...}``
 
@@ -96,6 +103,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="refuse an input that does not fit what the model card expects (overrides the settings)")
     parser.add_argument("--image-format", default=".nii.gz", choices=(".nii.gz", ".nrrd", ".mha"),
                         help="the case folder's image format (.nrrd keeps the geometry in float64)")
+    from .cli.common import cost_options
+
+    cost_options(parser)  # --max-minutes, --confirm-long: the request's time limit
+    parser.set_defaults(engine_lines=True)  # segxai's main leaves the estimate lines to the engine
     return parser
 
 
@@ -105,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_engine(args: argparse.Namespace, stream: Optional[IO[str]] = None) -> int:
     """Run one case as the engine process does (signals included); returns the exit code."""
+    from .cli.common import cost_limit_seconds
     from .image import SegXAIInputError
-    from .progress import CancelToken, Cancelled
+    from .progress import CancelToken, Cancelled, SegXAICostRefused, cost_limit
 
     lines = _Lines(stream or sys.stdout)
     token = CancelToken()
@@ -120,12 +132,23 @@ def run_engine(args: argparse.Namespace, stream: Optional[IO[str]] = None) -> in
     propagate = input_logger.propagate
     input_logger.addHandler(warnings)
     input_logger.propagate = False  # once each: as a JSON line and on standard error
+    estimates = _EstimateLines(lines)
+    memory_logger = logging.getLogger("SegXAILib.memory")
+    memory_state = memory_logger.level, memory_logger.propagate
+    memory_logger.addHandler(estimates)
+    memory_logger.setLevel(logging.INFO)
+    memory_logger.propagate = False
 
     def work() -> None:
         try:
-            outcome["manifest"] = _run(args, lines.progress, token)
+            # set in this thread: a context variable does not pass into a new thread
+            with cost_limit(cost_limit_seconds(args)):
+                outcome["manifest"] = _run(args, lines.progress, token)
         except Cancelled:
             outcome["cancelled"] = True
+        except SegXAICostRefused as error:  # before the long part: structured, with the estimate
+            outcome["error"] = ("cost", str(error))
+            outcome["estimate"] = error.details()
         except SegXAIInputError as error:
             outcome["error"] = ("input", str(error))
         except (MemoryError, RuntimeError) as error:
@@ -171,6 +194,9 @@ def run_engine(args: argparse.Namespace, stream: Optional[IO[str]] = None) -> in
             signal.signal(signum, handler)
         input_logger.removeHandler(warnings)
         input_logger.propagate = propagate
+        memory_logger.removeHandler(estimates)
+        memory_logger.setLevel(memory_state[0])
+        memory_logger.propagate = memory_state[1]
 
     if outcome.get("cancelled") or (signalled.is_set() and "manifest" not in outcome):
         remove_temporary_files(args.out)
@@ -178,13 +204,19 @@ def run_engine(args: argparse.Namespace, stream: Optional[IO[str]] = None) -> in
         return EXIT_CANCELLED
     if "error" in outcome:
         kind, message = outcome["error"]
-        if kind == "input" and created is not None and created.is_dir():
+        if kind in ("input", "cost") and created is not None and created.is_dir():
             shutil.rmtree(created, ignore_errors=True)  # a refused run leaves no folder it made
-        lines.emit(event="error", kind=kind, message=message)
-        print(f"segxai run: {message}", file=sys.stderr)
+        if kind == "cost":
+            lines.emit(event="error", kind=kind, message=message, estimate=outcome["estimate"])
+            from .cli.common import CONFIRM_HINT
+
+            print(f"segxai run: {message}; {CONFIRM_HINT}", file=sys.stderr)
+        else:
+            lines.emit(event="error", kind=kind, message=message)
+            print(f"segxai run: {message}", file=sys.stderr)
         if kind == "internal":
             print(outcome.get("traceback", ""), file=sys.stderr)
-        return EXIT_BAD_INPUT if kind == "input" else 1
+        return EXIT_BAD_INPUT if kind in ("input", "cost") else 1
     manifest = outcome["manifest"]
     summary = json.loads(Path(manifest).read_text(encoding="utf-8"))["summary"]
     lines.emit(event="done", manifest=str(Path(manifest).resolve()), band=summary.get("qa_band"),
@@ -203,6 +235,23 @@ class _WarningLines(logging.Handler):
         message = record.getMessage()
         self.lines.emit(event="warning", kind="input", message=message)
         print(f"segxai run: warning: {message}", file=sys.stderr)
+
+
+class _EstimateLines(logging.Handler):
+    """Each computation's estimate (``SegXAILib.memory``) as an ``{"event": "estimate"}`` line and on
+    standard error, before the computation starts."""
+
+    def __init__(self, lines: _Lines) -> None:
+        super().__init__(logging.INFO)
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = getattr(record, "segxai_estimate", None)
+        if fields is None:
+            return
+        self.lines.emit(event="estimate", message=record.getMessage(),
+                        **{k: v for k, v in fields.items() if k != "text"})
+        print(f"segxai run: estimate: {record.getMessage()}", file=sys.stderr)
 
 
 def _run(args: argparse.Namespace, progress, cancel) -> Path:

@@ -4,14 +4,25 @@ A long operation takes ``progress: ProgressCallback | None`` and ``cancel: Cance
 It calls ``progress(fraction, message)`` with ``fraction`` in [0, 1] and checks
 ``cancel.raise_if_cancelled()`` between units of work. Front ends adapt these: the CLI to a
 tqdm bar, the Slicer module to its progress dialog and Cancel button.
+
+The time limit of the user's request (:func:`cost_limit`) is here too: a context variable that
+the front ends set and that :func:`SegXAILib.models.memory.check_cost` reads before a batched
+computation starts (see :mod:`SegXAILib.models.memory` for why a context variable rather than a
+field of :class:`CancelToken`).
 """
 
 from __future__ import annotations
 
+import contextvars
+import os
 import threading
-from typing import Callable, Iterator, Optional, Sequence, TypeVar
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
-__all__ = ["ProgressCallback", "CancelToken", "Cancelled", "sub_progress", "report", "track"]
+from .image import SegXAIInputError
+
+__all__ = ["ProgressCallback", "CancelToken", "Cancelled", "sub_progress", "report", "track", "cost_limit",
+           "current_cost_limit", "default_max_minutes", "SegXAICostRefused", "DEFAULT_MAX_MINUTES", "MAX_MINUTES_ENV"]
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -70,3 +81,90 @@ def track(
             cancel.raise_if_cancelled()
         yield item
         report(progress, (index + 1) / total, message)
+
+
+# ---- the time limit of a request ----------------------------------------------------------------
+#: the interactive front ends' default limit (minutes); 0 means no limit
+DEFAULT_MAX_MINUTES = 10.0
+#: the environment variable that sets the front ends' default limit (minutes; 0: no limit); how a
+#: launcher that only passes an environment (the Slicer session's engine processes) confirms
+MAX_MINUTES_ENV = "SEGXAI_MAX_MINUTES"
+
+#: seconds a computation may be estimated to take; None: no limit (the library's default)
+_COST_LIMIT: contextvars.ContextVar[Optional[float]] = contextvars.ContextVar("segxai_cost_limit", default=None)
+
+
+def default_max_minutes() -> float:
+    """The front ends' default limit in minutes: :data:`MAX_MINUTES_ENV` when set, else
+    :data:`DEFAULT_MAX_MINUTES`.
+
+    Raises
+    ------
+    SegXAIInputError
+        The variable is not a number >= 0.
+    """
+    text = os.environ.get(MAX_MINUTES_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_MINUTES
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also NaN
+        raise SegXAIInputError(f"{MAX_MINUTES_ENV}={text!r}: expected minutes >= 0 (0: no limit)")
+    return value
+
+
+@contextmanager
+def cost_limit(seconds: Optional[float]) -> Iterator[None]:
+    """Within the block (this thread or task), refuse computations estimated to take longer than
+    ``seconds`` (:class:`SegXAICostRefused`); None or 0: no limit (a confirmed run).
+
+    Raises
+    ------
+    SegXAIInputError
+        ``seconds`` negative or not a number.
+    """
+    if seconds is not None and not float(seconds) >= 0:
+        raise SegXAIInputError(f"cost limit: expected seconds >= 0 (0 or None: no limit), got {seconds}")
+    token = _COST_LIMIT.set(float(seconds) if seconds else None)
+    try:
+        yield
+    finally:
+        _COST_LIMIT.reset(token)
+
+
+def current_cost_limit() -> Optional[float]:
+    """The time limit in force here (seconds), None without one."""
+    return _COST_LIMIT.get()
+
+
+class SegXAICostRefused(SegXAIInputError):
+    """A computation refused before it started because its estimated time is over the limit.
+
+    Attributes
+    ----------
+    what : str
+        The computation (``"per-voxel maps: 5184 sample(s) x 1 window pass(es)"``).
+    seconds : float
+        Its estimated time.
+    bytes : float
+        The estimated memory of one batch.
+    items : int
+        The items (samples, voxel terms) it would compute.
+    limit_seconds : float
+        The limit it is over.
+    estimate : str
+        The estimate line (:func:`estimate_text`).
+    """
+
+    def __init__(self, message: str, what: str, seconds: float, memory_bytes: float, items: int,
+                 limit_seconds: float, estimate: str) -> None:
+        super().__init__(message)
+        self.what, self.seconds, self.bytes, self.items = what, float(seconds), float(memory_bytes), int(items)
+        self.limit_seconds, self.estimate = float(limit_seconds), estimate
+
+    def details(self) -> dict[str, Any]:
+        """The estimate as JSON-ready fields (the engine's structured refusal)."""
+        return {"what": self.what, "seconds": round(self.seconds, 3), "bytes": int(self.bytes), "items": self.items,
+                "limit_seconds": round(self.limit_seconds, 6), "text": self.estimate}

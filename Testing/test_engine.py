@@ -1,6 +1,8 @@
 """The engine process (``segxai run``, ``python -m SegXAILib.engine``): JSON progress lines, a
-manifest whose checksums hold, exit 2 on bad input with nothing written, and SIGINT / SIGTERM
-ending the run within 2 s with exit 130 and no half-written file."""
+manifest whose checksums hold, exit 2 on bad input with nothing written, SIGINT / SIGTERM
+ending the run within 2 s with exit 130 and no half-written file, and a computation estimated
+over the time limit refused with a structured reply (exit 2, nothing written), the same request
+confirmed giving the map the library gives with no limit."""
 
 from __future__ import annotations
 
@@ -35,8 +37,8 @@ def case(tmp_path_factory):
     return folder, card, image, bright > 50
 
 
-def engine(settings: Path, image: Path, out: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+def engine(settings: Path, image: Path, out: Path, *extra: str, **variables: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **variables}
     return subprocess.Popen([sys.executable, "-m", "SegXAILib.engine", str(settings), str(image), "--out", str(out),
                              *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
 
@@ -89,7 +91,7 @@ def test_a_signal_stops_the_run_within_two_seconds(case, tmp_path, signum):
     settings = settings_file(tmp_path, "long.json", model=str(card), device="cpu",
                              instances={"n_samples": 1_000_000, "batch_size": 1, "ids": [1]})
     out = tmp_path / "out"
-    process = engine(settings, image, out)
+    process = engine(settings, image, out, "--max-minutes", "0")  # deliberately long: no time limit
     deadline = time.monotonic() + 120
     for line in process.stdout:  # wait until the instance maps are running
         event = json.loads(line)
@@ -109,3 +111,73 @@ def test_a_signal_stops_the_run_within_two_seconds(case, tmp_path, signum):
     written = [p for p in out.rglob("*")] if out.exists() else []
     assert not any(p.name.startswith(".") for p in written), written
     assert not (out / "case.json").exists()
+
+
+def test_a_long_computation_is_refused_with_the_estimate_and_runs_confirmed(case, tmp_path):
+    from SegXAILib.attribution import explain
+    from SegXAILib.io import read_image
+    from SegXAILib.models import load_model, load_model_card
+
+    folder, card, image, truth = case
+    # guided backprop's default aggregation: the exact per-voxel sum over the class's voxel terms
+    settings = settings_file(tmp_path, "guided.json", model=str(card), device="cpu",
+                             methods=[{"method": "guided_backprop"}], instances={"enabled": False})
+    for name, extra, variables in (("flag", ("--max-minutes", "0.00001"), {}),
+                                   ("environment", (), {"SEGXAI_MAX_MINUTES": "0.00001"})):
+        out = tmp_path / name
+        process = engine(settings, image, out, *extra, **variables)
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 2, stderr
+        error = json.loads(stdout.splitlines()[-1])
+        assert error["event"] == "error" and error["kind"] == "cost"
+        estimate = error["estimate"]
+        # one voxel term per predicted voxel (the model grid is the input grid here)
+        assert estimate["items"] == int(truth.sum())
+        assert estimate["limit_seconds"] == pytest.approx(0.0006) and estimate["seconds"] > estimate["limit_seconds"]
+        assert estimate["bytes"] > 0 and estimate["text"] in stdout + stderr
+        assert "over the time limit" in error["message"] and 'aggregation="target"' in error["message"]
+        assert "--confirm-long" in stderr and "Traceback" not in stderr
+        assert not out.exists()  # refused: nothing written
+    out = tmp_path / "confirmed"
+    process = engine(settings, image, out, "--max-minutes", "0.00001", "--confirm-long")
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    kinds = [line["event"] for line in lines]
+    # the estimate is said (a JSON line and on standard error) before the map's work
+    first = kinds.index("estimate")
+    assert lines[first]["items"] == int(truth.sum()) and lines[first]["message"].startswith("per-voxel maps")
+    batches = [i for i, line in enumerate(lines) if line.get("message") == "per-voxel maps"]  # after each batch
+    assert batches and first < batches[0]
+    assert "segxai run: estimate: per-voxel maps" in stderr and kinds[-1] == "done"
+    confirmed = read_image(out / "maps" / "guided_backprop_ch0.nii.gz").array
+    # the library's own map of the same request, with no limit and no front end
+    direct = explain(read_image(image), load_model(load_model_card(card), device="cpu"), "guided_backprop")
+    np.testing.assert_allclose(confirmed, direct.maps.array, rtol=1e-6, atol=1e-6 * np.abs(direct.maps.array).max())
+
+
+def test_the_time_limit_of_a_request(monkeypatch):
+    """What reaches the engine: ``EngineJob``'s ``max_minutes`` as ``--max-minutes``, else
+    ``SEGXAI_MAX_MINUTES``, else 10 minutes; 0 and ``--confirm-long``: no limit."""
+    from SegXAILib.cli.common import cost_limit_seconds
+    from SegXAILib.engine import build_parser
+    from SegXAILib.image import SegXAIInputError
+    from SegXAILib.pipeline.job import engine_command
+
+    def limit(*extra: str, max_minutes=None):
+        command = engine_command("python", Path("s.json"), [Path("a.nii.gz")], Path("out"), max_minutes=max_minutes)
+        return cost_limit_seconds(build_parser().parse_args(command[3:] + list(extra)))
+
+    monkeypatch.delenv("SEGXAI_MAX_MINUTES", raising=False)
+    assert limit() == 600.0
+    assert limit(max_minutes=0.5) == 30.0
+    assert limit(max_minutes=0) is None and limit("--confirm-long") is None
+    monkeypatch.setenv("SEGXAI_MAX_MINUTES", "2")
+    assert limit() == 120.0 and limit(max_minutes=1) == 60.0  # the request's own limit first
+    monkeypatch.setenv("SEGXAI_MAX_MINUTES", "0")
+    assert limit() is None
+    monkeypatch.setenv("SEGXAI_MAX_MINUTES", "soon")
+    with pytest.raises(SegXAIInputError, match="SEGXAI_MAX_MINUTES"):
+        limit()
+    with pytest.raises(SegXAIInputError, match="--max-minutes"):
+        limit("--max-minutes", "-1")

@@ -2,7 +2,9 @@
 measurement against a hand count, an explicit batch that cannot fit refused with the estimate,
 the automatic batch equal to the same explicit one, a run under an address-space cap
 (``RLIMIT_AS``) that finishes with the default and is refused (exit 2, not killed) with a batch
-that cannot fit, and an out-of-memory error inside a step turned into exit 2 with a message."""
+that cannot fit, an out-of-memory error inside a step turned into exit 2 with a message, and the
+time limit: a computation estimated over it refused before its first batch (library and
+``segxai explain``), and the same computation confirmed giving the map it gives with no limit."""
 
 from __future__ import annotations
 
@@ -269,3 +271,103 @@ def test_out_of_memory_inside_a_step_is_exit_2_with_a_message(tmp_path, monkeypa
 def test_an_unrelated_runtime_error_is_not_taken_for_memory():
     assert not memory.is_out_of_memory(RuntimeError("shape mismatch"))
     assert memory.is_out_of_memory(MemoryError())
+
+
+# ---- the time limit (cost pre-flight) ------------------------------------------------------------
+def test_time_limit_refuses_guided_per_voxel_before_it_starts_and_confirmed_gives_the_same_map(forward_and_input):
+    import threading
+
+    from SegXAILib.attribution.guided import GuidedBackprop
+    from SegXAILib.models.memory import SegXAICostRefused, cost_limit, current_cost_limit
+
+    forward, x = forward_and_input
+    seen = []
+    assert current_cost_limit() is None  # the library's default: no limit
+    with cost_limit(0.001):
+        assert current_cost_limit() == 0.001
+        with pytest.raises(SegXAICostRefused) as refused:
+            GuidedBackprop(forward).attribute(x, aggregation="per_voxel", progress=lambda f, m="": seen.append(f))
+        assert seen == []  # refused before the first batch: no progress at all
+        # a thread does not inherit the limit (batch workers run with none): the same call finishes there
+        in_thread = {}
+        worker = threading.Thread(target=lambda: in_thread.update(
+            map=GuidedBackprop(forward).attribute(x, aggregation="per_voxel")))
+        worker.start()
+        worker.join()
+        # confirmed inside a limited block (what a front end does after asking): no limit
+        with cost_limit(0):
+            confirmed = GuidedBackprop(forward).attribute(x, aggregation="per_voxel")
+    assert current_cost_limit() is None  # restored on leaving the block
+    error = refused.value
+    assert isinstance(error, SegXAIInputError)  # front ends that know only input errors still refuse cleanly
+    # the estimate it carries: one voxel term per voxel of the class target (6 x 6 x 5 mask), each
+    # estimated at one measured window pass (> 0 s), over the limit
+    mask_voxels = 6 * 6 * 5
+    assert error.items == mask_voxels and error.limit_seconds == 0.001 and error.seconds > 0.001
+    assert error.bytes > 0 and error.details()["items"] == mask_voxels
+    message = str(error)
+    assert message.startswith(f"per-voxel maps: {mask_voxels} sample(s)")
+    assert "estimated" in message and "over the time limit of 0.001 s" in message and "not started" in message
+    assert 'aggregation="target"' in message and "Confirm" in message
+    unlimited = GuidedBackprop(forward).attribute(x, aggregation="per_voxel")
+    # exact: the same terms in the same batches whatever the limit (nothing switched method)
+    torch.testing.assert_close(confirmed, unlimited, rtol=0, atol=0)
+    torch.testing.assert_close(in_thread["map"], unlimited, rtol=0, atol=0)
+    with cost_limit(3600.0):  # a limit above the estimate: runs, same map
+        torch.testing.assert_close(GuidedBackprop(forward).attribute(x, aggregation="per_voxel"), unlimited,
+                                   rtol=0, atol=0)
+    with pytest.raises(SegXAIInputError, match="cost limit"):
+        with cost_limit(-1.0):
+            pass
+
+
+def test_time_limit_refuses_instance_max_aggregation_naming_mean(forward_and_input):
+    from conftest import make_forward, tiny_unet
+    from SegXAILib.attribution import InstanceTarget
+    from SegXAILib.instances import instance_smoothgrad
+    from SegXAILib.models.memory import SegXAICostRefused, cost_limit
+
+    _, x = forward_and_input
+    lesion = torch.zeros(x.shape[2:], dtype=torch.bool)
+    lesion[4:7, 6:9, 3:5] = True  # 18 voxels
+    forward = make_forward(tiny_unet(), tuple(x.shape[2:]), InstanceTarget(1, lesion, instance_id=1), patch=(16, 16, 16))
+    with cost_limit(0.001), pytest.raises(SegXAICostRefused) as refused:
+        instance_smoothgrad(forward, x, n_samples=3, aggregation="max")
+    # one term per noise sample and voxel of the instance
+    assert refused.value.items == 3 * 18
+    assert 'aggregation "mean"' in str(refused.value) and "n_samples" in str(refused.value)
+
+
+def test_segxai_explain_refuses_over_the_limit_and_runs_confirmed(tmp_path, capsys):
+    from conftest import grid_matrix, write_voxelwise_card
+    from SegXAILib.attribution import explain
+    from SegXAILib.cli import main
+    from SegXAILib.image import Image
+    from SegXAILib.io import read_image, write_image
+    from SegXAILib.models import load_model, load_model_card
+
+    card = write_voxelwise_card(tmp_path / "model", orientation=None, threshold=50.0, patch=(8, 8, 8))
+    bright = np.zeros((12, 10, 8), np.float32)
+    bright[1:5, 1:5, 1:4] = 1.0
+    bright[8:10, 6:9, 5:7] = 1.0
+    bright *= np.random.default_rng(7).uniform(60.0, 140.0, bright.shape).astype(np.float32)
+    image = Image(bright[None], grid_matrix("oblique"))
+    path = write_image(image, tmp_path / "image.nii.gz")
+    command = ["-q", "explain", str(path), "--model", str(card), "--device", "cpu", "--method", "guided_backprop"]
+    tiny = ["--max-minutes", "0.00001"]  # 0.6 ms
+    assert main(command + ["--out", str(tmp_path / "refused"), *tiny]) == 2
+    stderr = capsys.readouterr().err
+    # per-voxel aggregation (the default) over the class: one term per predicted voxel (48 + 12)
+    assert "per-voxel maps: 60 sample(s)" in stderr and "over the time limit of 0.0006 s" in stderr
+    assert 'aggregation="target"' in stderr and "--confirm-long" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "refused").exists()  # nothing written
+    assert main(command + ["--out", str(tmp_path / "confirmed"), *tiny, "--confirm-long"]) == 0
+    stderr = capsys.readouterr().err
+    assert "segxai explain: estimate: per-voxel maps: 60 sample(s)" in stderr  # said before the work
+    assert main(command + ["--out", str(tmp_path / "unlimited"), "--max-minutes", "0"]) == 0
+    confirmed = read_image(tmp_path / "confirmed" / "maps" / "guided_backprop_ch0.nii.gz").array
+    unlimited = read_image(tmp_path / "unlimited" / "maps" / "guided_backprop_ch0.nii.gz").array
+    np.testing.assert_array_equal(confirmed, unlimited)
+    # and the library's own map (no front end, no limit); float32 written and read back exactly
+    direct = explain(image, load_model(load_model_card(card), device="cpu"), "guided_backprop").maps.array
+    np.testing.assert_array_equal(confirmed, direct)

@@ -401,3 +401,32 @@ def test_logic_refuses_a_wrong_number_of_inputs(module, case):
     with pytest.raises(SegXAIInputError, match="no case"):
         logic.qa(logic.caseSettings(card, ["vanilla_gradient"], device="cpu"))
     assert not logic.busy  # nothing was started
+
+
+def test_logic_asks_for_a_refused_long_computation_and_runs_it_confirmed(module, case):
+    """A computation estimated over the time limit: the job is refused before it starts, the
+    Logic gives the message with the estimate (what the panel asks with), and the same request
+    confirmed (:meth:`runConfirmed`) shows the map the library gives with no limit."""
+    from SegXAILib import mrml
+    from SegXAILib.attribution import explain
+    from SegXAILib.models import load_model, load_model_card
+
+    scene, volumes, card, truth, image = case
+    logic = module.SegXAILogic(scene, env={"SEGXAI_MAX_MINUTES": "0.00001", "OMP_NUM_THREADS": "1"})  # 0.6 ms
+    settings = logic.caseSettings(card, ["guided_backprop"], device="cpu", qaMethod="")
+    launch = lambda: logic.segment(volumes, settings)  # noqa: E731 - what the panel's button starts
+    launch()
+    update = logic.wait(300)
+    refusal = logic.costRefusal(update)
+    # per-voxel aggregation (the default) over the class: one term per predicted voxel
+    assert f"per-voxel maps: {int(truth.sum())} sample(s)" in refusal and "over the time limit" in refusal
+    assert update.status.refusal["items"] == int(truth.sum())
+    assert logic.costRefusal(update) == update.error
+    logic.runConfirmed(launch)
+    assert logic.session.env["SEGXAI_MAX_MINUTES"] == "0.00001"  # confirmed for that job only
+    update = logic.wait(300)
+    assert update.state == "done" and logic.costRefusal(update) == "", update.error
+    assert update.status.estimate.startswith("per-voxel maps")  # what the status label shows while it runs
+    shown = mrml.volume_node_to_image(logic.nodes.saliency["guided_backprop"][0]).array[0]
+    direct = explain(image, load_model(load_model_card(card), device="cpu"), "guided_backprop").maps.array[0]
+    np.testing.assert_allclose(shown, direct, rtol=1e-6, atol=1e-6 * np.abs(direct).max())

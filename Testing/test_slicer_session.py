@@ -224,6 +224,7 @@ def test_uncertainty_runs_in_the_engine_and_shows_the_api_numbers(model_card, tm
 def test_cancel_ends_the_process_tree_and_the_session_stays_ready(model_card, tmp_path):
     scene, volumes, _, _ = make_case(model_card, "oblique")
     session = session_for(scene, tmp_path)
+    session.env["SEGXAI_MAX_MINUTES"] = "0"  # deliberately long jobs: no time limit
     session.segment(volumes, settings(model_card))
     finish(session)
     # an instance map of 10^6 samples, one backward each: far longer than this test
@@ -286,6 +287,7 @@ def test_a_failing_job_reports_why_and_leaves_the_session_ready(model_card, tmp_
 def test_closing_the_scene_cancels_and_drops_the_results(model_card, tmp_path):
     scene, volumes, _, _ = make_case(model_card, "oblique")
     session = session_for(scene, tmp_path)
+    session.env["SEGXAI_MAX_MINUTES"] = "0"  # a deliberately long job: no time limit
     session.segment(volumes, settings(model_card, instances={"n_samples": 1000000, "batch_size": 1, "ids": [1]}))
     session.close()
     assert session.case is None

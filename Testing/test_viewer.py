@@ -317,6 +317,39 @@ def test_uncertainty_runs_as_a_job_and_shows_the_api_entropy(viewer, voxel_case)
                                rtol=0, atol=1e-5)
 
 
+def test_a_refused_long_computation_is_asked_and_runs_confirmed(viewer, voxel_case, monkeypatch):
+    """Explain under a 0.6 ms limit: the job is refused before it starts, ``cost_refusal`` (what
+    the page's confirm shows) carries the estimate; confirmed, the same request runs with no
+    limit and shows the map the library gives with no limit; the limit stays for later jobs."""
+    from SegXAILib import mrml
+    from SegXAILib.attribution import explain
+    from SegXAILib.io import read_image
+    from SegXAILib.models import load_model, load_model_card
+    from SegXAILib.models.memory import MAX_MINUTES_ENV
+
+    card, path = voxel_case
+    state = viewer.state
+    monkeypatch.setitem(viewer.session.env, MAX_MINUTES_ENV, "0.00001")  # what --max-minutes 0.00001 sets
+    state.method, state.target = "guided_backprop", "class"
+    viewer._on_method(state.method)  # the form's defaults: aggregation per_voxel
+    viewer.ctrl.explain()
+    assert state.error == "" and state.busy
+    _finish(viewer)
+    assert state.cost_refusal and state.cost_refusal == state.error and "not started" in state.status
+    assert "per-voxel maps: 60 sample(s)" in state.cost_refusal and "over the time limit" in state.cost_refusal
+    assert 'aggregation="target"' in state.cost_refusal
+    viewer.ctrl.confirm_long()  # what the page triggers when the user accepts
+    assert state.error == "" and state.busy and state.cost_refusal == ""
+    assert viewer.session.env[MAX_MINUTES_ENV] == "0.00001"  # confirmed for that job only
+    _finish(viewer)
+    assert state.error == "" and state.status.startswith("explain: done"), state.error
+    assert viewer.session.job.status.estimate.startswith("per-voxel maps: 60 sample(s)")
+    shown = mrml.volume_node_to_image(viewer.session.nodes.saliency["guided_backprop"][0]).array[0]
+    direct = explain(read_image(path), load_model(load_model_card(card), device="cpu"), "guided_backprop")
+    expected = direct.maps.array[0]
+    np.testing.assert_allclose(shown, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+
+
 # ---------------------------------------------------------------------------- counterfactuals
 
 

@@ -2,7 +2,9 @@
 
 The quick demo's case folder is opened by the app; the tests then act like a user: pick a lesion in
 the axial view (its instance map must appear on the server's state *and* in the pixels of the view),
-cancel a long job, run the uncertainty, open a broken file, and talk to the server without its token.
+cancel a long job, run the uncertainty, open a broken file, and talk to the server without its token;
+on a server with a tiny time limit, a refused computation is asked about (the page's confirm, with
+the estimate) and, accepted, runs.
 
 Skipped only when ``playwright`` or ``chromium`` is missing. Screenshots are kept under
 ``Testing/artifacts/viewer/``; with ``SEGXAI_VIEWER_SCREENSHOT=1`` the one after the pick is also
@@ -79,7 +81,9 @@ def artifacts() -> Path:
 
 @pytest.fixture(scope="module")
 def viewer(demo_case, tmp_path_factory, artifacts):
-    server = start_viewer(demo_case, tmp_path_factory.mktemp("viewer_jobs"), artifacts / "server.log")
+    # no time limit: the cancel test's job is deliberately long (the limit has its own test and server)
+    server = start_viewer(demo_case, tmp_path_factory.mktemp("viewer_jobs"), artifacts / "server.log",
+                          extra=["--max-minutes", "0"])
     yield server
     server.stop()
 
@@ -236,6 +240,37 @@ def test_a_bad_file_gets_a_clear_error_and_the_app_keeps_working(page, demo_case
     wait_state(page, "s.get('overlay_version') > arg && (s.get('lesion_targets') || []).length > 0", 60.0,
                arg=version)
     assert get(page, "error") == ""
+
+
+def test_a_refused_long_computation_is_asked_in_the_page_and_runs_when_accepted(page, demo_case, tmp_path,
+                                                                               artifacts):
+    server = start_viewer(demo_case, tmp_path / "jobs", artifacts / "server_limited.log",
+                          extra=["--max-minutes", "0.00001"])  # 0.6 ms: any computation is over it
+    # a second page of the module's browser (one Playwright per process), on the limited server
+    context = page.context.browser.new_context(viewport={"width": 1280, "height": 800})
+    try:
+        limited = context.new_page()
+        limited.set_default_timeout(30_000)
+        asked = []
+
+        def accept(dialog) -> None:
+            asked.append((dialog.type, dialog.message))
+            dialog.accept()
+
+        limited.on("dialog", accept)
+        open_app(limited, server.url)
+        wait_idle(limited)
+        set_state(limited, method="smoothgrad", method_params={"n_samples": 2})
+        limited.click("#segxai-explain")
+        wait_state(limited, "(s.get('status') || '').startsWith('explain: done')", PICK_TIMEOUT_S)
+        assert get(limited, "error") == ""
+    finally:
+        context.close()
+        server.stop()
+    assert len(asked) == 1, asked  # asked once: the confirmed run is not asked again
+    kind, message = asked[0]
+    assert kind == "confirm" and message.startswith("smoothgrad: 2 sample(s)"), message
+    assert "over the time limit of 0.0006 s" in message and "Run it anyway" in message
 
 
 def test_requests_without_the_token_are_refused(viewer):

@@ -176,15 +176,20 @@ def memory_batch_size(
     the items are replicas run through the windowed forward with their whole graph (per-voxel
     and instance-max aggregation), not :meth:`SegmentationForward.gradient` samples.
 
-    The estimate (memory of a batch, time of the whole) is logged and reported as the progress
-    message, so that front ends show it before the long part starts.
+    The estimate (memory of a batch, time of the whole) is logged (logger ``SegXAILib.memory``,
+    the record's ``segxai_estimate``: its fields) and reported as the progress message, so that
+    front ends show it before the long part starts. Under a time limit
+    (:func:`~SegXAILib.progress.cost_limit`) a computation estimated to take longer is
+    refused here, before its first batch.
 
     Raises
     ------
     SegXAIInputError
         ``requested`` (named ``name``) does not fit, or not even one sample does.
+    SegXAICostRefused
+        The estimated time is over the limit in force (the message gives the estimate).
     """
-    from ..models.memory import available_memory, estimate_text, fit_batch, note_estimate
+    from ..models.memory import available_memory, check_cost, estimate_text, fit_batch, note_estimate
 
     if requested < 0:
         raise SegXAIInputError(f"{name} must be >= 1 (or 0: the largest that fits in memory), got {requested}")
@@ -192,12 +197,25 @@ def memory_batch_size(
     per_item = cost.graph_bytes if whole_graph else cost.per_sample_bytes
     size = fit_batch(requested, per_item, available_memory(inputs.device), name=name, cap=cap,
                      limit=total, device=str(inputs.device))
-    text = estimate_text(f"{what}: {total} sample(s) x {cost.passes} window pass(es)", min(size, total),
-                         per_item, 0, cost.seconds * total)
+    batch, seconds = min(size, total), cost.seconds * total
+    text = estimate_text(f"{what}: {total} sample(s) x {cost.passes} window pass(es)", batch, per_item, 0, seconds)
     note_estimate(text)
-    _LOG.info(text)
+    check_cost(f"{what}: {total} sample(s) x {cost.passes} window pass(es)", seconds, batch * per_item, total, text,
+               _SMALLER.get(what, _SMALLER[""]))
+    _LOG.info(text, extra={"segxai_estimate": {"text": text, "seconds": round(seconds, 3),
+                                               "bytes": int(batch * per_item), "items": int(total)}})
     report(progress, 0.0, text)
     return size
+
+
+#: how to make a computation (by its ``what``) smaller when it is refused for its time
+_SMALLER = {
+    "per-voxel maps": 'aggregation="target" (one backward of the target scalar instead of one per target voxel '
+                      "term), or a smaller target (a region, an instance)",
+    "instance saliency (max)": 'aggregation "mean" (one backward per noise sample instead of one per sample and '
+                               "voxel of the instance), or fewer samples (n_samples)",
+    "": "fewer samples (n_samples), or a smaller input or target",
+}
 
 
 #: the batch-size value that means "the largest that fits in the free memory"

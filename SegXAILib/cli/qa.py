@@ -29,7 +29,7 @@ import math
 from pathlib import Path
 
 from ..image import SegXAIInputError
-from .common import case_settings, device_option, load_case_model, model_help, options_named, progress_bar, trust_option
+from .common import case_settings, cost_options, device_option, load_case_model, model_help, options_named, progress_bar, trust_option
 
 __all__ = ["add_commands"]
 
@@ -480,5 +480,6 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     score.add_argument("--out", type=Path, default=None, help="case folder: qa.json, the segmentation, the map, the plots and case.json")
     trust_option(score)
     device_option(score)
+    cost_options(score)
     # one case: a refused run removes the --out folder it made (app.main)
     score.set_defaults(run=_cmd_score, one_case_output=True)

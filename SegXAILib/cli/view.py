@@ -28,9 +28,12 @@ def _cmd_view(args: argparse.Namespace) -> int:
                                "'segxai counterfactual train' wrote)")
     if args.port < 0 or args.port > 65535:
         raise SegXAIInputError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_minutes is not None and not args.max_minutes >= 0:
+        raise SegXAIInputError(f"--max-minutes {args.max_minutes}: must be >= 0 (0: no limit)")
     out = args.out or Path(tempfile.mkdtemp(prefix="segxai-view-"))
     viewer = ViewerApp(out, model=args.model, device=args.device, three_d=args.three_d,
-                       generators=None if args.generators is None else str(args.generators.resolve()))
+                       generators=None if args.generators is None else str(args.generators.resolve()),
+                       max_minutes=args.max_minutes)
     viewer.open_paths(args.paths)
     if args.model and viewer.volumes:
         viewer.segment()
@@ -56,4 +59,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     view.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     view.add_argument("--out", type=Path, default=None, help="folder for the engine jobs (default: a new temporary one)")
     view.add_argument("--3d", dest="three_d", action="store_true", help="add a 3D view")
+    view.add_argument("--max-minutes", type=float, default=None, metavar="N",
+                      help="the engine jobs refuse a computation estimated to take longer than N minutes, and the "
+                           "page asks whether to run it anyway; 0: no limit (default: $SEGXAI_MAX_MINUTES, else 10)")
     view.set_defaults(run=_cmd_view)

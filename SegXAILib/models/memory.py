@@ -13,6 +13,23 @@ The cost of one item is measured, not guessed from the architecture: one window 
 input goes through the network forward and backward once (:func:`measure_pass`). On CUDA
 the allocator's peak is read; on the CPU the bytes of the tensors the autograd graph saves
 for the backward are summed (:func:`saved_tensor_bytes`), plus the gradients in flight.
+
+The same measured pass gives the time of the whole computation (seconds of one item times the
+items). Under a time limit (:func:`cost_limit`, set by the interactive front ends: the CLI's
+one-case commands, the engine, the Slicer module and the browser viewer, 10 minutes by default)
+a computation estimated to take longer is refused before its long part starts
+(:class:`SegXAICostRefused`, with the estimate and the ways forward); confirming (no limit) runs
+the same computation, exact as ever: nothing switches method behind the caller's back. Without
+a limit set (the Python API, batch and cohort runs: explicit jobs) nothing is refused.
+
+The limit lives in :mod:`SegXAILib.progress` (re-exported here), which imports no torch: the
+command-line parsers read its default. Why a context variable and not a field of the
+:class:`~SegXAILib.progress.CancelToken` or a parameter: the limit is the user's policy for one request, set once by the front end, and it
+must reach every batched computation however deeply it is nested, including callers that
+receive no cancel token (instance mean aggregation); a cancel token is a per-job handle for
+stopping, and a parameter would have to be threaded through every method and step. A context
+variable is per thread (and per asyncio task): a worker thread sets it itself (the engine does),
+and threads that never set it (batch workers) run with no limit.
 """
 
 from __future__ import annotations
@@ -25,10 +42,13 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 
 from ..image import SegXAIInputError
+from ..progress import (DEFAULT_MAX_MINUTES, MAX_MINUTES_ENV, SegXAICostRefused, cost_limit, current_cost_limit,
+                        default_max_minutes)
 
 __all__ = ["available_memory", "saved_tensor_bytes", "measure_pass", "PassCost", "fit_batch", "format_bytes",
            "estimate_text", "note_estimate", "is_out_of_memory",
-           "memory_refusal", "SAFETY", "AUTO"]
+           "memory_refusal", "SAFETY", "AUTO", "SegXAICostRefused", "cost_limit", "current_cost_limit", "check_cost",
+           "format_seconds", "default_max_minutes", "DEFAULT_MAX_MINUTES", "MAX_MINUTES_ENV"]
 
 #: share of the free memory a computation may plan to use (the rest: allocator slack,
 #: temporaries the estimate does not see, the rest of the process)
@@ -282,13 +302,60 @@ def fit_batch(
     return int(requested)
 
 
+def format_seconds(seconds: float) -> str:
+    """``0.2`` -> ``"under a second"``, ``35`` -> ``"35 s"``, ``600`` -> ``"10 min"``, ``7500`` -> ``"2 h 5 min"``."""
+    if seconds < 1:
+        return "under a second"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    hours, minutes = divmod(int(round(seconds / 60)), 60)
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+
+
 def estimate_text(what: str, batch: int, per_item_bytes: float, fixed_bytes: float, seconds: float) -> str:
     """One line for progress and logs: ``"smoothgrad: batch 4, about 1.2 GB, 35 s"``."""
     memory = format_bytes(batch * per_item_bytes + fixed_bytes)
-    duration = f"{seconds:.0f} s" if seconds >= 1 else "under a second"
-    if seconds >= 120:
-        duration = f"{seconds / 60:.0f} min"
-    return f"{what}: batch {batch}, about {memory} and {duration} (estimated from one measured window)"
+    return f"{what}: batch {batch}, about {memory} and {format_seconds(seconds)} (estimated from one measured window)"
+
+
+# ---- the time limit (its policy: SegXAILib.progress, torch-free for the parsers) -----------------
+def check_cost(what: str, seconds: float, memory_bytes: float, items: int, estimate: str,
+               ways: str = "fewer samples (n_samples) or a smaller target") -> None:
+    """Refuse a computation whose estimated ``seconds`` exceed the limit in force
+    (:func:`cost_limit`); nothing without a limit.
+
+    Parameters
+    ----------
+    what : str
+        The computation, named in the message.
+    seconds, memory_bytes : float
+        Its estimated time and memory (of one batch).
+    items : int
+        How many items (samples, voxel terms) it computes.
+    estimate : str
+        The estimate line (:func:`estimate_text`).
+    ways : str
+        How to make it smaller (parameters of the method), named in the message.
+
+    Raises
+    ------
+    SegXAICostRefused
+        Over the limit: the message states the estimate and the ways forward.
+    """
+    limit = current_cost_limit()
+    if limit is None or seconds <= limit:
+        return
+
+    def said(value: float) -> str:  # below a second: the number itself (a limit of 1 ms is a test's)
+        return format_seconds(value) if value >= 1 else f"{value:.2g} s"
+
+    raise SegXAICostRefused(
+        f"{what}: estimated {said(seconds)} and about {format_bytes(memory_bytes)} (from one measured window pass), "
+        f"over the time limit of {said(limit)}; not started. Confirm to run it anyway (no time limit: the result is "
+        f"the same exact computation), or make it smaller: {ways}",
+        what, seconds, memory_bytes, items, limit, estimate)
 
 
 

@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -60,6 +60,15 @@ class JobStatus:
     error : str
         Why a failed job failed (the engine's error line, else the tail of its log).
     exit_code : int or None
+    estimate : str
+        The estimate of the computation running (or last started): its memory and time from one
+        measured pass (the engine's last ``estimate`` line); empty before the first.
+    error_kind : str
+        The kind of the engine's error line: ``input``, ``internal``, or ``cost`` (refused before
+        it started because its estimated time is over the limit: run it again confirmed).
+    refusal : dict
+        With ``error_kind`` ``cost``: the refused computation's estimate (``seconds``, ``bytes``,
+        ``items``, ``limit_seconds``, ``what``, ``text``).
     """
 
     state: str = "running"
@@ -70,6 +79,9 @@ class JobStatus:
     eta_s: Optional[float] = None
     error: str = ""
     exit_code: Optional[int] = None
+    estimate: str = ""
+    error_kind: str = ""
+    refusal: dict = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -89,10 +101,13 @@ class JobStatus:
 
 def engine_command(python: str, settings_path: Path, images: Sequence[Path], case_dir: Path,
                    reference: Optional[Path] = None, device: Optional[str] = None,
-                   image_format: str = ".nrrd") -> list[str]:
-    """The engine's command line (``python -m SegXAILib.engine SETTINGS IMAGE... --out DIR``)."""
+                   image_format: str = ".nrrd", max_minutes: Optional[float] = None) -> list[str]:
+    """The engine's command line (``python -m SegXAILib.engine SETTINGS IMAGE... --out DIR``);
+    ``max_minutes``: its ``--max-minutes`` (0: no limit; None: the engine's default)."""
     command = [str(python), "-m", "SegXAILib.engine", str(settings_path), *[str(p) for p in images],
                "--out", str(case_dir), "--image-format", image_format]
+    if max_minutes is not None:
+        command += ["--max-minutes", repr(float(max_minutes))]
     if reference is not None:
         command += ["--reference", str(reference)]
     if device:
@@ -125,7 +140,12 @@ class EngineJob:
     image_format : str
         The case folder's image format, one of :data:`IMAGE_FORMATS`.
     env : mapping, optional
-        Extra environment variables of the engine (e.g. ``OMP_NUM_THREADS``).
+        Extra environment variables of the engine (e.g. ``OMP_NUM_THREADS``; ``SEGXAI_MAX_MINUTES``:
+        its default time limit).
+    max_minutes : float, optional
+        The engine's time limit: a computation estimated to take longer is refused before it
+        starts (:attr:`JobStatus.error_kind` ``cost``); 0: no limit (a confirmed run); None: the
+        engine's default (``SEGXAI_MAX_MINUTES``, else 10).
 
     Examples
     --------
@@ -138,7 +158,7 @@ class EngineJob:
     def __init__(self, settings: CaseSettings, images: Sequence[Union[str, os.PathLike]],
                  job_dir: Union[str, os.PathLike], python: Optional[str] = None,
                  reference: Optional[Union[str, os.PathLike]] = None, image_format: str = ".nrrd",
-                 env: Optional[Mapping[str, str]] = None) -> None:
+                 env: Optional[Mapping[str, str]] = None, max_minutes: Optional[float] = None) -> None:
         if not isinstance(settings, CaseSettings):
             raise SegXAIInputError(f"settings: expected CaseSettings, got {type(settings).__name__}")
         if image_format not in IMAGE_FORMATS:
@@ -155,6 +175,9 @@ class EngineJob:
         self.reference = Path(reference) if reference is not None else None
         self.image_format = image_format
         self.env = dict(env or {})
+        if max_minutes is not None and not float(max_minutes) >= 0:
+            raise SegXAIInputError(f"max_minutes: expected minutes >= 0 (0: no limit), got {max_minutes}")
+        self.max_minutes = max_minutes
         self.status = JobStatus()
         self.manifest: Optional[Path] = None
         self._process: Optional[subprocess.Popen] = None
@@ -183,7 +206,8 @@ class EngineJob:
 
     def command(self) -> list[str]:
         return engine_command(self.python, self.job_dir / "settings.json", self.images, self.case_dir,
-                              reference=self.reference, image_format=self.image_format)
+                              reference=self.reference, image_format=self.image_format,
+                              max_minutes=self.max_minutes)
 
     # ---- running ------------------------------------------------------------------------------
     def start(self) -> "EngineJob":
@@ -243,8 +267,13 @@ class EngineJob:
             if event["event"] == "progress":
                 status.fraction = max(status.fraction, float(event.get("fraction", 0.0)))
                 status.step, status.message = str(event.get("step", "")), str(event.get("message", ""))
+            elif event["event"] == "estimate":
+                status.estimate = str(event.get("message", ""))
             elif event["event"] == "error":
                 status.error = str(event.get("message", ""))
+                status.error_kind = str(event.get("kind", ""))
+                if isinstance(event.get("estimate"), dict):
+                    status.refusal = dict(event["estimate"])
             elif event["event"] == "done":
                 self.manifest = Path(event["manifest"])
         if 0.02 <= status.fraction < 1.0 and status.elapsed_s > 1.0:

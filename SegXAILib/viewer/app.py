@@ -17,8 +17,14 @@ suspicious first, :func:`contour_review_state`),
 uncertainty (a sample-source preset of :data:`UNCERTAINTY_PRESETS`, samples and seed for the
 random ones: the predictive entropy overlay and the structure's summary), counterfactual
 relevance (paper 004: a generators path; the selected lesion's ``R = G+(x) - G-(x)`` overlay and
-the model's scores of x, G+(x) and G-(x)), a progress bar with Cancel, and the last error. The
+the model's scores of x, G+(x) and G-(x)), a progress bar with Cancel and the running
+computation's estimate (memory, time, from one measured pass), and the last error. The
 selected lesion is the last one clicked in pick-lesion mode or in the lesion table.
+
+A job whose computation is estimated to take longer than the engine's time limit (10 minutes,
+``--max-minutes``) is refused before it starts; the page asks (a JavaScript ``confirm`` with the
+estimate) and, when the user accepts, the same request runs again with no limit
+(:meth:`ViewerApp.confirm_long`).
 
 The state keys and element ids below are the viewer's interface for its end-to-end tests.
 """
@@ -161,10 +167,14 @@ class ViewerApp:
     generators : str, optional
         The counterfactual generators (a ``generators.pt`` or the folder ``segxai counterfactual
         train`` wrote): the generators field's first value.
+    max_minutes : float, optional
+        The engine jobs' time limit (0: none); None: the engine's default (``SEGXAI_MAX_MINUTES``,
+        else 10).
     """
 
     def __init__(self, work_dir, model: Optional[str] = None, device: str = "auto", three_d: bool = False,
-                 token: Optional[str] = None, name: Optional[str] = None, generators: Optional[str] = None) -> None:
+                 token: Optional[str] = None, name: Optional[str] = None, generators: Optional[str] = None,
+                 max_minutes: Optional[float] = None) -> None:
         if not os.environ.get("DISPLAY"):  # offscreen without an X server: EGL (Mesa's llvmpipe on a CPU)
             os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
         from trame.app import get_server
@@ -193,6 +203,14 @@ class ViewerApp:
         self.view_tags = [definition.singleton_tag for definition in definitions]
         self.slicer.view_manager.set_current_view_ids(self.view_tags)
         self.session = CaseSession(self.scene, work_dir)
+        if max_minutes is not None:
+            from ..progress import MAX_MINUTES_ENV
+
+            if not float(max_minutes) >= 0:
+                raise SegXAIInputError(f"max_minutes: expected minutes >= 0 (0: no limit), got {max_minutes}")
+            self.session.env[MAX_MINUTES_ENV] = repr(float(max_minutes))  # the engine's default limit
+        self._request: tuple = ()  # the last action asked for (what a confirmation runs again)
+        self._job_request: tuple = ()  # the action that started the running (or last) job
         self.model = model
         self.device = device
         self.generators = str(generators or "")
@@ -234,6 +252,7 @@ class ViewerApp:
             "uncertainty_shown": False, "uncertainty_summary": {}, "has_uncertainty": False,
             "lesion_selected": 0, "counterfactual_generators": self.generators, "counterfactual_ids": [],
             "counterfactual_shown": 0, "counterfactual_summary": {}, "input_warnings": [], "contour_review": [],
+            "estimate": "", "cost_refusal": "",
         })
         state.change("method")(self._on_method)
         state.change("pick_mode")(self._on_pick_mode)
@@ -282,6 +301,7 @@ class ViewerApp:
     # ---- actions -----------------------------------------------------------------------------
     def _attempt(self, action, *args) -> bool:
         """Run an action; an error goes to ``state.error`` (the app keeps working)."""
+        self._request = (action, args)
         try:
             action(*args)
         except SegXAIInputError as error:
@@ -479,7 +499,31 @@ class ViewerApp:
     # ---- jobs --------------------------------------------------------------------------------
     def _started(self) -> None:
         self.state.busy, self.state.progress, self.state.error = True, 0, ""
+        self.state.estimate, self.state.cost_refusal = "", ""
         self.state.status = f"{self.session.action}: started"
+        self._job_request = self._request
+
+    def confirm_long(self) -> None:
+        """Run the request whose job was refused for its estimated time again, with no time limit
+        (the user confirmed the estimate in the page)."""
+        from ..progress import MAX_MINUTES_ENV
+
+        if not self._job_request:
+            raise SegXAIInputError("confirm: no refused request to run again")
+        if self.session.busy:
+            raise SegXAIInputError(f"a {self.session.action} job is running: wait for it or cancel it")
+        action, args = self._job_request
+        self._request = self._job_request  # what the new job records (not this confirmation)
+        env = self.session.env
+        before = env.get(MAX_MINUTES_ENV)
+        env[MAX_MINUTES_ENV] = "0"  # for this job only
+        try:
+            action(*args)
+        finally:
+            if before is None:
+                env.pop(MAX_MINUTES_ENV, None)
+            else:
+                env[MAX_MINUTES_ENV] = before
 
     def poll(self) -> None:
         """One poll of the running job (the server's loop calls it every :data:`POLL_S` s)."""
@@ -487,9 +531,14 @@ class ViewerApp:
         if update.status is not None and not update.finished:
             self.state.progress = int(round(100 * update.status.fraction))
             self.state.status = f"{update.action}: {update.status.text()}"
+            self.state.estimate = update.status.estimate
         if update.finished:
             self.state.busy = False
-            if update.error:
+            if update.error and update.status.error_kind == "cost":
+                # refused before it started, for its estimated time: the page asks (cost_refusal's watcher)
+                self.state.error, self.state.status = update.error, f"{update.action}: not started (estimated too long)"
+                self.state.cost_refusal = update.error
+            elif update.error:
                 error = update.error
                 if update.action == "uncertainty":  # the engine's message may not say which source failed
                     error = f"uncertainty (sources: {self._sources}): {error}"
@@ -685,6 +734,8 @@ class ViewerApp:
         ctrl.counterfactual = act(self.counterfactual)
         ctrl.show_counterfactual = act(self.show_counterfactual)
         ctrl.cancel = act(self.cancel)
+        ctrl.confirm_long = act(self.confirm_long)
+        server.trigger("confirm_long")(ctrl.confirm_long)  # called by the page once the user confirmed
         ctrl.jump_to_lesion = act(self.jump_to_lesion)
         server.trigger("jump_to_lesion")(ctrl.jump_to_lesion)  # called by name from the table's rows
 
@@ -704,6 +755,13 @@ class ViewerApp:
                 v3.VProgressLinear(model_value=("progress",), v_show=("busy",), style="max-width:220px",
                                    classes="mx-2", height=8, id="segxai-progress")
                 html.Span("{{ status }}", id="segxai-status", classes="mx-2 text-caption")
+                html.Span("{{ estimate }}", v_show=("busy && estimate",), id="segxai-estimate",
+                          classes="mx-2 text-caption", style="max-width:360px")
+                # a refusal for the estimated time: ask, and run the same request again confirmed
+                client.ClientStateChange(
+                    value="cost_refusal",
+                    change="cost_refusal && utils.get('window').confirm(cost_refusal + ' -- Run it anyway?') "
+                           "&& trigger('confirm_long')")
                 v3.VBtn("Cancel", click=ctrl.cancel, id="segxai-cancel", disabled=("!busy",))
             with layout.content:
                 with html.Div(style="display:flex;height:calc(100vh - 90px);"):
