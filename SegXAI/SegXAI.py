@@ -1194,6 +1194,8 @@ class SegXAITest(ScriptedLoadableModuleTest):
         self.assertIn(logic.case.qa.band.upper(), widget.ui.riskBandLabel.text)
 
         self.delayDisplay("What would change the model's mind about lesion 1")
+        from SegXAILib.sample_data import bundled_model_card
+
         widget.ui.counterfactualGeneratorsPathLineEdit.currentPath = str(bundled_model_card("lesions").parent
                                                                           / "counterfactual" / "generators.pt")
         widget.ui.instanceSpinBox.value = 1
