@@ -164,6 +164,35 @@ def test_mean_and_max_equal_a_loop_of_single_voxel_gradients(unet_case):
         assert close(maximum, max_ref), batch_size
 
 
+def test_max_holds_the_kernels_channels_last_only_during_the_call(unet_case):
+    """On the CPU the batched backwards run with the 3-D kernels channels-last (faster oneDNN
+    kernels); afterwards, or after a cancel, every parameter is its own tensor again."""
+    model, x, mask, forward = unet_case
+    channels_last = torch.channels_last_3d
+    before = [(p, p.data_ptr(), p.stride(), p.detach().clone()) for p in model.network.parameters()]
+    # a 3-D convolution whose kernel is not channels-last already (one input channel would be both)
+    conv = next(m for m in model.network.modules()
+                if isinstance(m, torch.nn.Conv3d) and not m.weight.is_contiguous(memory_format=channels_last))
+    seen: list[bool] = []
+    handle = conv.register_forward_hook(
+        lambda module, args, output: seen.append(module.weight.is_contiguous(memory_format=channels_last)))
+    token = CancelToken()
+    try:
+        instance_smoothgrad(forward, x, n_samples=1, aggregation="max", batch_size=2, seed=3)
+        assert seen and all(seen)
+        seen.clear()
+        # cancelled between batches (after the first), inside the channels-last stretch
+        with pytest.raises(Cancelled):
+            instance_smoothgrad(forward, x, n_samples=1, aggregation="max", batch_size=2, seed=3,
+                                progress=lambda f, m: token.cancel(), cancel=token)
+        assert seen and all(seen)
+    finally:
+        handle.remove()
+    for (parameter, pointer, stride, values), now in zip(before, model.network.parameters()):
+        assert now is parameter and now.data_ptr() == pointer and now.stride() == stride
+        assert torch.equal(now.detach(), values)
+
+
 def test_mean_is_smoothgrad_of_the_instance_over_its_size(unet_case):
     _, x, mask, forward = unet_case
     ours = instance_smoothgrad(forward, x, n_samples=3, noise_level=0.2, aggregation="mean", batch_size=2, seed=9)

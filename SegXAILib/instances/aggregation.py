@@ -12,16 +12,20 @@ With ``L`` the instance's voxels, ``c`` its class (``f_c`` its logit, output cha
   max. Exact: one forward per noise sample through the windows that touch ``L``
   (:func:`torch.func.vjp`), then the per-voxel gradients as batched vector-Jacobian products of
   that one forward (:func:`torch.func.vmap` over ``batch_size`` one-hot cotangents at a time).
-  Cost: ``n`` forwards and ``n |L|`` single-voxel backwards. When ``L`` touches more than
-  ``forward.max_graph_windows`` windows, the forward's graph would not fit that budget: the
-  gradients then come from replica batches instead (the noisy input replicated ``b`` times,
-  replica ``j``'s scalar the logit of its voxel ``i_j``, one forward and backward per batch over
-  the windows that touch the batch's voxels).
+  Cost: ``n`` forwards and ``n |L|`` single-voxel backwards. On the CPU the networks' 3-D
+  kernels are held channels-last meanwhile (:func:`_channels_last_weights`): a batch of
+  backwards then runs oneDNN's channels-last convolutions, 1.5-2x faster than the default
+  layout's for a segmentation U-Net (the same values to float32 rounding). When ``L``
+  touches more than ``forward.max_graph_windows`` windows, the forward's graph would not fit
+  that budget: the gradients then come from replica batches instead (the noisy input
+  replicated ``b`` times, replica ``j``'s scalar the logit of its voxel ``i_j``, one forward
+  and backward per batch over the windows that touch the batch's voxels).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -42,6 +46,36 @@ AGGREGATIONS = ("mean", "max")
 def _noisy(inputs: torch.Tensor, k: int, sigma: float, seed: Optional[int]) -> torch.Tensor:
     """``x + e_k`` ``(C, D, H, W)``, the draw SmoothGrad makes for sample ``k``."""
     return inputs[0] + seeded_normal(inputs.shape[1:], seed, k, inputs.device, inputs.dtype) * sigma
+
+
+@contextlib.contextmanager
+def _channels_last_weights(networks: Sequence[torch.nn.Module], device: torch.device) -> Iterator[None]:
+    """On the CPU, the networks' 5-D weights (3-D convolution kernels) in the channels-last
+    memory layout for the duration, then their own layout back (the same values).
+
+    Why: a batch of input gradients (``b`` cotangents, ``b`` replicas) of a 3-D convolution
+    runs oneDNN's channels-last kernels when the weight is channels-last, several times faster
+    on the CPU than the default layout's kernels for the few-channel full-resolution layers of
+    a segmentation network (2 -> 2 channels at 48^3, 4 items, one thread: about 30 ms per item
+    down to about 5). Only the strides change: every result is the same to float32 rounding.
+    Other devices are left as they are (cuDNN picks its own layouts).
+    """
+    if device.type != "cpu":
+        yield
+        return
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        for network in networks:
+            for tensor in list(network.parameters()) + list(network.buffers()):
+                # a tensor shared by two members is channels-last by its second visit
+                if tensor.dim() != 5 or tensor.is_contiguous(memory_format=torch.channels_last_3d):
+                    continue
+                saved.append((tensor, tensor.data))
+                tensor.data = tensor.data.contiguous(memory_format=torch.channels_last_3d)
+        yield
+    finally:
+        for tensor, data in reversed(saved):
+            tensor.data = data
 
 
 def instance_smoothgrad(
@@ -108,11 +142,30 @@ def instance_smoothgrad(
     batch_size = memory_batch_size(forward, inputs, batch_size, n_samples * size, "instance saliency (max)", cap=8,
                                    whole_graph=True)
     windows = len(forward.windowed.windows_for(target.mask.cpu()))
-    if windows <= max(forward.window_batch, forward.max_graph_windows):
-        return _max_by_shared_forward(forward, inputs, voxels, channel, n_samples, sigma, batch_size, seed,
-                                      progress, cancel)
+    with _channels_last_weights(forward.networks, inputs.device):
+        if windows <= max(forward.window_batch, forward.max_graph_windows):
+            return _max_by_shared_forward(forward, inputs, voxels, channel, n_samples, sigma, batch_size, seed,
+                                          progress, cancel)
+        return _max_by_replicas(forward, inputs, voxels, channel, n_samples, sigma, batch_size, seed, progress,
+                                cancel)
 
-    # max by replicas: terms (k, voxel) in sample-major order, batch_size replicas per backward
+
+def _max_by_replicas(
+    forward: SegmentationForward,
+    inputs: torch.Tensor,
+    voxels: torch.Tensor,
+    channel: int,
+    n_samples: int,
+    sigma: float,
+    batch_size: int,
+    seed: Optional[int],
+    progress: Optional[ProgressCallback],
+    cancel: Optional[CancelToken],
+) -> torch.Tensor:
+    """Eq. 3 by replica batches (see the module docstring), when the windows of ``L`` are too
+    many for one forward's graph."""
+    size = voxels.shape[0]
+    # terms (k, voxel) in sample-major order, batch_size replicas per backward
     terms = n_samples * size
     running: dict[int, torch.Tensor] = {}  # sample k -> running max over its voxels done so far
     noisy: dict[int, torch.Tensor] = {}
@@ -173,14 +226,19 @@ def _max_by_shared_forward(
         with torch.enable_grad():
             logits, pullback = vjp(lambda z: forward.windowed(z, support, forward.window_batch), noisy)
         running: Optional[torch.Tensor] = None
+        # one buffer of one-hot cotangents per sample: its ones are set, used, then cleared
+        # (the pullback keeps no reference), instead of a volume-sized fill per batch
+        buffer = torch.zeros((min(batch_size, size), *logits.shape), dtype=logits.dtype, device=logits.device)
         for start in range(0, size, batch_size):
             if cancel is not None:
                 cancel.raise_if_cancelled()
             index = voxels[start:start + batch_size].to(logits.device)
             rows = torch.arange(index.shape[0], device=logits.device)
-            cotangents = torch.zeros((index.shape[0], *logits.shape), dtype=logits.dtype, device=logits.device)
-            cotangents[rows, 0, channel, index[:, 0], index[:, 1], index[:, 2]] = 1
+            cotangents = buffer[:index.shape[0]]
+            ones = (rows, 0, channel, index[:, 0], index[:, 1], index[:, 2])
+            cotangents[ones] = 1
             (gradients,) = vmap(pullback)(cotangents)  # (b, 1, C, D, H, W)
+            cotangents[ones] = 0
             batch_max = gradients[:, 0].detach().amax(dim=0)
             running = batch_max if running is None else torch.maximum(running, batch_max)
             report(progress, (k * size + start + index.shape[0]) / (n_samples * size), "instance saliency (max)")

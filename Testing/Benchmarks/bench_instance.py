@@ -18,7 +18,8 @@ Compared (each timing and memory measurement in a fresh subprocess, on CPU):
 
 * ``ours``: :func:`SegXAILib.instances.instance_smoothgrad` with ``aggregation="max"`` and
   ``batch_size`` = B: one forward per noise sample, then batched vector-Jacobian products of it,
-  B one-voxel cotangents per ``torch.func.vmap`` call.
+  B one-voxel cotangents per ``torch.func.vmap`` call, with the network's 3-D kernels held
+  channels-last during the call on the CPU (oneDNN's channels-last kernels for the batch).
 * ``loop``: the per-voxel reference: for every noise sample (the same draws) and every voxel of
   the instance one backward through ``SegmentationForward`` with a ``VoxelTarget``, folded into
   a running max, averaged over the samples. For instances above ``--loop-subset`` voxels the
@@ -30,13 +31,17 @@ Time: the fastest of up to 3 runs in the subprocess (repeated only while under 2
 after a warm-up with the timed batch shape (on CUDA, synchronised). Peak memory: on the CPU the
 growth of the subprocess's maximum resident set size over its value after the model and input
 were built (``bench_attribution._max_rss_mb``); on CUDA ``torch.cuda.max_memory_allocated`` over
-the allocation before the timed runs.
+the allocation before the timed runs. The machine's load average at the start and the end goes
+with the results (``machine``): on a shared machine the ratios of one run are what compare.
+Threads: PyTorch's default (one per core) unless ``OMP_NUM_THREADS`` says otherwise; a loaded
+machine makes multi-threaded timings erratic, ``OMP_NUM_THREADS=1`` keeps them comparable.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -165,8 +170,17 @@ def measure(spec: dict[str, Any], save: Path | None = None) -> dict[str, Any]:
         return json.loads(result.read_text(encoding="utf-8"))
 
 
+def _load() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages (a shared machine skews every timing), if known."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):  # not on Windows
+        return None
+
+
 def benchmark(params: dict[str, Any], log=print) -> dict[str, Any]:
     rows = []
+    load_start = _load()
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         for voxels in params["voxels"]:
@@ -205,8 +219,17 @@ def benchmark(params: dict[str, Any], log=print) -> dict[str, Any]:
         "params": params,
         "rows": rows,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+                    "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                    "load_average_start": load_start, "load_average_end": _load()},
     }
+
+
+def _load_note(machine: dict[str, Any]) -> str:
+    start, end = machine.get("load_average_start"), machine.get("load_average_end")
+    if not start or not end:
+        return ""
+    return (f" Load average (1 min) {start[0]} at the start, {end[0]} at the end, on {machine.get('cpus')} CPUs: "
+            "the machine's other work slows every timing; the ratios of one run are what compare.")
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -219,7 +242,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"architecture, random weights) on a {p['size']}^3 two-channel volume, one window; "
         f"n_samples = {p['n_samples']}, noise_level = {p['noise_level']}, seed = {p['seed']}. "
         + ("Peak = CUDA max allocated during the timed runs, in a fresh process." if results.get("gpu") else
-         "Peak = growth of max RSS in a fresh process."),
+         "Peak = growth of max RSS in a fresh process.")
+        + _load_note(results["machine"]),
         "",
         "| instance voxels | batch | ours (s) | loop (s) | speedup | ours peak (MB) | loop peak (MB) | max abs diff | compared on |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
