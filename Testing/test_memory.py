@@ -331,10 +331,15 @@ def test_time_limit_refuses_instance_max_aggregation_naming_mean(forward_and_inp
     lesion = torch.zeros(x.shape[2:], dtype=torch.bool)
     lesion[4:7, 6:9, 3:5] = True  # 18 voxels
     forward = make_forward(tiny_unet(), tuple(x.shape[2:]), InstanceTarget(1, lesion, instance_id=1), patch=(16, 16, 16))
+    seen = []
     with cost_limit(0.001), pytest.raises(SegXAICostRefused) as refused:
-        instance_smoothgrad(forward, x, n_samples=3, aggregation="max")
+        instance_smoothgrad(forward, x, n_samples=3, aggregation="max", progress=lambda f, m="": seen.append((f, m)))
     # one term per noise sample and voxel of the instance
     assert refused.value.items == 3 * 18
+    # one window: the shared-forward path, refused on its own measurement (first forward and VJP
+    # batch) before any batch is counted done; its estimate names that measurement
+    assert seen == []
+    assert "measured on the first forward and VJP batch" in refused.value.estimate
     assert 'aggregation "mean"' in str(refused.value) and "n_samples" in str(refused.value)
 
 

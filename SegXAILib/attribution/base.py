@@ -169,12 +169,16 @@ def memory_batch_size(
     name: str = "batch_size",
     progress: Optional[ProgressCallback] = None,
     whole_graph: bool = False,
+    check_time: bool = True,
 ) -> int:
     """The batch size of ``total`` gradient samples of ``forward`` on ``inputs``: ``requested``
     checked against the free memory, or with 0 (auto) the largest that fits, at most ``cap``
     (:func:`~SegXAILib.models.memory.fit_batch`, from one measured window pass). ``whole_graph``:
     the items are replicas run through the windowed forward with their whole graph (per-voxel
     and instance-max aggregation), not :meth:`SegmentationForward.gradient` samples.
+    ``check_time=False``: the caller checks the time itself from a measurement of its own
+    items (instance max by batched VJPs of one shared forward, whose items cost a fraction
+    of a window pass).
 
     The estimate (memory of a batch, time of the whole) is logged (logger ``SegXAILib.memory``,
     the record's ``segxai_estimate``: its fields) and reported as the progress message, so that
@@ -200,12 +204,20 @@ def memory_batch_size(
     batch, seconds = min(size, total), cost.seconds * total
     text = estimate_text(f"{what}: {total} sample(s) x {cost.passes} window pass(es)", batch, per_item, 0, seconds)
     note_estimate(text)
-    check_cost(f"{what}: {total} sample(s) x {cost.passes} window pass(es)", seconds, batch * per_item, total, text,
-               _SMALLER.get(what, _SMALLER[""]))
-    _LOG.info(text, extra={"segxai_estimate": {"text": text, "seconds": round(seconds, 3),
-                                               "bytes": int(batch * per_item), "items": int(total)}})
+    if check_time:
+        check_cost(f"{what}: {total} sample(s) x {cost.passes} window pass(es)", seconds, batch * per_item, total,
+                   text, _SMALLER.get(what, _SMALLER[""]))
+    log_estimate(text, seconds, batch * per_item, total) if check_time else _LOG.info(text)
     report(progress, 0.0, text)
     return size
+
+
+def log_estimate(text: str, seconds: float, memory_bytes: float, items: int) -> None:
+    """Log a computation's estimate (logger ``SegXAILib.memory``; the record's
+    ``segxai_estimate`` holds its fields): the CLI prints it and the engine sends it as an
+    ``estimate`` event before the computation's long part."""
+    _LOG.info(text, extra={"segxai_estimate": {"text": text, "seconds": round(seconds, 3),
+                                               "bytes": int(memory_bytes), "items": int(items)}})
 
 
 #: how to make a computation (by its ``what``) smaller when it is refused for its time

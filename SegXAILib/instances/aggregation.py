@@ -25,13 +25,14 @@ With ``L`` the instance's voxels, ``c`` its class (``f_c`` its logit, output cha
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
 import torch
 
-from ..attribution.base import check_inputs, memory_batch_size
+from ..attribution.base import check_inputs, log_estimate, memory_batch_size
 from ..attribution.forward import SegmentationForward
 from ..attribution.gradient import noise_sigma, seeded_normal
 from ..attribution.targets import RegionTarget
@@ -139,11 +140,14 @@ def instance_smoothgrad(
 
     channel = int(target.channel)  # the class's logit channel (c - 1 for a sigmoid model)
     # a replica, or a batched VJP's cotangent, holds about one whole graph of the windows of L
-    batch_size = memory_batch_size(forward, inputs, batch_size, n_samples * size, "instance saliency (max)", cap=8,
-                                   whole_graph=True)
     windows = len(forward.windowed.windows_for(target.mask.cpu()))
+    shared = windows <= max(forward.window_batch, forward.max_graph_windows)
+    # the shared-forward path's items (batched VJPs) cost a fraction of a window pass: it checks
+    # the time limit itself, from its first measured forward and VJP batch
+    batch_size = memory_batch_size(forward, inputs, batch_size, n_samples * size, "instance saliency (max)", cap=8,
+                                   whole_graph=True, check_time=not shared)
     with _channels_last_weights(forward.networks, inputs.device):
-        if windows <= max(forward.window_batch, forward.max_graph_windows):
+        if shared:
             return _max_by_shared_forward(forward, inputs, voxels, channel, n_samples, sigma, batch_size, seed,
                                           progress, cancel)
         return _max_by_replicas(forward, inputs, voxels, channel, n_samples, sigma, batch_size, seed, progress,
@@ -221,10 +225,14 @@ def _max_by_shared_forward(
     support[tuple(voxels.T)] = True
     size = voxels.shape[0]
     total = torch.zeros_like(inputs)
+    started = time.perf_counter()
+    forward_seconds = 0.0
     for k in range(n_samples):
         noisy = _noisy(inputs, k, sigma, seed)[None]
         with torch.enable_grad():
             logits, pullback = vjp(lambda z: forward.windowed(z, support, forward.window_batch), noisy)
+        if k == 0:
+            forward_seconds = time.perf_counter() - started
         running: Optional[torch.Tensor] = None
         # one buffer of one-hot cotangents per sample: its ones are set, used, then cleared
         # (the pullback keeps no reference), instead of a volume-sized fill per batch
@@ -241,10 +249,42 @@ def _max_by_shared_forward(
             cotangents[ones] = 0
             batch_max = gradients[:, 0].detach().amax(dim=0)
             running = batch_max if running is None else torch.maximum(running, batch_max)
+            if k == 0 and start == 0:  # measured: refused now if the whole is over the time limit
+                _check_shared_forward_time(forward_seconds, time.perf_counter() - started - forward_seconds,
+                                           n_samples, size, batch_size,
+                                           batch_size * forward.gradient_cost(inputs).graph_bytes)
             report(progress, (k * size + start + index.shape[0]) / (n_samples * size), "instance saliency (max)")
         assert running is not None
         total[0] += running
     return total / n_samples
+
+
+def _check_shared_forward_time(
+    forward_seconds: float,
+    batch_seconds: float,
+    n_samples: int,
+    size: int,
+    batch_size: int,
+    memory_bytes: float,
+) -> None:
+    """The time of the shared-forward max from its first forward and first VJP batch
+    (``n_samples`` forwards, ``n_samples * ceil(size / batch_size)`` VJP batches): logged (the
+    front ends show it; not a progress report, which counts batches) and refused over the time
+    limit in force (:func:`~SegXAILib.models.memory.check_cost`)."""
+    from ..models.memory import check_cost, format_bytes, note_estimate
+
+    batches = -(-size // batch_size)
+    seconds = n_samples * (forward_seconds + batches * batch_seconds)
+    what = f"instance saliency (max): {n_samples * size} sample(s) x voxel, {n_samples} forward(s) + batched VJPs"
+    duration = f"{seconds / 60:.0f} min" if seconds >= 120 else (f"{seconds:.0f} s" if seconds >= 1 else
+                                                                   "under a second")
+    text = (f"{what}: batch {batch_size}, about {format_bytes(memory_bytes)} and {duration} (measured on the first "
+            "forward and VJP batch)")
+    note_estimate(text)
+    log_estimate(text, seconds, memory_bytes, n_samples * size)
+    check_cost(what, seconds, memory_bytes, n_samples * size, text,
+               'aggregation "mean" (one backward per noise sample instead of one per sample and voxel of the '
+               "instance), or fewer samples (n_samples)")
 
 
 def instance_saliency(
