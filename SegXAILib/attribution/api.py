@@ -1,10 +1,12 @@
 """Explaining one case: input image + model + method + target -> maps on the input grid.
 
-:func:`explain` preprocesses the image onto the model grid, predicts once (to resolve class and
-instance targets), runs the method through the window-exact forward, and maps the result back
-onto the input grid (one map per input channel), with metadata (method, parameters, target,
-seed, timings, model checksum). Attributions are taken with respect to the network's input,
-i.e. the preprocessed (normalised) intensities, then placed on the input grid.
+:func:`explain` preprocesses the image onto the model grid, predicts once when the target needs
+it (class targets, and instance targets without the case's prediction; region, voxel and
+threshold targets never do), runs the method through the window-exact forward, and maps the
+result back onto the input grid (one map per input channel), with metadata (method,
+parameters, target, seed, timings, model checksum). Attributions are taken with respect to
+the network's input, i.e. the preprocessed (normalised) intensities, then placed on the input
+grid.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from .forward import SegmentationForward
 from .registry import check_params, get_method
 from .targets import ClassTarget, ClassThresholdTarget, InstanceTarget, RegionTarget, Target, VoxelTarget
 
-__all__ = ["TargetSpec", "AttributionResult", "explain", "prepare_target", "instance_labels"]
+__all__ = ["TargetSpec", "AttributionResult", "explain", "prepare_target", "instance_labels", "PREDICTION_TARGETS"]
 
 
 @dataclass
@@ -124,6 +126,11 @@ class AttributionResult:
         }
 
 
+#: the target kinds resolved from the case's prediction (its class masks); the others (region,
+#: voxel, class_threshold) need no prediction
+PREDICTION_TARGETS = ("class", "instance")
+
+
 def instance_labels(mask: np.ndarray) -> np.ndarray:
     """Connected components (26-connectivity) of a boolean mask, numbered 1.. by decreasing size."""
     from scipy import ndimage
@@ -143,10 +150,13 @@ def _model_grid_mask(mask: np.ndarray, image: Image, card) -> torch.Tensor:
 
 
 def _resolve_target(spec: TargetSpec, image: Image, model: LoadedModel, x: torch.Tensor, model_affine: np.ndarray,
-                    masks: torch.Tensor) -> Target:
+                    masks: Optional[torch.Tensor]) -> Target:
     """The model-grid target of ``spec``; ``masks`` ``(K, D, H, W)`` bool are the prediction's
-    class masks on the model grid (:func:`~SegXAILib.models.inference.class_masks`)."""
+    class masks on the model grid (:func:`~SegXAILib.models.inference.class_masks`), needed
+    only by the kinds in :data:`PREDICTION_TARGETS` (None for the others)."""
     card = model.card
+    if spec.kind in PREDICTION_TARGETS and masks is None:
+        raise ValueError(f"target {spec.kind}: the prediction's class masks are needed")
     c = spec.class_index(card.class_names)
     channel = card.output_channel(c)  # a sigmoid model's background has none: refused here, named
     if spec.kind == "class":
@@ -229,6 +239,9 @@ def prepare_target(
     """The model-grid input ``x`` ``(1, C, D, H, W)``, its IJK-to-RAS matrix and the resolved
     target, from ``prediction``'s model-grid class masks or, without it, one prediction here.
 
+    Only class and instance targets (:data:`PREDICTION_TARGETS`) need the prediction: for
+    the others none is made (a given ``prediction`` is still checked).
+
     The class masks are :func:`~SegXAILib.models.inference.class_masks`: the argmax's for a
     softmax model, ``probability > 0.5`` per foreground class for a sigmoid (multi-label)
     model, so that a class or instance target of one structure holds the voxels it shares with
@@ -239,9 +252,13 @@ def prepare_target(
     spec = TargetSpec.parse(target) if isinstance(target, str) else target
     card, device = model.card, model.device
     x, model_affine = model_input(image, card, device)
-    if prediction is not None:
+    # region, voxel and threshold targets (and an unknown kind, refused by _resolve_target) do
+    # not read the prediction: predicting the whole volume would cost more than the attribution
+    # of a small target itself (it runs only the windows the target touches)
+    masks: Optional[torch.Tensor] = None
+    if prediction is not None:  # checked whatever the target (cheap: no network call)
         masks = _prediction_masks(prediction, image, card, tuple(x.shape[2:]))
-    else:
+    elif spec.kind in PREDICTION_TARGETS:
         with torch.no_grad():
             from ..models.windows import WindowedForward
 
@@ -285,7 +302,9 @@ def explain(
         CUDA. Without it the attribution runs in exact float32 (TF32 off on CUDA).
     prediction : Segmentation, optional
         The case's prediction by ``model`` (:func:`~SegXAILib.models.segment` of ``image``):
-        targets are resolved from its model-grid labels instead of predicting again.
+        class and instance targets are resolved from its model-grid labels instead of
+        predicting again (it is checked for every target). Region, voxel and threshold
+        targets need no prediction: without one, none is made.
     """
     method_class = get_method(method)
     params = check_params(method, params or {})
