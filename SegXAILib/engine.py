@@ -103,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="refuse an input that does not fit what the model card expects (overrides the settings)")
     parser.add_argument("--image-format", default=".nii.gz", choices=(".nii.gz", ".nrrd", ".mha"),
                         help="the case folder's image format (.nrrd keeps the geometry in float64)")
-    from .cli.common import cost_options
+    from .progress import cost_options
 
     cost_options(parser)  # --max-minutes, --confirm-long: the request's time limit
     parser.set_defaults(engine_lines=True)  # segxai's main leaves the estimate lines to the engine
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_engine(args: argparse.Namespace, stream: Optional[IO[str]] = None) -> int:
     """Run one case as the engine process does (signals included); returns the exit code."""
-    from .cli.common import cost_limit_seconds
+    from .progress import cost_limit_seconds
     from .image import SegXAIInputError
     from .progress import CancelToken, Cancelled, SegXAICostRefused, cost_limit
 
@@ -208,7 +208,7 @@ def run_engine(args: argparse.Namespace, stream: Optional[IO[str]] = None) -> in
             shutil.rmtree(created, ignore_errors=True)  # a refused run leaves no folder it made
         if kind == "cost":
             lines.emit(event="error", kind=kind, message=message, estimate=outcome["estimate"])
-            from .cli.common import CONFIRM_HINT
+            from .progress import CONFIRM_HINT
 
             print(f"segxai run: {message}; {CONFIRM_HINT}", file=sys.stderr)
         else:

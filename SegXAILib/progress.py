@@ -13,6 +13,7 @@ field of :class:`CancelToken`).
 
 from __future__ import annotations
 
+import argparse
 import contextvars
 import os
 import threading
@@ -22,7 +23,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 from .image import SegXAIInputError
 
 __all__ = ["ProgressCallback", "CancelToken", "Cancelled", "sub_progress", "report", "track", "cost_limit",
-           "current_cost_limit", "default_max_minutes", "SegXAICostRefused", "DEFAULT_MAX_MINUTES", "MAX_MINUTES_ENV"]
+           "current_cost_limit", "default_max_minutes", "SegXAICostRefused", "DEFAULT_MAX_MINUTES", "MAX_MINUTES_ENV", "cost_options", "cost_limit_seconds", "CONFIRM_HINT"]
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -168,3 +169,35 @@ class SegXAICostRefused(SegXAIInputError):
         """The estimate as JSON-ready fields (the engine's structured refusal)."""
         return {"what": self.what, "seconds": round(self.seconds, 3), "bytes": int(self.bytes), "items": self.items,
                 "limit_seconds": round(self.limit_seconds, 6), "text": self.estimate}
+
+
+# ---------------------------------------------------------------- the limit's command-line options
+# (here, below the CLI, because the engine process parses them too)
+
+#: what a refusal for the estimated time tells the user of a command
+CONFIRM_HINT = "to confirm: --confirm-long (or --max-minutes N to set the limit; 0: none)"
+
+
+def cost_options(command: argparse.ArgumentParser) -> None:
+    """``--max-minutes N`` and ``--confirm-long``: the time limit of the command's computations
+    (:func:`cost_limit`); segxai's main and the engine apply it."""
+    command.add_argument("--max-minutes", type=float, default=None, metavar="N",
+                         help="refuse, before it starts, a computation estimated (from one measured pass) to take "
+                              f"longer than N minutes; 0: no limit (default: ${MAX_MINUTES_ENV}, else "
+                              f"{DEFAULT_MAX_MINUTES:g})")
+    command.add_argument("--confirm-long", action="store_true",
+                         help="run computations whatever their estimated time (no limit; the estimate is still printed)")
+    command.set_defaults(cost_limited=True)
+
+
+def cost_limit_seconds(args: argparse.Namespace) -> Optional[float]:
+    """The time limit (seconds) of a command's computations: None without one (``--confirm-long``,
+    ``--max-minutes 0``, or a command without the options: batch and cohort jobs)."""
+    if not getattr(args, "cost_limited", False) or getattr(args, "confirm_long", False):
+        return None
+    minutes = getattr(args, "max_minutes", None)
+    if minutes is None:
+        minutes = default_max_minutes()
+    if not minutes >= 0:
+        raise SegXAIInputError(f"--max-minutes {minutes}: must be >= 0 (0: no limit)")
+    return 60.0 * float(minutes) or None

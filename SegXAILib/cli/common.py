@@ -7,17 +7,13 @@ import argparse
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 from ..image import SegXAIInputError
-from ..progress import ProgressCallback
+from ..progress import CONFIRM_HINT, ProgressCallback, cost_limit_seconds, cost_options  # noqa: F401 (re-exported)
 
 __all__ = ["progress_bar", "model_help", "device_option", "trust_option", "strict_option", "case_options", "case_card",
            "options_named", "load_case_model", "case_settings", "cost_options", "cost_limit_seconds", "CONFIRM_HINT"]
-
-#: what a refusal for the estimated time tells the user of a command
-CONFIRM_HINT = "to confirm: --confirm-long (or --max-minutes N to set the limit; 0: none)"
-
 
 @contextmanager
 def progress_bar(description: str, enabled: bool = True) -> Iterator[ProgressCallback]:
@@ -67,35 +63,6 @@ def case_options(command: argparse.ArgumentParser) -> None:
     cost_options(command)
     # a refused run of one case removes the output folder it made (segxai's main)
     command.set_defaults(one_case_output=True)
-
-
-def cost_options(command: argparse.ArgumentParser) -> None:
-    """``--max-minutes N`` and ``--confirm-long``: the time limit of the command's computations
-    (:func:`~SegXAILib.progress.cost_limit`); segxai's main applies it."""
-    from ..progress import DEFAULT_MAX_MINUTES, MAX_MINUTES_ENV
-
-    command.add_argument("--max-minutes", type=float, default=None, metavar="N",
-                         help="refuse, before it starts, a computation estimated (from one measured pass) to take "
-                              f"longer than N minutes; 0: no limit (default: ${MAX_MINUTES_ENV}, else "
-                              f"{DEFAULT_MAX_MINUTES:g})")
-    command.add_argument("--confirm-long", action="store_true",
-                         help="run computations whatever their estimated time (no limit; the estimate is still printed)")
-    command.set_defaults(cost_limited=True)
-
-
-def cost_limit_seconds(args: argparse.Namespace) -> Optional[float]:
-    """The time limit (seconds) of a command's computations: None without one (``--confirm-long``,
-    ``--max-minutes 0``, or a command without the options: batch and cohort jobs)."""
-    from ..progress import default_max_minutes
-
-    if not getattr(args, "cost_limited", False) or getattr(args, "confirm_long", False):
-        return None
-    minutes = getattr(args, "max_minutes", None)
-    if minutes is None:
-        minutes = default_max_minutes()
-    if not minutes >= 0:
-        raise SegXAIInputError(f"--max-minutes {minutes}: must be >= 0 (0: no limit)")
-    return 60.0 * float(minutes) or None
 
 
 def strict_option(command: argparse.ArgumentParser) -> None:
