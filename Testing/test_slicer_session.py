@@ -230,11 +230,15 @@ def test_cancel_ends_the_process_tree_and_the_session_stays_ready(model_card, tm
     # an instance map of 10^6 samples, one backward each: far longer than this test
     session.instance_map(1, settings(model_card, instances={"n_samples": 1000000, "batch_size": 1,
                                                             "aggregations": ["mean"]}))
-    deadline = time.monotonic() + 120
-    while session.poll().status.step != "instance maps" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    status = session.job.status
-    assert status.state == "running" and status.fraction > 0.0 and status.step == "instance maps"
+    try:
+        deadline = time.monotonic() + 120
+        while session.poll().status.step != "instance maps" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status = session.job.status
+        assert status.state == "running" and status.fraction > 0.0 and status.step == "instance maps"
+    except BaseException:
+        session.cancel()  # a failure here must not leave a job of 10^6 samples running after the test
+        raise
     pid = session.job.pid
     started = time.monotonic()
     session.cancel()
