@@ -19,6 +19,12 @@ JSON object per line on standard output:
 * ``{"event": "cancelled"}`` before exit 130
 * last, ``{"event": "done", "manifest": "/abs/DIR/case.json", "band": ..., "seconds": ...}``
 
+With ``--case DIR`` (a case folder an earlier run wrote from the same images with the same
+model card) the run starts from that folder's saved prediction instead of predicting again: only
+the steps after the prediction run (instance maps, counterfactuals, uncertainty; maps, QA and
+Agg2Exp need the model-grid prediction, not saved, and are refused). A folder of another model,
+other images, device or precision is an input error, never a silent second prediction.
+
 SIGINT and SIGTERM cancel the run: the computation sees the cancel token at its next check
 (a sliding window, a sample batch); if it has not returned within :data:`GRACE_S` seconds the
 process removes its temporary files and exits anyway, always with code 130 and no half-written
@@ -97,6 +103,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("settings", type=Path, help="CaseSettings JSON (see SegXAILib.pipeline.CaseSettings)")
     parser.add_argument("images", nargs="+", type=Path, help="one image per model input channel, in the card's order")
     parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    parser.add_argument("--case", type=Path, default=None,
+                        help="a case folder of the same model and images (written by an earlier run): its saved "
+                             "prediction is reused, only the steps after it run (instance maps, counterfactuals, "
+                             "uncertainty)")
     parser.add_argument("--reference", type=Path, default=None, help="reference label map on the input grid")
     parser.add_argument("--device", default=None, help="overrides the settings' device")
     parser.add_argument("--strict", action="store_true", default=None,
@@ -257,6 +267,7 @@ class _EstimateLines(logging.Handler):
 def _run(args: argparse.Namespace, progress, cancel) -> Path:
     from .io import check_output_dir, read_image
     from .pipeline import CaseSettings, load_case_model, read_case_images, resolve_model_card, run_case, write_case
+    from .pipeline.run import reuse_prediction, run_steps
     from .progress import sub_progress
 
     settings = CaseSettings.load(args.settings)
@@ -266,17 +277,46 @@ def _run(args: argparse.Namespace, progress, cancel) -> Path:
     if overrides:
         settings = CaseSettings.from_dict({**settings.to_dict(), **overrides}, "--device")  # strict: a flag, never wrong
     card = resolve_model_card(settings.model)
-    image = read_case_images(args.images, card, settings.resample_slices)
+    saved = None
+    if getattr(args, "case", None) is not None:
+        progress(0.0, "reading the saved case")
+        saved = _saved_case(args.case, args.images, card)
+    image = saved.image if saved is not None else read_case_images(args.images, card, settings.resample_slices)
     reference = read_image(args.reference) if args.reference is not None else None
     # checked, not made: write_case makes it with the first file, after every input check passed
     out = check_output_dir(args.out)
-    progress(0.0, "loading the model")
+    # with a saved case, its reading (checksums verified) is the share a prediction would have
+    start = 0.0 if saved is None else 0.05
+    progress(start, "loading the model")
     model = load_case_model(settings)
-    case = run_case(image, model, settings, reference=reference, progress=sub_progress(progress, 0.0, 0.97),
-                    cancel=cancel)
+    if saved is None:
+        case = run_case(image, model, settings, reference=reference, progress=sub_progress(progress, 0.0, 0.97),
+                        cancel=cancel)
+    else:
+        # the saved prediction, checked to be this model's on these inputs: no second prediction
+        case = reuse_prediction(saved, model, settings, reference)
+        case.notes.append(f"segment: the prediction of {Path(args.case).resolve()} reused")
+        run_steps(case, model, progress=sub_progress(progress, start, 0.97), cancel=cancel)
     progress(0.97, "writing")
     return write_case(case, out, cancel=cancel, suffix=args.image_format,
                       inputs=dict(zip(card.input_channels, args.images)))
+
+
+def _saved_case(folder: Path, images: Sequence[Path], card):
+    """The case folder ``folder`` read back (checksums verified), after checking that it was run
+    with ``card`` (checksum) on ``images`` (the files its manifest records, channel by channel)."""
+    from .image import SegXAIInputError
+    from .pipeline import read_case, read_manifest
+
+    manifest = read_manifest(folder, verify=False)
+    recorded = manifest.get("model") or {}
+    if recorded.get("checksum") != card.checksum():
+        raise SegXAIInputError(f"case {folder}: run with model {recorded.get('name')!r} (checksum "
+                               f"{recorded.get('checksum')!r}), not {card.name!r} (checksum {card.checksum()!r})")
+    given = {channel: str(Path(path).resolve()) for channel, path in zip(card.input_channels, images)}
+    if len(images) != len(card.input_channels) or manifest.get("inputs") != given:
+        raise SegXAIInputError(f"case {folder}: run on the images {manifest.get('inputs')}, not on {given}")
+    return read_case(folder)  # verified: a changed file is refused, never read silently wrong
 
 
 def run_process(args: argparse.Namespace) -> int:

@@ -181,3 +181,76 @@ def test_the_time_limit_of_a_request(monkeypatch):
         limit()
     with pytest.raises(SegXAIInputError, match="--max-minutes"):
         limit("--max-minutes", "-1")
+
+
+def _events(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def test_a_click_run_from_a_saved_case_skips_the_prediction_and_gives_the_same_map(case, tmp_path):
+    """``--case DIR``: the run starts from the folder's saved prediction (no ``segment`` step, the
+    model never sees the whole volume) and its instance map and lesion table are bit for bit those
+    of a run that predicts anew; the saved labels and probabilities read back exactly as the
+    in-process prediction made them. A folder of another model or other images is refused."""
+    from SegXAILib.io import read_image
+    from SegXAILib.models import load_model, load_model_card
+    from SegXAILib.pipeline import predict, read_case
+
+    folder, card, image, truth = case
+    segment = settings_file(tmp_path, "segment.json", model=str(card), device="cpu", instances={"ids": []})
+    process = engine(segment, image, tmp_path / "segmented")
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    saved = tmp_path / "segmented"
+
+    # the round trip is exact: the labels and float32 probabilities as the model made them
+    model = load_model(load_model_card(card), device="cpu")
+    fresh = predict(read_image(image), model)
+    back = read_case(saved)
+    assert back.segmentation.labels.array.dtype == np.uint8
+    assert np.array_equal(back.segmentation.labels.array, fresh.labels.array)
+    assert np.array_equal(back.segmentation.labels.array[0] == 1, truth)
+    assert back.segmentation.probabilities.array.dtype == np.float32
+    assert np.array_equal(back.segmentation.probabilities.array[1:], fresh.probabilities.array[1:])
+
+    click = settings_file(tmp_path, "click.json", model=str(card), device="cpu",
+                          instances={"ids": [2], "n_samples": 2, "aggregations": ["mean"]})
+    reused = engine(click, image, tmp_path / "reused", "--case", str(saved))
+    stdout, stderr = reused.communicate(timeout=300)
+    assert reused.returncode == 0, stderr
+    steps = {line.get("step") for line in _events(stdout) if line["event"] == "progress"}
+    assert "instance maps" in steps and "segment" not in steps  # no whole-volume prediction
+    anew = engine(click, image, tmp_path / "anew")
+    stdout, stderr = anew.communicate(timeout=300)
+    assert anew.returncode == 0, stderr
+    assert "segment" in {line.get("step") for line in _events(stdout) if line["event"] == "progress"}
+    one, other = read_case(tmp_path / "reused"), read_case(tmp_path / "anew")
+    assert sorted(one.instance_maps) == [2] and sorted(other.instance_maps) == [2]
+    assert np.array_equal(one.instance_maps[2]["mean"].array, other.instance_maps[2]["mean"].array)
+    assert np.abs(one.instance_maps[2]["mean"].array).max() > 0  # a map, not two empty volumes
+    assert np.array_equal(one.instance_labels.array, other.instance_labels.array)
+    assert json.loads((tmp_path / "reused" / "lesions.json").read_text())["instances"] == \
+        json.loads((tmp_path / "anew" / "lesions.json").read_text())["instances"]
+    assert read_manifest(tmp_path / "reused")["inputs"] == read_manifest(saved)["inputs"]
+
+    # another model (same architecture, another threshold): refused, nothing predicted or written
+    other_card = write_voxelwise_card(tmp_path / "other", orientation=None, threshold=40.0, patch=(8, 8, 8))
+    wrong = settings_file(tmp_path, "wrong.json", model=str(other_card), device="cpu", instances={"ids": [1]})
+    process = engine(wrong, image, tmp_path / "wrong_model", "--case", str(saved))
+    stdout, stderr = process.communicate(timeout=300)
+    error = _events(stdout)[-1]
+    assert process.returncode == 2 and error["kind"] == "input" and "checksum" in error["message"]
+    assert not (tmp_path / "wrong_model").exists()
+    # other images: refused
+    copy = write_image(read_image(image), tmp_path / "copy.nii.gz")
+    process = engine(click, copy, tmp_path / "wrong_images", "--case", str(saved))
+    stdout, stderr = process.communicate(timeout=300)
+    error = _events(stdout)[-1]
+    assert process.returncode == 2 and error["kind"] == "input" and "images" in error["message"]
+    # steps that need the model-grid prediction: refused, not predicted again
+    maps = settings_file(tmp_path, "maps.json", model=str(card), device="cpu",
+                         methods=[{"method": "vanilla_gradient"}], instances={"ids": []})
+    process = engine(maps, image, tmp_path / "wrong_steps", "--case", str(saved))
+    stdout, stderr = process.communicate(timeout=300)
+    error = _events(stdout)[-1]
+    assert process.returncode == 2 and "settings.methods" in error["message"]

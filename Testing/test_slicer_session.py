@@ -146,6 +146,19 @@ def test_the_panel_flow_runs_in_engine_processes_and_shows_exact_nodes(model_car
     assert np.array_equal(ijk_to_ras(lesion), reference)
     red = scene.GetSingletonNode("Red", "vtkMRMLSliceNode").GetSliceToRAS()
     assert np.allclose([red.GetElement(r, 3) for r in range(3)], session.case.instances[1].centroid_ras)
+    # the click job started from the segmentation's saved prediction: no whole-volume prediction,
+    # and its map is bit for bit that of a job that predicts anew
+    jobs_dir = tmp_path / "jobs"
+    segmented = next(p for p in sorted(jobs_dir.iterdir()) if p.name.endswith("-segment")) / "case"
+    assert session.job.saved_case == segmented.resolve() and "--case" in session.job.command()
+    steps = {json.loads(line).get("step") for line in session.job.log_path.read_text().splitlines()}
+    assert "instance maps" in steps and "segment" not in steps
+    anew = EngineJob(session.job.settings, session.inputs, tmp_path / "anew", env=ENV).start()
+    assert anew.wait(300).state == "done"
+    assert "segment" in {json.loads(line).get("step") for line in anew.log_path.read_text().splitlines()}
+    # (the shown node is normalised for display: the job's case folders are compared)
+    mine, theirs = session.job.case().instance_maps[2]["mean"].array, anew.case().instance_maps[2]["mean"].array
+    assert np.abs(mine).max() > 0 and np.array_equal(mine, theirs)
     with pytest.raises(SegXAIInputError, match="instance 3"):
         session.instance_map(3, settings(model_card))
 
@@ -174,6 +187,7 @@ def test_the_panel_flow_runs_in_engine_processes_and_shows_exact_nodes(model_car
     assert mrml.table_node_columns(reopened.nodes.lesion_table)["voxels"] == [48, 12]
     reopened.instance_map(1, settings(model_card, instances={"n_samples": 1, "aggregations": ["mean"]}))
     assert finish(reopened).state == "done" and sorted(reopened.nodes.instance_saliency) == [1]
+    assert reopened.job.saved_case == session.job.case_dir.resolve()
 
 
 def test_uncertainty_runs_in_the_engine_and_shows_the_api_numbers(model_card, tmp_path):

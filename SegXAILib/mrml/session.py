@@ -16,7 +16,10 @@
 A failed or cancelled job leaves the session ready for the next action, with the reason in
 :attr:`SessionUpdate.error`. Every later action of a case reuses the input files its
 segmentation was run on, so each job sees the same voxels and makes the same prediction; a
-job whose prediction differs from the case's is refused rather than mixed in.
+job whose prediction differs from the case's is refused rather than mixed in. The jobs that need
+only the input-grid prediction (an instance map, a counterfactual, the uncertainty) start from the
+case folder of the segmentation (or of :meth:`~CaseSession.open`) instead of predicting again
+(the engine's ``--case``): a click on a lesion costs its map, not a whole-volume prediction.
 """
 
 from __future__ import annotations
@@ -153,6 +156,7 @@ class CaseSession:
         self._handled = True  # the end of the current job was seen (its results imported)
         self._dropped = False  # the scene closed while it ran: its results are not shown
         self._count = 0
+        self.saved_case: Optional[Path] = None  # the case folder whose prediction later jobs reuse
 
     # ---- state ------------------------------------------------------------------------------
     @property
@@ -163,6 +167,7 @@ class CaseSession:
     def forget(self) -> None:
         """Drop the case (the nodes stay in the scene)."""
         self.case, self.nodes, self.reference_volume, self.inputs, self._grid = None, None, None, [], None
+        self.saved_case = None
 
     def close(self) -> None:
         """The scene is closing: cancel a running job and forget the case."""
@@ -192,9 +197,25 @@ class CaseSession:
         self._count += 1
         return self.work_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{self._count:03d}-{action}"
 
-    def _launch(self, action: str, settings, show: dict, job_dir: Optional[Path] = None) -> EngineJob:
+    def _reusable(self, settings) -> Optional[Path]:
+        """The case folder whose saved prediction a job of ``settings`` can start from: the
+        segmentation's (or the opened one), when it was predicted as ``settings`` would predict
+        (model, device, precision, slice resampling); else None (the job predicts again)."""
+        case = self.case
+        if self.saved_case is None or case is None:
+            return None
+        before = case.settings
+        same = (settings.model == before.model and settings.device == before.device
+                and settings.precision.segmentation == before.precision.segmentation
+                and settings.resample_slices == before.resample_slices)
+        return self.saved_case if same else None
+
+    def _launch(self, action: str, settings, show: dict, job_dir: Optional[Path] = None,
+                reuse: bool = False) -> EngineJob:
+        """``reuse``: start from the case folder's saved prediction (:meth:`_reusable`)."""
+        saved = self._reusable(settings) if reuse else None
         job = EngineJob(settings, self.inputs, job_dir or self._job_dir(action), python=self.python or slicer_python(),
-                        image_format=".nrrd", env=self.env)
+                        image_format=".nrrd", env=self.env, case=saved)
         self.job, self.action, self._show, self._handled, self._dropped = job, action, show, False, False
         job.start()
         log.info("SegXAI: %s job started in %s (pid %s)", action, job.job_dir, job.pid)
@@ -240,6 +261,7 @@ class CaseSession:
         volumes = [image_to_volume_node(case.image, self.scene, f"{self.name} {channel}", channel=channel)
                    for channel in channels]
         self.case, self.inputs = case, [Path(recorded[channel]) for channel in channels]
+        self.saved_case = Path(case_dir).resolve()
         self.reference_volume, self._grid = volumes[0], case.image.ijk_to_ras.copy()
         self.nodes = show_case(self.scene, case, reference_volume=volumes[0], display=display, name=self.name)
         if not case.maps and not case.instance_maps:
@@ -268,7 +290,7 @@ class CaseSession:
         self._check_model(settings)
         instance_id = self._require_instance(instance_id)
         return self._launch("instance", _job_settings(settings, instances={"enabled": True, "ids": [instance_id]}),
-                            {"display": display, "opacity": opacity, "instance": instance_id})
+                            {"display": display, "opacity": opacity, "instance": instance_id}, reuse=True)
 
     def qa(self, settings) -> EngineJob:
         """The structure's QA: its risk band with ``settings.qa.risk_model``, else the EC curve
@@ -285,7 +307,8 @@ class CaseSession:
         uncertainty table and the lesion table's uncertainty columns."""
         self._require_idle()
         self._check_model(settings)
-        return self._launch("uncertainty", _job_settings(settings, uncertainty={"enabled": True}), {"opacity": opacity})
+        return self._launch("uncertainty", _job_settings(settings, uncertainty={"enabled": True}), {"opacity": opacity},
+                            reuse=True)
 
     def counterfactual(self, instance_id: int, settings, opacity: float = 0.5) -> EngineJob:
         """One lesion's counterfactual (paper 004) with ``settings.counterfactual.generators``:
@@ -295,7 +318,7 @@ class CaseSession:
         instance_id = self._require_instance(instance_id)
         chosen = _job_settings(settings, instances={"enabled": True},
                                counterfactual={"enabled": True, "ids": [instance_id], "click_ras": None})
-        return self._launch("counterfactual", chosen, {"opacity": opacity, "instance": instance_id})
+        return self._launch("counterfactual", chosen, {"opacity": opacity, "instance": instance_id}, reuse=True)
 
     def cancel(self) -> None:
         """End the running job's process tree (within :data:`~SegXAILib.pipeline.job.KILL_AFTER_S`)."""
@@ -357,6 +380,7 @@ class CaseSession:
             self.case = case
             self.nodes = show_case(scene, case, reference_volume=reference, display=show.get("display", "normalised"),
                                    name=self.name)
+            self.saved_case = self.job.case_dir.resolve()  # later jobs start from its prediction
             return
         self._same_prediction(case)
         current = self.case

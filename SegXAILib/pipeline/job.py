@@ -101,13 +101,17 @@ class JobStatus:
 
 def engine_command(python: str, settings_path: Path, images: Sequence[Path], case_dir: Path,
                    reference: Optional[Path] = None, device: Optional[str] = None,
-                   image_format: str = ".nrrd", max_minutes: Optional[float] = None) -> list[str]:
+                   image_format: str = ".nrrd", max_minutes: Optional[float] = None,
+                   case: Optional[Path] = None) -> list[str]:
     """The engine's command line (``python -m SegXAILib.engine SETTINGS IMAGE... --out DIR``);
-    ``max_minutes``: its ``--max-minutes`` (0: no limit; None: the engine's default)."""
+    ``max_minutes``: its ``--max-minutes`` (0: no limit; None: the engine's default); ``case``:
+    its ``--case`` (a saved case folder whose prediction the run reuses)."""
     command = [str(python), "-m", "SegXAILib.engine", str(settings_path), *[str(p) for p in images],
                "--out", str(case_dir), "--image-format", image_format]
     if max_minutes is not None:
         command += ["--max-minutes", repr(float(max_minutes))]
+    if case is not None:
+        command += ["--case", str(case)]
     if reference is not None:
         command += ["--reference", str(reference)]
     if device:
@@ -146,6 +150,10 @@ class EngineJob:
         The engine's time limit: a computation estimated to take longer is refused before it
         starts (:attr:`JobStatus.error_kind` ``cost``); 0: no limit (a confirmed run); None: the
         engine's default (``SEGXAI_MAX_MINUTES``, else 10).
+    case : path, optional
+        A finished case folder of the same model and ``images`` (an earlier job's ``case/``): the
+        engine reuses its saved prediction instead of predicting again (``--case``); a folder of
+        another model or other images fails the job with the reason.
 
     Examples
     --------
@@ -158,7 +166,8 @@ class EngineJob:
     def __init__(self, settings: CaseSettings, images: Sequence[Union[str, os.PathLike]],
                  job_dir: Union[str, os.PathLike], python: Optional[str] = None,
                  reference: Optional[Union[str, os.PathLike]] = None, image_format: str = ".nrrd",
-                 env: Optional[Mapping[str, str]] = None, max_minutes: Optional[float] = None) -> None:
+                 env: Optional[Mapping[str, str]] = None, max_minutes: Optional[float] = None,
+                 case: Optional[Union[str, os.PathLike]] = None) -> None:
         if not isinstance(settings, CaseSettings):
             raise SegXAIInputError(f"settings: expected CaseSettings, got {type(settings).__name__}")
         if image_format not in IMAGE_FORMATS:
@@ -178,6 +187,9 @@ class EngineJob:
         if max_minutes is not None and not float(max_minutes) >= 0:
             raise SegXAIInputError(f"max_minutes: expected minutes >= 0 (0: no limit), got {max_minutes}")
         self.max_minutes = max_minutes
+        self.saved_case = Path(case).resolve() if case is not None else None
+        if self.saved_case is not None and not (self.saved_case / "case.json").is_file():
+            raise SegXAIInputError(f"case: {case} is not a finished case folder (no case.json)")
         self.status = JobStatus()
         self.manifest: Optional[Path] = None
         self._process: Optional[subprocess.Popen] = None
@@ -207,7 +219,7 @@ class EngineJob:
     def command(self) -> list[str]:
         return engine_command(self.python, self.job_dir / "settings.json", self.images, self.case_dir,
                               reference=self.reference, image_format=self.image_format,
-                              max_minutes=self.max_minutes)
+                              max_minutes=self.max_minutes, case=self.saved_case)
 
     # ---- running ------------------------------------------------------------------------------
     def start(self) -> "EngineJob":

@@ -33,7 +33,7 @@ from .steps import (
     structure_index,
 )
 
-__all__ = ["run_case", "start_case", "add_maps", "add_instance_maps", "add_qa", "add_contour_qa", "add_agg2exp",
+__all__ = ["run_case", "start_case", "case_from_prediction", "reuse_prediction", "run_steps", "add_maps", "add_instance_maps", "add_qa", "add_contour_qa", "add_agg2exp",
            "add_uncertainty", "add_counterfactual"]
 
 
@@ -123,20 +123,90 @@ def start_case(
     card = model.card
     # before any work: a mismatch is a warning the case carries, or with settings.strict a refusal
     warnings = check_case_input(image, card, settings.strict)
-    class_index = structure_index(card, settings.class_name)
-    if reference is not None and (reference.num_channels != 1 or not reference.same_grid(image)):
-        raise SegXAIInputError("reference: expected one label map on the input image's grid")
+    structure_index(card, settings.class_name)  # a wrong class name is refused before the prediction
+    _check_reference(reference, image)
     timings: dict[str, float] = {}
     with _timed(timings, "segment"):
         segmentation = predict(image, model, settings, progress=_labelled(progress, "segment"), cancel=cancel)
+    return case_from_prediction(image, segmentation, settings, reference, warnings, timings)
+
+
+def _check_reference(reference: Optional[Image], image: Image) -> None:
+    if reference is not None and (reference.num_channels != 1 or not reference.same_grid(image)):
+        raise SegXAIInputError("reference: expected one label map on the input image's grid")
+
+
+def case_from_prediction(
+    image: Image,
+    segmentation,
+    settings: CaseSettings,
+    reference: Optional[Image] = None,
+    warnings: Optional[Sequence[str]] = None,
+    timings: Optional[dict] = None,
+) -> Case:
+    """A case of ``settings`` on a prediction already made (``segmentation``: labels
+    ``(1, I, J, K)``, probabilities ``(K, I, J, K)`` on ``image``'s grid): with
+    ``settings.instances.enabled`` its instances and lesion table (no instance maps yet)."""
+    class_index = structure_index(segmentation.card, settings.class_name)
+    _check_reference(reference, image)
+    timings = {} if timings is None else timings
     case = Case(image=image, settings=settings, segmentation=segmentation, class_index=class_index,
-                reference=reference, timings=timings, warnings=warnings)
+                reference=reference, timings=timings, warnings=list(warnings or []))
     if settings.instances.enabled:
         with _timed(timings, "instances"):
             labels, case.instances = find_case_instances(segmentation, class_index, settings.instances.min_voxels)
             case.instance_labels = image.with_array(labels.astype(np.int32)[None], ("instances",))
             case.lesions = lesion_rows(case)
     return case
+
+
+def reuse_prediction(
+    saved: Case,
+    model: LoadedModel,
+    settings: CaseSettings,
+    reference: Optional[Image] = None,
+) -> Case:
+    """A new case of ``settings`` on the prediction of ``saved`` (a case folder read back with
+    :func:`~SegXAILib.pipeline.read_case`), with no prediction made: the steps that need only
+    the input-grid prediction (instance maps, counterfactuals, uncertainty) then give what
+    :func:`run_case` gives, since the written labels and float32 probabilities read back
+    exactly. Maps, QA and Agg2Exp (their targets read the model-grid labels, not written) are
+    refused.
+
+    ``saved`` must have been predicted as ``settings`` and ``model`` would predict: the same
+    model card (checksum), device, ``precision.segmentation`` and ``resample_slices``; else
+    :class:`~SegXAILib.image.SegXAIInputError` (never a silent prediction of another model).
+    Its instances are found again under ``settings.instances`` (cheap: connected components)."""
+    card = resolve_model_card(settings.model)
+    if saved.card.checksum() != card.checksum() or model.card.checksum() != card.checksum():
+        raise SegXAIInputError(f"case: predicted with model {saved.card.name!r} (checksum {saved.card.checksum()!r}), "
+                               f"not settings.model {settings.model!r} ({card.name!r}, checksum {card.checksum()!r})")
+    if str(saved.device) != str(model.device):
+        raise SegXAIInputError(f"case: predicted on device {saved.device!r}, this run's model is on "
+                               f"{str(model.device)!r} (settings.device {settings.device!r}): predict again")
+    for name in ("precision.segmentation", "resample_slices"):
+        before = _setting(saved.settings, name)
+        if before != _setting(settings, name):
+            raise SegXAIInputError(f"case: predicted with {name} {before!r}, settings.{name} is "
+                                   f"{_setting(settings, name)!r}: predict again")
+    needs = [name for name, wanted in (("methods", bool(settings.methods)),
+                                       ("qa", bool(settings.qa.risk_model or settings.qa.method)),
+                                       ("agg2exp", settings.agg2exp.enabled)) if wanted]
+    if needs:
+        # their targets read the model-grid labels, which a case folder does not hold
+        raise SegXAIInputError(f"case: settings.{', settings.'.join(needs)} need the model-grid prediction, which a "
+                               "saved case does not hold: predict again")
+    # the input check of this run's settings (cheap); with settings.strict a refusal
+    warnings = check_case_input(saved.image, card, settings.strict)
+    case = case_from_prediction(saved.image, saved.segmentation, settings, reference, warnings)
+    return case
+
+
+def _setting(settings: CaseSettings, dotted: str):
+    value = settings
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def add_maps(
@@ -307,7 +377,28 @@ def run_case(
         Everything on the input grid; :func:`~SegXAILib.pipeline.write_case` writes it.
     """
     model = _check_model(model, settings)
-    shares = _weights(settings, _expected_instances(settings.instances))
+    segment_share = _weights(settings, _expected_instances(settings.instances))["segment"]
+    report(progress, 0.0, "segment")
+    case = start_case(image, model, settings, reference, sub_progress(progress, 0.0, segment_share), cancel)
+    return run_steps(case, model, rois, sub_progress(progress, segment_share, 1.0), cancel)
+
+
+def run_steps(
+    case: Case,
+    model: LoadedModel,
+    rois: Optional[Mapping[str, np.ndarray]] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> Case:
+    """Every step ``case.settings`` asks for after the prediction (maps, instance maps,
+    uncertainty, counterfactuals, QA, Agg2Exp), on ``case``'s prediction: what :func:`run_case`
+    runs after :func:`start_case`, or on a saved prediction (:func:`reuse_prediction`).
+    ``progress`` spans these steps alone; returns ``case``, extended."""
+    settings = case.settings
+    weights = _weights(settings, _expected_instances(settings.instances))
+    rest = 1.0 - weights["segment"]
+    # nothing after the prediction (rest 0): every step's share is empty
+    shares = {k: v / rest if rest > 0 else 0.0 for k, v in weights.items() if k != "segment"}
     position = [0.0]
 
     def share(step: str) -> Optional[ProgressCallback]:
@@ -315,8 +406,6 @@ def run_case(
         position[0] = min(1.0, start + shares[step])
         return sub_progress(progress, start, position[0])
 
-    report(progress, 0.0, "segment")
-    case = start_case(image, model, settings, reference, share("segment"), cancel)
     add_maps(case, model, None, share("maps"), cancel)
     if settings.instances.enabled:
         add_instance_maps(case, model, None, share("instances"), cancel)
