@@ -116,6 +116,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from .progress import cost_options
 
     cost_options(parser)  # --max-minutes, --confirm-long: the request's time limit
+    parser.add_argument("--exit-with-parent", action="store_true",
+                        help="cancel the run (as on SIGTERM) when the process that started it ends "
+                             "(front ends' engine jobs; a shell's `segxai run` keeps running under nohup)")
     parser.set_defaults(engine_lines=True)  # segxai's main leaves the estimate lines to the engine
     return parser
 
@@ -186,10 +189,15 @@ def run_engine(args: argparse.Namespace, stream: Optional[IO[str]] = None) -> in
             if signum is not None:
                 handlers[signum] = signal.signal(signum, on_signal)
     worker = threading.Thread(target=work, name="segxai-engine", daemon=True)
+    # the parent's pid now; once it ends the process is re-parented (to init or a subreaper)
+    parent = os.getppid() if getattr(args, "exit_with_parent", False) and hasattr(os, "getppid") else None
     try:
         worker.start()
         while worker.is_alive():
             worker.join(0.05)
+            if parent is not None and not signalled.is_set() and os.getppid() != parent:
+                print("segxai run: the process that started this run ended; cancelling", file=sys.stderr)
+                on_signal(signal.SIGTERM, None)
             if signalled.is_set():
                 worker.join(GRACE_S)
                 if worker.is_alive():

@@ -2,7 +2,8 @@
 manifest whose checksums hold, exit 2 on bad input with nothing written, SIGINT / SIGTERM
 ending the run within 2 s with exit 130 and no half-written file, and a computation estimated
 over the time limit refused with a structured reply (exit 2, nothing written), the same request
-confirmed giving the map the library gives with no limit."""
+confirmed giving the map the library gives with no limit; an engine whose front end died cancels
+itself (``--exit-with-parent``, what EngineJob passes)."""
 
 from __future__ import annotations
 
@@ -254,3 +255,52 @@ def test_a_click_run_from_a_saved_case_skips_the_prediction_and_gives_the_same_m
     stdout, stderr = process.communicate(timeout=300)
     error = _events(stdout)[-1]
     assert process.returncode == 2 and "settings.methods" in error["message"]
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (an ended child its new parent has not reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_an_engine_whose_front_end_died_cancels_itself(case, tmp_path):
+    folder, card, image, _ = case
+    settings = settings_file(tmp_path, "long.json", model=str(card), device="cpu",
+                             instances={"n_samples": 1_000_000, "batch_size": 1, "ids": [1]})
+    # a front end that starts the engine as EngineJob does, waits for the long step, then dies
+    launcher = """
+import json, subprocess, sys, time
+log = open(sys.argv[1], "w")
+engine = subprocess.Popen([sys.executable, "-m", "SegXAILib.engine", *sys.argv[2:]], stdout=log,
+                          stderr=subprocess.DEVNULL, start_new_session=True)
+deadline = time.monotonic() + 120
+while time.monotonic() < deadline and '"instance maps"' not in open(sys.argv[1]).read():
+    time.sleep(0.05)
+print(engine.pid, flush=True)
+"""
+    pids = {}
+    try:
+        for flag in ("--exit-with-parent", None):
+            log = tmp_path / f"{flag}.log"
+            command = [sys.executable, "-c", launcher, str(log), str(settings), str(image), "--out",
+                       str(tmp_path / f"out{len(pids)}"), "--max-minutes", "0", *([flag] if flag else [])]
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=180)
+            assert '"instance maps"' in log.read_text(), log.read_text()
+            pid = pids[flag] = int(done.stdout.split()[0])
+            deadline = time.monotonic() + 15  # a poll interval, the grace period and the exit
+            while _running(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if flag:  # the orphaned engine noticed and ended its run
+                assert not _running(pid), "the engine kept computing after its front end ended"
+                assert json.loads(log.read_text().splitlines()[-1])["event"] == "cancelled"
+            else:  # without the flag (a shell's nohup `segxai run`) it goes on
+                assert _running(pid)
+    finally:
+        for pid in pids.values():
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -106,8 +106,10 @@ def engine_command(python: str, settings_path: Path, images: Sequence[Path], cas
     """The engine's command line (``python -m SegXAILib.engine SETTINGS IMAGE... --out DIR``);
     ``max_minutes``: its ``--max-minutes`` (0: no limit; None: the engine's default); ``case``:
     its ``--case`` (a saved case folder whose prediction the run reuses)."""
+    # --exit-with-parent: a front end that dies (Slicer crashing, a killed viewer) leaves no engine
+    # computing for nobody in its own process group
     command = [str(python), "-m", "SegXAILib.engine", str(settings_path), *[str(p) for p in images],
-               "--out", str(case_dir), "--image-format", image_format]
+               "--out", str(case_dir), "--image-format", image_format, "--exit-with-parent"]
     if max_minutes is not None:
         command += ["--max-minutes", repr(float(max_minutes))]
     if case is not None:
