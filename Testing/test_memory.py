@@ -74,30 +74,6 @@ def test_saved_tensor_bytes_of_a_tiny_conv_net_equal_a_hand_count():
     assert cost.seconds > 0
 
 
-def test_a_network_pass_is_measured_once_per_window_shape():
-    from conftest import make_forward, tiny_unet
-    from SegXAILib.attribution import ClassTarget
-
-    network = tiny_unet()
-    calls = []
-    network.register_forward_hook(lambda module, args, output: calls.append(tuple(args[0].shape)))
-    shape = (12, 16, 10)
-    mask = torch.zeros(shape, dtype=torch.bool)
-    mask[3:9, 5:11, 2:7] = True
-    x = torch.randn((1, 1, *shape), generator=torch.Generator().manual_seed(2))
-    first = make_forward(network, shape, ClassTarget(1, mask), patch=(16, 16, 16)).gradient_cost(x)
-    assert calls == [(1, 1, 16, 16, 16)]  # one measured window pass
-    # another forward object (another map, a click) of the same network and window: no new pass
-    again = make_forward(network, shape, ClassTarget(1, mask), patch=(16, 16, 16)).gradient_cost(x)
-    assert calls == [(1, 1, 16, 16, 16)] and again == first
-    # another window shape is measured
-    make_forward(network, shape, ClassTarget(1, mask), patch=(8, 8, 8)).gradient_cost(x)
-    assert calls == [(1, 1, 16, 16, 16), (1, 1, 8, 8, 8)]
-    # the cached pass is the plain measurement
-    assert memory.measured_pass(network, torch.zeros(1, 1, 8, 8, 8)).bytes == measure_pass(
-        network, torch.zeros(1, 1, 8, 8, 8)).bytes
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_pass_peak_holds_at_least_the_saved_tensors():
     network = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3, padding=1), torch.nn.ReLU(),

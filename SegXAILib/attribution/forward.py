@@ -112,8 +112,7 @@ class SegmentationForward:
 
     def gradient_cost(self, x: torch.Tensor) -> GradientCost:
         """The memory and time of :meth:`gradient` per sample, from one measured window pass
-        (:func:`~SegXAILib.models.memory.measured_pass`: measured once per network and window
-        shape, then kept).
+        (:func:`~SegXAILib.models.memory.measure_pass`; measured once, then kept).
 
         Memory per sample: the graph of every pass when the whole graph is kept, else of one
         window batch through one network with its stacked flips; plus the volume-sized
@@ -122,12 +121,12 @@ class SegmentationForward:
         """
         if self._cost is not None:
             return self._cost
-        from ..models.memory import measured_pass
+        from ..models.memory import measure_pass
         from ..models.windows import PASS_BATCH_VOXELS, flip_groups
 
         windowed = self.windowed
         first = windowed.pad_input(x[:1].detach())[(slice(None), slice(None), *windowed.windows[0])]
-        measured = measured_pass(self.network, first, windowed.amp)
+        measured = measure_pass(self.network, first, windowed.amp)
         windows = len(windowed.windows_for(self.target.support))
         passes = windows * windowed.passes
         item = max(4, x.element_size())

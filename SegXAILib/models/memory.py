@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import resource
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Union
 
@@ -46,7 +45,7 @@ from ..image import SegXAIInputError
 from ..progress import (DEFAULT_MAX_MINUTES, MAX_MINUTES_ENV, SegXAICostRefused, cost_limit, current_cost_limit,
                         default_max_minutes)
 
-__all__ = ["available_memory", "saved_tensor_bytes", "measure_pass", "measured_pass", "PassCost", "fit_batch", "format_bytes",
+__all__ = ["available_memory", "saved_tensor_bytes", "measure_pass", "PassCost", "fit_batch", "format_bytes",
            "estimate_text", "note_estimate", "is_out_of_memory",
            "memory_refusal", "SAFETY", "AUTO", "SegXAICostRefused", "cost_limit", "current_cost_limit", "check_cost",
            "format_seconds", "default_max_minutes", "DEFAULT_MAX_MINUTES", "MAX_MINUTES_ENV"]
@@ -228,24 +227,6 @@ def measure_pass(network: Callable[[torch.Tensor], torch.Tensor], patch: torch.T
     else:
         peak = saved + output.numel() * output.element_size() + gradient.numel() * gradient.element_size() + 2 * largest
     return PassCost(int(peak), time.perf_counter() - start)
-
-
-#: measured passes per network: (patch shape, dtype, device, amp, training) -> PassCost; a
-#: network's cost of one window pass does not change between calls, and measuring it is one
-#: more forward + backward (it doubled a one-window vanilla gradient)
-_MEASURED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, PassCost]]" = weakref.WeakKeyDictionary()
-
-
-def measured_pass(network: Callable[[torch.Tensor], torch.Tensor], patch: torch.Tensor, amp: bool = False) -> PassCost:
-    """:func:`measure_pass` of ``network`` on a patch of ``patch``'s shape, dtype and device,
-    measured once per network (a module) and then kept for as long as the network lives."""
-    if not isinstance(network, torch.nn.Module):
-        return measure_pass(network, patch, amp)
-    key = (tuple(patch.shape), patch.dtype, str(patch.device), bool(amp), network.training)
-    known = _MEASURED.setdefault(network, {})
-    if key not in known:
-        known[key] = measure_pass(network, patch, amp)
-    return known[key]
 
 
 def fit_batch(
